@@ -1,0 +1,166 @@
+//! An async client for the chat protocol, used by `chat-client`, `chat-bench` and the
+//! tests.
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::{ClientFrame, Code, FrameBuf, Notice, ServerFrame};
+use crate::rt::TcpStream;
+
+/// The largest body a client accepts from a server, so a broken or hostile server
+/// cannot make it allocate without bound.
+pub const MAX_INCOMING: u32 = 64 * 1024 * 1024;
+
+type Source = Box<dyn AsyncRead + Send + Unpin>;
+type Sink = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The receiving half of a connection.
+pub struct Receiver {
+    source: Source,
+    buf: FrameBuf,
+}
+
+/// The sending half of a connection.
+pub struct Sender {
+    sink: Sink,
+    buf: Vec<u8>,
+}
+
+/// A connection to a chat server.
+pub struct Client {
+    pub receiver: Receiver,
+    pub sender: Sender,
+}
+
+impl Client {
+    /// Connects over plain TCP.
+    pub async fn connect(addr: &str) -> io::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Client::from_halves(stream.clone(), stream))
+    }
+
+    /// Wraps any byte stream, such as a TLS session.
+    pub fn from_stream<S>(stream: S) -> Client
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (read, write) = stream.split();
+        Client::from_halves(read, write)
+    }
+
+    fn from_halves(
+        read: impl AsyncRead + Send + Unpin + 'static,
+        write: impl AsyncWrite + Send + Unpin + 'static,
+    ) -> Client {
+        Client {
+            receiver: Receiver {
+                source: Box::new(read),
+                buf: FrameBuf::new(),
+            },
+            sender: Sender {
+                sink: Box::new(write),
+                buf: Vec::new(),
+            },
+        }
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) -> io::Result<()> {
+        self.sender.send(frame).await
+    }
+
+    pub async fn recv(&mut self) -> io::Result<Option<ServerFrame>> {
+        self.receiver.recv().await
+    }
+
+    /// Binds the connection to `id` (with a token when the server requires one) and
+    /// waits for the `welcome` notice. Frames that arrive first, such as stored ones,
+    /// are returned for the caller to handle.
+    pub async fn hello(&mut self, id: u32, token: Option<&str>) -> io::Result<Vec<ServerFrame>> {
+        let token = token.unwrap_or_default().as_bytes();
+        self.send(&ClientFrame::hello(id, token)).await?;
+        let mut early = Vec::new();
+        loop {
+            let frame = self.recv().await?.ok_or_else(closed)?;
+            match frame.notice() {
+                Some(n) if n.is(Code::Welcome) => return Ok(early),
+                Some(n) => return Err(refused(&n)),
+                None => early.push(frame),
+            }
+        }
+    }
+
+    /// Sends a ping and waits for the `pong` notice.
+    pub async fn ping(&mut self) -> io::Result<()> {
+        self.send(&ClientFrame::ping()).await?;
+        let frame = self.recv().await?.ok_or_else(closed)?;
+        match frame.notice() {
+            Some(n) if n.is(Code::Pong) => Ok(()),
+            Some(n) => Err(refused(&n)),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "expected a pong notice",
+            )),
+        }
+    }
+
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.sender, self.receiver)
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection")
+}
+
+/// The error for a notice that refuses what the client asked for.
+pub fn refused(notice: &Notice) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionRefused,
+        format!("server said {notice}"),
+    )
+}
+
+impl Sender {
+    pub async fn send(&mut self, frame: &ClientFrame) -> io::Result<()> {
+        self.buf.clear();
+        frame.encode(&mut self.buf);
+        self.sink.write_all(&self.buf).await?;
+        self.sink.flush().await
+    }
+
+    /// Sends bytes as they are: pre-encoded frames, or deliberately broken ones.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.sink.write_all(bytes).await?;
+        self.sink.flush().await
+    }
+
+    pub async fn close(&mut self) -> io::Result<()> {
+        self.sink.close().await
+    }
+}
+
+impl Receiver {
+    /// The next frame, or `None` when the server closed the connection between frames.
+    pub async fn recv(&mut self) -> io::Result<Option<ServerFrame>> {
+        loop {
+            match self.buf.decode_server(MAX_INCOMING) {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            }
+            let n = self.source.read(self.buf.space()).await?;
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-frame",
+                ));
+            }
+            self.buf.filled(n);
+        }
+    }
+}

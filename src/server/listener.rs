@@ -1,0 +1,148 @@
+//! The accept loop and the life of one connection.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::future::{Either, select};
+use futures::{AsyncWriteExt, SinkExt};
+
+use crate::protocol::{Code, notice};
+use crate::rt::{self, TcpListener, TcpStream};
+use crate::server::Shared;
+use crate::server::broker::Event;
+use crate::server::writer::{self, Outbox};
+
+/// How long an accept loop waits when the process is out of file descriptors.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long written data may stay unacknowledged before the kernel drops the connection.
+const USER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a refused connection may take to receive its `server-busy` notice.
+const REFUSAL_LIMIT: Duration = Duration::from_secs(1);
+
+/// Accepts connections until `stop` completes.
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let accept = std::pin::pin!(listener.accept());
+        let (stream, peer) = match select(accept, stop.as_mut()).await {
+            Either::Right(_) => break,
+            Either::Left((Ok(accepted), _)) => {
+                backoff = BACKOFF_MIN;
+                accepted
+            }
+            Either::Left((Err(e), _)) => {
+                if is_resource_exhaustion(&e) {
+                    // EMFILE and friends: the pending connection stays in the backlog;
+                    // retrying at once would spin. Wait for connections to close.
+                    log::warn!("accept: {e}; retrying in {backoff:?}");
+                    rt::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                } else {
+                    log::debug!("accept: {e}");
+                }
+                continue;
+            }
+        };
+        let Some(slot) = Slot::take(&shared) else {
+            log::warn!(
+                "refusing {peer}: {} connections open",
+                shared.config.max_connections
+            );
+            rt::spawn(refuse(stream, shared.config.max_connections));
+            continue;
+        };
+        configure(&stream);
+        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        log::debug!("connection {conn} from {peer}");
+        let shared = shared.clone();
+        rt::spawn(async move {
+            serve(stream, conn, &shared).await;
+            drop(slot);
+        });
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Keepalive finds peers that vanished without a FIN; the user timeout bounds how long
+/// unacknowledged data may sit in a dead peer's direction.
+fn configure(stream: &TcpStream) {
+    rt::with_socket(stream, |sock| {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(6);
+        let _ = sock.set_tcp_keepalive(&keepalive);
+        let _ = sock.set_nodelay(true);
+        #[cfg(target_os = "linux")]
+        let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
+    });
+}
+
+async fn refuse(mut stream: TcpStream, max: usize) {
+    let notice = notice(
+        Code::ServerBusy,
+        format_args!("{max} connections open; try again later"),
+    );
+    let _ = rt::timeout(REFUSAL_LIMIT, stream.write_all(&notice)).await;
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// A place under `--max-connections`, given back when dropped.
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+        let max = shared.config.max_connections;
+        shared
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(shared.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One connection: register with the broker, write on a task of its own, read here.
+async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
+    let outbox = Arc::new(Outbox::default());
+    let mut events = shared.events.clone();
+    let connected = Event::Connected {
+        conn,
+        outbox: outbox.clone(),
+    };
+    if events.send(connected).await.is_err() {
+        return;
+    }
+    let raw = stream.clone();
+    let shutdown = move || {
+        let _ = raw.shutdown(std::net::Shutdown::Both);
+    };
+    let writer = rt::spawn(writer::run(
+        stream.clone(),
+        conn,
+        outbox,
+        shared.clone(),
+        shutdown,
+    ));
+    super::reader::run(stream, conn, shared).await;
+    writer.await;
+}

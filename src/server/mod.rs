@@ -1,0 +1,157 @@
+//! The chat server: listener -> readers -> broker -> writers.
+//!
+//! ```text
+//!                 +--------+   Event    +--------+  Outbox   +--------+
+//!  socket ------> | reader | ---------> | broker | --------> | writer | ------> socket
+//!  (one each)     +--------+  (bounded) +--------+ (bytes-   +--------+  (one each)
+//!                                          |  ^     bounded)
+//!                                  Command |  | Reply
+//!                                          v  |
+//!                                       +-------+
+//!                                       | store |  (own thread, redb)
+//!                                       +-------+
+//! ```
+//!
+//! Each module holds one of these: [`listener`] accepts and enforces the connection
+//! limit, [`reader`] decodes, [`broker`] routes, [`writer`] writes, and
+//! [`crate::store`] keeps the mailbox.
+
+pub mod broker;
+mod listener;
+mod reader;
+pub mod writer;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::Duration;
+
+use futures::SinkExt;
+use futures::channel::mpsc;
+
+use crate::auth::Secret;
+use crate::rt::{self, TcpListener};
+use crate::store::{self, Command, Limits};
+use broker::{Broker, Event};
+
+/// Events waiting for the broker beyond this make readers wait (TCP backpressure).
+const EVENT_QUEUE: usize = 1024;
+/// How long shutdown may take before the server stops waiting for writers.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(4);
+
+/// Everything the server can be told; the binary fills it from flags and env vars.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub max_frame_bytes: u32,
+    pub frame_timeout: Duration,
+    pub max_connections: usize,
+    pub max_pending_bytes: usize,
+    pub mailbox: Limits,
+    pub auth: Option<Secret>,
+}
+
+impl Config {
+    /// The defaults, listening on `listen` and storing under `data_dir`.
+    pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: listen.into(),
+            data_dir: data_dir.into(),
+            max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
+            frame_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_pending_bytes: 8 * 1024 * 1024,
+            mailbox: Limits {
+                max_messages: 10_000,
+                max_bytes: 64 * 1024 * 1024,
+            },
+            auth: None,
+        }
+    }
+}
+
+/// What connection tasks share.
+pub struct Shared {
+    pub config: Config,
+    pub events: mpsc::Sender<Event>,
+    pub store: mpsc::Sender<Command>,
+    active: AtomicUsize,
+    next_conn: AtomicU64,
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    config: Config,
+    store: store::Store,
+}
+
+impl Server {
+    /// Opens the mailbox and binds the listening socket.
+    pub async fn bind(config: Config) -> Result<Server, String> {
+        let store = store::open(&config.data_dir, config.mailbox)?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        Ok(Server {
+            listener,
+            config,
+            store,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `stop` completes, then shuts down gracefully: stops accepting,
+    /// flushes every writer, hands what could not be written to the mailbox, and waits
+    /// for the store to commit.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        let Server {
+            listener,
+            config,
+            store,
+        } = self;
+        log::info!(
+            "listening on {}",
+            listener
+                .local_addr()
+                .map_or(config.listen.clone(), |a| a.to_string())
+        );
+        let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let shared = Arc::new(Shared {
+            config,
+            events,
+            store: store.commands,
+            active: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+        });
+        let broker = Broker::new(
+            Arc::new(shared.config.clone()),
+            shared.store.clone(),
+            store.next_seq,
+        );
+        let broker = rt::spawn(broker.run(events_rx, store.replies));
+        listener::run(listener, shared.clone(), stop).await;
+        log::info!("stopping: no longer accepting connections");
+        let mut events = shared.events.clone();
+        drop(shared);
+        let finished = rt::timeout(SHUTDOWN_LIMIT, async {
+            let _ = events.send(Event::Shutdown).await;
+            drop(events);
+            broker.await;
+            let _ = store.closed.await;
+        })
+        .await;
+        match finished {
+            Some(()) => log::info!("stopped cleanly"),
+            None => log::warn!("stopped with writers still busy after {SHUTDOWN_LIMIT:?}"),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! One reader task per connection: bytes in, [`Request`]s out to the broker.
+//!
+//! The reader owns everything that needs no shared state: framing, the size limit, the
+//! frame timeout, and checking auth tokens (CPU work that would otherwise queue up in
+//! the broker). Every frame decoded from one read goes to the broker as one event.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{AsyncRead, AsyncReadExt, SinkExt};
+
+use crate::protocol::{CONTROL, Code, FrameBuf, Inbound, OP_HELLO, OP_PING, notice};
+use crate::rt;
+use crate::server::Shared;
+use crate::server::broker::{ConnId, Event, Request};
+
+/// Bytes an idle connection reads into while it holds no buffer of its own.
+const IDLE_READ: usize = 512;
+
+/// Reads frames until the peer leaves or breaks the protocol, then tells the broker.
+pub async fn run<R: AsyncRead + Unpin>(mut source: R, conn: ConnId, shared: &Shared) {
+    let mut events = shared.events.clone();
+    let config = &shared.config;
+    let mut buf = FrameBuf::new();
+    let mut idle = [0u8; IDLE_READ];
+    let mut authenticated = config.auth.is_none();
+    // When the frame now pending began to arrive.
+    let mut started = Instant::now();
+    let notice = 'conn: loop {
+        if buf.is_empty() {
+            // Between frames a client may idle as long as it likes.
+            buf.release();
+            match source.read(&mut idle).await {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => buf.extend(&idle[..n]),
+            }
+            started = Instant::now();
+        } else {
+            let left = config.frame_timeout.saturating_sub(started.elapsed());
+            match rt::timeout(left, source.read(buf.space())).await {
+                None => {
+                    let secs = config.frame_timeout.as_secs_f64();
+                    break Some(notice(
+                        Code::Timeout,
+                        format_args!("frame not completed within {secs} s"),
+                    ));
+                }
+                Some(Ok(0)) | Some(Err(_)) => break None,
+                Some(Ok(n)) => buf.filled(n),
+            }
+        }
+        let mut requests = Vec::new();
+        let mut fatal = None;
+        loop {
+            match buf.decode_client(config.max_frame_bytes) {
+                Ok(Some(frame)) => match classify(frame, &mut authenticated, shared) {
+                    Ok(request) => requests.push(request),
+                    Err(refusal) => {
+                        fatal = Some(refusal);
+                        break;
+                    }
+                },
+                Ok(None) => break,
+                Err(too_large) => {
+                    fatal = Some(notice(Code::FrameTooLarge, too_large));
+                    break;
+                }
+            }
+        }
+        if !requests.is_empty() {
+            started = Instant::now();
+            if events
+                .send(Event::Requests { conn, requests })
+                .await
+                .is_err()
+            {
+                break 'conn None;
+            }
+        }
+        if fatal.is_some() {
+            break fatal;
+        }
+    };
+    if let Some(n) = &notice {
+        log::info!("connection {conn}: {}", String::from_utf8_lossy(&n[9..]));
+    }
+    let _ = events.send(Event::Closed { conn, notice }).await;
+}
+
+/// Turns a frame into a request; refuses the connection if auth requires it.
+fn classify(frame: Inbound, authenticated: &mut bool, shared: &Shared) -> Result<Request, Bytes> {
+    if frame.kind() != CONTROL {
+        if !*authenticated {
+            return Err(notice(
+                Code::AuthFailed,
+                "the first frame must be a hello with a token",
+            ));
+        }
+        return Ok(Request::Data(frame));
+    }
+    match frame.receiver {
+        OP_PING => Ok(Request::Ping),
+        OP_HELLO => {
+            let id = frame.sender();
+            if let Some(secret) = &shared.config.auth {
+                if !secret.verify(id, frame.body()) {
+                    log::warn!("refused a hello for id {id}: bad token");
+                    return Err(notice(
+                        Code::AuthFailed,
+                        format_args!("no valid token for id {id}"),
+                    ));
+                }
+                *authenticated = true;
+            }
+            Ok(Request::Hello { id })
+        }
+        op => Ok(Request::BadControl { op }),
+    }
+}
