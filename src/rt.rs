@@ -42,3 +42,24 @@ pub fn with_socket<R>(stream: &TcpStream, f: impl FnOnce(socket2::SockRef<'_>) -
     let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
     f(socket2::SockRef::from(&fd))
 }
+
+/// True when the peer has closed its side (or the socket failed). Data written after
+/// that would be lost in a socket nobody reads, so writers check before writing frames
+/// that must not be lost.
+#[cfg(target_os = "linux")]
+pub fn peer_closed(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout; poll only reads and writes that struct.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn peer_closed(_stream: &TcpStream) -> bool {
+    false
+}

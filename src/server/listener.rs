@@ -132,17 +132,13 @@ async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
     if events.send(connected).await.is_err() {
         return;
     }
-    let raw = stream.clone();
-    let shutdown = move || {
-        let _ = raw.shutdown(std::net::Shutdown::Both);
-    };
     let writer = rt::spawn(writer::run(
         stream.clone(),
+        stream.clone(),
         conn,
-        outbox,
+        outbox.clone(),
         shared.clone(),
-        shutdown,
     ));
-    super::reader::run(stream, conn, shared).await;
+    super::reader::run(stream, conn, &outbox, shared).await;
     writer.await;
 }

@@ -13,12 +13,18 @@ use crate::protocol::{CONTROL, Code, FrameBuf, Inbound, OP_HELLO, OP_PING, notic
 use crate::rt;
 use crate::server::Shared;
 use crate::server::broker::{ConnId, Event, Request};
+use crate::server::writer::{Close, Outbox};
 
 /// Bytes an idle connection reads into while it holds no buffer of its own.
 const IDLE_READ: usize = 512;
 
 /// Reads frames until the peer leaves or breaks the protocol, then tells the broker.
-pub async fn run<R: AsyncRead + Unpin>(mut source: R, conn: ConnId, shared: &Shared) {
+pub async fn run<R: AsyncRead + Unpin>(
+    mut source: R,
+    conn: ConnId,
+    outbox: &Outbox,
+    shared: &Shared,
+) {
     let mut events = shared.events.clone();
     let config = &shared.config;
     let mut buf = FrameBuf::new();
@@ -81,8 +87,15 @@ pub async fn run<R: AsyncRead + Unpin>(mut source: R, conn: ConnId, shared: &Sha
             break fatal;
         }
     };
-    if let Some(n) = &notice {
-        log::info!("connection {conn}: {}", String::from_utf8_lossy(&n[9..]));
+    match &notice {
+        Some(n) => log::info!("connection {conn}: {}", String::from_utf8_lossy(&n[9..])),
+        // The peer is gone: stop writing to it now rather than when the broker gets
+        // to the event, so frames routed meanwhile go back to the mailbox instead of
+        // into a socket nobody reads.
+        None => outbox.close(Close {
+            notice: None,
+            drain: false,
+        }),
     }
     let _ = events.send(Event::Closed { conn, notice }).await;
 }

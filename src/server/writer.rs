@@ -176,18 +176,34 @@ enum Stopped {
     Cut,
 }
 
+/// The raw socket under a writer's stream, for what the stream cannot tell.
+pub trait Socket {
+    /// The peer has gone: see [`rt::peer_closed`].
+    fn peer_closed(&self) -> bool;
+    /// Closes both directions, which ends the connection's reader too.
+    fn shutdown(&self);
+}
+
+impl Socket for rt::TcpStream {
+    fn peer_closed(&self) -> bool {
+        rt::peer_closed(self)
+    }
+    fn shutdown(&self) {
+        let _ = rt::TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
 /// Writes the outbox to `sink` until the connection closes, then hands the frames it
-/// could not write back to the broker. `shutdown` closes the socket, which ends the
-/// connection's reader too.
-pub async fn run<W, F>(
+/// could not write back to the broker.
+pub async fn run<W, S>(
     mut sink: W,
+    socket: S,
     conn: ConnId,
     outbox: Arc<Outbox>,
     shared: Arc<Shared>,
-    shutdown: F,
 ) where
     W: AsyncWrite + Unpin,
-    F: FnOnce(),
+    S: Socket,
 {
     let mut events = shared.events.clone();
     let mut store = shared.store.clone();
@@ -199,6 +215,10 @@ pub async fn run<W, F>(
         batch.clear();
         if let Some(close) = poll_fn(|cx| outbox.poll_work(cx, &mut batch)).await {
             break Some(close);
+        }
+        let must_arrive = batch.iter().any(|o| o.origin != Origin::Reply);
+        if must_arrive && socket.peer_closed() {
+            break None;
         }
         if deadline.is_none() && outbox.is_closing() {
             deadline = Some(Instant::now() + DRAIN_LIMIT);
@@ -226,7 +246,7 @@ pub async fn run<W, F>(
         .await;
     }
     let _ = rt::timeout(NOTICE_LIMIT, sink.close()).await;
-    shutdown();
+    socket.shutdown();
     let undelivered = outbox.take_all();
     let _ = events.send(Event::WriterDone { conn, undelivered }).await;
 }

@@ -1,0 +1,230 @@
+//! Shared test helpers: an in-process server on an ephemeral port, clients, and waits
+//! that are bounded by a timeout instead of sleeps.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+
+use chat::client::Client;
+use chat::protocol::{ClientFrame, Code, ServerFrame, TEXT};
+use chat::rt;
+use chat::server::{Config, Server};
+
+/// How long any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<rt::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take() {
+            within(done).await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a server with default limits on 127.0.0.1:0 and a fresh data dir.
+pub async fn start() -> TestServer {
+    start_with(|_| {}).await
+}
+
+pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+    let dir = tempfile::tempdir().expect("temp dir");
+    start_in(dir, configure).await
+}
+
+pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config)) -> TestServer {
+    let mut config = Config::new("127.0.0.1:0", dir.path());
+    configure(&mut config);
+    let server = Server::bind(config).await.expect("server binds");
+    let addr = server.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = rt::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        dir,
+        stop: Some(stop),
+        done: Some(done),
+    }
+}
+
+/// Fails the test if `f` takes longer than [`WAIT`].
+pub async fn within<F: Future>(f: F) -> F::Output {
+    rt::timeout(WAIT, f).await.expect("timed out waiting")
+}
+
+pub async fn connect(server: &TestServer) -> Client {
+    within(Client::connect(&server.addr()))
+        .await
+        .expect("connects")
+}
+
+/// A client bound to `id` with a hello.
+pub async fn login(server: &TestServer, id: u32) -> Client {
+    let mut c = connect(server).await;
+    let early = within(c.hello(id, None)).await.expect("welcome");
+    assert!(
+        early.is_empty(),
+        "unexpected frames before welcome: {early:?}"
+    );
+    c
+}
+
+pub async fn recv(c: &mut Client) -> ServerFrame {
+    within(c.recv())
+        .await
+        .expect("read ok")
+        .expect("a frame, not end of stream")
+}
+
+/// Waits for the next frame and checks it is a notice with `code`.
+pub async fn expect_notice(c: &mut Client, code: Code) -> String {
+    let f = recv(c).await;
+    let n = f
+        .notice()
+        .unwrap_or_else(|| panic!("expected {code} notice, got {f:?}"));
+    assert!(n.is(code), "expected {code} notice, got {n}");
+    n.detail
+}
+
+/// Waits until the server closes the connection, skipping frames before that.
+pub async fn expect_closed(c: &mut Client) {
+    within(async {
+        loop {
+            match c.recv().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await
+}
+
+pub fn text(sender: u32, receiver: u32, body: &str) -> ClientFrame {
+    data(sender, receiver, TEXT, body.as_bytes())
+}
+
+pub fn data(sender: u32, receiver: u32, kind: u8, body: &[u8]) -> ClientFrame {
+    ClientFrame {
+        sender,
+        receiver,
+        kind,
+        body: body.to_vec().into(),
+    }
+}
+
+/// The frame the server sends for `f`: its echo, and its forward.
+pub fn delivered(f: &ClientFrame) -> ServerFrame {
+    ServerFrame {
+        sender: f.sender,
+        kind: f.kind,
+        body: f.body.clone(),
+    }
+}
+
+/// Sends and waits for the echo, which must be exactly the frame sent.
+pub async fn send_confirmed(c: &mut Client, f: &ClientFrame) {
+    within(c.send(f)).await.expect("send");
+    assert_eq!(recv(c).await, delivered(f));
+}
+
+/// The real `chat-server` binary, on an ephemeral port.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl ServerProcess {
+    /// Starts the binary and waits until it logs the address it listens on.
+    pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("chat-server starts");
+        // femme logs to stdout.
+        let logs = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(logs).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let mut server = ServerProcess {
+            child,
+            addr: String::new(),
+        };
+        server.addr = rx.recv_timeout(WAIT).expect("server logged its address");
+        server
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the process to exit, failing the test after [`WAIT`].
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(start.elapsed() < WAIT, "server did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,190 @@
+//! Identity, forwarding, takeover and the offline mailbox.
+
+mod common;
+
+use chat::protocol::{ClientFrame, Code, PICTURE, TEXT};
+use chat::rt;
+use common::*;
+
+#[test]
+fn online_clients_talk_both_ways_with_text_and_binary() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut a = login(&server, 1).await;
+        let mut b = login(&server, 2).await;
+        let hi = text(1, 2, "hi B, 你好");
+        send_confirmed(&mut a, &hi).await;
+        assert_eq!(recv(&mut b).await, delivered(&hi));
+        let pic = data(2, 1, PICTURE, &[0, 255, 1, 254, 0]);
+        send_confirmed(&mut b, &pic).await;
+        assert_eq!(recv(&mut a).await, delivered(&pic));
+    });
+}
+
+#[test]
+fn the_first_data_frame_binds_like_the_seed_client() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut seed = connect(&server).await;
+        send_confirmed(&mut seed, &text(10_000_000, 0, "bind me")).await;
+        let mut other = login(&server, 10_000_001).await;
+        let m = text(10_000_001, 10_000_000, "reached you");
+        send_confirmed(&mut other, &m).await;
+        assert_eq!(recv(&mut seed).await, delivered(&m));
+    });
+}
+
+#[test]
+fn a_spoofed_sender_is_refused_and_not_delivered() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut a = login(&server, 1).await;
+        let mut b = login(&server, 2).await;
+        a.send(&text(3, 2, "pretending to be 3")).await.unwrap();
+        let detail = expect_notice(&mut a, Code::BadSender).await;
+        assert!(detail.contains('3'), "{detail}");
+        // B's next frame is the genuine one, not the spoof.
+        let genuine = text(1, 2, "really from 1");
+        send_confirmed(&mut a, &genuine).await;
+        assert_eq!(recv(&mut b).await, delivered(&genuine));
+    });
+}
+
+#[test]
+fn sender_zero_is_refused() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut c = connect(&server).await;
+        c.send(&text(0, 5, "from the server?")).await.unwrap();
+        expect_notice(&mut c, Code::BadSender).await;
+        c.send(&ClientFrame::hello(0, b"")).await.unwrap();
+        expect_notice(&mut c, Code::BadSender).await;
+        // Still usable with a real id, and the refused frames went nowhere.
+        let mut five = login(&server, 5).await;
+        send_confirmed(&mut c, &text(6, 0, "now bound")).await;
+        send_confirmed(&mut five, &text(5, 0, "nothing arrived before this")).await;
+    });
+}
+
+#[test]
+fn takeover_moves_delivery_and_loses_nothing() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut old = login(&server, 7).await;
+        let mut sender = login(&server, 8).await;
+        let first = text(8, 7, "to the old connection");
+        send_confirmed(&mut sender, &first).await;
+        assert_eq!(recv(&mut old).await, delivered(&first));
+        let mut new = login(&server, 7).await;
+        expect_notice(&mut old, Code::Replaced).await;
+        expect_closed(&mut old).await;
+        let second = text(8, 7, "to the new connection");
+        send_confirmed(&mut sender, &second).await;
+        assert_eq!(recv(&mut new).await, delivered(&second));
+    });
+}
+
+#[test]
+fn frames_for_an_offline_receiver_wait_in_the_mailbox() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut a = login(&server, 1).await;
+        let stored: Vec<_> = (0..5)
+            .map(|i| text(1, 2, &format!("offline {i}")))
+            .collect();
+        for f in &stored {
+            send_confirmed(&mut a, f).await;
+        }
+        let mut b = connect(&server).await;
+        let early = within(b.hello(2, None)).await.unwrap();
+        let mut got = early;
+        while got.len() < stored.len() {
+            got.push(recv(&mut b).await);
+        }
+        assert_eq!(got, stored.iter().map(delivered).collect::<Vec<_>>());
+        drop(b);
+        // Delivered frames are gone from the mailbox.
+        let mut again = login(&server, 2).await;
+        let live = text(1, 2, "live");
+        send_confirmed(&mut a, &live).await;
+        assert_eq!(recv(&mut again).await, delivered(&live));
+    });
+}
+
+#[test]
+fn mailbox_frames_arrive_before_newer_live_ones() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut a = login(&server, 1).await;
+        let stored: Vec<_> = (0..200)
+            .map(|i| text(1, 2, &format!("stored {i}")))
+            .collect();
+        for f in &stored {
+            send_confirmed(&mut a, f).await;
+        }
+        // B connects and, without waiting, A keeps sending.
+        let mut b = connect(&server).await;
+        b.send(&ClientFrame::hello(2, b"")).await.unwrap();
+        let live: Vec<_> = (0..50).map(|i| text(1, 2, &format!("live {i}"))).collect();
+        for f in &live {
+            send_confirmed(&mut a, f).await;
+        }
+        let mut got = Vec::new();
+        while got.len() < stored.len() + live.len() {
+            let f = recv(&mut b).await;
+            if f.notice().is_none() {
+                got.push(f);
+            }
+        }
+        let want: Vec<_> = stored.iter().chain(&live).map(delivered).collect();
+        assert_eq!(got, want);
+    });
+}
+
+#[test]
+fn a_full_mailbox_refuses_with_a_notice() {
+    rt::block_on(async {
+        let server = start_with(|c| {
+            c.mailbox.max_messages = 3;
+            c.mailbox.max_bytes = 1 << 20;
+        })
+        .await;
+        let mut a = login(&server, 1).await;
+        for i in 0..3 {
+            send_confirmed(&mut a, &text(1, 2, &format!("fits {i}"))).await;
+        }
+        a.send(&text(1, 2, "one too many")).await.unwrap();
+        expect_notice(&mut a, Code::MailboxFull).await;
+        // Other receivers have their own limits.
+        send_confirmed(&mut a, &text(1, 3, "another mailbox")).await;
+        // Byte limit too.
+        let server = start_with(|c| c.mailbox.max_bytes = 100).await;
+        let mut a = login(&server, 1).await;
+        a.send(&data(1, 2, TEXT, &[b'x'; 200])).await.unwrap();
+        expect_notice(&mut a, Code::MailboxFull).await;
+        // What was refused was not stored.
+        let mut b = login(&server, 2).await;
+        send_confirmed(&mut b, &text(2, 0, "nothing came before this")).await;
+    });
+}
+
+#[test]
+fn a_dropped_receivers_queue_goes_back_to_its_mailbox() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut a = login(&server, 1).await;
+        let b = login(&server, 2).await;
+        drop(b);
+        // Whether each frame meets B's closing connection or the mailbox, none is lost.
+        let frames: Vec<_> = (0..100).map(|i| text(1, 2, &format!("m{i}"))).collect();
+        for f in &frames {
+            send_confirmed(&mut a, f).await;
+        }
+        let mut b = connect(&server).await;
+        let mut got = within(b.hello(2, None)).await.unwrap();
+        while got.len() < frames.len() {
+            got.push(recv(&mut b).await);
+        }
+        assert_eq!(got, frames.iter().map(delivered).collect::<Vec<_>>());
+    });
+}
