@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
 use futures::executor::block_on;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Builder, Database, ReadableTable, TableDefinition};
 
 /// (receiver, sequence number) -> frame in its server -> client encoding.
 const MAILBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("mailbox");
@@ -31,6 +31,9 @@ const MAILBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("mailbo
 const QUEUE: usize = 4096;
 /// At most this many commands go into one transaction.
 const BATCH: usize = 2048;
+
+/// Memory redb may use to cache pages.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Identifies who an `Appended` or `Page` reply is for (the broker's connection id).
 pub type Ticket = u64;
@@ -108,7 +111,12 @@ pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
     let path: PathBuf = dir.join("mailbox.redb");
-    let db = Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // redb's default page cache is 1 GiB; the mailbox is written far more than read,
+    // so a small cache keeps the server's memory bounded by its limits instead.
+    let db = Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let (usage, next_seq) =
         scan(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let (commands, rx) = mpsc::channel(QUEUE);

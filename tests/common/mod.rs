@@ -158,32 +158,64 @@ pub async fn send_confirmed(c: &mut Client, f: &ClientFrame) {
 pub struct ServerProcess {
     pub child: std::process::Child,
     pub addr: String,
+    /// Every line the server has logged so far.
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
     /// Starts the binary and waits until it logs the address it listens on.
     pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
+        Self::spawn(Self::command(data_dir, extra))
+    }
+
+    /// Like `start`, with at most `files` open file descriptors.
+    pub fn start_limited(data_dir: &std::path::Path, extra: &[&str], files: u64) -> ServerProcess {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Self::command(data_dir, extra);
+        // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: files,
+                    rlim_max: files,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::spawn(cmd)
+    }
+
+    fn command(data_dir: &std::path::Path, extra: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .stdout(std::process::Stdio::piped());
+        cmd
+    }
+
+    fn spawn(mut cmd: std::process::Command) -> ServerProcess {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(extra)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("chat-server starts");
+        let mut child = cmd.spawn().expect("chat-server starts");
         // femme logs to stdout.
         let logs = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = kept.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in std::io::BufReader::new(logs).lines() {
                 let Ok(line) = line else { break };
+                keep.lock().unwrap().push(line.clone());
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let addr: String = rest
                         .chars()
@@ -198,9 +230,14 @@ impl ServerProcess {
         let mut server = ServerProcess {
             child,
             addr: String::new(),
+            logs: kept,
         };
         server.addr = rx.recv_timeout(WAIT).expect("server logged its address");
         server
+    }
+
+    pub fn logged(&self, needle: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
     pub fn signal(&self, signal: i32) {

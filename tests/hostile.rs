@@ -1,0 +1,292 @@
+//! Broken and malicious clients: each test checks the hostile connection's fate and
+//! that a well-behaved client on the same server is still served afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use async_std::net::TcpStream;
+use futures::{AsyncReadExt, AsyncWriteExt};
+
+use chat::client::Client;
+use chat::protocol::{ClientFrame, Code, TEXT};
+use chat::rt;
+use common::*;
+
+#[test]
+fn a_frame_that_never_completes_times_out_but_idling_is_fine() {
+    rt::block_on(async {
+        let server = start_with(|c| c.frame_timeout = Duration::from_millis(300)).await;
+        let mut idle = login(&server, 1).await;
+        let mut slow = connect(&server).await;
+        let frame = text(2, 0, "never finished").to_bytes();
+        slow.sender.send_raw(&frame[..7]).await.unwrap();
+        let detail = expect_notice(&mut slow, Code::Timeout).await;
+        assert!(detail.contains("0.3"), "{detail}");
+        expect_closed(&mut slow).await;
+        // The idle client outlived the timeout without sending anything.
+        send_confirmed(&mut idle, &text(1, 0, "still here")).await;
+    });
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_busy() {
+    rt::block_on(async {
+        let server = start_with(|c| c.max_connections = 3).await;
+        let mut held = Vec::new();
+        for id in 1..=3 {
+            held.push(login(&server, id).await);
+        }
+        let mut extra = connect(&server).await;
+        let detail = expect_notice(&mut extra, Code::ServerBusy).await;
+        assert!(detail.contains('3'), "{detail}");
+        expect_closed(&mut extra).await;
+        send_confirmed(&mut held[0], &text(1, 0, "the held ones still work")).await;
+        // A freed place is given to the next connection.
+        drop(held.pop());
+        within(async {
+            loop {
+                let mut c = connect(&server).await;
+                c.send(&text(9, 0, "in")).await.unwrap();
+                match c.recv().await {
+                    Ok(Some(f)) if f.notice().is_none() => break,
+                    _ => continue,
+                }
+            }
+        })
+        .await;
+    });
+}
+
+#[test]
+fn a_receiver_that_stops_reading_is_cut_off_and_loses_nothing() {
+    rt::block_on(async {
+        let server = start_with(|c| c.max_pending_bytes = 256 * 1024).await;
+        let mut a = login(&server, 1).await;
+        let mut b = login(&server, 2).await;
+        let mut bystander = login(&server, 3).await;
+        let frames: Vec<ClientFrame> = (0..200u32)
+            .map(|i| {
+                let mut body = vec![(i % 251) as u8; 64 * 1024];
+                body[..4].copy_from_slice(&i.to_be_bytes());
+                data(1, 2, TEXT, &body)
+            })
+            .collect();
+        // A sends 12.5 MiB while B reads nothing; every frame is accepted.
+        let (mut a_tx, mut a_rx) = a.split();
+        let to_send = frames.clone();
+        let sending = rt::spawn(async move {
+            for f in &to_send {
+                a_tx.send(f).await.unwrap();
+            }
+        });
+        for f in &frames {
+            let echo = within(a_rx.recv()).await.unwrap().unwrap();
+            assert_eq!(echo, delivered(f));
+        }
+        sending.await;
+        send_confirmed(&mut bystander, &text(3, 0, "no stall here")).await;
+        // B was cut off: it reads what reached its socket, then the end.
+        let mut got = Vec::new();
+        let mut notices = Vec::new();
+        loop {
+            match within(b.recv()).await {
+                Ok(Some(f)) => match f.notice() {
+                    Some(n) => notices.push(n),
+                    None => got.push(f),
+                },
+                Ok(None) | Err(_) => break,
+            }
+        }
+        assert!(got.len() < frames.len(), "B was never cut off");
+        assert!(
+            notices.iter().all(|n| n.is(Code::SlowConsumer)),
+            "{notices:?}"
+        );
+        // The rest waits in the mailbox, in order, without gaps or repeats.
+        let mut b = connect(&server).await;
+        got.extend(within(b.hello(2, None)).await.unwrap());
+        while got.len() < frames.len() {
+            got.push(recv(&mut b).await);
+        }
+        assert_eq!(got, frames.iter().map(delivered).collect::<Vec<_>>());
+    });
+}
+
+/// A small deterministic generator, so a failure can be replayed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn garbage_gets_at_worst_a_notice_and_a_close() {
+    rt::block_on(async {
+        let server = start_with(|c| {
+            c.max_frame_bytes = 4096;
+            c.frame_timeout = Duration::from_millis(200);
+        })
+        .await;
+        let mut good = login(&server, 1).await;
+        for seed in 0..50u64 {
+            let mut s = within(TcpStream::connect(server.addr)).await.unwrap();
+            let bytes = noise(seed, 64 + (seed as usize * 97) % 8000);
+            // The server may close before taking everything; that is its right.
+            let _ = s.write_all(&bytes).await;
+            let mut sink = Vec::new();
+            // Whatever the server answers, it ends the connection or leaves it idle;
+            // reading to the end must finish (timeouts close stuck frames).
+            let _ = within(s.read_to_end(&mut sink)).await;
+        }
+        // Absurd lengths: u32::MAX announced, then silence.
+        let mut huge = connect(&server).await;
+        let mut header = ClientFrame::hello(5, b"").to_bytes()[..9].to_vec();
+        header.extend_from_slice(&u32::MAX.to_be_bytes());
+        huge.sender.send_raw(&header).await.unwrap();
+        expect_notice(&mut huge, Code::FrameTooLarge).await;
+        send_confirmed(&mut good, &text(1, 0, "served throughout")).await;
+    });
+}
+
+#[test]
+fn unknown_control_operations_get_a_notice_and_the_connection_stays() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut c = login(&server, 1).await;
+        c.send(&ClientFrame {
+            sender: 1,
+            receiver: 77,
+            kind: 0,
+            body: Default::default(),
+        })
+        .await
+        .unwrap();
+        expect_notice(&mut c, Code::BadControl).await;
+        send_confirmed(&mut c, &text(1, 0, "fine")).await;
+    });
+}
+
+/// A server that runs out of file descriptors keeps its accept loop, without spinning,
+/// and serves again once descriptors free up.
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_limited(dir.path(), &[], 64);
+    rt::block_on(async {
+        let mut good = within(Client::connect(&server.addr)).await.unwrap();
+        within(good.hello(1, None)).await.unwrap();
+        // More connections than descriptors; the kernel queues them in the backlog.
+        let mut flood = Vec::new();
+        for _ in 0..100 {
+            if let Ok(Some(s)) =
+                rt::timeout(Duration::from_secs(2), TcpStream::connect(&server.addr))
+                    .await
+                    .transpose()
+            {
+                flood.push(s);
+            }
+        }
+        let before = cpu_ticks(server.child.id());
+        // While descriptors are exhausted, the existing client is still served.
+        send_confirmed(&mut good, &text(1, 0, "still served")).await;
+        rt::sleep(Duration::from_secs(1)).await; // a measurement window, not a wait
+        let spent = cpu_ticks(server.child.id()) - before;
+        assert!(
+            server.logged("os error 24"),
+            "the flood never exhausted descriptors"
+        );
+        // clock ticks are 1/100 s: under half a core-second for one second of EMFILE.
+        assert!(spent < 50, "accept loop spun: {spent} ticks in 1 s");
+        drop(flood);
+        within(async {
+            loop {
+                if let Ok(mut c) = Client::connect(&server.addr).await {
+                    if c.hello(2, None).await.is_ok() {
+                        break;
+                    }
+                }
+                rt::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    });
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is 14th, stime 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// 600 MiB aimed at a client that never reads: the server grows by less than its
+/// pending and mailbox limits plus a small constant.
+#[test]
+fn memory_stays_bounded_when_a_receiver_never_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let pending = 4 << 20;
+    let mailbox = 32 << 20;
+    let server = ServerProcess::start(
+        dir.path(),
+        &[
+            "--max-pending-bytes",
+            &pending.to_string(),
+            "--mailbox-max-bytes",
+            &mailbox.to_string(),
+        ],
+    );
+    rt::block_on(async {
+        let mut sink = within(Client::connect(&server.addr)).await.unwrap();
+        within(sink.hello(2, None)).await.unwrap();
+        let mut a = within(Client::connect(&server.addr)).await.unwrap();
+        within(a.hello(1, None)).await.unwrap();
+        let before = rss(server.child.id());
+        let frame = data(1, 2, TEXT, &vec![0x5a; 256 * 1024]);
+        let count = 600 * 4;
+        let (mut tx, mut rx) = a.split();
+        let sending = rt::spawn(async move {
+            for _ in 0..count {
+                tx.send(&frame).await.unwrap();
+            }
+        });
+        let (mut echoes, mut full) = (0, 0);
+        for _ in 0..count {
+            let f = within(rx.recv()).await.unwrap().unwrap();
+            match f.notice() {
+                Some(n) if n.is(Code::MailboxFull) => full += 1,
+                Some(n) => panic!("unexpected notice {n}"),
+                None => echoes += 1,
+            }
+        }
+        sending.await;
+        let grown = rss(server.child.id()).saturating_sub(before);
+        let bound = pending + mailbox + (32 << 20);
+        assert!(full > 0 && echoes > 0, "{echoes} echoes, {full} refusals");
+        assert!(
+            grown < bound,
+            "grew {} MiB, bound {} MiB",
+            grown >> 20,
+            bound >> 20
+        );
+        drop(sink);
+    });
+}
+
+fn rss(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
