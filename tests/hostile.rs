@@ -62,7 +62,7 @@ fn connections_beyond_the_limit_are_refused_busy() {
 fn a_receiver_that_stops_reading_is_cut_off_and_loses_nothing() {
     rt::block_on(async {
         let server = start_with(|c| c.max_pending_bytes = 256 * 1024).await;
-        let mut a = login(&server, 1).await;
+        let a = login(&server, 1).await;
         let mut b = login(&server, 2).await;
         let mut bystander = login(&server, 3).await;
         let frames: Vec<ClientFrame> = (0..200u32)
@@ -89,13 +89,10 @@ fn a_receiver_that_stops_reading_is_cut_off_and_loses_nothing() {
         // B was cut off: it reads what reached its socket, then the end.
         let mut got = Vec::new();
         let mut notices = Vec::new();
-        loop {
-            match within(b.recv()).await {
-                Ok(Some(f)) => match f.notice() {
-                    Some(n) => notices.push(n),
-                    None => got.push(f),
-                },
-                Ok(None) | Err(_) => break,
+        while let Ok(Some(f)) = within(b.recv()).await {
+            match f.notice() {
+                Some(n) => notices.push(n),
+                None => got.push(f),
             }
         }
         assert!(got.len() < frames.len(), "B was never cut off");
@@ -207,10 +204,10 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
         drop(flood);
         within(async {
             loop {
-                if let Ok(mut c) = Client::connect(&server.addr).await {
-                    if c.hello(2, None).await.is_ok() {
-                        break;
-                    }
+                if let Ok(mut c) = Client::connect(&server.addr).await
+                    && c.hello(2, None).await.is_ok()
+                {
+                    break;
                 }
                 rt::sleep(Duration::from_millis(20)).await;
             }
