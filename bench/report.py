@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Prints the ratio table for bench/run.sh's results and draws bench/chart.svg."""
+import json
+import sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {(r["name"], r["server"]): r for r in rows}
+
+
+def rate(name, server="chat-server"):
+    return by[(name, server)]["msgs_per_sec"]
+
+
+targets = [
+    ("pipelined echo (50 conns, window 32, 64 B)", "pipelined", "ceiling", 0.6),
+    ("request/response (50 conns, window 1, 64 B)", "reqresp", "ceiling", 0.85),
+    ("forwarding in pairs (50 conns, window 32, 64 B)", "pair", "pipelined", 0.5),
+    ("4 KiB bodies (50 conns, window 8)", "large", "ceiling", 0.6),
+]
+print("| scenario | chat-server msg/s | baseline msg/s | ratio | target | p99 (chat-server) |")
+print("|---|---:|---:|---:|---:|---:|")
+for label, name, base, target in targets:
+    ours = rate(name)
+    baseline = rate(name, "ceiling") if base == "ceiling" else rate(base)
+    base_label = "ceiling" if base == "ceiling" else "chat-server echo"
+    ratio = ours / baseline
+    p99 = by[(name, "chat-server")]["p99_us"]
+    ok = "met" if ratio >= target else "MISSED"
+    print(f"| {label} | {ours:,.0f} | {baseline:,.0f} ({base_label}) | {ratio:.2f} | ≥ {target} {ok} | {p99:,.0f} µs |")
+idle = by.get(("idle", "chat-server"))
+if idle:
+    print(f"\nIdle: {idle['conns']} bound idle connections add {idle['bytes_per_conn'] / 1024:.2f} KiB of server RSS each "
+          f"({idle['rss_before_kib'] / 1024:.1f} MiB -> {idle['rss_kib'] / 1024:.1f} MiB).")
+
+
+def series(prefix, xs, server):
+    return [rate(f"{prefix}-{x}", server) for x in xs]
+
+
+def panel(x0, title, xlabel, xs, prefix):
+    w, h, pad = 420, 300, 50
+    ys = {s: series(prefix, xs, s) for s in ("chat-server", "ceiling")}
+    top = max(max(v) for v in ys.values()) * 1.1
+    out = [f'<g transform="translate({x0},0)">',
+           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="30" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+           f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">{xlabel}</text>']
+    for i in range(5):
+        v = top * i / 4
+        y = h - pad - (h - pad - 30) * i / 4
+        out.append(f'<text x="{pad - 5}" y="{y + 4}" text-anchor="end" font-size="10">{v / 1000:.0f}k</text>')
+    step = (w - pad - 30) / (len(xs) - 1)
+    for i, x in enumerate(xs):
+        out.append(f'<text x="{pad + 10 + i * step}" y="{h - pad + 15}" text-anchor="middle" font-size="10">{x}</text>')
+    for s, colour in (("chat-server", "#1f77b4"), ("ceiling", "#ff7f0e")):
+        pts = " ".join(f"{pad + 10 + i * step},{h - pad - (h - pad - 30) * v / top}" for i, v in enumerate(ys[s]))
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
+    out.append("</g>")
+    return "\n".join(out)
+
+
+svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="860" height="330" font-family="sans-serif">',
+       '<rect width="100%" height="100%" fill="white"/>',
+       panel(0, "messages/s against window (50 conns, 64 B)", "frames in flight per connection", [1, 4, 16, 64], "window"),
+       panel(430, "messages/s against connections (window 32, 64 B)", "connections", [1, 10, 50, 200], "conns"),
+       '<rect x="700" y="40" width="12" height="12" fill="#1f77b4"/><text x="716" y="50" font-size="11">chat-server</text>',
+       '<rect x="700" y="58" width="12" height="12" fill="#ff7f0e"/><text x="716" y="68" font-size="11">ceiling</text>',
+       "</svg>"]
+open("bench/chart.svg", "w").write("\n".join(svg) + "\n")
+print("\nchart: bench/chart.svg")

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs chat-server and the ceiling (examples/ceiling.rs: same protocol, no broker) with
+# identical chat-bench settings, one after the other in one run, and prints ratios.
+#   bash bench/run.sh            # about 3 minutes
+#   SECS=2 bash bench/run.sh     # shorter
+# Results: bench/results/latest.jsonl, chart: bench/chart.svg (bench/chart.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${SECS:-4}
+WARMUP=${WARMUP:-1}
+mkdir -p bench/results
+out=bench/results/latest.jsonl
+: >"$out"
+
+cargo build --release -q --bins --example ceiling
+data=$(mktemp -d)
+CHAT=127.0.0.1:17001
+CEIL=127.0.0.1:17002
+target/release/chat-server --listen $CHAT --data-dir "$data" --log-level warn >/dev/null &
+chat_pid=$!
+target/release/examples/ceiling $CEIL >/dev/null &
+ceil_pid=$!
+trap 'kill $chat_pid $ceil_pid 2>/dev/null; rm -rf "$data"' EXIT
+for addr in $CHAT $CEIL; do
+  for _ in $(seq 1 50); do
+    target/release/chat-client --server $addr --probe --timeout 1 2>/dev/null && break
+    # the ceiling does not answer pings; a TCP connect is enough there
+    (exec 3<>/dev/tcp/${addr%:*}/${addr#*:}) 2>/dev/null && break
+    sleep 0.1
+  done
+done
+
+# bench NAME SERVER ARGS... -> appends a JSON line tagged with name and server
+bench() {
+  local name=$1 server=$2; shift 2
+  local addr=$CHAT; [ "$server" = ceiling ] && addr=$CEIL
+  local line
+  line=$(target/release/chat-bench --server $addr --secs "$SECS" --warmup "$WARMUP" --json "$@")
+  echo "{\"name\":\"$name\",\"server\":\"$server\",${line#\{}" | tee -a "$out" >&2
+}
+
+both() { bench "$1" chat-server "${@:2}"; bench "$1" ceiling "${@:2}"; }
+
+both pipelined --conns 50 --window 32 --size 64
+both reqresp --conns 50 --window 1 --size 64
+bench pair chat-server --conns 50 --window 32 --size 64 --mode pair
+both large --conns 50 --window 8 --size 4096
+for w in 1 4 16 64; do both "window-$w" --conns 50 --window $w --size 64; done
+for c in 1 10 50 200; do both "conns-$c" --conns $c --window 32 --size 64; done
+
+# Idle connections: server RSS per connection with 10,000 bound, idle clients.
+rss() { awk '/VmRSS/ {print $2}' /proc/$chat_pid/status; }
+before=$(rss)
+target/release/chat-bench --server $CHAT --mode idle --conns 10000 --secs 3 --base-id 5000000 >/dev/null &
+idle_pid=$!
+sleep 2.5
+during=$(rss)
+wait $idle_pid
+per=$(( (during - before) * 1024 / 10000 ))
+echo "{\"name\":\"idle\",\"server\":\"chat-server\",\"conns\":10000,\"rss_before_kib\":$before,\"rss_kib\":$during,\"bytes_per_conn\":$per}" | tee -a "$out" >&2
+
+python3 bench/report.py "$out"

@@ -1,0 +1,287 @@
+//! `chat-bench`: load generator for any server speaking this protocol.
+//!
+//! Opens `--conns` connections; each keeps `--window` frames in flight (a frame is in
+//! flight until its echo returns) with `--size`-byte bodies. In `echo` mode each
+//! connection sends to itself; in `pair` mode connections 2k and 2k+1 send to each other
+//! and what counts is arrival at the receiver. After `--warmup` seconds, it measures for
+//! `--secs` seconds and prints messages/s, MiB/s and latency percentiles (send to echo,
+//! or send to arrival). `--mode idle` only connects and holds, for memory figures.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use futures::StreamExt;
+use futures::channel::mpsc;
+use hdrhistogram::Histogram;
+
+use chat::client::Client;
+use chat::protocol::{ClientFrame, TEXT};
+use chat::rt;
+
+#[derive(Parser, Debug, Clone)]
+#[command(version, about = "Measure a chat server's throughput and latency")]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:8888")]
+    server: String,
+    #[arg(long, default_value_t = 50)]
+    conns: u32,
+    /// Frames in flight per connection.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Body bytes per frame (at least 8: the send time travels in the body).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    #[arg(long, value_enum, default_value_t = Mode::Echo)]
+    mode: Mode,
+    /// First id used; connection i binds `base-id + i`.
+    #[arg(long, default_value_t = 1_000_000)]
+    base_id: u32,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Echo,
+    Pair,
+    Idle,
+}
+
+/// What every connection adds to while measuring.
+struct Totals {
+    recording: AtomicBool,
+    stop: AtomicBool,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    epoch: Instant,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match rt::block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chat-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if args.size < 8 {
+        return Err("--size must be at least 8".into());
+    }
+    if args.mode == Mode::Pair && !args.conns.is_multiple_of(2) {
+        return Err("--mode pair needs an even --conns".into());
+    }
+    if !(args.secs > 0.0 && args.warmup >= 0.0) {
+        return Err("--secs must be positive and --warmup not negative".into());
+    }
+    let totals = Arc::new(Totals {
+        recording: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        messages: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        epoch: Instant::now(),
+    });
+    let mut clients = Vec::with_capacity(args.conns as usize);
+    for i in 0..args.conns {
+        let id = args.base_id + i;
+        let mut c = Client::connect(&args.server)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", args.server))?;
+        c.hello(id, None)
+            .await
+            .map_err(|e| format!("hello for {id}: {e}"))?;
+        clients.push((id, c));
+    }
+    if args.mode == Mode::Idle {
+        println!(
+            "{} connections open and idle; holding for {} s",
+            args.conns, args.secs
+        );
+        rt::sleep(Duration::from_secs_f64(args.secs)).await;
+        return Ok(());
+    }
+    let mut tasks = Vec::new();
+    for (i, (id, client)) in clients.into_iter().enumerate() {
+        // Pairs: connection 0 with 1, 2 with 3, ...
+        let to = match args.mode {
+            Mode::Pair => args.base_id + (i as u32 ^ 1),
+            _ => id,
+        };
+        tasks.push(rt::spawn(connection(
+            client,
+            id,
+            to,
+            args.clone(),
+            totals.clone(),
+        )));
+    }
+    rt::sleep(Duration::from_secs_f64(args.warmup)).await;
+    totals.recording.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let measure = Duration::from_secs_f64(args.secs);
+    let tty = std::io::stderr().is_terminal() && !args.json;
+    while started.elapsed() < measure {
+        let step = Duration::from_secs(1).min(measure.saturating_sub(started.elapsed()));
+        rt::sleep(step).await;
+        if tty {
+            let rate =
+                totals.messages.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+            eprint!(
+                "\r{:>12.0} msg/s  {:>5.1} s",
+                rate,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    totals.recording.store(false, Ordering::SeqCst);
+    let elapsed = started.elapsed().as_secs_f64();
+    totals.stop.store(true, Ordering::SeqCst);
+    if tty {
+        eprintln!();
+    }
+    let mut latency =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+    for task in tasks {
+        let h = task.await;
+        latency.add(&h).map_err(|e| e.to_string())?;
+    }
+    let messages = totals.messages.load(Ordering::Relaxed);
+    let bytes = totals.bytes.load(Ordering::Relaxed);
+    report(
+        &args,
+        messages as f64 / elapsed,
+        bytes as f64 / elapsed / 1048576.0,
+        &latency,
+    );
+    if messages == 0 {
+        return Err("no frames completed while measuring".into());
+    }
+    Ok(())
+}
+
+fn report(args: &Args, rate: f64, mib: f64, h: &Histogram<u64>) {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let mode = format!("{:?}", args.mode).to_lowercase();
+    if args.json {
+        println!(
+            "{{\"mode\":\"{mode}\",\"conns\":{},\"window\":{},\"size\":{},\"secs\":{},\"msgs_per_sec\":{:.0},\"mib_per_sec\":{:.2},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1}}}",
+            args.conns,
+            args.window,
+            args.size,
+            args.secs,
+            rate,
+            mib,
+            us(0.5),
+            us(0.99),
+            us(0.999),
+            h.max() as f64 / 1000.0
+        );
+    } else {
+        println!(
+            "{mode}: {} conns, window {}, {} B: {:.0} msg/s, {:.2} MiB/s, latency p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us",
+            args.conns,
+            args.window,
+            args.size,
+            rate,
+            mib,
+            us(0.5),
+            us(0.99),
+            us(0.999),
+            h.max() as f64 / 1000.0
+        );
+    }
+}
+
+/// Drives one connection: sends while the window has room, counts what arrives.
+async fn connection(
+    client: Client,
+    id: u32,
+    to: u32,
+    args: Args,
+    totals: Arc<Totals>,
+) -> Histogram<u64> {
+    let (mut tx, mut rx) = client.split();
+    // One token per frame allowed in flight; an echo returns its token.
+    let (mut give, mut take) = mpsc::channel::<()>(args.window);
+    for _ in 0..args.window {
+        let _ = give.try_send(());
+    }
+    let body_len = args.size;
+    let sender_totals = totals.clone();
+    let sending = rt::spawn(async move {
+        let mut batch = Vec::new();
+        while !sender_totals.stop.load(Ordering::Relaxed) {
+            if take.next().await.is_none() {
+                break;
+            }
+            let mut n = 1;
+            while let Ok(()) = take.try_recv() {
+                n += 1;
+            }
+            batch.clear();
+            for _ in 0..n {
+                let mut body = vec![0u8; body_len];
+                let now = sender_totals.epoch.elapsed().as_nanos() as u64;
+                body[..8].copy_from_slice(&now.to_be_bytes());
+                ClientFrame {
+                    sender: id,
+                    receiver: to,
+                    kind: TEXT,
+                    body: body.into(),
+                }
+                .encode(&mut batch);
+            }
+            if tx.send_raw(&batch).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+    let pair = to != id;
+    loop {
+        let frame = match rt::timeout(Duration::from_secs(2), rx.recv()).await {
+            Some(Ok(Some(f))) => f,
+            _ => break,
+        };
+        if frame.notice().is_some() {
+            continue;
+        }
+        let arrival = frame.sender != id;
+        if frame.sender == id {
+            // An echo frees a place in the window.
+            let _ = give.try_send(());
+        }
+        if arrival != pair {
+            continue;
+        }
+        if totals.recording.load(Ordering::Relaxed) && frame.body.len() >= 8 {
+            let sent = u64::from_be_bytes(frame.body[..8].try_into().expect("8 bytes"));
+            let now = totals.epoch.elapsed().as_nanos() as u64;
+            let _ = h.record(now.saturating_sub(sent).max(1));
+            totals.messages.fetch_add(1, Ordering::Relaxed);
+            totals
+                .bytes
+                .fetch_add(frame.body.len() as u64, Ordering::Relaxed);
+        }
+        if totals.stop.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    drop(give);
+    sending.await;
+    h
+}
