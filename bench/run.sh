@@ -33,9 +33,10 @@ done
 # bench NAME SERVER ARGS... -> appends a JSON line tagged with name and server
 bench() {
   local name=$1 server=$2; shift 2
-  local addr=$CHAT; [ "$server" = ceiling ] && addr=$CEIL
+  local addr=$CHAT extra=()
+  [ "$server" = ceiling ] && { addr=$CEIL; extra=(--no-hello); }
   local line
-  line=$(target/release/chat-bench --server $addr --secs "$SECS" --warmup "$WARMUP" --json "$@")
+  line=$(target/release/chat-bench --server $addr --secs "$SECS" --warmup "$WARMUP" --json "${extra[@]}" "$@")
   echo "{\"name\":\"$name\",\"server\":\"$server\",${line#\{}" | tee -a "$out" >&2
 }
 

@@ -2,11 +2,16 @@
 //! tests.
 
 use std::io;
+use std::sync::Arc;
+
+use futures_rustls::rustls::ClientConfig;
+use futures_rustls::rustls::pki_types::ServerName;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::{ClientFrame, Code, FrameBuf, Notice, ServerFrame};
 use crate::rt::TcpStream;
+use crate::tls::TlsConnector;
 
 /// The largest body a client accepts from a server, so a broken or hostile server
 /// cannot make it allocate without bound.
@@ -39,6 +44,18 @@ impl Client {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(Client::from_halves(stream.clone(), stream))
+    }
+
+    /// Connects over TLS, verifying the server's certificate against `name`.
+    pub async fn connect_tls(
+        addr: &str,
+        name: ServerName<'static>,
+        config: Arc<ClientConfig>,
+    ) -> io::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let session = TlsConnector::from(config).connect(name, stream).await?;
+        Ok(Client::from_stream(session))
     }
 
     /// Wraps any byte stream, such as a TLS session.

@@ -14,3 +14,4 @@ pub mod protocol;
 pub mod rt;
 pub mod server;
 pub mod store;
+pub mod tls;

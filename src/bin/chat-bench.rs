@@ -46,6 +46,10 @@ struct Args {
     /// First id used; connection i binds `base-id + i`.
     #[arg(long, default_value_t = 1_000_000)]
     base_id: u32,
+    /// Bind by the first data frame instead of a hello (for servers without control
+    /// frames, such as the ceiling).
+    #[arg(long)]
+    no_hello: bool,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -101,9 +105,11 @@ async fn run(args: Args) -> Result<(), String> {
         let mut c = Client::connect(&args.server)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", args.server))?;
-        c.hello(id, None)
-            .await
-            .map_err(|e| format!("hello for {id}: {e}"))?;
+        if !args.no_hello {
+            c.hello(id, None)
+                .await
+                .map_err(|e| format!("hello for {id}: {e}"))?;
+        }
         clients.push((id, c));
     }
     if args.mode == Mode::Idle {

@@ -58,6 +58,19 @@ struct Args {
     #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
+    /// Connect with TLS.
+    #[arg(long, env = "CHAT_TLS")]
+    tls: bool,
+
+    /// Trust the certificates in this PEM file (for example a self-signed server's)
+    /// instead of the public web roots.
+    #[arg(long, env = "CHAT_CA", requires = "tls")]
+    ca: Option<PathBuf>,
+
+    /// Name to verify the server's certificate against (default: the host of --server).
+    #[arg(long, requires = "tls")]
+    tls_name: Option<String>,
+
     /// Only check that the server answers (exit 0) or not (exit 1).
     #[arg(long)]
     probe: bool,
@@ -89,7 +102,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let limit = Duration::from_secs_f64(args.timeout);
     let server = &args.server;
-    let mut client = rt::timeout(limit, Client::connect(server))
+    let mut client = rt::timeout(limit, connect(&args))
         .await
         .ok_or_else(|| format!("no answer from {server} within {limit:?}"))?
         .map_err(|e| format!("cannot connect to {server}: {e}"))?;
@@ -147,6 +160,21 @@ async fn run(args: Args) -> Result<(), String> {
         });
     }
     send_and_confirm(sender, receiver, frames, &mut printer, args.receive, limit).await
+}
+
+async fn connect(args: &Args) -> std::io::Result<Client> {
+    if !args.tls {
+        return Client::connect(&args.server).await;
+    }
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let host = args
+        .server
+        .rsplit_once(':')
+        .map_or(args.server.as_str(), |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = chat::tls::server_name(args.tls_name.as_deref().unwrap_or(host)).map_err(invalid)?;
+    let config = chat::tls::client_config(args.ca.as_deref()).map_err(invalid)?;
+    Client::connect_tls(&args.server, name, config).await
 }
 
 /// Sends `frames` while reading replies, until each has its echo and `receive` frames

@@ -68,6 +68,14 @@ struct Args {
     #[arg(long, env = "CHAT_AUTH_SECRET_FILE")]
     auth_secret_file: Option<PathBuf>,
 
+    /// Serve TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "CHAT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The PEM private key for --tls-cert.
+    #[arg(long, env = "CHAT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
     /// error, warn, info, debug or trace.
     #[arg(long, env = "CHAT_LOG_LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
@@ -114,8 +122,15 @@ fn run(args: Args) -> Result<(), String> {
             max_bytes: args.mailbox_max_bytes,
         },
         auth: secret,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(chat::tls::server_config(cert, key)?),
+            _ => None,
+        },
         ..Config::new(args.listen, args.data_dir)
     };
+    if config.tls.is_some() {
+        log::info!("serving TLS");
+    }
     if config.auth.is_some() {
         log::info!("auth required: every connection must open with a hello and a token");
     }

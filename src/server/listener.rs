@@ -6,13 +6,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::future::{Either, select};
-use futures::{AsyncWriteExt, SinkExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt};
 
 use crate::protocol::{Code, notice};
 use crate::rt::{self, TcpListener, TcpStream};
-use crate::server::Shared;
 use crate::server::broker::Event;
 use crate::server::writer::{self, Outbox};
+use crate::server::{Shared, reader};
+use crate::tls::TlsAcceptor;
 
 /// How long an accept loop waits when the process is out of file descriptors.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -121,8 +122,28 @@ impl Drop for Slot {
     }
 }
 
-/// One connection: register with the broker, write on a task of its own, read here.
+/// One connection: TLS handshake if configured, then [`connection`].
 async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
+    let Some(tls) = &shared.config.tls else {
+        return connection(stream.clone(), stream.clone(), stream, conn, shared).await;
+    };
+    let handshake = TlsAcceptor::from(tls.clone()).accept(stream.clone());
+    match rt::timeout(shared.config.frame_timeout, handshake).await {
+        Some(Ok(session)) => {
+            let (read, write) = session.split();
+            connection(read, write, stream, conn, shared).await
+        }
+        Some(Err(e)) => log::info!("connection {conn}: TLS handshake failed: {e}"),
+        None => log::info!("connection {conn}: TLS handshake timed out"),
+    }
+}
+
+/// Registers with the broker, writes on a task of its own, reads here.
+async fn connection<R, W>(read: R, write: W, socket: TcpStream, conn: u64, shared: &Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let outbox = Arc::new(Outbox::default());
     let mut events = shared.events.clone();
     let connected = Event::Connected {
@@ -133,12 +154,12 @@ async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
         return;
     }
     let writer = rt::spawn(writer::run(
-        stream.clone(),
-        stream.clone(),
+        write,
+        socket,
         conn,
         outbox.clone(),
         shared.clone(),
     ));
-    super::reader::run(stream, conn, &outbox, shared).await;
+    reader::run(read, conn, &outbox, shared).await;
     writer.await;
 }

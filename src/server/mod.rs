@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use futures::SinkExt;
 use futures::channel::mpsc;
+use futures_rustls::rustls::ServerConfig;
 
 use crate::auth::Secret;
 use crate::rt::{self, TcpListener};
@@ -52,6 +53,8 @@ pub struct Config {
     pub max_pending_bytes: usize,
     pub mailbox: Limits,
     pub auth: Option<Secret>,
+    /// Serve TLS instead of plain TCP.
+    pub tls: Option<Arc<ServerConfig>>,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
                 max_bytes: 64 * 1024 * 1024,
             },
             auth: None,
+            tls: None,
         }
     }
 }

@@ -1,0 +1,136 @@
+//! TLS: echo and forwarding over rustls with a certificate made at test time.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_std::net::TcpStream;
+use futures::{AsyncReadExt, AsyncWriteExt};
+
+use chat::client::Client;
+use chat::rt;
+use chat::tls;
+use common::*;
+
+/// A self-signed certificate for localhost and 127.0.0.1, written as PEM files.
+fn certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let made = rcgen::generate_simple_self_signed(names).expect("certificate");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+async fn tls_server(cert: &std::path::Path, key: &std::path::Path) -> TestServer {
+    let config = tls::server_config(cert, key).expect("server config");
+    start_with(|c| c.tls = Some(config)).await
+}
+
+async fn tls_login(server: &TestServer, ca: &std::path::Path, id: u32) -> Client {
+    let config: Arc<_> = tls::client_config(Some(ca)).unwrap();
+    let name = tls::server_name("localhost").unwrap();
+    let mut c = within(Client::connect_tls(&server.addr(), name, config))
+        .await
+        .expect("TLS connect");
+    within(c.hello(id, None)).await.expect("welcome");
+    c
+}
+
+#[test]
+fn echo_and_forwarding_over_tls() {
+    rt::block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = certificate(dir.path());
+        let server = tls_server(&cert, &key).await;
+        let mut a = tls_login(&server, &cert, 1).await;
+        let mut b = tls_login(&server, &cert, 2).await;
+        send_confirmed(&mut a, &text(1, 0, "encrypted echo")).await;
+        let m = data(1, 2, 2, &vec![9u8; 200_000]);
+        send_confirmed(&mut a, &m).await;
+        assert_eq!(recv(&mut b).await, delivered(&m));
+    });
+}
+
+#[test]
+fn a_plain_client_against_the_tls_port_fails_cleanly() {
+    rt::block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = certificate(dir.path());
+        let server = tls_server(&cert, &key).await;
+        let mut plain = within(TcpStream::connect(server.addr)).await.unwrap();
+        plain
+            .write_all(b"\x00\x98\x96\x80\x00\x98\x96\x81\x01\x00\x00\x00\x05hello")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        let _ = within(plain.read_to_end(&mut reply)).await;
+        assert!(
+            !reply.windows(5).any(|w| w == b"hello"),
+            "plain text echoed"
+        );
+        // The server is still up for TLS clients.
+        let mut c = tls_login(&server, &cert, 3).await;
+        send_confirmed(&mut c, &text(3, 0, "still serving")).await;
+    });
+}
+
+#[test]
+fn a_certificate_not_trusted_is_refused_by_the_client() {
+    rt::block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = certificate(dir.path());
+        let server = tls_server(&cert, &key).await;
+        let other = tempfile::tempdir().unwrap();
+        let (untrusted, _) = certificate(other.path());
+        let config = tls::client_config(Some(&untrusted)).unwrap();
+        let name = tls::server_name("localhost").unwrap();
+        assert!(
+            within(Client::connect_tls(&server.addr(), name, config))
+                .await
+                .is_err()
+        );
+    });
+}
+
+#[test]
+fn chat_client_speaks_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let data = dir.path().join("data");
+    let server = ServerProcess::start(
+        &data,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chat-client"))
+        .args([
+            "--server",
+            &server.addr,
+            "--id",
+            "4",
+            "--tls",
+            "--ca",
+            cert.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"over tls\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[4] text: over tls\n");
+}
