@@ -31,9 +31,9 @@ trap cleanup EXIT
 export RUST_IMAGE=${RUST_IMAGE:-chat-local/rust:1.95}
 export RUNTIME_IMAGE=${RUNTIME_IMAGE:-chat-local/debian:bookworm-slim}
 RUST_TAG=$RUST_IMAGE RUNTIME_TAG=$RUNTIME_IMAGE bash docker/local-bases.sh
-[ -d vendor ] || cargo vendor --locked -q vendor >/dev/null
+cargo vendor --locked -q vendor >/dev/null
 
-cargo build --release --locked -q --bin chat-client
+cargo build --release --locked -q --bin chat-client --bin chat-server
 client=target/release/chat-client
 
 echo "docker: building and starting with ${compose[*]}"
@@ -78,4 +78,30 @@ code=$(docker inspect -f '{{.State.ExitCode}}' "$id")
 echo "docker: stopped in ${took_ms} ms with exit code $code"
 [ "$code" = 0 ] || { dc logs server >&2; exit 1; }
 [ "$took_ms" -lt 8000 ] || { echo "docker: stop took too long" >&2; exit 1; }
+dc down -v >/dev/null 2>&1
+
+# Auth and TLS from mounted files and env vars (docker/compose.secure.yml).
+secrets=$(mktemp -d)
+chmod 755 "$secrets"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,DNS:server,IP:127.0.0.1 \
+  -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
+  -keyout "$secrets/key.pem" -out "$secrets/cert.pem" >/dev/null 2>&1
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secrets/auth-secret"
+chmod 644 "$secrets"/*
+sdc() { CHAT_SECRETS_DIR=$secrets dc -f docker/compose.secure.yml "$@"; }
+sdc up -d server
+wait_healthy
+token=$(target/release/chat-server --auth-secret-file "$secrets/auth-secret" token --id 5)
+out=$(printf 'secure hello\n' | $client --server 127.0.0.1:$port --tls --ca "$secrets/cert.pem" --tls-name localhost --id 5 --token "$token")
+[ "$out" = "[5] text: secure hello" ] || { echo "docker: TLS+auth echo wrong: $out" >&2; exit 1; }
+if printf 'no token\n' | $client --server 127.0.0.1:$port --tls --ca "$secrets/cert.pem" --tls-name localhost --id 6 2>/dev/null; then
+  echo "docker: a client without a token was admitted" >&2; exit 1
+fi
+out=$(printf 'inside, secure\n' | CHAT_TOKEN=$(target/release/chat-server --auth-secret-file "$secrets/auth-secret" token --id 7) \
+  sdc run --rm -T client --id 7 --tls-name server)
+echo "$out" | grep -qx '\[7\] text: inside, secure' || { echo "docker: secure client service wrong: $out" >&2; exit 1; }
+echo "docker: TLS and auth from mounted files work, from the host and the compose network"
+sdc down -v >/dev/null 2>&1
+rm -rf "$secrets"
 echo "docker: all container checks passed"
