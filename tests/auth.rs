@@ -143,21 +143,10 @@ fn the_binaries_mint_and_present_tokens() {
         &["--auth-secret-file", secret_file.to_str().unwrap()],
     );
     let run = |token: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chat-client"))
-            .args(["--server", &server.addr, "--id", "12", "--token", token])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"signed in\n")
-            .unwrap();
-        child.wait_with_output().unwrap()
+        chat_client(
+            &["--server", &server.addr, "--id", "12", "--token", token],
+            "signed in\n",
+        )
     };
     let ok = run(&token);
     assert!(ok.status.success(), "{ok:?}");

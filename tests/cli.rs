@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use chat::rt;
@@ -12,21 +11,12 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_chat-client");
 const SERVER: &str = env!("CARGO_BIN_EXE_chat-server");
 
 fn client(server: &TestServer, args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(CLIENT)
-        .args(["--server", &server.addr(), "--timeout", "20"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("chat-client runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("chat-client exits")
+    let addr = server.addr();
+    let all: Vec<&str> = ["--server", &addr, "--timeout", "20"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    chat_client(&all, stdin)
 }
 
 fn stdout(o: &std::process::Output) -> String {

@@ -109,28 +109,11 @@ fn chat_client_speaks_tls() {
             key.to_str().unwrap(),
         ],
     );
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chat-client"))
-        .args([
-            "--server",
-            &server.addr,
-            "--id",
-            "4",
-            "--tls",
-            "--ca",
-            cert.to_str().unwrap(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"over tls\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let ca = cert.to_str().unwrap();
+    let out = chat_client(
+        &["--server", &server.addr, "--id", "4", "--tls", "--ca", ca],
+        "over tls\n",
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "[4] text: over tls\n");
 }

@@ -181,33 +181,22 @@ async fn run(args: Args) -> Result<(), String> {
 
 fn report(args: &Args, rate: f64, mib: f64, h: &Histogram<u64>) {
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let (p50, p99, p999, max) = (us(0.5), us(0.99), us(0.999), h.max() as f64 / 1000.0);
     let mode = format!("{:?}", args.mode).to_lowercase();
+    let Args {
+        conns,
+        window,
+        size,
+        secs,
+        ..
+    } = args;
     if args.json {
         println!(
-            "{{\"mode\":\"{mode}\",\"conns\":{},\"window\":{},\"size\":{},\"secs\":{},\"msgs_per_sec\":{:.0},\"mib_per_sec\":{:.2},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1}}}",
-            args.conns,
-            args.window,
-            args.size,
-            args.secs,
-            rate,
-            mib,
-            us(0.5),
-            us(0.99),
-            us(0.999),
-            h.max() as f64 / 1000.0
+            "{{\"mode\":\"{mode}\",\"conns\":{conns},\"window\":{window},\"size\":{size},\"secs\":{secs},\"msgs_per_sec\":{rate:.0},\"mib_per_sec\":{mib:.2},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"p999_us\":{p999:.1},\"max_us\":{max:.1}}}"
         );
     } else {
         println!(
-            "{mode}: {} conns, window {}, {} B: {:.0} msg/s, {:.2} MiB/s, latency p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us",
-            args.conns,
-            args.window,
-            args.size,
-            rate,
-            mib,
-            us(0.5),
-            us(0.99),
-            us(0.999),
-            h.max() as f64 / 1000.0
+            "{mode}: {conns} conns, window {window}, {size} B: {rate:.0} msg/s, {mib:.2} MiB/s, latency p50 {p50:.0} us, p99 {p99:.0} us, p99.9 {p999:.0} us, max {max:.0} us"
         );
     }
 }

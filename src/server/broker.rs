@@ -17,7 +17,6 @@ use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt, select_biased};
 
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
-use crate::server::Config;
 use crate::server::writer::{Close, Origin, Outbox, Outgoing};
 use crate::store::{Command, Outcome, Reply};
 
@@ -98,7 +97,8 @@ enum Mailbox {
 }
 
 pub struct Broker {
-    config: Arc<Config>,
+    /// `--max-pending-bytes`: a receiver with more waiting is cut off.
+    max_pending_bytes: usize,
     conns: HashMap<ConnId, Conn>,
     online: HashMap<u32, ConnId>,
     /// Ids whose previous connection has not yet handed back its queue, with a count.
@@ -109,9 +109,9 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(config: Arc<Config>, store: mpsc::Sender<Command>, next_seq: u64) -> Self {
+    pub fn new(max_pending_bytes: usize, store: mpsc::Sender<Command>, next_seq: u64) -> Self {
         Broker {
-            config,
+            max_pending_bytes,
             conns: HashMap::new(),
             online: HashMap::new(),
             returning: HashMap::new(),
@@ -124,9 +124,11 @@ impl Broker {
     /// Runs until shutdown has closed every connection.
     pub async fn run(
         mut self,
-        mut events: mpsc::Receiver<Event>,
-        mut replies: mpsc::UnboundedReceiver<Reply>,
+        events: mpsc::Receiver<Event>,
+        replies: mpsc::UnboundedReceiver<Reply>,
     ) {
+        // Fused, so a finished stream drops out of the select instead of spinning.
+        let (mut events, mut replies) = (events.fuse(), replies.fuse());
         loop {
             if self.shutting_down && self.conns.is_empty() {
                 break;
@@ -288,7 +290,7 @@ impl Broker {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(&rc) = self.online.get(&receiver) {
-            let limit = self.config.max_pending_bytes;
+            let limit = self.max_pending_bytes;
             let target = self.conns.get_mut(&rc).filter(|c| !c.closing);
             match target {
                 Some(c) if c.mailbox == Mailbox::Live => {
@@ -432,7 +434,7 @@ impl Broker {
             after,
             stored: false,
         };
-        let max_bytes = PAGE_BYTES.min(self.config.max_pending_bytes / 2);
+        let max_bytes = PAGE_BYTES.min(self.max_pending_bytes / 2);
         self.send_store(Command::Load {
             ticket: conn,
             receiver,

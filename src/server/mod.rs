@@ -137,7 +137,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
         });
         let broker = Broker::new(
-            Arc::new(shared.config.clone()),
+            shared.config.max_pending_bytes,
             shared.store.clone(),
             store.next_seq,
         );

@@ -208,7 +208,6 @@ pub async fn run<W, S>(
     let mut events = shared.events.clone();
     let mut store = shared.store.clone();
     let mut batch = Vec::new();
-    let mut buf = Vec::new();
     let mut deadline = None;
     let mut at_boundary = true;
     let close = loop {
@@ -223,7 +222,7 @@ pub async fn run<W, S>(
         if deadline.is_none() && outbox.is_closing() {
             deadline = Some(Instant::now() + DRAIN_LIMIT);
         }
-        let (written, stopped) = write_batch(&mut sink, &batch, &mut buf, &outbox, deadline).await;
+        let (written, stopped) = write_batch(&mut sink, &batch, &outbox, deadline).await;
         let done = outbox.written(written.whole);
         report_written(&done, conn, &mut events, &mut store).await;
         match stopped {
@@ -233,9 +232,6 @@ pub async fn run<W, S>(
                 at_boundary = written.at_boundary;
                 break outbox.lock().close.clone();
             }
-        }
-        if buf.capacity() > BATCH_BYTES {
-            buf = Vec::new();
         }
     };
     if let Some(notice) = close.and_then(|c| c.notice).filter(|_| at_boundary) {
@@ -253,22 +249,20 @@ pub async fn run<W, S>(
 
 /// Writes a batch as one buffer, stopping early if the outbox is abandoned or the
 /// deadline passes. Returns how many frames were written whole, and why it stopped
-/// early, if it did.
+/// early, if it did. The buffer lives only for the batch, so an idle connection holds
+/// no write buffer.
 async fn write_batch<W: AsyncWrite + Unpin>(
     sink: &mut W,
     batch: &[Outgoing],
-    buf: &mut Vec<u8>,
     outbox: &Outbox,
     deadline: Option<Instant>,
 ) -> (Written, Option<Stopped>) {
+    let joined;
     let bytes: &[u8] = if let [one] = batch {
         &one.wire
     } else {
-        buf.clear();
-        for item in batch {
-            buf.extend_from_slice(&item.wire);
-        }
-        buf
+        joined = concat(batch);
+        &joined
     };
     let mut pos = 0;
     let mut stopped = None;
@@ -315,6 +309,14 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         },
         stopped,
     )
+}
+
+fn concat(batch: &[Outgoing]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(batch.iter().map(|o| o.wire.len()).sum());
+    for item in batch {
+        buf.extend_from_slice(&item.wire);
+    }
+    buf
 }
 
 /// How much of a batch reached the socket.
