@@ -33,7 +33,7 @@ const QUEUE: usize = 4096;
 const BATCH: usize = 2048;
 
 /// Memory redb may use to cache pages.
-const CACHE_BYTES: usize = 16 * 1024 * 1024;
+const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Identifies who an `Appended` or `Page` reply is for (the broker's connection id).
 pub type Ticket = u64;
@@ -69,9 +69,11 @@ pub enum Command {
 
 #[derive(Debug)]
 pub enum Reply {
+    /// `len` is the frame's size, so the broker can account for it.
     Appended {
         ticket: Ticket,
         outcome: Outcome,
+        len: usize,
     },
     Page {
         ticket: Ticket,
@@ -238,6 +240,7 @@ impl Worker {
                                 replies.push(Reply::Appended {
                                     ticket: *ticket,
                                     outcome,
+                                    len: wire.len(),
                                 });
                             }
                         }

@@ -117,6 +117,27 @@ fn clients_closing_mid_header_and_mid_body_leave_others_served() {
 }
 
 #[test]
+fn a_client_gone_mid_frame_is_taken_offline() {
+    rt::block_on(async {
+        let server = start().await;
+        let mut gone = login(&server, 2).await;
+        let cut = text(2, 0, "never completed").to_bytes();
+        gone.sender.send_raw(&cut[..cut.len() - 3]).await.unwrap();
+        drop(gone);
+        // Frames for 2 now wait in its mailbox instead of going to the dead socket.
+        let mut a = login(&server, 1).await;
+        let m = text(1, 2, "kept for later");
+        send_confirmed(&mut a, &m).await;
+        let mut again = connect(&server).await;
+        let mut got = within(again.hello(2, None)).await.unwrap();
+        if got.is_empty() {
+            got.push(recv(&mut again).await);
+        }
+        assert_eq!(got, vec![delivered(&m)]);
+    });
+}
+
+#[test]
 fn an_oversized_header_gets_a_notice_and_the_close() {
     rt::block_on(async {
         let server = start_with(|c| c.max_frame_bytes = 1024).await;

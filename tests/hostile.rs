@@ -110,6 +110,40 @@ fn a_receiver_that_stops_reading_is_cut_off_and_loses_nothing() {
     });
 }
 
+#[test]
+fn a_sender_that_never_reads_its_echoes_stops_being_read_then_is_cut_off() {
+    rt::block_on(async {
+        let server = start_with(|c| {
+            c.max_pending_bytes = 64 * 1024;
+            c.frame_timeout = Duration::from_millis(500);
+        })
+        .await;
+        let mut good = login(&server, 1).await;
+        let mut deaf = within(TcpStream::connect(server.addr)).await.unwrap();
+        let frame = data(2, 0, TEXT, &[1; 4096]).to_bytes();
+        let writer = deaf.clone();
+        // Writes until the server stops reading (the write then blocks) or closes.
+        let flood = rt::spawn(async move {
+            let mut writer = writer;
+            for _ in 0..100_000 {
+                if writer.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        send_confirmed(&mut good, &text(1, 0, "unaffected")).await;
+        // The server closes the deaf client: reading now finds echoes, then the end.
+        let mut rest = Vec::new();
+        let _ = within(deaf.read_to_end(&mut rest)).await;
+        assert!(
+            rest.len() < 100_000 * 4105,
+            "the server kept reading a client that did not read"
+        );
+        within(flood).await;
+        send_confirmed(&mut good, &text(1, 0, "still unaffected")).await;
+    });
+}
+
 /// A small deterministic generator, so a failure can be replayed.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -266,6 +300,10 @@ fn memory_stays_bounded_when_a_receiver_never_reads() {
         sending.await;
         let grown = rss(server.child.id()).saturating_sub(before);
         let bound = pending + mailbox + (32 << 20);
+        eprintln!(
+            "600 MiB sent: {echoes} accepted, {full} refused; server grew {} KiB",
+            grown >> 10
+        );
         assert!(full > 0 && echoes > 0, "{echoes} echoes, {full} refusals");
         assert!(
             grown < bound,

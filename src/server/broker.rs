@@ -17,6 +17,7 @@ use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt, select_biased};
 
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
+use crate::server::budget::Budget;
 use crate::server::writer::{Close, Origin, Outbox, Outgoing};
 use crate::store::{Command, Outcome, Reply};
 
@@ -25,15 +26,18 @@ pub type ConnId = u64;
 
 /// Mailbox pages are at most this large (and at most half the pending limit).
 const PAGE_BYTES: usize = 1024 * 1024;
+/// Bytes of frames the store may have queued before the broker waits for it.
+const STORE_BUDGET: usize = 8 * 1024 * 1024;
 
 #[derive(Debug)]
 pub enum Event {
     /// A connection was accepted; its writer reads `outbox`.
     Connected { conn: ConnId, outbox: Arc<Outbox> },
-    /// Frames a reader decoded, in order.
+    /// Frames a reader decoded, in order; `bytes` of the inbound budget to give back.
     Requests {
         conn: ConnId,
         requests: Vec<Request>,
+        bytes: usize,
     },
     /// The reader stopped: end of stream, or a protocol violation answered by `notice`.
     Closed { conn: ConnId, notice: Option<Bytes> },
@@ -60,6 +64,16 @@ pub enum Request {
         op: u32,
     },
     Data(Inbound),
+}
+
+impl Request {
+    /// Bytes this request holds in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Request::Data(frame) => frame.wire.len(),
+            _ => 0,
+        }
+    }
 }
 
 struct Conn {
@@ -104,14 +118,24 @@ pub struct Broker {
     /// Ids whose previous connection has not yet handed back its queue, with a count.
     returning: HashMap<u32, usize>,
     store: mpsc::Sender<Command>,
+    /// Bytes sent to the store and not yet acknowledged; see [`STORE_BUDGET`].
+    storing: usize,
+    inbound: Arc<Budget>,
     next_seq: u64,
     shutting_down: bool,
 }
 
 impl Broker {
-    pub fn new(max_pending_bytes: usize, store: mpsc::Sender<Command>, next_seq: u64) -> Self {
+    pub fn new(
+        max_pending_bytes: usize,
+        store: mpsc::Sender<Command>,
+        inbound: Arc<Budget>,
+        next_seq: u64,
+    ) -> Self {
         Broker {
             max_pending_bytes,
+            storing: 0,
+            inbound,
             conns: HashMap::new(),
             online: HashMap::new(),
             returning: HashMap::new(),
@@ -132,6 +156,15 @@ impl Broker {
         loop {
             if self.shutting_down && self.conns.is_empty() {
                 break;
+            }
+            if self.storing > STORE_BUDGET {
+                // The store is behind: only its replies make room, so take no new
+                // frames until they do. Readers wait, and TCP pushes back on clients.
+                match replies.next().await {
+                    Some(reply) => self.on_store(reply).await,
+                    None => break,
+                }
+                continue;
             }
             select_biased! {
                 reply = replies.next() => match reply {
@@ -170,13 +203,18 @@ impl Broker {
                     },
                 );
             }
-            Event::Requests { conn, requests } => {
+            Event::Requests {
+                conn,
+                requests,
+                bytes,
+            } => {
                 for request in requests {
                     if self.conns.get(&conn).is_none_or(|c| c.closing) {
                         break;
                     }
                     self.on_request(conn, request).await;
                 }
+                self.inbound.release(bytes);
             }
             Event::Closed { conn, notice } => {
                 let drain = true;
@@ -329,6 +367,7 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.replies.push_back(Reply_::Storing(frame.wire.clone()));
         }
+        self.storing += frame.wire.len();
         self.send_store(Command::Append {
             ticket: Some(conn),
             receiver,
@@ -354,7 +393,12 @@ impl Broker {
 
     async fn on_store(&mut self, reply: Reply) {
         match reply {
-            Reply::Appended { ticket, outcome } => {
+            Reply::Appended {
+                ticket,
+                outcome,
+                len,
+            } => {
+                self.storing = self.storing.saturating_sub(len);
                 let Some(c) = self.conns.get_mut(&ticket) else {
                     return;
                 };

@@ -17,6 +17,7 @@
 //! [`crate::store`] keeps the mailbox.
 
 pub mod broker;
+mod budget;
 mod listener;
 mod reader;
 pub mod writer;
@@ -39,6 +40,8 @@ use broker::{Broker, Event};
 
 /// Events waiting for the broker beyond this make readers wait (TCP backpressure).
 const EVENT_QUEUE: usize = 1024;
+/// Bytes of frames read and not yet routed by the broker: beyond this, readers wait.
+const INBOUND_BUDGET: usize = 8 * 1024 * 1024;
 /// How long shutdown may take before the server stops waiting for writers.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(4);
 
@@ -82,6 +85,8 @@ pub struct Shared {
     pub config: Config,
     pub events: mpsc::Sender<Event>,
     pub store: mpsc::Sender<Command>,
+    /// Bytes of decoded frames on their way to the broker.
+    pub inbound: Arc<budget::Budget>,
     active: AtomicUsize,
     next_conn: AtomicU64,
 }
@@ -133,12 +138,14 @@ impl Server {
             config,
             events,
             store: store.commands,
+            inbound: Arc::new(budget::Budget::new(INBOUND_BUDGET)),
             active: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
         });
         let broker = Broker::new(
             shared.config.max_pending_bytes,
             shared.store.clone(),
+            shared.inbound.clone(),
             store.next_seq,
         );
         let broker = rt::spawn(broker.run(events_rx, store.replies));

@@ -4,6 +4,7 @@
 //! frame timeout, and checking auth tokens (CPU work that would otherwise queue up in
 //! the broker). Every frame decoded from one read goes to the broker as one event.
 
+use std::future::poll_fn;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -33,6 +34,16 @@ pub async fn run<R: AsyncRead + Unpin>(
     // When the frame now pending began to arrive.
     let mut started = Instant::now();
     let notice = 'conn: loop {
+        // Replies this client has not read count against it: wait for room, but not
+        // for ever, and not on the clock of a frame in progress.
+        let blocked = Instant::now();
+        let room = poll_fn(|cx| outbox.poll_room(cx, config.max_pending_bytes));
+        if rt::timeout(config.frame_timeout, room).await.is_none() {
+            let secs = config.frame_timeout.as_secs_f64();
+            let detail = format_args!("replies not read for {secs} s");
+            break Some(notice(Code::SlowConsumer, detail));
+        }
+        started += blocked.elapsed();
         if buf.is_empty() {
             // Between frames a client may idle as long as it likes.
             buf.release();
@@ -75,11 +86,15 @@ pub async fn run<R: AsyncRead + Unpin>(
         }
         if !requests.is_empty() {
             started = Instant::now();
-            if events
-                .send(Event::Requests { conn, requests })
-                .await
-                .is_err()
-            {
+            let bytes = requests.iter().map(Request::bytes).sum();
+            shared.inbound.acquire(bytes).await;
+            let batch = Event::Requests {
+                conn,
+                requests,
+                bytes,
+            };
+            if events.send(batch).await.is_err() {
+                shared.inbound.release(bytes);
                 break 'conn None;
             }
         }

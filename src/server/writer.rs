@@ -76,7 +76,10 @@ struct State {
     queue: VecDeque<Outgoing>,
     bytes: usize,
     close: Option<Close>,
+    /// The writer, waiting for frames or for an abandoning close.
     waker: Option<Waker>,
+    /// The reader, waiting for room (see [`Outbox::poll_room`]).
+    room_waker: Option<Waker>,
 }
 
 impl Outbox {
@@ -111,6 +114,21 @@ impl Outbox {
         if let Some(w) = s.waker.take() {
             w.wake();
         }
+        if let Some(w) = s.room_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ready while at most `limit` bytes wait, or once the connection is closing. The
+    /// connection's reader waits here before reading more, so a client that does not
+    /// read its own echoes stops being read instead of making them pile up.
+    pub fn poll_room(&self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
+        let mut s = self.lock();
+        if s.bytes <= limit || s.close.is_some() {
+            return Poll::Ready(());
+        }
+        s.room_waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     fn poll_work(&self, cx: &mut Context<'_>, batch: &mut Vec<Outgoing>) -> Poll<Option<Close>> {
@@ -153,6 +171,9 @@ impl Outbox {
         let mut s = self.lock();
         let done: Vec<Outgoing> = s.queue.drain(..n).collect();
         s.bytes -= done.iter().map(|o| o.wire.len()).sum::<usize>();
+        if let Some(w) = s.room_waker.take() {
+            w.wake();
+        }
         done
     }
 
