@@ -52,11 +52,14 @@ for c in 1 10 50 200; do both "conns-$c" --conns $c --window 32 --size 64; done
 # Idle connections: server RSS per connection with 10,000 bound, idle clients.
 rss() { awk '/VmRSS/ {print $2}' /proc/$chat_pid/status; }
 before=$(rss)
-target/release/chat-bench --server $CHAT --mode idle --conns 10000 --secs 3 --base-id 5000000 >/dev/null &
+idle_log=$(mktemp)
+target/release/chat-bench --server $CHAT --mode idle --conns 10000 --secs 5 --base-id 5000000 >"$idle_log" &
 idle_pid=$!
-sleep 2.5
+# chat-bench prints its line once every connection is open and welcomed.
+until grep -q "open and idle" "$idle_log"; do sleep 0.1; done
 during=$(rss)
 wait $idle_pid
+rm -f "$idle_log"
 per=$(( (during - before) * 1024 / 10000 ))
 echo "{\"name\":\"idle\",\"server\":\"chat-server\",\"conns\":10000,\"rss_before_kib\":$before,\"rss_kib\":$during,\"bytes_per_conn\":$per}" | tee -a "$out" >&2
 

@@ -131,8 +131,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let (sender, receiver) = client.split();
     if let Some(path) = &args.file {
-        let body =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let body = read_body(path)?;
         let frames = vec![ClientFrame {
             sender: id,
             receiver: args.to,
@@ -175,6 +174,20 @@ async fn connect(args: &Args) -> std::io::Result<Client> {
     let name = chat::tls::server_name(args.tls_name.as_deref().unwrap_or(host)).map_err(invalid)?;
     let config = chat::tls::client_config(args.ca.as_deref()).map_err(invalid)?;
     Client::connect_tls(&args.server, name, config).await
+}
+
+/// A file's bytes, if they fit in one frame (the length field is 32 bits).
+fn read_body(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let size = std::fs::metadata(path).map_err(cannot)?.len();
+    if size > u64::from(u32::MAX) {
+        return Err(format!(
+            "{} is {size} bytes; one frame holds at most {} bytes",
+            path.display(),
+            u32::MAX
+        ));
+    }
+    std::fs::read(path).map_err(cannot)
 }
 
 /// Sends `frames` while reading replies, until each has its echo and `receive` frames

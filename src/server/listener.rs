@@ -127,7 +127,9 @@ async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
     let Some(tls) = &shared.config.tls else {
         return connection(stream.clone(), stream.clone(), stream, conn, shared).await;
     };
-    let handshake = TlsAcceptor::from(tls.clone()).accept(stream.clone());
+    // Boxed: the handshake's state is kilobytes, and inline it would make every plain
+    // connection's task that large too.
+    let handshake = Box::pin(TlsAcceptor::from(tls.clone()).accept(stream.clone()));
     match rt::timeout(shared.config.frame_timeout, handshake).await {
         Some(Ok(session)) => {
             let (read, write) = session.split();
@@ -145,12 +147,11 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let outbox = Arc::new(Outbox::default());
-    let mut events = shared.events.clone();
     let connected = Event::Connected {
         conn,
         outbox: outbox.clone(),
     };
-    if events.send(connected).await.is_err() {
+    if shared.events.clone().send(connected).await.is_err() {
         return;
     }
     let writer = rt::spawn(writer::run(

@@ -171,6 +171,10 @@ impl Outbox {
         let mut s = self.lock();
         let done: Vec<Outgoing> = s.queue.drain(..n).collect();
         s.bytes -= done.iter().map(|o| o.wire.len()).sum::<usize>();
+        if s.queue.is_empty() {
+            // Give the allocation back: most connections are idle most of the time.
+            s.queue = VecDeque::new();
+        }
         if let Some(w) = s.room_waker.take() {
             w.wake();
         }
@@ -226,8 +230,6 @@ pub async fn run<W, S>(
     W: AsyncWrite + Unpin,
     S: Socket,
 {
-    let mut events = shared.events.clone();
-    let mut store = shared.store.clone();
     let mut batch = Vec::new();
     let mut deadline = None;
     let mut at_boundary = true;
@@ -245,7 +247,7 @@ pub async fn run<W, S>(
         }
         let (written, stopped) = write_batch(&mut sink, &batch, &outbox, deadline).await;
         let done = outbox.written(written.whole);
-        report_written(&done, conn, &mut events, &mut store).await;
+        report_written(&done, conn, &shared).await;
         match stopped {
             None => {}
             Some(Stopped::Io) => break None,
@@ -265,7 +267,8 @@ pub async fn run<W, S>(
     let _ = rt::timeout(NOTICE_LIMIT, sink.close()).await;
     socket.shutdown();
     let undelivered = outbox.take_all();
-    let _ = events.send(Event::WriterDone { conn, undelivered }).await;
+    let done = Event::WriterDone { conn, undelivered };
+    let _ = shared.events.clone().send(done).await;
 }
 
 /// Writes a batch as one buffer, stopping early if the outbox is abandoned or the
@@ -348,12 +351,10 @@ struct Written {
 }
 
 /// Deletes written mailbox frames and asks for the next page after the last of one.
-async fn report_written(
-    done: &[Outgoing],
-    conn: ConnId,
-    events: &mut futures::channel::mpsc::Sender<Event>,
-    store: &mut futures::channel::mpsc::Sender<Command>,
-) {
+///
+/// The channel senders are cloned here, when needed, rather than held: each clone of a
+/// bounded sender is an allocation, and an idle connection should hold none.
+async fn report_written(done: &[Outgoing], conn: ConnId, shared: &Shared) {
     let mut receiver = None;
     let mut seqs = Vec::new();
     let mut page_done = false;
@@ -370,9 +371,14 @@ async fn report_written(
         }
     }
     if let Some(receiver) = receiver {
-        let _ = store.send(Command::Delete { receiver, seqs }).await;
+        let delete = Command::Delete { receiver, seqs };
+        let _ = shared.store.clone().send(delete).await;
     }
     if page_done {
-        let _ = events.send(Event::PageWritten { conn }).await;
+        let _ = shared
+            .events
+            .clone()
+            .send(Event::PageWritten { conn })
+            .await;
     }
 }
