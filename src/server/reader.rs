@@ -17,7 +17,7 @@ use crate::server::broker::{ConnId, Event, Request};
 use crate::server::writer::{Close, Outbox};
 
 /// Bytes an idle connection reads into while it holds no buffer of its own.
-const IDLE_READ: usize = 256;
+const IDLE_READ: usize = 128;
 
 /// Reads frames until the peer leaves or breaks the protocol, then tells the broker.
 pub async fn run<R: AsyncRead + Unpin>(

@@ -171,10 +171,7 @@ impl Outbox {
         let mut s = self.lock();
         let done: Vec<Outgoing> = s.queue.drain(..n).collect();
         s.bytes -= done.iter().map(|o| o.wire.len()).sum::<usize>();
-        if s.queue.is_empty() {
-            // Give the allocation back: most connections are idle most of the time.
-            s.queue = VecDeque::new();
-        }
+
         if let Some(w) = s.room_waker.take() {
             w.wake();
         }
