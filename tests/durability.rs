@@ -29,11 +29,7 @@ fn accepted_frames_survive_sigkill_and_arrive_once_in_order() {
 
     let server = ServerProcess::start(dir.path(), &[]);
     rt::block_on(async {
-        let mut b = within(Client::connect(&server.addr)).await.unwrap();
-        let mut got = within(b.hello(2, None)).await.unwrap();
-        while got.len() < frames.len() {
-            got.push(recv(&mut b).await);
-        }
+        let (b, got) = mailbox_of(&server.addr, 2, frames.len()).await;
         assert_eq!(got, frames.iter().map(delivered).collect::<Vec<_>>());
         drop(b);
 

@@ -95,12 +95,7 @@ fn frames_for_an_offline_receiver_wait_in_the_mailbox() {
         for f in &stored {
             send_confirmed(&mut a, f).await;
         }
-        let mut b = connect(&server).await;
-        let early = within(b.hello(2, None)).await.unwrap();
-        let mut got = early;
-        while got.len() < stored.len() {
-            got.push(recv(&mut b).await);
-        }
+        let (b, got) = mailbox_of(&server.addr(), 2, stored.len()).await;
         assert_eq!(got, stored.iter().map(delivered).collect::<Vec<_>>());
         drop(b);
         // Delivered frames are gone from the mailbox.
@@ -180,11 +175,7 @@ fn a_dropped_receivers_queue_goes_back_to_its_mailbox() {
         for f in &frames {
             send_confirmed(&mut a, f).await;
         }
-        let mut b = connect(&server).await;
-        let mut got = within(b.hello(2, None)).await.unwrap();
-        while got.len() < frames.len() {
-            got.push(recv(&mut b).await);
-        }
+        let (_b, got) = mailbox_of(&server.addr(), 2, frames.len()).await;
         assert_eq!(got, frames.iter().map(delivered).collect::<Vec<_>>());
     });
 }

@@ -101,11 +101,8 @@ fn a_receiver_that_stops_reading_is_cut_off_and_loses_nothing() {
             "{notices:?}"
         );
         // The rest waits in the mailbox, in order, without gaps or repeats.
-        let mut b = connect(&server).await;
-        got.extend(within(b.hello(2, None)).await.unwrap());
-        while got.len() < frames.len() {
-            got.push(recv(&mut b).await);
-        }
+        let (_b, rest) = mailbox_of(&server.addr(), 2, frames.len() - got.len()).await;
+        got.extend(rest);
         assert_eq!(got, frames.iter().map(delivered).collect::<Vec<_>>());
     });
 }

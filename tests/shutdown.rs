@@ -34,12 +34,7 @@ fn sigterm_with_clients_connected_exits_zero_promptly_and_keeps_the_mailbox() {
     });
     let server = ServerProcess::start(dir.path(), &[]);
     rt::block_on(async {
-        let mut c = within(Client::connect(&server.addr)).await.unwrap();
-        let early = within(c.hello(99, None)).await.unwrap();
-        let mut got = early;
-        if got.is_empty() {
-            got.push(recv(&mut c).await);
-        }
+        let (_c, got) = mailbox_of(&server.addr, 99, 1).await;
         assert_eq!(got, vec![delivered(&text(1, 99, "for later"))]);
     });
 }

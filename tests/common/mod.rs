@@ -282,3 +282,14 @@ pub fn chat_client(args: &[&str], stdin: &str) -> std::process::Output {
     drop(input);
     child.wait_with_output().expect("chat-client exits")
 }
+
+/// Binds `id` with a hello and returns the first `n` frames the connection receives,
+/// counting stored frames that arrive before the welcome.
+pub async fn mailbox_of(addr: &str, id: u32, n: usize) -> (Client, Vec<ServerFrame>) {
+    let mut c = within(Client::connect(addr)).await.expect("connects");
+    let mut got = within(c.hello(id, None)).await.expect("welcome");
+    while got.len() < n {
+        got.push(recv(&mut c).await);
+    }
+    (c, got)
+}
