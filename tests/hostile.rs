@@ -309,6 +309,8 @@ fn memory_stays_bounded_when_a_receiver_never_reads() {
             bound >> 20
         );
         drop(sink);
+        let mut good = within(Client::connect(&server.addr)).await.unwrap();
+        send_confirmed(&mut good, &text(3, 0, "served after the flood")).await;
     });
 }
 
