@@ -36,14 +36,16 @@ pub async fn run<R: AsyncRead + Unpin>(
     let notice = 'conn: loop {
         // Replies this client has not read count against it: wait for room, but not
         // for ever, and not on the clock of a frame in progress.
-        let blocked = Instant::now();
-        let room = poll_fn(|cx| outbox.poll_room(cx, config.max_pending_bytes));
-        if rt::timeout(config.frame_timeout, room).await.is_none() {
-            let secs = config.frame_timeout.as_secs_f64();
-            let detail = format_args!("replies not read for {secs} s");
-            break Some(notice(Code::SlowConsumer, detail));
+        if outbox.pending_bytes() > config.max_pending_bytes {
+            let blocked = Instant::now();
+            let room = poll_fn(|cx| outbox.poll_room(cx, config.max_pending_bytes));
+            if rt::timeout(config.frame_timeout, room).await.is_none() {
+                let secs = config.frame_timeout.as_secs_f64();
+                let detail = format_args!("replies not read for {secs} s");
+                break Some(notice(Code::SlowConsumer, detail));
+            }
+            started += blocked.elapsed();
         }
-        started += blocked.elapsed();
         if buf.is_empty() {
             // Between frames a client may idle as long as it likes.
             buf.release();
