@@ -334,27 +334,18 @@ impl Broker {
                 Some(c) if c.mailbox == Mailbox::Live => {
                     // An empty outbox takes any frame, however large the frame.
                     let pending = c.outbox.pending_bytes();
-                    if pending == 0 || pending + frame.wire.len() <= limit {
-                        c.outbox.push(Outgoing {
-                            wire: frame.wire.clone(),
-                            origin: Origin::Live { seq },
-                        });
+                    let item = Outgoing {
+                        wire: frame.wire.clone(),
+                        origin: Origin::Live { seq },
+                    };
+                    let fits = pending == 0 || pending + frame.wire.len() <= limit;
+                    if !fits {
+                        self.cut_slow_consumer(rc, receiver);
+                    } else if c.outbox.push(item).is_ok() {
                         return self.reply(conn, frame.wire);
                     }
-                    log::warn!(
-                        "id {receiver}: slow consumer, {limit} bytes pending; disconnecting"
-                    );
-                    let detail = format_args!(
-                        "more than {limit} bytes waiting; undelivered frames kept in the mailbox"
-                    );
-                    let notice = Some(notice(Code::SlowConsumer, detail));
-                    self.close(
-                        rc,
-                        Close {
-                            notice,
-                            drain: false,
-                        },
-                    );
+                    // Otherwise its writer has already finished: the connection is
+                    // going, and the frame goes to the mailbox like any for an offline id.
                 }
                 Some(c) => {
                     if let Mailbox::Loading { stored, .. } = &mut c.mailbox {
@@ -377,14 +368,28 @@ impl Broker {
         .await;
     }
 
+    /// Disconnects a receiver that has more than `--max-pending-bytes` waiting; what it
+    /// has not been sent goes back to its mailbox when its writer stops.
+    fn cut_slow_consumer(&mut self, conn: ConnId, id: u32) {
+        let limit = self.max_pending_bytes;
+        log::warn!("id {id}: slow consumer, {limit} bytes pending; disconnecting");
+        let detail =
+            format_args!("more than {limit} bytes waiting; undelivered frames kept in the mailbox");
+        let notice = Some(notice(Code::SlowConsumer, detail));
+        self.close(
+            conn,
+            Close {
+                notice,
+                drain: false,
+            },
+        );
+    }
+
     /// Queues a reply behind any that wait for the store, so replies keep frame order.
     fn reply(&mut self, conn: ConnId, wire: Bytes) {
         if let Some(c) = self.conns.get_mut(&conn) {
             if c.replies.is_empty() {
-                c.outbox.push(Outgoing {
-                    wire,
-                    origin: Origin::Reply,
-                });
+                c.outbox.push_reply(wire);
             } else {
                 c.replies.push_back(Reply_::Ready(wire));
             }
@@ -423,10 +428,7 @@ impl Broker {
                 }
                 while let Some(Reply_::Ready(_)) = c.replies.front() {
                     if let Some(Reply_::Ready(wire)) = c.replies.pop_front() {
-                        c.outbox.push(Outgoing {
-                            wire,
-                            origin: Origin::Reply,
-                        });
+                        c.outbox.push_reply(wire);
                     }
                 }
             }
@@ -452,7 +454,8 @@ impl Broker {
                 };
                 log::debug!("id {receiver}: delivering {} stored frames", frames.len());
                 for (seq, wire) in frames {
-                    c.outbox.push(Outgoing {
+                    // If the connection is gone the frames are still in the store.
+                    let _ = c.outbox.push(Outgoing {
                         wire,
                         origin: Origin::Mailbox {
                             receiver,
@@ -510,6 +513,16 @@ impl Broker {
     /// Stores what a finished writer did not write, then lets a waiting connection with
     /// the same id read its mailbox, which now includes those frames.
     async fn on_writer_done(&mut self, conn: ConnId, undelivered: Vec<Outgoing>) {
+        // A writer can stop before the broker has heard that its reader did (the reader
+        // abandons the outbox at once); take the connection offline first, so frames
+        // for its id go to the mailbox and the hand-back is counted as for any close.
+        self.close(
+            conn,
+            Close {
+                notice: None,
+                drain: false,
+            },
+        );
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };

@@ -80,6 +80,8 @@ struct State {
     waker: Option<Waker>,
     /// The reader, waiting for room (see [`Outbox::poll_room`]).
     room_waker: Option<Waker>,
+    /// The writer has taken what was left and stopped: nothing more may be queued.
+    finished: bool,
 }
 
 impl Outbox {
@@ -89,14 +91,28 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a frame and wakes the writer.
-    pub fn push(&self, item: Outgoing) {
+    /// Queues a frame and wakes the writer. Once the writer has finished (its
+    /// connection is gone, though the broker may not have heard yet) the frame is
+    /// given back, so the caller can store it instead of losing it.
+    pub fn push(&self, item: Outgoing) -> Result<(), Outgoing> {
         let mut s = self.lock();
+        if s.finished {
+            return Err(item);
+        }
         s.bytes += item.wire.len();
         s.queue.push_back(item);
         if let Some(w) = s.waker.take() {
             w.wake();
         }
+        Ok(())
+    }
+
+    /// Queues an echo or a notice; if the connection is gone, so is the need for it.
+    pub fn push_reply(&self, wire: Bytes) {
+        let _ = self.push(Outgoing {
+            wire,
+            origin: Origin::Reply,
+        });
     }
 
     /// Bytes queued and not yet written.
@@ -184,6 +200,7 @@ impl Outbox {
 
     fn take_all(&self) -> Vec<Outgoing> {
         let mut s = self.lock();
+        s.finished = true;
         s.bytes = 0;
         s.queue.drain(..).collect()
     }
