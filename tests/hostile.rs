@@ -65,14 +65,15 @@ fn a_receiver_that_stops_reading_is_cut_off_and_loses_nothing() {
         let a = login(&server, 1).await;
         let mut b = login(&server, 2).await;
         let mut bystander = login(&server, 3).await;
-        let frames: Vec<ClientFrame> = (0..200u32)
+        let frames: Vec<ClientFrame> = (0..400u32)
             .map(|i| {
                 let mut body = vec![(i % 251) as u8; 64 * 1024];
                 body[..4].copy_from_slice(&i.to_be_bytes());
                 data(1, 2, TEXT, &body)
             })
             .collect();
-        // A sends 12.5 MiB while B reads nothing; every frame is accepted.
+        // A sends 25 MiB, more than the kernel buffers of both sockets can hold, while B
+        // reads nothing; every frame is accepted.
         let (mut a_tx, mut a_rx) = a.split();
         let to_send = frames.clone();
         let sending = rt::spawn(async move {
