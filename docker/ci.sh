@@ -81,6 +81,8 @@ echo "docker: stopped in ${took_ms} ms with exit code $code"
 dc down -v >/dev/null 2>&1
 
 # Auth and TLS from mounted files and env vars (docker/compose.secure.yml).
+command -v openssl >/dev/null || apt-get install -y -qq openssl >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
 secrets=$(mktemp -d)
 chmod 755 "$secrets"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
