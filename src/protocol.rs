@@ -581,6 +581,18 @@ mod tests {
         assert_eq!(n.detail, "sender 5 is not bound id 6");
     }
 
+    /// Every code the server can send is documented for client authors.
+    #[test]
+    fn every_notice_code_is_in_the_protocol_doc() {
+        let doc = include_str!("../docs/PROTOCOL.md");
+        for code in Code::ALL {
+            assert!(
+                doc.contains(&format!("| `{code}` |")),
+                "{code} missing from docs/PROTOCOL.md"
+            );
+        }
+    }
+
     #[test]
     fn release_frees_only_when_empty() {
         let mut buf = FrameBuf::new();

@@ -33,7 +33,7 @@ const COALESCE_MAX_FRAME: usize = 64 * 1024;
 /// A batch stops growing at this size.
 const BATCH_BYTES: usize = 256 * 1024;
 /// How long a closing connection may take to write what it still has queued.
-pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// How long a final notice may take when the queue is abandoned.
 const NOTICE_LIMIT: Duration = Duration::from_millis(500);
 
@@ -207,7 +207,7 @@ impl Outbox {
 }
 
 /// Why a batch was not fully written.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Stopped {
     /// The socket failed: nothing more can be written, not even a notice.
     Io,
