@@ -108,6 +108,34 @@ impl Client {
         }
     }
 
+    /// Binds the connection to `id` with acks on (control operation 3) and waits for
+    /// the `welcome` notice. Returns `false` if the server does not support acks (it
+    /// answered `bad-control`); the connection is then bound with a plain hello.
+    pub async fn hello_acks(&mut self, id: u32, token: Option<&str>) -> io::Result<bool> {
+        let bytes = token.unwrap_or_default().as_bytes();
+        self.send(&ClientFrame::hello_acks(id, bytes)).await?;
+        let frame = self.recv().await?.ok_or_else(closed)?;
+        match frame.notice() {
+            Some(n) if n.is(Code::Welcome) => Ok(true),
+            Some(n) if n.is(Code::BadControl) => {
+                let early = self.hello(id, token).await?;
+                if early.is_empty() {
+                    Ok(false)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "frames arrived before the welcome",
+                    ))
+                }
+            }
+            Some(n) => Err(refused(&n)),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a data frame arrived before the welcome",
+            )),
+        }
+    }
+
     /// Sends a ping and waits for the `pong` notice.
     pub async fn ping(&mut self) -> io::Result<()> {
         self.send(&ClientFrame::ping()).await?;
@@ -124,6 +152,45 @@ impl Client {
 
     pub fn split(self) -> (Sender, Receiver) {
         (self.sender, self.receiver)
+    }
+}
+
+/// Counts the data frames a client has handled since it turned acks on, and makes
+/// the acks that tell the server (control operation 2, XEP-0198's running count `h`).
+#[derive(Debug, Clone)]
+pub struct Acker {
+    id: u32,
+    handled: u32,
+    acked: u32,
+}
+
+impl Acker {
+    /// For a connection bound to `id`, from the moment acks went on.
+    pub fn new(id: u32) -> Acker {
+        Acker {
+            id,
+            handled: 0,
+            acked: 0,
+        }
+    }
+
+    /// Counts `frame` as handled if it is a data frame from another id (echoes of the
+    /// client's own frames and notices do not count). Returns whether it counted.
+    pub fn handled(&mut self, frame: &ServerFrame) -> bool {
+        let counts = frame.sender != self.id && frame.notice().is_none();
+        if counts {
+            self.handled = self.handled.wrapping_add(1);
+        }
+        counts
+    }
+
+    /// The ack for everything handled so far, unless it was already sent.
+    pub fn ack(&mut self) -> Option<ClientFrame> {
+        if self.handled == self.acked {
+            return None;
+        }
+        self.acked = self.handled;
+        Some(ClientFrame::ack(self.id, self.handled))
     }
 }
 

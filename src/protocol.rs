@@ -29,6 +29,12 @@ pub const CONTROL: u8 = 0;
 pub const OP_HELLO: u32 = 0;
 /// Control operation: liveness probe, answered with a `pong` notice; binds nothing.
 pub const OP_PING: u32 = 1;
+/// Control operation: the body is a big-endian u32 `h`, the number of data frames the
+/// client has handled since it turned acks on (modulo 2^32).
+pub const OP_ACK: u32 = 2;
+/// Control operation: a hello that also turns acknowledged delivery on, or, on a bound
+/// connection, turns it on from that point.
+pub const OP_HELLO_ACKS: u32 = 3;
 
 /// Bytes read from a socket at a time when no larger frame is pending.
 const READ_CHUNK: usize = 16 * 1024;
@@ -99,6 +105,24 @@ impl ClientFrame {
             receiver: OP_HELLO,
             kind: CONTROL,
             body: Bytes::copy_from_slice(token),
+        }
+    }
+
+    /// A hello that also turns acks on (on a bound connection: acks on, body empty).
+    pub fn hello_acks(sender: u32, token: &[u8]) -> Self {
+        ClientFrame {
+            receiver: OP_HELLO_ACKS,
+            ..Self::hello(sender, token)
+        }
+    }
+
+    /// Acknowledges the first `h` data frames received since acks went on.
+    pub fn ack(sender: u32, h: u32) -> Self {
+        ClientFrame {
+            sender,
+            receiver: OP_ACK,
+            kind: CONTROL,
+            body: Bytes::copy_from_slice(&h.to_be_bytes()),
         }
     }
 
@@ -176,6 +200,7 @@ impl Inbound {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     Welcome,
+    AcksOn,
     Pong,
     FrameTooLarge,
     BadSender,
@@ -191,8 +216,9 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 13] = [
+    pub const ALL: [Code; 14] = [
         Code::Welcome,
+        Code::AcksOn,
         Code::Pong,
         Code::FrameTooLarge,
         Code::BadSender,
@@ -210,6 +236,7 @@ impl Code {
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Welcome => "welcome",
+            Code::AcksOn => "acks-on",
             Code::Pong => "pong",
             Code::FrameTooLarge => "frame-too-large",
             Code::BadSender => "bad-sender",

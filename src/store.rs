@@ -1,15 +1,26 @@
-//! The durable offline mailbox.
+//! The store: every frame for another id, from its acceptance until its delivery.
 //!
-//! Frames for receivers who are not connected are kept in [redb], an embedded,
-//! crash-safe (copy-on-write, checksummed, fsync on commit) key-value store written in
-//! Rust: no C library, no server, one file under `--data-dir`.
+//! Frames are kept in [redb], an embedded, crash-safe (copy-on-write, checksummed, fsync
+//! on commit) key-value store written in Rust: no C library, no server, one file under
+//! `--data-dir`. A frame for an online receiver is stored too, alongside its live push,
+//! and removed once delivered, so that a crash can only delay it: the store is a
+//! write-ahead log for live traffic and the mailbox for offline ids at once.
 //!
 //! All storage runs on one dedicated thread, so blocking file I/O never occupies the
 //! async executor. The thread drains every command that is waiting, applies them in one
 //! write transaction and commits once (group commit): under load, one fsync covers
-//! hundreds of frames. Replies are sent only after the commit, so an `Appended` reply
-//! means the frame survives `kill -9`. Commands are applied in the order they were sent,
-//! which is what lets the broker order a mailbox against live traffic.
+//! hundreds of frames. A frame whose delete arrives in the same batch as its append was
+//! delivered before it was ever written, so neither touches the disk: a receiver that
+//! keeps up costs the store almost nothing. Replies are sent only after the commit, so
+//! an `Appended` reply means the frame survives `kill -9` (or was already delivered).
+//! Commands are applied in the order they were sent, which is what lets the broker order
+//! a mailbox against live traffic.
+//!
+//! When a commit fails (disk full, I/O error) the database handle is dropped, the store
+//! reports itself down and reopens the file with backoff until a test write succeeds.
+//! Meanwhile appends fail at once (nobody waits on a broken disk), and loads and deletes
+//! are held and applied after recovery, so nothing committed before the fault is lost
+//! and nothing delivered comes back.
 
 // redb's error type is large; it is built at most once per failed transaction.
 #![allow(clippy::result_large_err)]
@@ -17,23 +28,34 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
-use futures::executor::block_on;
 use redb::{Builder, Database, ReadableTable, TableDefinition};
+
+use crate::rt;
 
 /// (receiver, sequence number) -> frame in its server -> client encoding.
 const MAILBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("mailbox");
+/// One row written to prove that writes work again after a fault.
+const PROBE: TableDefinition<&str, u64> = TableDefinition::new("probe");
 
 /// Commands waiting beyond this make senders wait: the store's queue is bounded.
-const QUEUE: usize = 4096;
+const QUEUE: usize = 8192;
 /// At most this many commands go into one transaction.
-const BATCH: usize = 2048;
+const BATCH: usize = 8192;
 
 /// Memory redb may use to cache pages.
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
+
+/// How long a frame pushed live may wait for its delivery before it is written anyway.
+const STAGE_WAIT: Duration = Duration::from_millis(5);
+
+/// Reopening a failed database starts after this long and backs off to the maximum.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Identifies who an `Appended` or `Page` reply is for (the broker's connection id).
 pub type Ticket = u64;
@@ -47,14 +69,15 @@ pub struct Limits {
 
 #[derive(Debug)]
 pub enum Command {
-    /// Store a frame for `receiver`. With a ticket, the frame is subject to the limits
-    /// and an `Appended` reply follows the commit. Without one it is a frame the server
-    /// had already accepted and is handing back: it is stored regardless of the limits.
+    /// Store a frame for `receiver`; an `Appended` reply follows the commit. A `live`
+    /// frame is also being pushed to its connected receiver, whose outbox bounds it, so
+    /// the mailbox limits do not apply to it (they still count it while it is stored).
     Append {
-        ticket: Option<Ticket>,
+        ticket: Ticket,
         receiver: u32,
         seq: u64,
         wire: Bytes,
+        live: bool,
     },
     /// Read up to `max_bytes` of `receiver`'s mailbox after sequence `after`.
     Load {
@@ -63,7 +86,7 @@ pub enum Command {
         after: Option<u64>,
         max_bytes: usize,
     },
-    /// Remove frames that have been written to their receiver's socket.
+    /// Remove frames that have been delivered.
     Delete { receiver: u32, seqs: Vec<u64> },
 }
 
@@ -72,6 +95,7 @@ pub enum Reply {
     /// `len` is the frame's size, so the broker can account for it.
     Appended {
         ticket: Ticket,
+        seq: u64,
         outcome: Outcome,
         len: usize,
     },
@@ -80,10 +104,13 @@ pub enum Reply {
         receiver: u32,
         frames: Vec<(u64, Bytes)>,
     },
+    /// The store went down (with the reason) or came back (`None`).
+    Health(Option<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// Committed, or delivered before it needed to be.
     Stored,
     /// The receiver's mailbox is at its limit; the detail says which.
     Full(String),
@@ -94,7 +121,8 @@ pub enum Outcome {
 /// The store's command queue, its reply stream, and what it was opened with.
 pub struct Store {
     pub commands: mpsc::Sender<Command>,
-    pub replies: mpsc::UnboundedReceiver<Reply>,
+    /// Replies come in batches, one per transaction, to wake the broker once for all.
+    pub replies: mpsc::UnboundedReceiver<Vec<Reply>>,
     /// The next unused sequence number: higher than any stored.
     pub next_seq: u64,
     /// Completes when the store thread has committed everything and exited, which it
@@ -113,12 +141,7 @@ pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
     let path: PathBuf = dir.join("mailbox.redb");
-    // redb's default page cache is 1 GiB; the mailbox is written far more than read,
-    // so a small cache keeps the server's memory bounded by its limits instead.
-    let db = Builder::new()
-        .set_cache_size(CACHE_BYTES)
-        .create(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let db = open_db(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let (usage, next_seq) =
         scan(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let (commands, rx) = mpsc::channel(QUEUE);
@@ -126,11 +149,22 @@ pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
     // through the bounded queue, and the broker drains replies before new events.
     let (reply_tx, replies) = mpsc::unbounded();
     let (closed_tx, closed) = oneshot::channel();
-    let worker = Worker { db, limits, usage };
+    let worker = Worker {
+        db: Some(db),
+        path,
+        limits,
+        usage,
+        down: None,
+        held: Vec::new(),
+        staged: Vec::new(),
+        staged_at: Vec::new(),
+        stats: Stats::default(),
+        replies: reply_tx,
+    };
     thread::Builder::new()
         .name("store".into())
         .spawn(move || {
-            worker.run(rx, reply_tx);
+            worker.run(rx);
             let _ = closed_tx.send(());
         })
         .map_err(|e| format!("cannot start store thread: {e}"))?;
@@ -142,35 +176,117 @@ pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
     })
 }
 
+fn open_db(path: &Path) -> Result<Database, redb::Error> {
+    // redb's default page cache is 1 GiB; the store is written far more than read, so
+    // a small cache keeps the server's memory bounded by its limits instead.
+    Ok(Builder::new().set_cache_size(CACHE_BYTES).create(path)?)
+}
+
 fn scan(db: &Database) -> Result<(HashMap<u32, Usage>, u64), redb::Error> {
-    let txn = db.begin_write()?;
     let mut usage: HashMap<u32, Usage> = HashMap::new();
     let mut next_seq = 1;
-    {
-        let table = txn.open_table(MAILBOX)?;
-        for entry in table.iter()? {
-            let (key, value) = entry?;
-            let (receiver, seq) = key.value();
-            let u = usage.entry(receiver).or_default();
-            u.messages += 1;
-            u.bytes += value.value().len() as u64;
-            next_seq = next_seq.max(seq + 1);
-        }
+    let txn = db.begin_read()?;
+    let table = match txn.open_table(MAILBOX) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((usage, next_seq)),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        let (receiver, seq) = key.value();
+        let u = usage.entry(receiver).or_default();
+        u.messages += 1;
+        u.bytes += value.value().len() as u64;
+        next_seq = next_seq.max(seq + 1);
     }
-    txn.commit()?;
     Ok((usage, next_seq))
 }
 
+/// Why the store is down, and when it tries again.
+struct Down {
+    reason: String,
+    since: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
 struct Worker {
-    db: Database,
+    /// `None` while the store is down.
+    db: Option<Database>,
+    path: PathBuf,
     limits: Limits,
     usage: HashMap<u32, Usage>,
+    down: Option<Down>,
+    /// Loads and deletes that arrived while the store was down, in order.
+    held: Vec<Command>,
+    /// Appends of frames pushed live, not yet written: if their deletes arrive with
+    /// the next batch they never touch the disk. Their echoes wait.
+    staged: Vec<Command>,
+    /// When each staged append arrived: it is written once [`STAGE_WAIT`] old.
+    staged_at: Vec<Instant>,
+    stats: Stats,
+    replies: mpsc::UnboundedSender<Vec<Reply>>,
+}
+
+/// What the store did since it last logged it (at debug level, once a second).
+#[derive(Debug, Default)]
+struct Stats {
+    since: Option<Instant>,
+    commits: u64,
+    written: u64,
+    skipped: u64,
+    removed: u64,
+}
+
+impl Stats {
+    fn tick(&mut self) {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= Duration::from_secs(1) {
+            if self.commits + self.skipped > 0 {
+                log::debug!(
+                    "store: {} commits, {} frames written ({:.1} per commit), {} removed, {} delivered before they needed writing",
+                    self.commits,
+                    self.written,
+                    self.written as f64 / self.commits.max(1) as f64,
+                    self.removed,
+                    self.skipped
+                );
+            }
+            *self = Stats {
+                since: Some(Instant::now()),
+                ..Stats::default()
+            };
+        }
+    }
 }
 
 impl Worker {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>, replies: mpsc::UnboundedSender<Reply>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut batch = Vec::with_capacity(BATCH);
-        while let Some(first) = block_on(rx.next()) {
+        loop {
+            let ready = rx.try_recv().ok();
+            let first = match &self.down {
+                _ if ready.is_some() => ready,
+                None if self.staged.is_empty() => rt::block_on(rx.next()),
+                None => match rt::block_on(rt::timeout(self.stage_left(), rx.next())) {
+                    Some(cmd) => cmd,
+                    None => {
+                        self.apply(&mut batch, false);
+                        continue;
+                    }
+                },
+                Some(down) => {
+                    let wait = down.retry_at.saturating_duration_since(Instant::now());
+                    match rt::block_on(rt::timeout(wait, rx.next())) {
+                        Some(cmd) => cmd,
+                        None => {
+                            self.try_recover();
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(first) = first else { break };
             batch.push(first);
             while batch.len() < BATCH {
                 match rx.try_recv() {
@@ -178,74 +294,261 @@ impl Worker {
                     _ => break,
                 }
             }
-            for reply in self.apply(&mut batch) {
-                // The broker is gone only during shutdown; nobody is waiting then.
-                let _ = replies.unbounded_send(reply);
+            if self.down.is_some() {
+                self.refuse(&mut batch);
+            } else {
+                self.apply(&mut batch, true);
             }
+        }
+        if self.down.is_some() {
+            self.try_recover();
+        }
+        if !self.staged.is_empty() {
+            self.apply(&mut batch, false);
         }
         log::debug!("store closed");
     }
 
-    /// Applies a batch in one transaction and returns the replies to send after it
-    /// committed. If the commit fails, nothing in the batch is acknowledged as stored.
-    fn apply(&mut self, batch: &mut Vec<Command>) -> Vec<Reply> {
+    /// How long until the oldest staged append is due.
+    fn stage_left(&self) -> Duration {
+        self.staged_at
+            .first()
+            .map_or(STAGE_WAIT, |t| STAGE_WAIT.saturating_sub(t.elapsed()))
+    }
+
+    fn send(&self, replies: Vec<Reply>) {
+        // The broker is gone only during shutdown; nobody is waiting then.
+        if !replies.is_empty() {
+            let _ = self.replies.unbounded_send(replies);
+        }
+    }
+
+    /// While down: appends fail at once, loads and deletes wait for recovery.
+    fn refuse(&mut self, batch: &mut Vec<Command>) {
+        let reason = self.down.as_ref().map_or("", |d| d.reason.as_str());
+        let failed = format!("store unavailable: {reason}");
+        let mut replies = Vec::new();
+        for cmd in batch.drain(..) {
+            match cmd {
+                Command::Append {
+                    ticket, seq, wire, ..
+                } => replies.push(Reply::Appended {
+                    ticket,
+                    seq,
+                    outcome: Outcome::Failed(failed.clone()),
+                    len: wire.len(),
+                }),
+                other => self.held.push(other),
+            }
+        }
+        self.send(replies);
+    }
+
+    /// Applies what was staged and then a batch, in one transaction, and sends the
+    /// replies once it committed; with `stage`, live appends of this batch may wait
+    /// for the next one. If the commit fails, no append is acknowledged as stored (but
+    /// those delivered meanwhile), every append still gets its answer, and the store
+    /// goes down until it can write again.
+    fn apply(&mut self, batch: &mut Vec<Command>, stage: bool) {
         let before = self.usage.clone();
-        let result = self.transact(batch);
-        batch.clear();
-        match result {
-            Ok(replies) => replies,
-            Err((e, mut replies)) => {
-                log::error!("mailbox commit failed: {e}");
+        let mut skipped = Vec::new();
+        let mut work = std::mem::take(&mut self.staged);
+        let mut times = std::mem::take(&mut self.staged_at);
+        let due = times.partition_point(|t| t.elapsed() >= STAGE_WAIT);
+        let now = Instant::now();
+        times.resize(work.len() + batch.len(), now);
+        work.append(batch);
+        // A load must see every frame sent before it.
+        let stage = stage && !work.iter().any(|c| matches!(c, Command::Load { .. }));
+        let mut batch = work;
+        let batch = &mut batch;
+        match self.transact(batch, due, stage, &mut skipped) {
+            Ok((replies, deferred)) => {
+                self.stats.tick();
+                self.staged_at = deferred.iter().map(|&(i, _)| times[i]).collect();
+                self.staged = deferred.into_iter().map(|(_, c)| c).collect();
+                batch.clear();
+                self.send(replies);
+            }
+            Err(e) => {
                 self.usage = before;
-                for reply in &mut replies {
-                    if let Reply::Appended { outcome, .. } = reply {
-                        *outcome = Outcome::Failed(e.to_string());
+                let reason = e.to_string();
+                self.go_down(reason.clone());
+                let mut replies = Vec::new();
+                for cmd in batch.drain(..) {
+                    match cmd {
+                        Command::Append {
+                            ticket, seq, wire, ..
+                        } => {
+                            let outcome = if skipped.binary_search(&seq).is_ok() {
+                                Outcome::Stored
+                            } else {
+                                Outcome::Failed(reason.clone())
+                            };
+                            let len = wire.len();
+                            replies.push(Reply::Appended {
+                                ticket,
+                                seq,
+                                outcome,
+                                len,
+                            });
+                        }
+                        // Pages read in a failed transaction may hold its own appends:
+                        // loads are answered after recovery instead, deletes redone then.
+                        other => self.held.push(other),
                     }
                 }
-                replies
+                self.send(replies);
             }
         }
     }
 
-    fn transact(&mut self, batch: &[Command]) -> Result<Vec<Reply>, (redb::Error, Vec<Reply>)> {
+    fn go_down(&mut self, reason: String) {
+        log::error!("store failed, answering store-failed until it recovers: {reason}");
+        // redb asks to be reopened after an I/O error; drop the handle now (it holds the
+        // file lock) and reopen it from disk, which re-verifies the last commit.
+        self.db = None;
+        let now = Instant::now();
+        self.down = Some(Down {
+            reason: reason.clone(),
+            since: now,
+            retry_at: now + RETRY_MIN,
+            backoff: RETRY_MIN,
+        });
+        self.send(vec![Reply::Health(Some(reason))]);
+    }
+
+    /// Reopens the database and proves it writable; on success applies what was held.
+    fn try_recover(&mut self) {
+        let Some(down) = &mut self.down else { return };
+        let result = reopen(&self.path);
+        match result {
+            Ok((db, usage)) => {
+                log::info!(
+                    "store recovered after {:.1} s",
+                    down.since.elapsed().as_secs_f64()
+                );
+                self.db = Some(db);
+                self.usage = usage;
+                self.down = None;
+                self.send(vec![Reply::Health(None)]);
+                let mut held = std::mem::take(&mut self.held);
+                if !held.is_empty() {
+                    self.apply(&mut held, false);
+                }
+            }
+            Err(e) => {
+                log::debug!("store still down: {e}");
+                down.backoff = (down.backoff * 2).min(RETRY_MAX);
+                down.retry_at = Instant::now() + down.backoff;
+            }
+        }
+    }
+
+    /// Applies a batch whose first `due` commands were staged long enough. With
+    /// `stage`, live appends after those are deferred (returned with their indices)
+    /// unless delivered in this batch. `skipped` collects the appends that were
+    /// delivered within it.
+    fn transact(
+        &mut self,
+        batch: &mut Vec<Command>,
+        due: usize,
+        stage: bool,
+        skipped: &mut Vec<u64>,
+    ) -> Result<(Vec<Reply>, Deferred), redb::Error> {
         let mut replies = Vec::new();
+        let mut deferred = Vec::new();
+        let Some(db) = &self.db else {
+            return Err(redb::Error::Io(std::io::Error::other("store is closed")));
+        };
+        // Frames delivered before this batch reached the disk: neither written nor
+        // removed. Sequence numbers are unique across receivers, so they suffice.
+        let mut delivered: Vec<u64> = Vec::new();
+        for cmd in batch.iter() {
+            if let Command::Delete { seqs, .. } = cmd {
+                delivered.extend_from_slice(seqs);
+            }
+        }
+        delivered.sort_unstable();
+        // Under load most batches only stage appends and settle staged ones by their
+        // deliveries: those need no transaction at all.
+        let appends: Vec<u64> = batch
+            .iter()
+            .filter_map(|c| match c {
+                Command::Append { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        let settled = |seq: &u64| delivered.binary_search(seq).is_ok();
+        let needs_disk = batch.iter().enumerate().any(|(i, cmd)| match cmd {
+            Command::Append { seq, live, .. } => !(settled(seq) || *live && stage && i >= due),
+            Command::Delete { seqs, .. } => seqs.iter().any(|s| appends.binary_search(s).is_err()),
+            Command::Load { .. } => true,
+        });
+        if !needs_disk {
+            for (i, cmd) in batch.iter().enumerate() {
+                if let Command::Append {
+                    ticket, seq, wire, ..
+                } = cmd
+                {
+                    if settled(seq) {
+                        skipped.push(*seq);
+                        self.stats.skipped += 1;
+                        replies.push(Reply::Appended {
+                            ticket: *ticket,
+                            seq: *seq,
+                            outcome: Outcome::Stored,
+                            len: wire.len(),
+                        });
+                    } else {
+                        deferred.push(i);
+                    }
+                }
+            }
+            return Ok((replies, take_deferred(batch, &deferred)));
+        }
         let result = (|| -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
+            let txn = db.begin_write()?;
             // A batch that only reads needs no commit, and so no fsync.
             let mut dirty = false;
             {
                 let mut table = txn.open_table(MAILBOX)?;
-                for cmd in batch {
+                for (i, cmd) in batch.iter().enumerate() {
                     match cmd {
                         Command::Append {
                             ticket,
                             receiver,
                             seq,
                             wire,
+                            live,
                         } => {
                             let usage = self.usage.entry(*receiver).or_default();
-                            let full = if ticket.is_some() {
-                                full(&self.limits, usage, wire.len())
+                            let outcome = if delivered.binary_search(seq).is_ok() {
+                                // Appends come in sequence order, so this stays sorted.
+                                skipped.push(*seq);
+                                self.stats.skipped += 1;
+                                Outcome::Stored
+                            } else if *live && stage && i >= due {
+                                deferred.push(i);
+                                continue;
+                            } else if let Some(why) =
+                                full(&self.limits, usage, wire.len()).filter(|_| !live)
+                            {
+                                Outcome::Full(why)
                             } else {
-                                None
+                                table.insert((*receiver, *seq), &wire[..])?;
+                                self.stats.written += 1;
+                                dirty = true;
+                                usage.messages += 1;
+                                usage.bytes += wire.len() as u64;
+                                Outcome::Stored
                             };
-                            let outcome = match full {
-                                Some(why) => Outcome::Full(why),
-                                None => {
-                                    table.insert((*receiver, *seq), &wire[..])?;
-                                    dirty = true;
-                                    usage.messages += 1;
-                                    usage.bytes += wire.len() as u64;
-                                    Outcome::Stored
-                                }
-                            };
-                            if let Some(ticket) = ticket {
-                                replies.push(Reply::Appended {
-                                    ticket: *ticket,
-                                    outcome,
-                                    len: wire.len(),
-                                });
-                            }
+                            replies.push(Reply::Appended {
+                                ticket: *ticket,
+                                seq: *seq,
+                                outcome,
+                                len: wire.len(),
+                            });
                         }
                         Command::Load {
                             ticket,
@@ -278,7 +581,11 @@ impl Worker {
                         }
                         Command::Delete { receiver, seqs } => {
                             for seq in seqs {
+                                if skipped.binary_search(seq).is_ok() {
+                                    continue;
+                                }
                                 if let Some(old) = table.remove((*receiver, *seq))? {
+                                    self.stats.removed += 1;
                                     dirty = true;
                                     let len = old.value().len() as u64;
                                     let usage = self.usage.entry(*receiver).or_default();
@@ -295,16 +602,47 @@ impl Worker {
             }
             if dirty {
                 txn.commit()?;
+                self.stats.commits += 1;
             } else {
                 txn.abort()?;
             }
             Ok(())
         })();
-        match result {
-            Ok(()) => Ok(replies),
-            Err(e) => Err((e, replies)),
+        result?;
+        Ok((replies, take_deferred(batch, &deferred)))
+    }
+}
+
+/// Staged appends carried to the next batch, with their indices in this one.
+type Deferred = Vec<(usize, Command)>;
+
+/// Empties `batch`, returning the commands at `indices` (ascending) with their indices.
+fn take_deferred(batch: &mut Vec<Command>, indices: &[usize]) -> Deferred {
+    let mut later = Vec::with_capacity(indices.len());
+    let mut next = indices.iter().copied().peekable();
+    for (i, cmd) in batch.drain(..).enumerate() {
+        if next.peek() == Some(&i) {
+            next.next();
+            later.push((i, cmd));
         }
     }
+    later
+}
+
+/// Opens the database again, rescans it and proves it writable with a probe commit.
+fn reopen(path: &Path) -> Result<(Database, HashMap<u32, Usage>), redb::Error> {
+    let db = open_db(path)?;
+    let (usage, _) = scan(&db)?;
+    let txn = db.begin_write()?;
+    {
+        let mut probe = txn.open_table(PROBE)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        probe.insert("last-recovery", now)?;
+    }
+    txn.commit()?;
+    Ok((db, usage))
 }
 
 fn full(limits: &Limits, usage: &Usage, len: usize) -> Option<String> {

@@ -10,7 +10,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -53,6 +53,10 @@ struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
+    /// Turn acknowledged delivery on: each connection acks what it receives, with its
+    /// next batch of frames.
+    #[arg(long, conflicts_with = "no_hello")]
+    acks: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -105,7 +109,15 @@ async fn run(args: Args) -> Result<(), String> {
         let mut c = Client::connect(&args.server)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", args.server))?;
-        if !args.no_hello {
+        if args.acks {
+            let on = c
+                .hello_acks(id, None)
+                .await
+                .map_err(|e| format!("hello for {id}: {e}"))?;
+            if !on {
+                return Err(format!("{} does not support acks", args.server));
+            }
+        } else if !args.no_hello {
             c.hello(id, None)
                 .await
                 .map_err(|e| format!("hello for {id}: {e}"))?;
@@ -182,7 +194,10 @@ async fn run(args: Args) -> Result<(), String> {
 fn report(args: &Args, rate: f64, mib: f64, h: &Histogram<u64>) {
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let (p50, p99, p999, max) = (us(0.5), us(0.99), us(0.999), h.max() as f64 / 1000.0);
-    let mode = format!("{:?}", args.mode).to_lowercase();
+    let mut mode = format!("{:?}", args.mode).to_lowercase();
+    if args.acks {
+        mode += "+acks";
+    }
     let Args {
         conns,
         window,
@@ -217,8 +232,13 @@ async fn connection(
     }
     let body_len = args.size;
     let sender_totals = totals.clone();
+    // Data frames received, for acks; the sending task acks them with its next batch.
+    let handled = Arc::new(AtomicU32::new(0));
+    let acked = handled.clone();
+    let acks = args.acks;
     let sending = rt::spawn(async move {
         let mut batch = Vec::new();
+        let mut last_ack = 0;
         while !sender_totals.stop.load(Ordering::Relaxed) {
             if take.next().await.is_none() {
                 break;
@@ -228,6 +248,11 @@ async fn connection(
                 n += 1;
             }
             batch.clear();
+            let h = acked.load(Ordering::Relaxed);
+            if acks && h != last_ack {
+                ClientFrame::ack(id, h).encode(&mut batch);
+                last_ack = h;
+            }
             for _ in 0..n {
                 let mut body = vec![0u8; body_len];
                 let now = sender_totals.epoch.elapsed().as_nanos() as u64;
@@ -256,6 +281,9 @@ async fn connection(
             continue;
         }
         let arrival = frame.sender != id;
+        if arrival {
+            handled.fetch_add(1, Ordering::Relaxed);
+        }
         if frame.sender == id {
             // An echo frees a place in the window.
             let _ = give.try_send(());

@@ -15,7 +15,7 @@ use futures::channel::mpsc;
 use futures::future::{Either, select};
 use futures::{SinkExt, StreamExt};
 
-use chat::client::{Client, Receiver, Sender};
+use chat::client::{Acker, Client, Receiver, Sender};
 use chat::protocol::{ClientFrame, Code, ServerFrame, TEXT, parse_type, type_name};
 use chat::rt;
 
@@ -74,6 +74,11 @@ struct Args {
     /// Only check that the server answers (exit 0) or not (exit 1).
     #[arg(long)]
     probe: bool,
+
+    /// Do not turn acknowledged delivery on. With acks (the default) a frame leaves
+    /// the server only once this client has printed or saved it and said so.
+    #[arg(long)]
+    no_acks: bool,
 }
 
 fn parse_kind(s: &str) -> Result<u8, String> {
@@ -116,7 +121,17 @@ async fn run(args: Args) -> Result<(), String> {
         .id
         .filter(|&id| id != 0)
         .ok_or("--id must be a number from 1 to 4294967295")?;
-    let early = rt::timeout(limit, client.hello(id, args.token.as_deref()))
+    let token = args.token.as_deref();
+    let welcome = async {
+        if args.no_acks {
+            return client.hello(id, token).await.map(|early| (early, false));
+        }
+        client
+            .hello_acks(id, token)
+            .await
+            .map(|on| (Vec::new(), on))
+    };
+    let (early, acks) = rt::timeout(limit, welcome)
         .await
         .ok_or_else(|| format!("{server} did not welcome id {id} within {limit:?}"))?
         .map_err(|e| e.to_string())?;
@@ -125,6 +140,7 @@ async fn run(args: Args) -> Result<(), String> {
         save_dir: args.save_dir.clone(),
         saved: 0,
         from_others: 0,
+        acker: acks.then(|| Acker::new(id)),
     };
     for frame in &early {
         printer.show(frame)?;
@@ -201,9 +217,17 @@ async fn send_and_confirm(
     limit: Duration,
 ) -> Result<(), String> {
     let expected = frames.len();
+    // Acks go out through the sending task, after the frames, the latest one only.
+    let (acks, mut acks_rx) = mpsc::unbounded::<ClientFrame>();
     let sending = rt::spawn(async move {
         for frame in &frames {
             sender.send(frame).await?;
+        }
+        while let Some(mut ack) = acks_rx.next().await {
+            while let Ok(newer) = acks_rx.try_recv() {
+                ack = newer;
+            }
+            sender.send(&ack).await?;
         }
         Ok::<_, std::io::Error>(sender)
     });
@@ -221,7 +245,9 @@ async fn send_and_confirm(
             Some(Ok(None)) => return Err("server closed the connection".into()),
             Some(Err(e)) => return Err(format!("connection lost: {e}")),
         };
-        printer.show(&frame)?;
+        if let Some(ack) = printer.show(&frame)? {
+            let _ = acks.unbounded_send(ack);
+        }
         if frame.sender == printer.id {
             replies += 1;
         } else if let Some(n) = frame.notice() {
@@ -232,6 +258,7 @@ async fn send_and_confirm(
             }
         }
     }
+    drop(acks);
     let mut sender = sending.await.map_err(|e| format!("cannot send: {e}"))?;
     let _ = sender.close().await;
     if refusals > 0 {
@@ -272,7 +299,14 @@ async fn interactive(
                     .map_err(|e| format!("cannot send: {e}"))?;
             }
             Either::Left((None, _)) => return Ok(()),
-            Either::Right((Ok(Some(frame)), _)) => printer.show(&frame)?,
+            Either::Right((Ok(Some(frame)), _)) => {
+                if let Some(ack) = printer.show(&frame)? {
+                    sender
+                        .send(&ack)
+                        .await
+                        .map_err(|e| format!("cannot send: {e}"))?;
+                }
+            }
             Either::Right((Ok(None), _)) => return Err("server closed the connection".into()),
             Either::Right((Err(e), _)) => return Err(format!("connection lost: {e}")),
         }
@@ -284,10 +318,21 @@ struct Printer {
     save_dir: Option<PathBuf>,
     saved: usize,
     from_others: usize,
+    /// Present when acks are on.
+    acker: Option<Acker>,
 }
 
 impl Printer {
-    fn show(&mut self, frame: &ServerFrame) -> Result<(), String> {
+    /// Prints (or saves) a frame; returns the ack to send once it is handled.
+    fn show(&mut self, frame: &ServerFrame) -> Result<Option<ClientFrame>, String> {
+        self.print(frame)?;
+        Ok(self.acker.as_mut().and_then(|a| {
+            a.handled(frame);
+            a.ack()
+        }))
+    }
+
+    fn print(&mut self, frame: &ServerFrame) -> Result<(), String> {
         if let Some(n) = frame.notice() {
             eprintln!("[server] {n}");
             return Ok(());

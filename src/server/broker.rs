@@ -18,78 +18,33 @@ use futures::{SinkExt, StreamExt, select_biased};
 
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
 use crate::server::budget::Budget;
-use crate::server::writer::{Close, Origin, Outbox, Outgoing};
+use crate::server::event::{ConnId, Event, Request};
+use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
 use crate::store::{Command, Outcome, Reply};
-
-/// Identifies one accepted connection for its whole life.
-pub type ConnId = u64;
 
 /// Mailbox pages are at most this large (and at most half the pending limit).
 const PAGE_BYTES: usize = 1024 * 1024;
 /// Bytes of frames the store may have queued before the broker waits for it.
 const STORE_BUDGET: usize = 8 * 1024 * 1024;
 
-#[derive(Debug)]
-pub enum Event {
-    /// A connection was accepted; its writer reads `outbox`.
-    Connected { conn: ConnId, outbox: Arc<Outbox> },
-    /// Frames a reader decoded, in order; `bytes` of the inbound budget to give back.
-    Requests {
-        conn: ConnId,
-        requests: Vec<Request>,
-        bytes: usize,
-    },
-    /// The reader stopped: end of stream, or a protocol violation answered by `notice`.
-    Closed { conn: ConnId, notice: Option<Bytes> },
-    /// The last frame of a mailbox page was written.
-    PageWritten { conn: ConnId },
-    /// The writer finished; `undelivered` is what it never wrote.
-    WriterDone {
-        conn: ConnId,
-        undelivered: Vec<Outgoing>,
-    },
-    /// Stop: close every connection after flushing it, then return.
-    Shutdown,
-}
-
-#[derive(Debug)]
-pub enum Request {
-    /// Bind the connection to `id` (already authenticated, when auth is on).
-    Hello {
-        id: u32,
-    },
-    Ping,
-    /// A control frame with an operation this server does not know.
-    BadControl {
-        op: u32,
-    },
-    Data(Inbound),
-}
-
-impl Request {
-    /// Bytes this request holds in memory.
-    pub fn bytes(&self) -> usize {
-        match self {
-            Request::Data(frame) => frame.wire.len(),
-            _ => 0,
-        }
-    }
-}
-
 struct Conn {
     outbox: Arc<Outbox>,
     id: Option<u32>,
     closing: bool,
-    /// Replies in the order their frames arrived. A frame for an offline receiver
-    /// holds its place until the store has committed it.
-    replies: VecDeque<Reply_>,
+    /// Replies in the order their frames arrived. An echo holds its place until the
+    /// store has committed its frame (or, while the store is down, until it is
+    /// delivered).
+    replies: VecDeque<Pending>,
     mailbox: Mailbox,
 }
 
-enum Reply_ {
-    Ready(Bytes),
-    /// The echo to send once the store has the frame.
-    Storing(Bytes),
+enum Pending {
+    Ready(Outgoing),
+    /// The echo of the frame stored under `seq`, sent once the frame is accepted.
+    Echo {
+        seq: u64,
+        echo: Bytes,
+    },
 }
 
 /// Where a bound connection is in delivering its stored frames. Until it is `Live`,
@@ -97,7 +52,7 @@ enum Reply_ {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mailbox {
     Live,
-    /// Waiting for an earlier connection with the same id to hand back its queue.
+    /// Waiting for an earlier connection with the same id to finish writing.
     Waiting,
     /// A page read is in flight; `stored` says frames were stored since it was asked.
     Loading {
@@ -108,6 +63,10 @@ enum Mailbox {
     Writing {
         after: u64,
     },
+    /// A page was written, and the next waits until acks make room for it.
+    AwaitingAcks {
+        after: u64,
+    },
 }
 
 pub struct Broker {
@@ -115,11 +74,13 @@ pub struct Broker {
     max_pending_bytes: usize,
     conns: HashMap<ConnId, Conn>,
     online: HashMap<u32, ConnId>,
-    /// Ids whose previous connection has not yet handed back its queue, with a count.
+    /// Ids whose previous connection's writer has not finished yet, with a count.
     returning: HashMap<u32, usize>,
     store: mpsc::Sender<Command>,
     /// Bytes sent to the store and not yet acknowledged; see [`STORE_BUDGET`].
     storing: usize,
+    /// Why the store is down, while it is.
+    store_down: Option<String>,
     inbound: Arc<Budget>,
     next_seq: u64,
     shutting_down: bool,
@@ -135,6 +96,7 @@ impl Broker {
         Broker {
             max_pending_bytes,
             storing: 0,
+            store_down: None,
             inbound,
             conns: HashMap::new(),
             online: HashMap::new(),
@@ -149,7 +111,7 @@ impl Broker {
     pub async fn run(
         mut self,
         events: mpsc::Receiver<Event>,
-        replies: mpsc::UnboundedReceiver<Reply>,
+        replies: mpsc::UnboundedReceiver<Vec<Reply>>,
     ) {
         // Fused, so a finished stream drops out of the select instead of spinning.
         let (mut events, mut replies) = (events.fuse(), replies.fuse());
@@ -161,14 +123,14 @@ impl Broker {
                 // The store is behind: only its replies make room, so take no new
                 // frames until they do. Readers wait, and TCP pushes back on clients.
                 match replies.next().await {
-                    Some(reply) => self.on_store(reply).await,
+                    Some(batch) => self.on_store(batch).await,
                     None => break,
                 }
                 continue;
             }
             select_biased! {
-                reply = replies.next() => match reply {
-                    Some(reply) => self.on_store(reply).await,
+                batch = replies.next() => match batch {
+                    Some(batch) => self.on_store(batch).await,
                     None => {
                         log::error!("store thread stopped; shutting down");
                         self.shutdown();
@@ -220,9 +182,17 @@ impl Broker {
                 let drain = true;
                 self.close(conn, Close { notice, drain });
             }
-            Event::PageWritten { conn } => {
-                if let Some(Mailbox::Writing { after }) = self.live_conn(conn).map(|c| c.mailbox) {
-                    self.load_page(conn, Some(after)).await;
+            Event::Written {
+                conn,
+                page_end,
+                delivered,
+            } => {
+                for (sender, seq) in delivered {
+                    self.accepted(sender, seq, Outcome::Stored);
+                }
+                let mailbox = self.live_conn(conn).map(|c| c.mailbox);
+                if let (true, Some(Mailbox::Writing { after })) = (page_end, mailbox) {
+                    self.next_page(conn, after).await;
                 }
             }
             Event::WriterDone { conn, undelivered } => self.on_writer_done(conn, undelivered).await,
@@ -256,26 +226,79 @@ impl Broker {
     async fn on_request(&mut self, conn: ConnId, request: Request) {
         match request {
             Request::Ping => self.reply(conn, notice(Code::Pong, "server is up")),
-            Request::BadControl { op } => self.reply(
-                conn,
-                notice(
-                    Code::BadControl,
-                    format_args!("unknown control operation {op}"),
-                ),
-            ),
-            Request::Hello { id } => {
-                if self.bind(conn, id).await {
-                    self.reply(
-                        conn,
-                        notice(Code::Welcome, format_args!("bound to id {id}")),
-                    );
-                }
-            }
+            Request::BadControl { detail } => self.reply(conn, notice(Code::BadControl, detail)),
+            Request::Hello { id, acks } => self.hello(conn, id, acks).await,
+            Request::Ack { h } => self.ack(conn, h).await,
             Request::Data(frame) => {
                 if self.bind(conn, frame.sender()).await {
                     self.route(conn, frame).await;
                 }
             }
+        }
+    }
+
+    async fn hello(&mut self, conn: ConnId, id: u32, acks: bool) {
+        let was_bound = self.conns.get(&conn).is_some_and(|c| c.id.is_some());
+        if !acks {
+            if self.bind(conn, id).await {
+                let welcome = notice(Code::Welcome, format_args!("bound to id {id}"));
+                self.reply(conn, welcome);
+            }
+            return;
+        }
+        if !was_bound {
+            // Acks go on before anything is delivered: the welcome is queued at once,
+            // ahead of the first mailbox page, which bind() has only asked for. An
+            // unbound connection has no echo waiting that it could overtake.
+            let Some(c) = self.live_conn(conn) else {
+                return;
+            };
+            let outbox = c.outbox.clone();
+            if self.bind(conn, id).await {
+                let welcome = notice(Code::Welcome, format_args!("bound to id {id}, acks on"));
+                let _ = outbox.push(Outgoing {
+                    wire: welcome,
+                    origin: Origin::AcksOn,
+                });
+            }
+        } else if self.bind(conn, id).await {
+            let on = notice(
+                Code::AcksOn,
+                "data frames after this notice are kept until acknowledged",
+            );
+            self.reply_item(
+                conn,
+                Outgoing {
+                    wire: on,
+                    origin: Origin::AcksOn,
+                },
+            );
+        }
+    }
+
+    /// The client has handled `h` data frames since acks went on: what that covers is
+    /// delivered and leaves the store.
+    async fn ack(&mut self, conn: ConnId, h: u32) {
+        let Some(c) = self.live_conn(conn) else {
+            return;
+        };
+        let (Some(id), result) = (c.id, c.outbox.ack(h)) else {
+            let detail = "acks are not on; turn them on with control operation 3";
+            return self.reply(conn, notice(Code::BadControl, detail));
+        };
+        match result {
+            Ok(seqs) => {
+                if !seqs.is_empty() {
+                    self.send_store(Command::Delete { receiver: id, seqs })
+                        .await;
+                }
+                if let Some(Mailbox::AwaitingAcks { after }) =
+                    self.live_conn(conn).map(|c| c.mailbox)
+                {
+                    self.next_page(conn, after).await;
+                }
+            }
+            Err(detail) => self.reply(conn, notice(Code::BadControl, detail)),
         }
     }
 
@@ -318,7 +341,8 @@ impl Broker {
         false
     }
 
-    /// Delivers a data frame and echoes it once it is delivered or stored.
+    /// Stores a data frame, pushes it to its receiver if that one is online and caught
+    /// up, and echoes it once it is stored.
     async fn route(&mut self, conn: ConnId, frame: Inbound) {
         let sender = frame.sender();
         let receiver = frame.receiver;
@@ -327,25 +351,18 @@ impl Broker {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        let mut live = None;
         if let Some(&rc) = self.online.get(&receiver) {
             let limit = self.max_pending_bytes;
-            let target = self.conns.get_mut(&rc).filter(|c| !c.closing);
-            match target {
+            match self.conns.get_mut(&rc).filter(|c| !c.closing) {
                 Some(c) if c.mailbox == Mailbox::Live => {
                     // An empty outbox takes any frame, however large the frame.
                     let pending = c.outbox.pending_bytes();
-                    let item = Outgoing {
-                        wire: frame.wire.clone(),
-                        origin: Origin::Live { seq },
-                    };
-                    let fits = pending == 0 || pending + frame.wire.len() <= limit;
-                    if !fits {
+                    if pending == 0 || pending + frame.wire.len() <= limit {
+                        live = Some(c.outbox.clone());
+                    } else {
                         self.cut_slow_consumer(rc, receiver);
-                    } else if c.outbox.push(item).is_ok() {
-                        return self.reply(conn, frame.wire);
                     }
-                    // Otherwise its writer has already finished: the connection is
-                    // going, and the frame goes to the mailbox like any for an offline id.
                 }
                 Some(c) => {
                     if let Mailbox::Loading { stored, .. } = &mut c.mailbox {
@@ -355,21 +372,65 @@ impl Broker {
                 None => {}
             }
         }
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.replies.push_back(Reply_::Storing(frame.wire.clone()));
+        if let Some(reason) = &self.store_down {
+            // Nothing can be stored: a frame is accepted only by its delivery.
+            let refused = format!("store unavailable ({reason}) and receiver {receiver} offline");
+            let pushed = live.is_some_and(|outbox| {
+                let item = Outgoing {
+                    wire: frame.wire.clone(),
+                    origin: Origin::Data {
+                        receiver,
+                        seq,
+                        page_end: false,
+                        echo_to: Some(conn),
+                        stored: false,
+                    },
+                };
+                outbox.push(item).is_ok()
+            });
+            if pushed {
+                self.wait_for_echo(conn, seq, frame.wire);
+            } else {
+                self.reply(conn, notice(Code::StoreFailed, refused));
+            }
+            return;
         }
+        self.wait_for_echo(conn, seq, frame.wire.clone());
         self.storing += frame.wire.len();
+        // Stored first, then pushed: the writer's delete for this frame must reach the
+        // store after its append.
         self.send_store(Command::Append {
-            ticket: Some(conn),
+            ticket: conn,
             receiver,
             seq,
-            wire: frame.wire,
+            wire: frame.wire.clone(),
+            live: live.is_some(),
         })
         .await;
+        if let Some(outbox) = live {
+            // If its writer has just finished, the frame stays in the store for the
+            // receiver's next connection.
+            let _ = outbox.push(Outgoing {
+                wire: frame.wire,
+                origin: Origin::Data {
+                    receiver,
+                    seq,
+                    page_end: false,
+                    echo_to: None,
+                    stored: true,
+                },
+            });
+        }
+    }
+
+    fn wait_for_echo(&mut self, conn: ConnId, seq: u64, echo: Bytes) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.replies.push_back(Pending::Echo { seq, echo });
+        }
     }
 
     /// Disconnects a receiver that has more than `--max-pending-bytes` waiting; what it
-    /// has not been sent goes back to its mailbox when its writer stops.
+    /// has not been sent stays in the store for its next connection.
     fn cut_slow_consumer(&mut self, conn: ConnId, id: u32) {
         let limit = self.max_pending_bytes;
         log::warn!("id {id}: slow consumer, {limit} bytes pending; disconnecting");
@@ -385,52 +446,68 @@ impl Broker {
         );
     }
 
-    /// Queues a reply behind any that wait for the store, so replies keep frame order.
+    /// Queues a reply behind any echo that waits, so replies keep frame order.
     fn reply(&mut self, conn: ConnId, wire: Bytes) {
+        self.reply_item(conn, Outgoing::reply(wire));
+    }
+
+    fn reply_item(&mut self, conn: ConnId, item: Outgoing) {
         if let Some(c) = self.conns.get_mut(&conn) {
             if c.replies.is_empty() {
-                c.outbox.push_reply(wire);
+                let _ = c.outbox.push(item);
             } else {
-                c.replies.push_back(Reply_::Ready(wire));
+                c.replies.push_back(Pending::Ready(item));
             }
         }
     }
 
-    async fn on_store(&mut self, reply: Reply) {
+    /// Settles the echo of `seq` on `conn` and sends every reply that no longer waits.
+    fn accepted(&mut self, conn: ConnId, seq: u64, outcome: Outcome) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let slot = c
+            .replies
+            .iter_mut()
+            .find(|r| matches!(r, Pending::Echo { seq: s, .. } if *s == seq));
+        let Some(slot) = slot else {
+            return;
+        };
+        if let Pending::Echo { echo, .. } = slot {
+            let wire = match outcome {
+                Outcome::Stored => echo.clone(),
+                Outcome::Full(why) => {
+                    notice(Code::MailboxFull, format_args!("receiver's mailbox {why}"))
+                }
+                Outcome::Failed(why) => {
+                    notice(Code::StoreFailed, format_args!("frame not stored: {why}"))
+                }
+            };
+            *slot = Pending::Ready(Outgoing::reply(wire));
+        }
+        while let Some(Pending::Ready(_)) = c.replies.front() {
+            if let Some(Pending::Ready(item)) = c.replies.pop_front() {
+                let _ = c.outbox.push(item);
+            }
+        }
+    }
+
+    async fn on_store(&mut self, batch: Vec<Reply>) {
+        for reply in batch {
+            self.on_reply(reply).await;
+        }
+    }
+
+    async fn on_reply(&mut self, reply: Reply) {
         match reply {
             Reply::Appended {
                 ticket,
+                seq,
                 outcome,
                 len,
             } => {
                 self.storing = self.storing.saturating_sub(len);
-                let Some(c) = self.conns.get_mut(&ticket) else {
-                    return;
-                };
-                let Some(slot) = c
-                    .replies
-                    .iter_mut()
-                    .find(|r| matches!(r, Reply_::Storing(_)))
-                else {
-                    return;
-                };
-                if let Reply_::Storing(echo) = slot {
-                    let wire = match outcome {
-                        Outcome::Stored => echo.clone(),
-                        Outcome::Full(why) => {
-                            notice(Code::MailboxFull, format_args!("receiver's mailbox {why}"))
-                        }
-                        Outcome::Failed(why) => {
-                            notice(Code::StoreFailed, format_args!("frame not stored: {why}"))
-                        }
-                    };
-                    *slot = Reply_::Ready(wire);
-                }
-                while let Some(Reply_::Ready(_)) = c.replies.front() {
-                    if let Some(Reply_::Ready(wire)) = c.replies.pop_front() {
-                        c.outbox.push_reply(wire);
-                    }
-                }
+                self.accepted(ticket, seq, outcome);
             }
             Reply::Page {
                 ticket,
@@ -457,20 +534,43 @@ impl Broker {
                     // If the connection is gone the frames are still in the store.
                     let _ = c.outbox.push(Outgoing {
                         wire,
-                        origin: Origin::Mailbox {
+                        origin: Origin::Data {
                             receiver,
                             seq,
-                            last: seq == last,
+                            page_end: seq == last,
+                            echo_to: None,
+                            stored: true,
                         },
                     });
                 }
                 c.mailbox = Mailbox::Writing { after: last };
             }
+            Reply::Health(down) => self.store_down = down,
         }
+    }
+
+    /// Loads the page after `after` once the client has room for it: with acks on,
+    /// unacknowledged frames count, so a client reading a large mailbox gets it as fast
+    /// as it acknowledges, and one that never acknowledges holds no more than the limit.
+    async fn next_page(&mut self, conn: ConnId, after: u64) {
+        let room = self.max_pending_bytes.saturating_sub(self.page_bytes());
+        let Some(c) = self.live_conn(conn) else {
+            return;
+        };
+        if c.outbox.pending_bytes() > room {
+            c.mailbox = Mailbox::AwaitingAcks { after };
+        } else {
+            self.load_page(conn, Some(after)).await;
+        }
+    }
+
+    fn page_bytes(&self) -> usize {
+        PAGE_BYTES.min(self.max_pending_bytes / 2)
     }
 
     /// Asks the store for the next page of `conn`'s mailbox.
     async fn load_page(&mut self, conn: ConnId, after: Option<u64>) {
+        let max_bytes = self.page_bytes();
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -481,7 +581,6 @@ impl Broker {
             after,
             stored: false,
         };
-        let max_bytes = PAGE_BYTES.min(self.max_pending_bytes / 2);
         self.send_store(Command::Load {
             ticket: conn,
             receiver,
@@ -492,7 +591,7 @@ impl Broker {
     }
 
     /// Starts closing a connection and takes it offline. It stays in `conns` until its
-    /// writer hands back what it did not write.
+    /// writer has finished.
     fn close(&mut self, conn: ConnId, close: Close) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
@@ -510,12 +609,13 @@ impl Broker {
         }
     }
 
-    /// Stores what a finished writer did not write, then lets a waiting connection with
-    /// the same id read its mailbox, which now includes those frames.
+    /// Forgets a finished connection, then lets a waiting connection with the same id
+    /// read its mailbox: the finished writer's deletes are in the store's queue ahead
+    /// of that read, so what it delivered does not come again.
     async fn on_writer_done(&mut self, conn: ConnId, undelivered: Vec<Outgoing>) {
         // A writer can stop before the broker has heard that its reader did (the reader
         // abandons the outbox at once); take the connection offline first, so frames
-        // for its id go to the mailbox and the hand-back is counted as for any close.
+        // for its id go to the mailbox and the finish is counted as for any close.
         self.close(
             conn,
             Close {
@@ -523,28 +623,24 @@ impl Broker {
                 drain: false,
             },
         );
+        for item in undelivered {
+            if let Origin::Data {
+                seq,
+                echo_to: Some(sender),
+                stored: false,
+                ..
+            } = item.origin
+            {
+                let why = "the store is unavailable and the receiver left first".to_string();
+                self.accepted(sender, seq, Outcome::Failed(why));
+            }
+        }
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
         let Some(id) = c.id else {
             return;
         };
-        let mut returned = 0;
-        for item in undelivered {
-            if let Origin::Live { seq } = item.origin {
-                returned += 1;
-                self.send_store(Command::Append {
-                    ticket: None,
-                    receiver: id,
-                    seq,
-                    wire: item.wire,
-                })
-                .await;
-            }
-        }
-        if returned > 0 {
-            log::info!("id {id}: {returned} undelivered frames returned to the mailbox");
-        }
         let Some(count) = self.returning.get_mut(&id) else {
             return;
         };

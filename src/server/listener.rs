@@ -10,8 +10,10 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt};
 
 use crate::protocol::{Code, notice};
 use crate::rt::{self, TcpListener, TcpStream};
-use crate::server::broker::Event;
-use crate::server::writer::{self, Outbox};
+use crate::server::event::Event;
+use crate::server::files::Spare;
+use crate::server::outbox::Outbox;
+use crate::server::writer;
 use crate::server::{Shared, reader};
 use crate::tls::TlsAcceptor;
 
@@ -31,6 +33,7 @@ pub async fn run(
 ) {
     let mut stop = std::pin::pin!(stop);
     let mut backoff = BACKOFF_MIN;
+    let mut spare = Spare::new();
     loop {
         let accept = std::pin::pin!(listener.accept());
         let (stream, peer) = match select(accept, stop.as_mut()).await {
@@ -40,7 +43,17 @@ pub async fn run(
                 accepted
             }
             Either::Left((Err(e), _)) => {
-                if is_resource_exhaustion(&e) {
+                if is_out_of_files(&e) && spare.release() {
+                    // Out of descriptors: use the spare to tell one waiting client.
+                    let accepted = listener.accept().await;
+                    if let Ok((stream, peer)) = accepted {
+                        log::warn!("refusing {peer}: out of file descriptors");
+                        refuse(stream, shared.config.max_connections).await;
+                    }
+                    spare.restore();
+                    rt::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                } else if is_resource_exhaustion(&e) {
                     // EMFILE and friends: the pending connection stays in the backlog;
                     // retrying at once would spin. Wait for connections to close.
                     log::warn!("accept: {e}; retrying in {backoff:?}");
@@ -69,6 +82,11 @@ pub async fn run(
             drop(slot);
         });
     }
+}
+
+fn is_out_of_files(e: &io::Error) -> bool {
+    // EMFILE, ENFILE
+    matches!(e.raw_os_error(), Some(24 | 23))
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -18,7 +18,10 @@
 
 pub mod broker;
 mod budget;
+pub mod event;
+mod files;
 mod listener;
+pub mod outbox;
 mod reader;
 pub mod writer;
 
@@ -36,7 +39,8 @@ use futures_rustls::rustls::ServerConfig;
 use crate::auth::Secret;
 use crate::rt::{self, TcpListener};
 use crate::store::{self, Command, Limits};
-use broker::{Broker, Event};
+use broker::Broker;
+use event::Event;
 
 /// Events waiting for the broker beyond this make readers wait (TCP backpressure).
 const EVENT_QUEUE: usize = 1024;
@@ -134,6 +138,8 @@ impl Server {
                 .map_or(config.listen.clone(), |a| a.to_string())
         );
         let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let mut config = config;
+        config.max_connections = files::fit_connections(config.max_connections);
         let shared = Arc::new(Shared {
             config,
             events,

@@ -10,11 +10,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, SinkExt};
 
-use crate::protocol::{CONTROL, Code, FrameBuf, Inbound, OP_HELLO, OP_PING, notice};
+use byteorder::{BigEndian, ByteOrder};
+
+use crate::protocol::{
+    CONTROL, Code, FrameBuf, Inbound, OP_ACK, OP_HELLO, OP_HELLO_ACKS, OP_PING, notice,
+};
 use crate::rt;
 use crate::server::Shared;
-use crate::server::broker::{ConnId, Event, Request};
-use crate::server::writer::{Close, Outbox};
+use crate::server::event::{ConnId, Event, Request};
+use crate::server::outbox::{Close, Outbox};
 
 /// Bytes an idle connection reads into while it holds no buffer of its own.
 const IDLE_READ: usize = 128;
@@ -30,13 +34,17 @@ pub async fn run<R: AsyncRead + Unpin>(
     let config = &shared.config;
     let mut buf = FrameBuf::new();
     let mut idle = [0u8; IDLE_READ];
-    let mut authenticated = config.auth.is_none();
+    let mut auth = if config.auth.is_none() {
+        Auth::Open
+    } else {
+        Auth::Pending
+    };
     // When the frame now pending began to arrive.
     let mut started = Instant::now();
     let notice = 'conn: loop {
         // Replies this client has not read count against it: wait for room, but not
         // for ever, and not on the clock of a frame in progress.
-        if outbox.pending_bytes() > config.max_pending_bytes {
+        if outbox.queued_bytes() > config.max_pending_bytes {
             let blocked = Instant::now();
             let room = poll_fn(|cx| outbox.poll_room(cx, config.max_pending_bytes));
             if rt::timeout(config.frame_timeout, room).await.is_none() {
@@ -72,7 +80,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         let mut fatal = None;
         loop {
             match buf.decode_client(config.max_frame_bytes) {
-                Ok(Some(frame)) => match classify(frame, &mut authenticated, shared) {
+                Ok(Some(frame)) => match classify(frame, &mut auth, shared) {
                     Ok(request) => requests.push(request),
                     Err(refusal) => {
                         fatal = Some(refusal);
@@ -117,10 +125,21 @@ pub async fn run<R: AsyncRead + Unpin>(
     let _ = events.send(Event::Closed { conn, notice }).await;
 }
 
+/// What this connection has proven, when auth is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// No auth configured.
+    Open,
+    /// Nothing proven yet: only pings and a hello with a token get through.
+    Pending,
+    /// A token for this id was presented.
+    As(u32),
+}
+
 /// Turns a frame into a request; refuses the connection if auth requires it.
-fn classify(frame: Inbound, authenticated: &mut bool, shared: &Shared) -> Result<Request, Bytes> {
+fn classify(frame: Inbound, auth: &mut Auth, shared: &Shared) -> Result<Request, Bytes> {
     if frame.kind() != CONTROL {
-        if !*authenticated {
+        if *auth == Auth::Pending {
             return Err(notice(
                 Code::AuthFailed,
                 "the first frame must be a hello with a token",
@@ -128,11 +147,14 @@ fn classify(frame: Inbound, authenticated: &mut bool, shared: &Shared) -> Result
         }
         return Ok(Request::Data(frame));
     }
+    let id = frame.sender();
     match frame.receiver {
         OP_PING => Ok(Request::Ping),
-        OP_HELLO => {
-            let id = frame.sender();
-            if let Some(secret) = &shared.config.auth {
+        OP_HELLO | OP_HELLO_ACKS => {
+            let acks = frame.receiver == OP_HELLO_ACKS;
+            // Turning acks on for the id already proven needs no token again.
+            let proven = acks && frame.body().is_empty() && *auth == Auth::As(id);
+            if let (Some(secret), false) = (&shared.config.auth, proven) {
                 if !secret.verify(id, frame.body()) {
                     log::warn!("refused a hello for id {id}: bad token");
                     return Err(notice(
@@ -140,10 +162,23 @@ fn classify(frame: Inbound, authenticated: &mut bool, shared: &Shared) -> Result
                         format_args!("no valid token for id {id}"),
                     ));
                 }
-                *authenticated = true;
+                *auth = Auth::As(id);
             }
-            Ok(Request::Hello { id })
+            Ok(Request::Hello { id, acks })
         }
-        op => Ok(Request::BadControl { op }),
+        OP_ACK => match <[u8; 4]>::try_from(frame.body()) {
+            Ok(h) => Ok(Request::Ack {
+                h: BigEndian::read_u32(&h),
+            }),
+            Err(_) => Ok(Request::BadControl {
+                detail: format!(
+                    "an ack's body is a 4-byte count, not {} bytes",
+                    frame.body().len()
+                ),
+            }),
+        },
+        op => Ok(Request::BadControl {
+            detail: format!("unknown control operation {op}"),
+        }),
     }
 }

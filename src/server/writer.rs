@@ -6,205 +6,29 @@
 //! whatever is queued into one buffer and writes it with one call, so a busy connection
 //! costs one syscall per batch rather than per frame.
 //!
-//! A frame leaves the outbox only once it has been written to the socket. When the
-//! connection ends, whatever is still queued goes back to the broker, which stores
-//! forwarded frames in the receiver's mailbox: nothing accepted is lost to a dropped
-//! connection.
+//! A frame leaves the outbox only once it has been written to the socket; the writer
+//! then tells the store to remove what that delivered. When the connection ends,
+//! whatever is still queued is simply not removed: every frame from another id is in
+//! the store until delivered, so the id's next connection gets it from there.
 
-use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::future::{Either, select};
 use futures::{AsyncWrite, AsyncWriteExt, SinkExt};
 
 use crate::rt;
 use crate::server::Shared;
-use crate::server::broker::{ConnId, Event};
+use crate::server::event::{ConnId, Event};
+use crate::server::outbox::{Origin, Outbox, Outgoing, Written};
 use crate::store::Command;
 
-/// Frames up to this size are copied into the batch buffer; larger ones are written
-/// straight from their own allocation.
-const COALESCE_MAX_FRAME: usize = 64 * 1024;
-/// A batch stops growing at this size.
-const BATCH_BYTES: usize = 256 * 1024;
 /// How long a closing connection may take to write what it still has queued.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// How long a final notice may take when the queue is abandoned.
 const NOTICE_LIMIT: Duration = Duration::from_millis(500);
-
-/// Where a queued frame came from, which decides what happens to it if it is never
-/// written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// An echo or a notice: meaningful only on this connection.
-    Reply,
-    /// A frame forwarded live: goes to the mailbox if never written.
-    Live { seq: u64 },
-    /// A frame read from the mailbox: deleted from it once written. `last` marks the end
-    /// of a page, after which the broker loads the next one.
-    Mailbox { receiver: u32, seq: u64, last: bool },
-}
-
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    pub wire: Bytes,
-    pub origin: Origin,
-}
-
-/// How a connection is to be closed.
-#[derive(Debug, Clone)]
-pub struct Close {
-    /// Written last, if the stream is at a frame boundary.
-    pub notice: Option<Bytes>,
-    /// Write what is queued first (within [`DRAIN_LIMIT`]), or abandon it at once.
-    pub drain: bool,
-}
-
-/// The queue between the broker and one writer task.
-#[derive(Debug, Default)]
-pub struct Outbox {
-    state: Mutex<State>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    queue: VecDeque<Outgoing>,
-    bytes: usize,
-    close: Option<Close>,
-    /// The writer, waiting for frames or for an abandoning close.
-    waker: Option<Waker>,
-    /// The reader, waiting for room (see [`Outbox::poll_room`]).
-    room_waker: Option<Waker>,
-    /// The writer has taken what was left and stopped: nothing more may be queued.
-    finished: bool,
-}
-
-impl Outbox {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic elsewhere cannot leave the queue half-updated: every critical section
-        // is a few field assignments, so a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues a frame and wakes the writer. Once the writer has finished (its
-    /// connection is gone, though the broker may not have heard yet) the frame is
-    /// given back, so the caller can store it instead of losing it.
-    pub fn push(&self, item: Outgoing) -> Result<(), Outgoing> {
-        let mut s = self.lock();
-        if s.finished {
-            return Err(item);
-        }
-        s.bytes += item.wire.len();
-        s.queue.push_back(item);
-        if let Some(w) = s.waker.take() {
-            w.wake();
-        }
-        Ok(())
-    }
-
-    /// Queues an echo or a notice; if the connection is gone, so is the need for it.
-    pub fn push_reply(&self, wire: Bytes) {
-        let _ = self.push(Outgoing {
-            wire,
-            origin: Origin::Reply,
-        });
-    }
-
-    /// Bytes queued and not yet written.
-    pub fn pending_bytes(&self) -> usize {
-        self.lock().bytes
-    }
-
-    /// Asks the writer to finish. An abandoning close overrides a draining one.
-    pub fn close(&self, close: Close) {
-        let mut s = self.lock();
-        match &s.close {
-            Some(c) if !c.drain || close.drain => return,
-            _ => s.close = Some(close),
-        }
-        if let Some(w) = s.waker.take() {
-            w.wake();
-        }
-        if let Some(w) = s.room_waker.take() {
-            w.wake();
-        }
-    }
-
-    /// Ready while at most `limit` bytes wait, or once the connection is closing. The
-    /// connection's reader waits here before reading more, so a client that does not
-    /// read its own echoes stops being read instead of making them pile up.
-    pub fn poll_room(&self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
-        let mut s = self.lock();
-        if s.bytes <= limit || s.close.is_some() {
-            return Poll::Ready(());
-        }
-        s.room_waker = Some(cx.waker().clone());
-        Poll::Pending
-    }
-
-    fn poll_work(&self, cx: &mut Context<'_>, batch: &mut Vec<Outgoing>) -> Poll<Option<Close>> {
-        let mut s = self.lock();
-        let abandon = s.close.as_ref().is_some_and(|c| !c.drain);
-        if abandon || (s.queue.is_empty() && s.close.is_some()) {
-            return Poll::Ready(s.close.clone());
-        }
-        if s.queue.is_empty() {
-            s.waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let mut bytes = 0;
-        for item in &s.queue {
-            let len = item.wire.len();
-            if !batch.is_empty() && (len > COALESCE_MAX_FRAME || bytes + len > BATCH_BYTES) {
-                break;
-            }
-            bytes += len;
-            batch.push(item.clone());
-            if len > COALESCE_MAX_FRAME {
-                break;
-            }
-        }
-        Poll::Ready(None)
-    }
-
-    /// Ready once the outbox is told to abandon its queue.
-    fn poll_abandon(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut s = self.lock();
-        if s.close.as_ref().is_some_and(|c| !c.drain) {
-            return Poll::Ready(());
-        }
-        s.waker = Some(cx.waker().clone());
-        Poll::Pending
-    }
-
-    /// Removes the first `n` frames, which have been written.
-    fn written(&self, n: usize) -> Vec<Outgoing> {
-        let mut s = self.lock();
-        let done: Vec<Outgoing> = s.queue.drain(..n).collect();
-        s.bytes -= done.iter().map(|o| o.wire.len()).sum::<usize>();
-
-        if let Some(w) = s.room_waker.take() {
-            w.wake();
-        }
-        done
-    }
-
-    fn is_closing(&self) -> bool {
-        self.lock().close.is_some()
-    }
-
-    fn take_all(&self) -> Vec<Outgoing> {
-        let mut s = self.lock();
-        s.finished = true;
-        s.bytes = 0;
-        s.queue.drain(..).collect()
-    }
-}
 
 /// Why a batch was not fully written.
 #[derive(Debug)]
@@ -252,7 +76,9 @@ pub async fn run<W, S>(
         if let Some(close) = poll_fn(|cx| outbox.poll_work(cx, &mut batch)).await {
             break Some(close);
         }
-        let must_arrive = batch.iter().any(|o| o.origin != Origin::Reply);
+        let must_arrive = batch
+            .iter()
+            .any(|o| matches!(o.origin, Origin::Data { .. }));
         if must_arrive && socket.peer_closed() {
             break None;
         }
@@ -261,13 +87,13 @@ pub async fn run<W, S>(
         }
         let (written, stopped) = write_batch(&mut sink, &batch, &outbox, deadline).await;
         let done = outbox.written(written.whole);
-        report_written(&done, conn, &shared).await;
+        report_written(done, conn, &shared).await;
         match stopped {
             None => {}
             Some(Stopped::Io) => break None,
             Some(Stopped::Cut) => {
                 at_boundary = written.at_boundary;
-                break outbox.lock().close.clone();
+                break outbox.close_requested();
             }
         }
     };
@@ -294,7 +120,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     batch: &[Outgoing],
     outbox: &Outbox,
     deadline: Option<Instant>,
-) -> (Written, Option<Stopped>) {
+) -> (Progress, Option<Stopped>) {
     let joined;
     let bytes: &[u8] = if let [one] = batch {
         &one.wire
@@ -326,7 +152,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         }
     }
     if stopped.is_none() && sink.flush().await.is_err() {
-        let written = Written {
+        let written = Progress {
             whole: 0,
             at_boundary: false,
         };
@@ -341,7 +167,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         whole += 1;
     }
     (
-        Written {
+        Progress {
             whole,
             at_boundary: end == pos,
         },
@@ -358,41 +184,30 @@ fn concat(batch: &[Outgoing]) -> Vec<u8> {
 }
 
 /// How much of a batch reached the socket.
-struct Written {
+struct Progress {
     whole: usize,
     /// The stream ends exactly after a frame, so a notice can still follow.
     at_boundary: bool,
 }
 
-/// Deletes written mailbox frames and asks for the next page after the last of one.
+/// Tells the store what was delivered and the broker what it waits for.
 ///
 /// The channel senders are cloned here, when needed, rather than held: each clone of a
 /// bounded sender is an allocation, and an idle connection should hold none.
-async fn report_written(done: &[Outgoing], conn: ConnId, shared: &Shared) {
-    let mut receiver = None;
-    let mut seqs = Vec::new();
-    let mut page_done = false;
-    for item in done {
-        if let Origin::Mailbox {
-            receiver: r,
-            seq,
-            last,
-        } = item.origin
-        {
-            receiver = Some(r);
-            seqs.push(seq);
-            page_done |= last;
-        }
-    }
-    if let Some(receiver) = receiver {
-        let delete = Command::Delete { receiver, seqs };
+async fn report_written(done: Written, conn: ConnId, shared: &Shared) {
+    if let Some(receiver) = done.receiver.filter(|_| !done.delete.is_empty()) {
+        let delete = Command::Delete {
+            receiver,
+            seqs: done.delete,
+        };
         let _ = shared.store.clone().send(delete).await;
     }
-    if page_done {
-        let _ = shared
-            .events
-            .clone()
-            .send(Event::PageWritten { conn })
-            .await;
+    if done.page_end || !done.delivered.is_empty() {
+        let written = Event::Written {
+            conn,
+            page_end: done.page_end,
+            delivered: done.delivered,
+        };
+        let _ = shared.events.clone().send(written).await;
     }
 }

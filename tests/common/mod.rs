@@ -168,16 +168,21 @@ impl ServerProcess {
         Self::spawn(Self::command(data_dir, extra))
     }
 
-    /// Like `start`, with at most `files` open file descriptors.
-    pub fn start_limited(data_dir: &std::path::Path, extra: &[&str], files: u64) -> ServerProcess {
+    /// Like `start`, with the open-files limit set to `soft` and `hard`.
+    pub fn start_limited(
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        soft: u64,
+        hard: u64,
+    ) -> ServerProcess {
         use std::os::unix::process::CommandExt;
         let mut cmd = Self::command(data_dir, extra);
         // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
         unsafe {
             cmd.pre_exec(move || {
                 let limit = libc::rlimit {
-                    rlim_cur: files,
-                    rlim_max: files,
+                    rlim_cur: soft,
+                    rlim_max: hard,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -264,6 +269,37 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Raises this process's open-files limit, the hard one to 65536 where it may (root
+/// with CAP_SYS_RESOURCE), then the soft one to the hard one; returns the limit.
+pub fn raise_own_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        let wider = libc::rlimit {
+            rlim_cur: limit.rlim_max.max(65536),
+            rlim_max: limit.rlim_max.max(65536),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wider) == 0 {
+            return wider.rlim_cur;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    limit.rlim_cur
+}
+
+/// A client bound to `id` with acks on (control operation 3).
+pub async fn login_acks(addr: &str, id: u32) -> Client {
+    let mut c = within(Client::connect(addr)).await.expect("connects");
+    let on = within(c.hello_acks(id, None)).await.expect("welcome");
+    assert!(on, "server refused acks");
+    c
 }
 
 /// Runs the real `chat-client` with `args`, feeding it `stdin`.

@@ -1,0 +1,70 @@
+//! What connection tasks tell the broker: the broker's inbox, shared by the reader,
+//! the writer and the listener, so none of them depends on the broker itself.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::protocol::Inbound;
+use crate::server::outbox::{Outbox, Outgoing};
+
+/// Identifies one accepted connection for its whole life.
+pub type ConnId = u64;
+
+#[derive(Debug)]
+pub enum Event {
+    /// A connection was accepted; its writer reads `outbox`.
+    Connected { conn: ConnId, outbox: Arc<Outbox> },
+    /// Frames a reader decoded, in order; `bytes` of the inbound budget to give back.
+    Requests {
+        conn: ConnId,
+        requests: Vec<Request>,
+        bytes: usize,
+    },
+    /// The reader stopped: end of stream, or a protocol violation answered by `notice`.
+    Closed { conn: ConnId, notice: Option<Bytes> },
+    /// The writer wrote the last frame of a mailbox page (`page_end`), or frames whose
+    /// senders' echoes waited for delivery (`delivered`: sender connection, sequence).
+    Written {
+        conn: ConnId,
+        page_end: bool,
+        delivered: Vec<(ConnId, u64)>,
+    },
+    /// The writer finished; `undelivered` is what it never wrote.
+    WriterDone {
+        conn: ConnId,
+        undelivered: Vec<Outgoing>,
+    },
+    /// Stop: close every connection after flushing it, then return.
+    Shutdown,
+}
+
+#[derive(Debug)]
+pub enum Request {
+    /// Bind the connection to `id` (already authenticated, when auth is on); with
+    /// `acks`, also turn acknowledged delivery on (control operation 3).
+    Hello {
+        id: u32,
+        acks: bool,
+    },
+    Ping,
+    /// The client's running count of data frames handled (control operation 2).
+    Ack {
+        h: u32,
+    },
+    /// A control frame the server cannot take; `detail` says why.
+    BadControl {
+        detail: String,
+    },
+    Data(Inbound),
+}
+
+impl Request {
+    /// Bytes this request holds in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Request::Data(frame) => frame.wire.len(),
+            _ => 0,
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The queue between the broker and one connection's writer, and what it remembers
+//! about acknowledged delivery.
+//!
+//! The broker pushes without ever waiting; the writer takes batches and reports what
+//! it wrote. Frames from other ids are in the store from before they are pushed until
+//! they are delivered: written to the socket, or, once the client has turned acks on,
+//! acknowledged. The outbox decides which, because only it knows where in the byte
+//! stream acks were turned on.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+
+use crate::server::event::ConnId;
+
+/// Frames up to this size are copied into the batch buffer; larger ones are written
+/// straight from their own allocation.
+const COALESCE_MAX_FRAME: usize = 64 * 1024;
+/// A batch stops growing at this size.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Where a queued frame came from, which decides what happens once it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// An echo or a notice: meaningful only on this connection.
+    Reply,
+    /// A notice (`welcome` or `acks-on`) from which on data frames are kept until the
+    /// client acknowledges them.
+    AcksOn,
+    /// A frame from another id, numbered `seq`. `page_end` marks the last frame of a
+    /// mailbox page, after which the broker loads the next one. `stored` is false when
+    /// the store was down: then delivery is the only way the frame can be accepted,
+    /// and `echo_to` names the sender's connection, whose echo waits for this write.
+    Data {
+        receiver: u32,
+        seq: u64,
+        page_end: bool,
+        echo_to: Option<ConnId>,
+        stored: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub wire: Bytes,
+    pub origin: Origin,
+}
+
+impl Outgoing {
+    pub fn reply(wire: Bytes) -> Outgoing {
+        Outgoing {
+            wire,
+            origin: Origin::Reply,
+        }
+    }
+}
+
+/// How a connection is to be closed.
+#[derive(Debug, Clone)]
+pub struct Close {
+    /// Written last, if the stream is at a frame boundary.
+    pub notice: Option<Bytes>,
+    /// Write what is queued first (within the writer's drain limit), or abandon it.
+    pub drain: bool,
+}
+
+/// What a written batch means for the store and the broker.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// The receiver whose frames `delete` names (every data frame here is for one id).
+    pub receiver: Option<u32>,
+    /// Frames delivered: remove them from the store.
+    pub delete: Vec<u64>,
+    /// The last frame of a mailbox page was written.
+    pub page_end: bool,
+    /// Senders' connections and sequence numbers of frames this write delivered.
+    pub delivered: Vec<(ConnId, u64)>,
+}
+
+/// The queue between the broker and one writer task.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Outgoing>,
+    /// Bytes in `queue`.
+    queued: usize,
+    /// Set once the client's `AcksOn` notice has been written.
+    acks: Option<Acks>,
+    close: Option<Close>,
+    /// The writer, waiting for frames or for an abandoning close.
+    waker: Option<Waker>,
+    /// The reader, waiting for room (see [`Outbox::poll_room`]).
+    room_waker: Option<Waker>,
+    /// The writer has taken what was left and stopped: nothing more may be queued.
+    finished: bool,
+}
+
+/// Data frames written since acks were turned on and not yet acknowledged.
+#[derive(Debug, Default)]
+struct Acks {
+    /// The client's running count so far (XEP-0198's `h`), modulo 2^32.
+    h: u32,
+    /// Sequence number (if it is stored) and size of each written, unacknowledged
+    /// frame, in order.
+    unacked: VecDeque<(Option<u64>, usize)>,
+    bytes: usize,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the queue half-updated: every critical section
+        // is a few field assignments, so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame and wakes the writer. Once the writer has finished (its
+    /// connection is gone, though the broker may not have heard yet) the frame is
+    /// given back, so the caller can deal with it instead of losing it.
+    pub fn push(&self, item: Outgoing) -> Result<(), Outgoing> {
+        let mut s = self.lock();
+        if s.finished {
+            return Err(item);
+        }
+        s.queued += item.wire.len();
+        s.queue.push_back(item);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Queues an echo or a notice; if the connection is gone, so is the need for it.
+    pub fn push_reply(&self, wire: Bytes) {
+        let _ = self.push(Outgoing::reply(wire));
+    }
+
+    /// Bytes this client holds up: queued, plus written and not yet acknowledged.
+    /// `--max-pending-bytes` bounds this.
+    pub fn pending_bytes(&self) -> usize {
+        let s = self.lock();
+        s.queued + s.acks.as_ref().map_or(0, |a| a.bytes)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().queued
+    }
+
+    /// Takes the client's running count `h`: frames up to it are delivered, and their
+    /// sequence numbers are returned for the store to remove.
+    pub fn ack(&self, h: u32) -> Result<Vec<u64>, String> {
+        let mut s = self.lock();
+        let Some(acks) = &mut s.acks else {
+            return Err("acks are not on; turn them on with control operation 3".into());
+        };
+        // Modulo 2^32: an `h` behind the last one looks like a huge step forward.
+        let n = h.wrapping_sub(acks.h) as usize;
+        if n > acks.unacked.len() {
+            return Err(format!(
+                "ack h={h} is behind the last ack ({}) or past the {} frames sent since",
+                acks.h,
+                acks.unacked.len()
+            ));
+        }
+        acks.h = h;
+        let mut stored = Vec::with_capacity(n);
+        for (seq, len) in acks.unacked.drain(..n) {
+            acks.bytes -= len;
+            stored.extend(seq);
+        }
+        Ok(stored)
+    }
+
+    /// Asks the writer to finish. An abandoning close overrides a draining one.
+    pub fn close(&self, close: Close) {
+        let mut s = self.lock();
+        match &s.close {
+            Some(c) if !c.drain || close.drain => return,
+            _ => s.close = Some(close),
+        }
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+        if let Some(w) = s.room_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ready while at most `limit` bytes are queued, or once the connection is closing.
+    /// The connection's reader waits here before reading more, so a client that does
+    /// not read its own echoes stops being read instead of making them pile up. (Frames
+    /// awaiting acknowledgement do not count here: the reader must stay free to read
+    /// the acks that release them.)
+    pub fn poll_room(&self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
+        let mut s = self.lock();
+        if s.queued <= limit || s.close.is_some() {
+            return Poll::Ready(());
+        }
+        s.room_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The next batch to write (clones of queued frames, which stay queued until
+    /// [`Outbox::written`]), or the close once there is nothing left to write.
+    pub fn poll_work(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut Vec<Outgoing>,
+    ) -> Poll<Option<Close>> {
+        let mut s = self.lock();
+        let abandon = s.close.as_ref().is_some_and(|c| !c.drain);
+        if abandon || (s.queue.is_empty() && s.close.is_some()) {
+            return Poll::Ready(s.close.clone());
+        }
+        if s.queue.is_empty() {
+            s.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let mut bytes = 0;
+        for item in &s.queue {
+            let len = item.wire.len();
+            if !batch.is_empty() && (len > COALESCE_MAX_FRAME || bytes + len > BATCH_BYTES) {
+                break;
+            }
+            bytes += len;
+            batch.push(item.clone());
+            if len > COALESCE_MAX_FRAME {
+                break;
+            }
+        }
+        Poll::Ready(None)
+    }
+
+    /// Ready once the outbox is told to abandon its queue.
+    pub fn poll_abandon(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.close.as_ref().is_some_and(|c| !c.drain) {
+            return Poll::Ready(());
+        }
+        s.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Removes the first `n` frames, which have been written, and says what that
+    /// delivered: without acks a written data frame is delivered; with acks it waits
+    /// for the client's count.
+    pub fn written(&self, n: usize) -> Written {
+        let mut s = self.lock();
+        let mut out = Written::default();
+        let mut bytes = 0;
+        for _ in 0..n {
+            let Some(item) = s.queue.pop_front() else {
+                break;
+            };
+            bytes += item.wire.len();
+            match item.origin {
+                Origin::Reply => {}
+                Origin::AcksOn => {
+                    if s.acks.is_none() {
+                        s.acks = Some(Acks::default());
+                    }
+                }
+                Origin::Data {
+                    receiver,
+                    seq,
+                    page_end,
+                    echo_to,
+                    stored,
+                } => {
+                    out.receiver = Some(receiver);
+                    out.page_end |= page_end;
+                    let stored = stored.then_some(seq);
+                    if let Some(sender) = echo_to {
+                        out.delivered.push((sender, seq));
+                    }
+                    match &mut s.acks {
+                        Some(acks) => {
+                            acks.unacked.push_back((stored, item.wire.len()));
+                            acks.bytes += item.wire.len();
+                        }
+                        None => out.delete.extend(stored),
+                    }
+                }
+            }
+        }
+        s.queued -= bytes;
+        if let Some(w) = s.room_waker.take() {
+            w.wake();
+        }
+        out
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// The close the broker asked for, if any.
+    pub fn close_requested(&self) -> Option<Close> {
+        self.lock().close.clone()
+    }
+
+    /// Stops the outbox for good and returns what was never written.
+    pub fn take_all(&self) -> Vec<Outgoing> {
+        let mut s = self.lock();
+        s.finished = true;
+        s.queued = 0;
+        s.queue.drain(..).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(seq: u64) -> Outgoing {
+        Outgoing {
+            wire: Bytes::from(vec![0u8; 10]),
+            origin: Origin::Data {
+                receiver: 7,
+                seq,
+                page_end: false,
+                echo_to: None,
+                stored: true,
+            },
+        }
+    }
+
+    #[test]
+    fn frames_written_before_acks_on_are_delivered_and_after_it_wait_for_acks() {
+        let o = Outbox::default();
+        o.push(data(1)).unwrap();
+        o.push(Outgoing {
+            wire: Bytes::from_static(b"notice"),
+            origin: Origin::AcksOn,
+        })
+        .unwrap();
+        o.push(data(2)).unwrap();
+        o.push(data(3)).unwrap();
+        let w = o.written(4);
+        assert_eq!(w.delete, vec![1]);
+        assert_eq!(o.pending_bytes(), 20, "two unacknowledged frames count");
+        assert_eq!(o.queued_bytes(), 0);
+        assert_eq!(o.ack(1), Ok(vec![2]));
+        assert!(o.ack(0).is_err(), "backwards");
+        assert!(o.ack(3).is_err(), "past what was sent");
+        assert_eq!(o.ack(2), Ok(vec![3]));
+        assert_eq!(o.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn acks_count_modulo_2_pow_32() {
+        let o = Outbox::default();
+        o.push(Outgoing {
+            wire: Bytes::new(),
+            origin: Origin::AcksOn,
+        })
+        .unwrap();
+        o.written(1);
+        o.lock().acks.as_mut().unwrap().h = u32::MAX;
+        o.push(data(1)).unwrap();
+        o.push(data(2)).unwrap();
+        o.written(2);
+        assert_eq!(o.ack(1), Ok(vec![1, 2]), "u32::MAX + 2 wraps to 1");
+    }
+
+    #[test]
+    fn ack_without_acks_on_is_refused() {
+        assert!(Outbox::default().ack(0).is_err());
+    }
+}
