@@ -10,7 +10,9 @@ use chat::rt;
 use common::*;
 
 fn frames(from: u32, to: u32, n: usize, tag: &str) -> Vec<ClientFrame> {
-    (0..n).map(|i| text(from, to, &format!("{tag} {i}"))).collect()
+    (0..n)
+        .map(|i| text(from, to, &format!("{tag} {i}")))
+        .collect()
 }
 
 async fn send_all(c: &mut Client, frames: &[ClientFrame]) {
@@ -62,11 +64,7 @@ fn unacknowledged_frames_come_again_first_and_in_order_after_close_and_takeover(
                 _ => expect_notice(&mut b, Code::Replaced).await.truncate(0),
             }
             let again = recv_n(&mut next, 3).await;
-            let want: Vec<_> = first[3..]
-                .iter()
-                .chain([&newer])
-                .map(delivered)
-                .collect();
+            let want: Vec<_> = first[3..].iter().chain([&newer]).map(delivered).collect();
             assert_eq!(again, want, "after {ending}");
             ack(&mut next, 2, 3).await;
             within(next.send(&ClientFrame::ping())).await.unwrap();
@@ -161,7 +159,9 @@ fn acks_can_be_turned_on_after_binding() {
         let before = text(1, 2, "before acks");
         send_confirmed(&mut a, &before).await;
         assert_eq!(recv(&mut b).await, delivered(&before));
-        within(b.send(&ClientFrame::hello_acks(2, b""))).await.unwrap();
+        within(b.send(&ClientFrame::hello_acks(2, b"")))
+            .await
+            .unwrap();
         expect_notice(&mut b, Code::AcksOn).await;
         let after = text(1, 2, "after acks");
         send_confirmed(&mut a, &after).await;
@@ -174,11 +174,17 @@ fn acks_can_be_turned_on_after_binding() {
 }
 
 /// `--max-pending-bytes` counts unacknowledged bytes: a client that never acks is cut
-/// off as a slow consumer, and everything comes again, in order, on its next connection.
+/// off as a slow consumer (at once when live frames overflow it, after `--frame-timeout`
+/// when its mailbox waits for acks), and everything comes again, in order, on its next
+/// connection.
 #[test]
 fn a_client_that_never_acks_is_cut_off_and_loses_nothing() {
     rt::block_on(async {
-        let server = start_with(|c| c.max_pending_bytes = 64 * 1024).await;
+        let server = start_with(|c| {
+            c.max_pending_bytes = 64 * 1024;
+            c.frame_timeout = std::time::Duration::from_secs(1);
+        })
+        .await;
         let mut a = login(&server, 1).await;
         let mut b = login_acks(&server.addr(), 2).await;
         let body = vec![7u8; 4096];
@@ -204,7 +210,11 @@ fn a_client_that_never_acks_is_cut_off_and_loses_nothing() {
         });
         send_all(&mut a, &sent).await;
         let read = within(reading).await;
-        assert!(read < sent.len(), "cut off before all {} arrived", sent.len());
+        assert!(
+            read < sent.len(),
+            "cut off before all {} arrived",
+            sent.len()
+        );
         let mut next = login_acks(&server.addr(), 2).await;
         let mut acker = chat::client::Acker::new(2);
         for f in &sent {
@@ -226,7 +236,14 @@ fn a_large_mailbox_flows_as_fast_as_the_client_acks() {
         let server = start_with(|c| c.max_pending_bytes = 64 * 1024).await;
         let mut a = login(&server, 1).await;
         let sent: Vec<_> = (0..100u32)
-            .map(|i| data(1, 2, 3, &[i.to_be_bytes().as_slice(), &[0u8; 2048]].concat()))
+            .map(|i| {
+                data(
+                    1,
+                    2,
+                    3,
+                    &[i.to_be_bytes().as_slice(), &[0u8; 2048]].concat(),
+                )
+            })
             .collect();
         send_all(&mut a, &sent).await;
         let mut b = login_acks(&server.addr(), 2).await;

@@ -57,7 +57,8 @@ fn frames_queued_for_a_slow_online_receiver_survive_sigkill() {
         .collect();
     let mut server = ServerProcess::start(dir.path(), &[]);
     let mut slow = rt::block_on(async {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
         let addr: std::net::SocketAddr = server.addr.parse().unwrap();
         sock.connect(&addr.into()).unwrap();
@@ -86,8 +87,15 @@ fn frames_queued_for_a_slow_online_receiver_survive_sigkill() {
             }
         }
         let want: Vec<_> = sent.iter().map(delivered).collect();
-        assert_eq!(old[..], want[..old.len()], "the old socket's frames in order");
-        assert!(old.len() < sent.len(), "the test must leave frames undelivered");
+        assert_eq!(
+            old[..],
+            want[..old.len()],
+            "the old socket's frames in order"
+        );
+        assert!(
+            old.len() < sent.len(),
+            "the test must leave frames undelivered"
+        );
         // The next connection starts at or before where the old socket stopped.
         let mut again = within(Client::connect(&server.addr)).await.unwrap();
         let first = within(again.hello(3002, None)).await.unwrap();

@@ -11,12 +11,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt, select_biased};
 
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
+use crate::rt;
 use crate::server::budget::Budget;
 use crate::server::event::{ConnId, Event, Request};
 use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
@@ -63,9 +65,11 @@ enum Mailbox {
     Writing {
         after: u64,
     },
-    /// A page was written, and the next waits until acks make room for it.
+    /// A page was written, and the next waits until acks make room for it; `stall`
+    /// tells this wait from a later one when its timer fires.
     AwaitingAcks {
         after: u64,
+        stall: u64,
     },
 }
 
@@ -84,16 +88,26 @@ pub struct Broker {
     inbound: Arc<Budget>,
     next_seq: u64,
     shutting_down: bool,
+    /// How long a client may leave a full window unacknowledged (`--frame-timeout`).
+    ack_timeout: Duration,
+    /// For the timers that cut off clients that stop acknowledging.
+    events: mpsc::Sender<Event>,
+    stalls: u64,
 }
 
 impl Broker {
     pub fn new(
         max_pending_bytes: usize,
+        ack_timeout: Duration,
         store: mpsc::Sender<Command>,
+        events: mpsc::Sender<Event>,
         inbound: Arc<Budget>,
         next_seq: u64,
     ) -> Self {
         Broker {
+            ack_timeout,
+            events,
+            stalls: 0,
             max_pending_bytes,
             storing: 0,
             store_down: None,
@@ -196,6 +210,14 @@ impl Broker {
                 }
             }
             Event::WriterDone { conn, undelivered } => self.on_writer_done(conn, undelivered).await,
+            Event::AckTimeout { conn, stall } => {
+                let waiting = self.live_conn(conn).map(|c| (c.mailbox, c.id));
+                if let Some((Mailbox::AwaitingAcks { stall: s, .. }, Some(id))) = waiting
+                    && s == stall
+                {
+                    self.cut_slow_consumer(conn, id);
+                }
+            }
             Event::Shutdown => self.shutdown(),
         }
     }
@@ -292,7 +314,7 @@ impl Broker {
                     self.send_store(Command::Delete { receiver: id, seqs })
                         .await;
                 }
-                if let Some(Mailbox::AwaitingAcks { after }) =
+                if let Some(Mailbox::AwaitingAcks { after, .. }) =
                     self.live_conn(conn).map(|c| c.mailbox)
                 {
                     self.next_page(conn, after).await;
@@ -552,16 +574,29 @@ impl Broker {
     /// Loads the page after `after` once the client has room for it: with acks on,
     /// unacknowledged frames count, so a client reading a large mailbox gets it as fast
     /// as it acknowledges, and one that never acknowledges holds no more than the limit.
+    /// A client that leaves that much unacknowledged for `--frame-timeout` is cut off as
+    /// a slow consumer.
     async fn next_page(&mut self, conn: ConnId, after: u64) {
         let room = self.max_pending_bytes.saturating_sub(self.page_bytes());
+        let stall = self.stalls + 1;
         let Some(c) = self.live_conn(conn) else {
             return;
         };
-        if c.outbox.pending_bytes() > room {
-            c.mailbox = Mailbox::AwaitingAcks { after };
-        } else {
-            self.load_page(conn, Some(after)).await;
+        if c.outbox.pending_bytes() <= room {
+            return self.load_page(conn, Some(after)).await;
         }
+        if matches!(c.mailbox, Mailbox::AwaitingAcks { .. }) {
+            // Still waiting: the timer set when the wait began runs on.
+            return;
+        }
+        c.mailbox = Mailbox::AwaitingAcks { after, stall };
+        self.stalls = stall;
+        let mut events = self.events.clone();
+        let limit = self.ack_timeout;
+        rt::spawn(async move {
+            rt::sleep(limit).await;
+            let _ = events.send(Event::AckTimeout { conn, stall }).await;
+        });
     }
 
     fn page_bytes(&self) -> usize {

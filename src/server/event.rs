@@ -35,6 +35,9 @@ pub enum Event {
         conn: ConnId,
         undelivered: Vec<Outgoing>,
     },
+    /// A client's mailbox delivery has waited `--frame-timeout` for acks (the wait
+    /// numbered `stall`).
+    AckTimeout { conn: ConnId, stall: u64 },
     /// Stop: close every connection after flushing it, then return.
     Shutdown,
 }

@@ -150,7 +150,9 @@ impl Server {
         });
         let broker = Broker::new(
             shared.config.max_pending_bytes,
+            shared.config.frame_timeout,
             shared.store.clone(),
+            shared.events.clone(),
             shared.inbound.clone(),
             store.next_seq,
         );

@@ -102,10 +102,17 @@ struct State {
 }
 
 /// Data frames written since acks were turned on and not yet acknowledged.
+///
+/// A client may ack a frame before the writer has reported writing it (the bytes reach
+/// the client first); such frames are `owed`: acknowledged as soon as they are reported.
 #[derive(Debug, Default)]
 struct Acks {
+    /// The `AcksOn` notice has been written: data frames written from now on count.
+    counting: bool,
     /// The client's running count so far (XEP-0198's `h`), modulo 2^32.
     h: u32,
+    /// Frames the client has acknowledged that the writer has not reported yet.
+    owed: usize,
     /// Sequence number (if it is stored) and size of each written, unacknowledged
     /// frame, in order.
     unacked: VecDeque<(Option<u64>, usize)>,
@@ -155,22 +162,42 @@ impl Outbox {
     /// Takes the client's running count `h`: frames up to it are delivered, and their
     /// sequence numbers are returned for the store to remove.
     pub fn ack(&self, h: u32) -> Result<Vec<u64>, String> {
-        let mut s = self.lock();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        // Frames queued after acks went on, some of which may be in flight already.
+        let mut on = s.acks.as_ref().is_some_and(|a| a.counting);
+        let mut in_flight: usize = 0;
+        for item in &s.queue {
+            match item.origin {
+                Origin::AcksOn => on = true,
+                Origin::Data { .. } if on => in_flight += 1,
+                _ => {}
+            }
+        }
+        if s.acks.is_none() {
+            if !on {
+                return Err("acks are not on; turn them on with control operation 3".into());
+            }
+            // The `AcksOn` notice is on its way: the client may have seen it already.
+            s.acks = Some(Acks::default());
+        }
         let Some(acks) = &mut s.acks else {
-            return Err("acks are not on; turn them on with control operation 3".into());
+            return Err("acks are not on".into());
         };
         // Modulo 2^32: an `h` behind the last one looks like a huge step forward.
         let n = h.wrapping_sub(acks.h) as usize;
-        if n > acks.unacked.len() {
+        let sent = acks.unacked.len() + in_flight.saturating_sub(acks.owed);
+        if n > sent {
             return Err(format!(
-                "ack h={h} is behind the last ack ({}) or past the {} frames sent since",
-                acks.h,
-                acks.unacked.len()
+                "ack h={h} is behind the last ack ({}) or past the {sent} frames sent since",
+                acks.h
             ));
         }
         acks.h = h;
-        let mut stored = Vec::with_capacity(n);
-        for (seq, len) in acks.unacked.drain(..n) {
+        let now = n.min(acks.unacked.len());
+        acks.owed += n - now;
+        let mut stored = Vec::with_capacity(now);
+        for (seq, len) in acks.unacked.drain(..now) {
             acks.bytes -= len;
             stored.extend(seq);
         }
@@ -261,11 +288,7 @@ impl Outbox {
             bytes += item.wire.len();
             match item.origin {
                 Origin::Reply => {}
-                Origin::AcksOn => {
-                    if s.acks.is_none() {
-                        s.acks = Some(Acks::default());
-                    }
-                }
+                Origin::AcksOn => s.acks.get_or_insert_with(Acks::default).counting = true,
                 Origin::Data {
                     receiver,
                     seq,
@@ -280,11 +303,15 @@ impl Outbox {
                         out.delivered.push((sender, seq));
                     }
                     match &mut s.acks {
-                        Some(acks) => {
+                        Some(acks) if acks.counting && acks.owed > 0 => {
+                            acks.owed -= 1;
+                            out.delete.extend(stored);
+                        }
+                        Some(acks) if acks.counting => {
                             acks.unacked.push_back((stored, item.wire.len()));
                             acks.bytes += item.wire.len();
                         }
-                        None => out.delete.extend(stored),
+                        _ => out.delete.extend(stored),
                     }
                 }
             }
@@ -367,6 +394,27 @@ mod tests {
         o.push(data(2)).unwrap();
         o.written(2);
         assert_eq!(o.ack(1), Ok(vec![1, 2]), "u32::MAX + 2 wraps to 1");
+    }
+
+    /// The bytes reach the client before the writer reports them written: an ack for
+    /// frames still in flight (and for the `AcksOn` notice itself) is taken.
+    #[test]
+    fn an_ack_may_overtake_the_writers_report() {
+        let o = Outbox::default();
+        o.push(data(1)).unwrap();
+        o.push(Outgoing {
+            wire: Bytes::new(),
+            origin: Origin::AcksOn,
+        })
+        .unwrap();
+        o.push(data(2)).unwrap();
+        o.push(data(3)).unwrap();
+        assert_eq!(o.ack(1), Ok(vec![]), "frame 2 is in flight");
+        assert!(o.ack(3).is_err(), "only two were sent after acks-on");
+        let w = o.written(4);
+        assert_eq!(w.delete, vec![1, 2], "1 before acks, 2 acknowledged early");
+        assert_eq!(o.pending_bytes(), 10, "3 waits for its ack");
+        assert_eq!(o.ack(2), Ok(vec![3]));
     }
 
     #[test]

@@ -1,0 +1,189 @@
+//! When the disk fills or fails: prompt answers, live traffic and pings go on, and the
+//! store recovers by itself once there is room again.
+//!
+//! The full-disk test mounts a small tmpfs, which needs root; elsewhere it says so and
+//! skips, and CI (CHAT_REQUIRE_MOUNT=1) makes a skip a failure.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use chat::client::Client;
+use chat::protocol::{ClientFrame, Code};
+use chat::rt;
+use common::*;
+
+/// How long a frame may wait for its answer while the store fails.
+const PROMPT: Duration = Duration::from_secs(1);
+
+/// A tmpfs of `size` mounted at a fresh directory, unmounted when dropped.
+struct Mount {
+    dir: tempfile::TempDir,
+}
+
+impl Mount {
+    fn new(options: &str) -> Option<Mount> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(Mount { dir });
+        }
+        let why = "SKIP: cannot mount a tmpfs (needs root)";
+        assert!(
+            std::env::var_os("CHAT_REQUIRE_MOUNT").is_none(),
+            "{why}, and CHAT_REQUIRE_MOUNT is set"
+        );
+        println!("{why}");
+        None
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The answer to a frame, which must come within [`PROMPT`].
+async fn answer(c: &mut Client) -> chat::protocol::ServerFrame {
+    rt::timeout(PROMPT, c.recv())
+        .await
+        .expect("an answer within a second")
+        .expect("read")
+        .expect("a frame")
+}
+
+#[test]
+fn a_full_disk_gets_prompt_store_failed_and_recovers_without_a_restart() {
+    let Some(mount) = Mount::new("size=4m") else {
+        return;
+    };
+    // Room to free later.
+    let filler: PathBuf = mount.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 1024 * 1024]).unwrap();
+    let data_dir = mount.path().join("data");
+    let server = ServerProcess::start(&data_dir, &[]);
+    rt::block_on(async {
+        let mut a = within(Client::connect(&server.addr)).await.unwrap();
+        within(a.hello(1, None)).await.unwrap();
+        let mut live = within(Client::connect(&server.addr)).await.unwrap();
+        within(live.hello(2, None)).await.unwrap();
+
+        // Fill the disk with frames for offline id 3: each gets an echo or store-failed.
+        let mut stored = Vec::new();
+        let mut failed = 0;
+        for i in 0..400u32 {
+            let mut body = vec![1u8; 32 * 1024];
+            body[..4].copy_from_slice(&i.to_be_bytes());
+            let f = data(1, 3, 2, &body);
+            within(a.send(&f)).await.unwrap();
+            let got = answer(&mut a).await;
+            match got.notice() {
+                None => {
+                    assert_eq!(got, delivered(&f));
+                    stored.push(f);
+                }
+                Some(n) if n.is(Code::StoreFailed) => failed += 1,
+                Some(n) => panic!("unexpected {n}"),
+            }
+            if failed >= 5 {
+                break;
+            }
+        }
+        assert_eq!(failed, 5, "the 4 MiB disk never filled");
+        assert!(!stored.is_empty());
+
+        // Pings and live traffic go on while the store is down.
+        within(a.send(&ClientFrame::ping())).await.unwrap();
+        assert!(answer(&mut a).await.notice().unwrap().is(Code::Pong));
+        let hi = text(1, 2, "live while the disk is full");
+        within(a.send(&hi)).await.unwrap();
+        assert_eq!(answer(&mut a).await, delivered(&hi));
+        assert_eq!(recv(&mut live).await, delivered(&hi));
+
+        // Room again: the store reopens by itself and frames are stored again.
+        std::fs::remove_file(&filler).unwrap();
+        let after = text(1, 3, "after recovery");
+        within(async {
+            loop {
+                a.send(&after).await.unwrap();
+                let got = answer(&mut a).await;
+                if got == delivered(&after) {
+                    break;
+                }
+                assert!(got.notice().is_some_and(|n| n.is(Code::StoreFailed)));
+                rt::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        stored.push(after);
+
+        // Every echoed frame is delivered, in order.
+        let (_c, got) = mailbox_of(&server.addr, 3, stored.len()).await;
+        assert_eq!(got, stored.iter().map(delivered).collect::<Vec<_>>());
+    });
+    let count = |needle: &str| {
+        server
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    // One line when the store goes bad and one when it is back, not one per frame.
+    let (bad, back) = (count("store failed"), count("store recovered"));
+    assert!(
+        bad >= 1 && back >= 1,
+        "{bad} failures, {back} recoveries logged"
+    );
+    assert!(bad <= back + 1, "{bad} failure lines for {back} recoveries");
+}
+
+/// Startup on a read-only data dir: one line on stderr, a non-zero exit, no panic.
+#[test]
+fn a_read_only_data_dir_at_start_is_a_one_line_error() {
+    let Some(mount) = Mount::new("size=1m,ro") else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(mount.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Startup on a file that is not a database: one line on stderr, a non-zero exit.
+#[test]
+fn a_corrupt_store_at_start_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mailbox.redb"), vec![0x5a; 64 * 1024]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot open"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
