@@ -14,7 +14,8 @@ def rate(name, server="chat-server"):
 targets = [
     ("pipelined echo (50 conns, window 32, 64 B)", "pipelined", "ceiling", 0.6),
     ("request/response (50 conns, window 1, 64 B)", "reqresp", "ceiling", 0.85),
-    ("forwarding in pairs (50 conns, window 32, 64 B)", "pair", "pipelined", 0.5),
+    ("forwarding in pairs, every frame stored (50 conns, window 32, 64 B)", "pair", "pipelined", 0.5),
+    ("forwarding in pairs with acks (50 conns, window 32, 64 B)", "pair-acks", "pipelined", 0.4),
     ("4 KiB bodies (50 conns, window 8)", "large", "ceiling", 0.6),
 ]
 print("| scenario | chat-server msg/s | baseline msg/s | ratio | target | p99 (chat-server) |")
@@ -27,6 +28,19 @@ for label, name, base, target in targets:
     p99 = by[(name, "chat-server")]["p99_us"]
     ok = "met" if ratio >= target else "MISSED"
     print(f"| {label} | {ours:,.0f} | {baseline:,.0f} ({base_label}) | {ratio:.2f} | ≥ {target} {ok} | {p99:,.0f} µs |")
+disk = by.get(("fsync", "disk"))
+if disk:
+    print(f"\nDisk under the data dir: 4 KiB write + fdatasync p50 {disk['p50_us']:,.0f} µs, p99 {disk['p99_us']:,.0f} µs.")
+if ("pair", "before") in by:
+    print("\nBefore and after (BEFORE=...), each build's pair throughput over its own echo, "
+          "this build measured both before and after the old one:")
+    print("| build | pipelined echo msg/s | pair msg/s | pair / echo | pair p99 |")
+    print("|---|---:|---:|---:|---:|")
+    for label, echo, pair, server in (("before", "pipelined", "pair", "before"),
+                                      ("this build", "pipelined", "pair", "chat-server"),
+                                      ("this build, again", "pipelined-again", "pair-again", "chat-server")):
+        e, p = rate(echo, server), rate(pair, server)
+        print(f"| {label} | {e:,.0f} | {p:,.0f} | {p / e:.2f} | {by[(pair, server)]['p99_us']:,.0f} µs |")
 idle = by.get(("idle", "chat-server"))
 if idle:
     print(f"\nIdle: {idle['conns']} bound idle connections add {idle['bytes_per_conn'] / 1024:.2f} KiB of server RSS each "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs chat-server and the ceiling (examples/ceiling.rs: same protocol, no broker) with
 # identical chat-bench settings, one after the other in one run, and prints ratios.
-#   bash bench/run.sh            # about 3 minutes
+#   bash bench/run.sh            # about 4 minutes
 #   SECS=2 bash bench/run.sh     # shorter
+#   BEFORE=/path/to/old/chat-server bash bench/run.sh   # also an older build, same run
 # Results: bench/results/latest.jsonl, chart: bench/chart.svg (bench/chart.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,14 +14,25 @@ out=bench/results/latest.jsonl
 : >"$out"
 
 cargo build --release -q --bins --example ceiling
-data=$(mktemp -d)
+# The data dir is on the disk under the repository, not a tmpfs: commits really sync.
+data=$(mktemp -d -p "$PWD/bench/results")
+python3 bench/fsync.py "$data" | tee -a "$out" >&2
+store_log=$data.log
 CHAT=127.0.0.1:17001
 CEIL=127.0.0.1:17002
-target/release/chat-server --listen $CHAT --data-dir "$data" --log-level warn >/dev/null &
+# Debug logs carry the store's per-second figures (commits, frames per commit).
+target/release/chat-server --listen $CHAT --data-dir "$data" --log-level debug >"$store_log" &
 chat_pid=$!
 target/release/examples/ceiling $CEIL >/dev/null &
 ceil_pid=$!
-trap 'kill $chat_pid $ceil_pid 2>/dev/null; rm -rf "$data"' EXIT
+BEFORE_ADDR=127.0.0.1:17003
+before_pid=
+if [ -n "${BEFORE:-}" ]; then
+  mkdir -p "$data/before"
+  "$BEFORE" --listen $BEFORE_ADDR --data-dir "$data/before" --log-level warn >/dev/null &
+  before_pid=$!
+fi
+trap 'kill $chat_pid $ceil_pid $before_pid 2>/dev/null; rm -rf "$data" "$store_log"' EXIT
 for addr in $CHAT $CEIL; do
   for _ in $(seq 1 50); do
     target/release/chat-client --server $addr --probe --timeout 1 2>/dev/null && break
@@ -35,6 +47,7 @@ bench() {
   local name=$1 server=$2; shift 2
   local addr=$CHAT extra=()
   [ "$server" = ceiling ] && { addr=$CEIL; extra=(--no-hello); }
+  [ "$server" = before ] && addr=$BEFORE_ADDR
   local line
   line=$(target/release/chat-bench --server $addr --secs "$SECS" --warmup "$WARMUP" --json "${extra[@]}" "$@")
   echo "{\"name\":\"$name\",\"server\":\"$server\",${line#\{}" | tee -a "$out" >&2
@@ -45,6 +58,20 @@ both() { bench "$1" chat-server "${@:2}"; bench "$1" ceiling "${@:2}"; }
 both pipelined --conns 50 --window 32 --size 64
 both reqresp --conns 50 --window 1 --size 64
 bench pair chat-server --conns 50 --window 32 --size 64 --mode pair
+bench pair-acks chat-server --conns 50 --window 32 --size 64 --mode pair --acks
+# What one commit carries while pairs forward with acks (store lines logged each second).
+grep -a '"store: ' "$store_log" | tail -3 | sed 's/.*"msg":"store: /store under pair+acks: /; s/"}$//' >&2
+if [ -n "$before_pid" ]; then
+  for _ in $(seq 1 50); do
+    target/release/chat-client --server $BEFORE_ADDR --probe --timeout 1 --no-acks 2>/dev/null && break
+    sleep 0.1
+  done
+  bench pipelined before --conns 50 --window 32 --size 64
+  bench pair before --conns 50 --window 32 --size 64 --mode pair
+  # And this build once more, right after, so the two are side by side in time.
+  bench pipelined-again chat-server --conns 50 --window 32 --size 64
+  bench pair-again chat-server --conns 50 --window 32 --size 64 --mode pair
+fi
 both large --conns 50 --window 8 --size 4096
 for w in 1 4 16 64; do both "window-$w" --conns 50 --window $w --size 64; done
 for c in 1 10 50 200; do both "conns-$c" --conns $c --window 32 --size 64; done

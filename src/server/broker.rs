@@ -93,6 +93,8 @@ pub struct Broker {
     /// For the timers that cut off clients that stop acknowledging.
     events: mpsc::Sender<Event>,
     stalls: u64,
+    /// Outboxes pushed to while handling the current event, woken once it is done.
+    pushed: Vec<Arc<Outbox>>,
 }
 
 impl Broker {
@@ -108,6 +110,7 @@ impl Broker {
             ack_timeout,
             events,
             stalls: 0,
+            pushed: Vec::new(),
             max_pending_bytes,
             storing: 0,
             store_down: None,
@@ -140,6 +143,7 @@ impl Broker {
                     Some(batch) => self.on_store(batch).await,
                     None => break,
                 }
+                self.wake_writers();
                 continue;
             }
             select_biased! {
@@ -155,7 +159,9 @@ impl Broker {
                     None => break,
                 },
             }
+            self.wake_writers();
         }
+        self.wake_writers();
         log::debug!("broker stopped");
     }
 
@@ -241,6 +247,12 @@ impl Broker {
         }
     }
 
+    fn wake_writers(&mut self) {
+        for outbox in self.pushed.drain(..) {
+            outbox.wake();
+        }
+    }
+
     fn live_conn(&mut self, conn: ConnId) -> Option<&mut Conn> {
         self.conns.get_mut(&conn).filter(|c| !c.closing)
     }
@@ -282,6 +294,7 @@ impl Broker {
                     wire: welcome,
                     origin: Origin::AcksOn,
                 });
+                self.pushed.push(outbox);
             }
         } else if self.bind(conn, id).await {
             let on = notice(
@@ -408,7 +421,9 @@ impl Broker {
                         stored: false,
                     },
                 };
-                outbox.push(item).is_ok()
+                let ok = outbox.push(item).is_ok();
+                self.pushed.push(outbox);
+                ok
             });
             if pushed {
                 self.wait_for_echo(conn, seq, frame.wire);
@@ -442,6 +457,7 @@ impl Broker {
                     stored: true,
                 },
             });
+            self.pushed.push(outbox);
         }
     }
 
@@ -477,6 +493,7 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&conn) {
             if c.replies.is_empty() {
                 let _ = c.outbox.push(item);
+                self.pushed.push(c.outbox.clone());
             } else {
                 c.replies.push_back(Pending::Ready(item));
             }
@@ -507,10 +524,15 @@ impl Broker {
             };
             *slot = Pending::Ready(Outgoing::reply(wire));
         }
+        let mut pushed = false;
         while let Some(Pending::Ready(_)) = c.replies.front() {
             if let Some(Pending::Ready(item)) = c.replies.pop_front() {
                 let _ = c.outbox.push(item);
+                pushed = true;
             }
+        }
+        if pushed {
+            self.pushed.push(c.outbox.clone());
         }
     }
 
@@ -566,6 +588,7 @@ impl Broker {
                     });
                 }
                 c.mailbox = Mailbox::Writing { after: last };
+                self.pushed.push(c.outbox.clone());
             }
             Reply::Health(down) => self.store_down = down,
         }

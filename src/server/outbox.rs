@@ -126,9 +126,12 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a frame and wakes the writer. Once the writer has finished (its
-    /// connection is gone, though the broker may not have heard yet) the frame is
-    /// given back, so the caller can deal with it instead of losing it.
+    /// Queues a frame without waking the writer: the broker wakes each outbox it
+    /// pushed to once it has handled a whole event ([`Outbox::wake`]), so a writer
+    /// finds everything one event produced for it and writes it with one call. Once
+    /// the writer has finished (its connection is gone, though the broker may not have
+    /// heard yet) the frame is given back, so the caller can deal with it instead of
+    /// losing it.
     pub fn push(&self, item: Outgoing) -> Result<(), Outgoing> {
         let mut s = self.lock();
         if s.finished {
@@ -136,15 +139,15 @@ impl Outbox {
         }
         s.queued += item.wire.len();
         s.queue.push_back(item);
-        if let Some(w) = s.waker.take() {
-            w.wake();
-        }
         Ok(())
     }
 
-    /// Queues an echo or a notice; if the connection is gone, so is the need for it.
-    pub fn push_reply(&self, wire: Bytes) {
-        let _ = self.push(Outgoing::reply(wire));
+    /// Wakes the writer if it waits for frames.
+    pub fn wake(&self) {
+        let waker = self.lock().waker.take();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// Bytes this client holds up: queued, plus written and not yet acknowledged.
@@ -164,29 +167,37 @@ impl Outbox {
     pub fn ack(&self, h: u32) -> Result<Vec<u64>, String> {
         let mut guard = self.lock();
         let s = &mut *guard;
-        // Frames queued after acks went on, some of which may be in flight already.
-        let mut on = s.acks.as_ref().is_some_and(|a| a.counting);
-        let mut in_flight: usize = 0;
-        for item in &s.queue {
-            match item.origin {
-                Origin::AcksOn => on = true,
-                Origin::Data { .. } if on => in_flight += 1,
-                _ => {}
+        let written = s.acks.as_ref().map_or(0, |a| a.unacked.len());
+        let n = s.acks.as_ref().map(|a| h.wrapping_sub(a.h) as usize);
+        // Usually the ack covers frames reported written; only otherwise count the
+        // frames queued after acks went on, some of which may be in flight already.
+        let in_flight = if n.is_some_and(|n| n <= written) {
+            0
+        } else {
+            let mut on = s.acks.as_ref().is_some_and(|a| a.counting);
+            let mut count: usize = 0;
+            for item in &s.queue {
+                match item.origin {
+                    Origin::AcksOn => on = true,
+                    Origin::Data { .. } if on => count += 1,
+                    _ => {}
+                }
             }
-        }
-        if s.acks.is_none() {
-            if !on {
-                return Err("acks are not on; turn them on with control operation 3".into());
+            if s.acks.is_none() {
+                if !on {
+                    return Err("acks are not on; turn them on with control operation 3".into());
+                }
+                // The `AcksOn` notice is on its way: the client may have seen it already.
+                s.acks = Some(Acks::default());
             }
-            // The `AcksOn` notice is on its way: the client may have seen it already.
-            s.acks = Some(Acks::default());
-        }
+            count
+        };
         let Some(acks) = &mut s.acks else {
             return Err("acks are not on".into());
         };
         // Modulo 2^32: an `h` behind the last one looks like a huge step forward.
         let n = h.wrapping_sub(acks.h) as usize;
-        let sent = acks.unacked.len() + in_flight.saturating_sub(acks.owed);
+        let sent = written + in_flight.saturating_sub(acks.owed);
         if n > sent {
             return Err(format!(
                 "ack h={h} is behind the last ack ({}) or past the {sent} frames sent since",
@@ -194,7 +205,7 @@ impl Outbox {
             ));
         }
         acks.h = h;
-        let now = n.min(acks.unacked.len());
+        let now = n.min(written);
         acks.owed += n - now;
         let mut stored = Vec::with_capacity(now);
         for (seq, len) in acks.unacked.drain(..now) {
