@@ -25,7 +25,7 @@
 // redb's error type is large; it is built at most once per failed transaction.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,9 +33,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
+use futures::task::ArcWake;
 use redb::{Builder, Database, ReadableTable, TableDefinition};
-
-use crate::rt;
 
 /// (receiver, sequence number) -> frame in its server -> client encoding.
 const MAILBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("mailbox");
@@ -156,8 +155,7 @@ pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
         usage,
         down: None,
         held: Vec::new(),
-        staged: Vec::new(),
-        staged_at: Vec::new(),
+        staged: VecDeque::new(),
         stats: Stats::default(),
         replies: reply_tx,
     };
@@ -221,9 +219,7 @@ struct Worker {
     held: Vec<Command>,
     /// Appends of frames pushed live, not yet written: if their deletes arrive with
     /// the next batch they never touch the disk. Their echoes wait.
-    staged: Vec<Command>,
-    /// When each staged append arrived: it is written once [`STAGE_WAIT`] old.
-    staged_at: Vec<Instant>,
+    staged: VecDeque<Staged>,
     stats: Stats,
     replies: mpsc::UnboundedSender<Vec<Reply>>,
 }
@@ -267,17 +263,18 @@ impl Worker {
             let ready = rx.try_recv().ok();
             let first = match &self.down {
                 _ if ready.is_some() => ready,
-                None if self.staged.is_empty() => rt::block_on(rx.next()),
-                None => match rt::block_on(rt::timeout(self.stage_left(), rx.next())) {
+                None if self.staged.is_empty() => next_within(&mut rx, None).flatten(),
+                None => match next_within(&mut rx, Some(self.stage_left())) {
                     Some(cmd) => cmd,
                     None => {
-                        self.apply(&mut batch, false);
+                        // Nothing new: write what is due.
+                        self.apply(&mut batch, true);
                         continue;
                     }
                 },
                 Some(down) => {
                     let wait = down.retry_at.saturating_duration_since(Instant::now());
-                    match rt::block_on(rt::timeout(wait, rx.next())) {
+                    match next_within(&mut rx, Some(wait)) {
                         Some(cmd) => cmd,
                         None => {
                             self.try_recover();
@@ -311,9 +308,9 @@ impl Worker {
 
     /// How long until the oldest staged append is due.
     fn stage_left(&self) -> Duration {
-        self.staged_at
-            .first()
-            .map_or(STAGE_WAIT, |t| STAGE_WAIT.saturating_sub(t.elapsed()))
+        self.staged
+            .front()
+            .map_or(STAGE_WAIT, |s| STAGE_WAIT.saturating_sub(s.at.elapsed()))
     }
 
     fn send(&self, replies: Vec<Reply>) {
@@ -344,55 +341,89 @@ impl Worker {
         self.send(replies);
     }
 
-    /// Applies what was staged and then a batch, in one transaction, and sends the
-    /// replies once it committed; with `stage`, live appends of this batch may wait
-    /// for the next one. If the commit fails, no append is acknowledged as stored (but
-    /// those delivered meanwhile), every append still gets its answer, and the store
-    /// goes down until it can write again.
+    /// Applies a batch: settles staged appends its deletes show delivered, stages its
+    /// live appends (with `stage`), and writes the rest, with the staged appends that
+    /// are due, in one transaction; sends the replies once it committed. If the commit
+    /// fails, no append is acknowledged as stored (but those delivered meanwhile),
+    /// every append still gets its answer, and the store goes down until it can write
+    /// again.
     fn apply(&mut self, batch: &mut Vec<Command>, stage: bool) {
-        let before = self.usage.clone();
-        let mut skipped = Vec::new();
-        let mut work = std::mem::take(&mut self.staged);
-        let mut times = std::mem::take(&mut self.staged_at);
-        let due = times.partition_point(|t| t.elapsed() >= STAGE_WAIT);
-        let now = Instant::now();
-        times.resize(work.len() + batch.len(), now);
-        work.append(batch);
         // A load must see every frame sent before it.
-        let stage = stage && !work.iter().any(|c| matches!(c, Command::Load { .. }));
-        let mut batch = work;
-        let batch = &mut batch;
-        match self.transact(batch, due, stage, &mut skipped) {
-            Ok((replies, deferred)) => {
+        let stage = stage && !batch.iter().any(|c| matches!(c, Command::Load { .. }));
+        // Frames delivered before they reached the disk: neither written nor removed.
+        // Sequence numbers are unique across receivers, so they suffice.
+        let mut delivered: Vec<u64> = Vec::new();
+        for cmd in batch.iter() {
+            if let Command::Delete { seqs, .. } = cmd {
+                delivered.extend_from_slice(seqs);
+            }
+        }
+        delivered.sort_unstable();
+        let mut replies = Vec::new();
+        let mut skipped = Vec::new();
+        for &seq in &delivered {
+            // Staged appends are in sequence order.
+            if let Ok(i) = self.staged.binary_search_by_key(&seq, |s| s.seq)
+                && let Some(cmd) = self.staged[i].append.take()
+            {
+                replies.extend(settled(cmd));
+                skipped.push(seq);
+            }
+        }
+        let mut writes = Vec::new();
+        while let Some(front) = self.staged.front() {
+            if front.append.is_some() && stage && front.at.elapsed() < STAGE_WAIT {
+                break;
+            }
+            if let Some(cmd) = self.staged.pop_front().and_then(|s| s.append) {
+                writes.push(cmd);
+            }
+        }
+        let now = Instant::now();
+        for cmd in batch.drain(..) {
+            match cmd {
+                Command::Append { seq, .. } if delivered.binary_search(&seq).is_ok() => {
+                    replies.extend(settled(cmd));
+                    skipped.push(seq);
+                }
+                Command::Append {
+                    seq, live: true, ..
+                } if stage => self.staged.push_back(Staged {
+                    at: now,
+                    seq,
+                    append: Some(cmd),
+                }),
+                other => writes.push(other),
+            }
+        }
+        self.stats.skipped += skipped.len() as u64;
+        skipped.sort_unstable();
+        if writes.is_empty() {
+            self.send(replies);
+            return;
+        }
+        let before = self.usage.clone();
+        match self.transact(&writes, &skipped) {
+            Ok(more) => {
                 self.stats.tick();
-                self.staged_at = deferred.iter().map(|&(i, _)| times[i]).collect();
-                self.staged = deferred.into_iter().map(|(_, c)| c).collect();
-                batch.clear();
+                replies.extend(more);
                 self.send(replies);
             }
             Err(e) => {
                 self.usage = before;
                 let reason = e.to_string();
                 self.go_down(reason.clone());
-                let mut replies = Vec::new();
-                for cmd in batch.drain(..) {
+                let staged = self.staged.drain(..).filter_map(|s| s.append);
+                for cmd in writes.into_iter().chain(staged) {
                     match cmd {
                         Command::Append {
                             ticket, seq, wire, ..
-                        } => {
-                            let outcome = if skipped.binary_search(&seq).is_ok() {
-                                Outcome::Stored
-                            } else {
-                                Outcome::Failed(reason.clone())
-                            };
-                            let len = wire.len();
-                            replies.push(Reply::Appended {
-                                ticket,
-                                seq,
-                                outcome,
-                                len,
-                            });
-                        }
+                        } => replies.push(Reply::Appended {
+                            ticket,
+                            seq,
+                            outcome: Outcome::Failed(reason.clone()),
+                            len: wire.len(),
+                        }),
                         // Pages read in a failed transaction may hold its own appends:
                         // loads are answered after recovery instead, deletes redone then.
                         other => self.held.push(other),
@@ -445,75 +476,20 @@ impl Worker {
         }
     }
 
-    /// Applies a batch whose first `due` commands were staged long enough. With
-    /// `stage`, live appends after those are deferred (returned with their indices)
-    /// unless delivered in this batch. `skipped` collects the appends that were
-    /// delivered within it.
-    fn transact(
-        &mut self,
-        batch: &mut Vec<Command>,
-        due: usize,
-        stage: bool,
-        skipped: &mut Vec<u64>,
-    ) -> Result<(Vec<Reply>, Deferred), redb::Error> {
+    /// Writes `writes` in one transaction, in order; deletes of `skipped` (sorted)
+    /// frames, which never reached the disk, are no-ops.
+    fn transact(&mut self, writes: &[Command], skipped: &[u64]) -> Result<Vec<Reply>, redb::Error> {
         let mut replies = Vec::new();
-        let mut deferred = Vec::new();
         let Some(db) = &self.db else {
             return Err(redb::Error::Io(std::io::Error::other("store is closed")));
         };
-        // Frames delivered before this batch reached the disk: neither written nor
-        // removed. Sequence numbers are unique across receivers, so they suffice.
-        let mut delivered: Vec<u64> = Vec::new();
-        for cmd in batch.iter() {
-            if let Command::Delete { seqs, .. } = cmd {
-                delivered.extend_from_slice(seqs);
-            }
-        }
-        delivered.sort_unstable();
-        // Under load most batches only stage appends and settle staged ones by their
-        // deliveries: those need no transaction at all.
-        let appends: Vec<u64> = batch
-            .iter()
-            .filter_map(|c| match c {
-                Command::Append { seq, .. } => Some(*seq),
-                _ => None,
-            })
-            .collect();
-        let settled = |seq: &u64| delivered.binary_search(seq).is_ok();
-        let needs_disk = batch.iter().enumerate().any(|(i, cmd)| match cmd {
-            Command::Append { seq, live, .. } => !(settled(seq) || *live && stage && i >= due),
-            Command::Delete { seqs, .. } => seqs.iter().any(|s| appends.binary_search(s).is_err()),
-            Command::Load { .. } => true,
-        });
-        if !needs_disk {
-            for (i, cmd) in batch.iter().enumerate() {
-                if let Command::Append {
-                    ticket, seq, wire, ..
-                } = cmd
-                {
-                    if settled(seq) {
-                        skipped.push(*seq);
-                        self.stats.skipped += 1;
-                        replies.push(Reply::Appended {
-                            ticket: *ticket,
-                            seq: *seq,
-                            outcome: Outcome::Stored,
-                            len: wire.len(),
-                        });
-                    } else {
-                        deferred.push(i);
-                    }
-                }
-            }
-            return Ok((replies, take_deferred(batch, &deferred)));
-        }
         let result = (|| -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
             // A batch that only reads needs no commit, and so no fsync.
             let mut dirty = false;
             {
                 let mut table = txn.open_table(MAILBOX)?;
-                for (i, cmd) in batch.iter().enumerate() {
+                for cmd in writes {
                     match cmd {
                         Command::Append {
                             ticket,
@@ -523,15 +499,7 @@ impl Worker {
                             live,
                         } => {
                             let usage = self.usage.entry(*receiver).or_default();
-                            let outcome = if delivered.binary_search(seq).is_ok() {
-                                // Appends come in sequence order, so this stays sorted.
-                                skipped.push(*seq);
-                                self.stats.skipped += 1;
-                                Outcome::Stored
-                            } else if *live && stage && i >= due {
-                                deferred.push(i);
-                                continue;
-                            } else if let Some(why) =
+                            let outcome = if let Some(why) =
                                 full(&self.limits, usage, wire.len()).filter(|_| !live)
                             {
                                 Outcome::Full(why)
@@ -608,25 +576,66 @@ impl Worker {
             }
             Ok(())
         })();
-        result?;
-        Ok((replies, take_deferred(batch, &deferred)))
+        result.map(|()| replies)
     }
 }
 
-/// Staged appends carried to the next batch, with their indices in this one.
-type Deferred = Vec<(usize, Command)>;
+/// A live append waiting for its delivery (`append` is taken once it is delivered).
+struct Staged {
+    at: Instant,
+    seq: u64,
+    append: Option<Command>,
+}
 
-/// Empties `batch`, returning the commands at `indices` (ascending) with their indices.
-fn take_deferred(batch: &mut Vec<Command>, indices: &[usize]) -> Deferred {
-    let mut later = Vec::with_capacity(indices.len());
-    let mut next = indices.iter().copied().peekable();
-    for (i, cmd) in batch.drain(..).enumerate() {
-        if next.peek() == Some(&i) {
-            next.next();
-            later.push((i, cmd));
+/// The reply to an append that was delivered before it needed writing.
+fn settled(cmd: Command) -> Option<Reply> {
+    match cmd {
+        Command::Append {
+            ticket, seq, wire, ..
+        } => Some(Reply::Appended {
+            ticket,
+            seq,
+            outcome: Outcome::Stored,
+            len: wire.len(),
+        }),
+        _ => None,
+    }
+}
+
+/// Waits on this thread for the next command, for at most `limit`: `None` when the
+/// time ran out, `Some(None)` once every sender is gone.
+///
+/// Parks the thread itself rather than arming a runtime timer: the store waits like
+/// this once per batch, and a timer per batch cost the runtime's reactor thread a
+/// wake-up each time.
+fn next_within(
+    rx: &mut mpsc::Receiver<Command>,
+    limit: Option<Duration>,
+) -> Option<Option<Command>> {
+    struct Unpark(thread::Thread);
+    impl ArcWake for Unpark {
+        fn wake_by_ref(this: &std::sync::Arc<Self>) {
+            this.0.unpark();
         }
     }
-    later
+    let waker = futures::task::waker(std::sync::Arc::new(Unpark(thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let deadline = limit.map(|l| Instant::now() + l);
+    loop {
+        if let std::task::Poll::Ready(cmd) = rx.poll_next_unpin(&mut cx) {
+            return Some(cmd);
+        }
+        match deadline {
+            None => thread::park(),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                thread::park_timeout(left);
+            }
+        }
+    }
 }
 
 /// Opens the database again, rescans it and proves it writable with a probe commit.
