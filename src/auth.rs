@@ -1,19 +1,32 @@
-//! Tokens that prove a client may use an id.
+//! Tokens that prove a client may use an id, and the keys that check them.
 //!
-//! token = lowercase hex of HMAC-SHA256(secret, id in decimal). The server holds only
-//! the secret; whoever mints tokens (`chat-server token --id N`) needs the same secret.
+//! Two token formats, both checked without any database:
+//!
+//! ```text
+//! expiring:  <expiry>.<hex HMAC-SHA256(secret, "<id>.<expiry>")>   expiry: unix seconds
+//! plain:     <hex HMAC-SHA256(secret, "<id>")>                      valid until the secret goes
+//! ```
+//!
+//! The expiry is inside the signed part, so it cannot be changed without the secret.
+//! A server holds one or more secrets ([`Keys`]): the first mints, every one verifies,
+//! which is how secrets rotate without logging everybody out. [`Auth`] is what a running
+//! server checks with; its keys can be replaced (on SIGHUP) while connections stay.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The shared secret. Its `Debug` output never shows it, so it cannot leak into logs.
+/// One shared secret. Its `Debug` output never shows it, so it cannot leak into logs.
 #[derive(Clone)]
 pub struct Secret(Vec<u8>);
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
 }
@@ -31,30 +44,202 @@ impl Secret {
         Ok(Secret(bytes))
     }
 
-    fn mac(&self, id: u32) -> HmacSha256 {
+    fn mac(&self, message: &str) -> HmacSha256 {
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(id.to_string().as_bytes());
+        mac.update(message.as_bytes());
         mac
     }
 
-    /// The token for `id`.
+    /// The plain (non-expiring) token for `id`.
     pub fn token(&self, id: u32) -> String {
-        self.mac(id)
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(&self.mac(&id.to_string()).finalize().into_bytes())
     }
 
-    /// Checks a presented token in constant time.
-    pub fn verify(&self, id: u32, token: &[u8]) -> bool {
-        let Some(raw) = decode_hex(token) else {
-            return false;
-        };
-        self.mac(id).verify_slice(&raw).is_ok()
+    /// A token for `id` that stops working at `expiry` (unix seconds).
+    pub fn token_until(&self, id: u32, expiry: u64) -> String {
+        let mac = self.mac(&format!("{id}.{expiry}")).finalize().into_bytes();
+        format!("{expiry}.{}", hex(&mac))
     }
+
+    /// Checks a plain token in constant time.
+    pub fn verify(&self, id: u32, token: &[u8]) -> bool {
+        decode_hex(token).is_some_and(|raw| self.mac(&id.to_string()).verify_slice(&raw).is_ok())
+    }
+}
+
+/// Why a token was refused; the text goes to the client in `auth-failed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a token any current secret made for this id.
+    Invalid,
+    /// Genuine, but past its expiry (unix seconds).
+    Expired { at: u64 },
+    /// Genuine, but without an expiry, and the server requires one.
+    NoExpiry,
+}
+
+impl Refused {
+    /// The `auth-failed` detail for a hello for `id`.
+    pub fn detail(&self, id: u32) -> String {
+        match self {
+            Refused::Invalid => format!("no valid token for id {id}"),
+            Refused::Expired { at } => {
+                format!("the token for id {id} expired at {at} (unix time); ask for a new one")
+            }
+            Refused::NoExpiry => {
+                format!("the token for id {id} has no expiry, and this server requires one")
+            }
+        }
+    }
+}
+
+/// The secrets a server knows: the first mints, every one verifies.
+#[derive(Debug, Clone)]
+pub struct Keys(Vec<Secret>);
+
+impl From<Secret> for Keys {
+    fn from(secret: Secret) -> Keys {
+        Keys(vec![secret])
+    }
+}
+
+impl Keys {
+    /// One secret per line; blank lines are skipped, `\r` and trailing spaces dropped.
+    pub fn parse(text: &[u8]) -> Result<Keys, String> {
+        let secrets = text
+            .split(|b| *b == b'\n')
+            .map(|line| line.trim_ascii_end())
+            .filter(|line| !line.is_empty())
+            .map(Secret::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        if secrets.is_empty() {
+            return Err("the auth secret file holds no secret".into());
+        }
+        Ok(Keys(secrets))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// A token for `id` from the first secret; with `ttl`, one that expires.
+    pub fn mint(&self, id: u32, ttl: Option<Duration>) -> String {
+        let first = &self.0[0];
+        match ttl {
+            None => first.token(id),
+            Some(ttl) => first.token_until(id, now().saturating_add(ttl.as_secs().max(1))),
+        }
+    }
+
+    /// Checks `token` for `id` at unix time `now`.
+    pub fn check(
+        &self,
+        id: u32,
+        token: &[u8],
+        now: u64,
+        require_expiry: bool,
+    ) -> Result<(), Refused> {
+        let Some(dot) = token.iter().position(|b| *b == b'.') else {
+            if !self.0.iter().any(|s| s.verify(id, token)) {
+                return Err(Refused::Invalid);
+            }
+            return if require_expiry {
+                Err(Refused::NoExpiry)
+            } else {
+                Ok(())
+            };
+        };
+        let (digits, mac) = (&token[..dot], &token[dot + 1..]);
+        let expiry = std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| !d.is_empty() && d.len() <= 20 && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u64>().ok())
+            .ok_or(Refused::Invalid)?;
+        let raw = decode_hex(mac).ok_or(Refused::Invalid)?;
+        let message = format!("{id}.{expiry}");
+        if !self
+            .0
+            .iter()
+            .any(|s| s.mac(&message).verify_slice(&raw).is_ok())
+        {
+            return Err(Refused::Invalid);
+        }
+        if now >= expiry {
+            return Err(Refused::Expired { at: expiry });
+        }
+        Ok(())
+    }
+}
+
+/// What a running server checks tokens with. The keys can be replaced while it runs;
+/// connections already authenticated keep going (their tokens were checked at hello).
+#[derive(Debug)]
+pub struct Auth {
+    keys: RwLock<Keys>,
+    /// `--auth-require-expiry`: plain tokens are refused.
+    pub require_expiry: bool,
+}
+
+impl Auth {
+    pub fn new(keys: Keys, require_expiry: bool) -> Arc<Auth> {
+        Arc::new(Auth {
+            keys: RwLock::new(keys),
+            require_expiry,
+        })
+    }
+
+    pub fn check(&self, id: u32, token: &[u8]) -> Result<(), Refused> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.check(id, token, now(), self.require_expiry)
+    }
+
+    /// Swaps in new keys (a reload); returns how many there are.
+    pub fn replace(&self, keys: Keys) -> usize {
+        let n = keys.len();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        n
+    }
+}
+
+/// Unix time in seconds.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Parses a token lifetime: `30s`, `15m`, `12h`, `90d`, or plain seconds.
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 30s, 15m, 12h or 90d"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+    };
+    if n == 0 {
+        return Err("a token lifetime must be more than zero".into());
+    }
+    n.checked_mul(unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decode_hex(text: &[u8]) -> Option<Vec<u8>> {
@@ -92,10 +277,89 @@ mod tests {
             secret.token(7),
             "01235b0d2aa4a5daba7243a9228194c8eff913ac5e56e967301210270380bc42"
         );
+        // python3 -c 'import hmac,hashlib;print(hmac.new(b"key",b"7.2000000000",hashlib.sha256).hexdigest())'
+        assert_eq!(
+            secret.token_until(7, 2_000_000_000),
+            "2000000000.75ff5d8b86d78c0ca5e2110a817341aeef73914934e9a14fd9cdf730f11b16c8"
+        );
+    }
+
+    #[test]
+    fn expiring_tokens_work_until_their_expiry_and_cannot_be_extended() {
+        let keys = Keys::from(Secret::new("key").unwrap());
+        let token = keys.0[0].token_until(7, 1000);
+        assert_eq!(keys.check(7, token.as_bytes(), 999, true), Ok(()));
+        assert_eq!(
+            keys.check(7, token.as_bytes(), 1000, false),
+            Err(Refused::Expired { at: 1000 })
+        );
+        assert_eq!(
+            keys.check(8, token.as_bytes(), 999, false),
+            Err(Refused::Invalid)
+        );
+        let extended = token.replacen("1000.", "9999.", 1);
+        assert_eq!(
+            keys.check(7, extended.as_bytes(), 999, false),
+            Err(Refused::Invalid)
+        );
+        for junk in [
+            "",
+            ".",
+            "1000.",
+            ".abc",
+            "x.y",
+            "99999999999999999999999.00",
+        ] {
+            assert_eq!(
+                keys.check(7, junk.as_bytes(), 0, false),
+                Err(Refused::Invalid),
+                "{junk}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_tokens_are_refused_when_an_expiry_is_required() {
+        let keys = Keys::from(Secret::new("key").unwrap());
+        let token = keys.mint(7, None);
+        assert_eq!(keys.check(7, token.as_bytes(), 0, false), Ok(()));
+        assert_eq!(
+            keys.check(7, token.as_bytes(), 0, true),
+            Err(Refused::NoExpiry)
+        );
+    }
+
+    #[test]
+    fn the_first_secret_mints_and_every_one_verifies() {
+        let keys = Keys::parse(b"new\r\n\nold  \n").unwrap();
+        assert_eq!(keys.len(), 2);
+        let old = Keys::parse(b"old").unwrap();
+        let minted = keys.mint(5, Some(Duration::from_secs(60)));
+        assert_eq!(keys.check(5, minted.as_bytes(), now(), true), Ok(()));
+        assert_eq!(
+            old.check(5, minted.as_bytes(), now(), true),
+            Err(Refused::Invalid)
+        );
+        let by_old = old.mint(5, None);
+        assert_eq!(keys.check(5, by_old.as_bytes(), now(), false), Ok(()));
+        assert!(Keys::parse(b"\n\n").is_err());
+    }
+
+    #[test]
+    fn ttls_parse_with_units() {
+        assert_eq!(parse_ttl("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_ttl("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_ttl("90d"), Ok(Duration::from_secs(7_776_000)));
+        assert_eq!(parse_ttl("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("5y").is_err());
+        assert!(parse_ttl("h").is_err());
     }
 
     #[test]
     fn debug_hides_the_secret() {
         assert!(!format!("{:?}", Secret::new("hunter2").unwrap()).contains("hunter2"));
+        let auth = Auth::new(Keys::parse(b"hunter2").unwrap(), false);
+        assert!(!format!("{auth:?}").contains("hunter2"));
     }
 }

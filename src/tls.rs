@@ -11,6 +11,25 @@ use futures_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 pub use futures_rustls::{TlsAcceptor, TlsConnector};
 
+/// The server's TLS settings, replaceable while it runs (a renewed certificate on
+/// SIGHUP): each new connection takes the current one; open connections keep theirs.
+#[derive(Debug)]
+pub struct ServerTls(std::sync::RwLock<Arc<ServerConfig>>);
+
+impl ServerTls {
+    pub fn new(config: Arc<ServerConfig>) -> Arc<ServerTls> {
+        Arc::new(ServerTls(std::sync::RwLock::new(config)))
+    }
+
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+}
+
 /// A server configuration from a PEM certificate chain and a PEM private key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     let certs = CertificateDer::pem_file_iter(cert)

@@ -7,7 +7,7 @@ use std::process::Command;
 use async_std::net::TcpStream;
 use futures::{AsyncReadExt, AsyncWriteExt};
 
-use chat::auth::Secret;
+use chat::auth::{Auth, Keys, Secret};
 use chat::client::Client;
 use chat::protocol::{ClientFrame, Code};
 use chat::rt;
@@ -18,7 +18,7 @@ fn secret() -> Secret {
 }
 
 async fn auth_server() -> TestServer {
-    start_with(|c| c.auth = Some(secret())).await
+    start_with(|c| c.auth = Some(Auth::new(Keys::from(secret()), false))).await
 }
 
 async fn login_with_token(server: &TestServer, id: u32) -> Client {

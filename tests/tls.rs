@@ -26,7 +26,7 @@ fn certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
 
 async fn tls_server(cert: &std::path::Path, key: &std::path::Path) -> TestServer {
     let config = tls::server_config(cert, key).expect("server config");
-    start_with(|c| c.tls = Some(config)).await
+    start_with(|c| c.tls = Some(tls::ServerTls::new(config))).await
 }
 
 async fn tls_login(server: &TestServer, ca: &std::path::Path, id: u32) -> Client {

@@ -6,13 +6,16 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures::channel::oneshot;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use chat::auth::Secret;
+use std::sync::Arc;
+
+use chat::auth::{Auth, Keys, Secret};
 use chat::rt;
 use chat::server::{Config, Server};
 use chat::store::Limits;
+use chat::tls::ServerTls;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,11 +67,17 @@ struct Args {
     )]
     auth_secret: Option<String>,
 
-    /// Read the auth secret from a file.
+    /// Read the auth secrets from a file, one per line: the first mints tokens, every
+    /// one verifies them. SIGHUP reads it again.
     #[arg(long, env = "CHAT_AUTH_SECRET_FILE")]
     auth_secret_file: Option<PathBuf>,
 
-    /// Serve TLS with this PEM certificate chain (needs --tls-key).
+    /// Refuse tokens without an expiry (those minted without --ttl).
+    #[arg(long, env = "CHAT_AUTH_REQUIRE_EXPIRY")]
+    auth_require_expiry: bool,
+
+    /// Serve TLS with this PEM certificate chain (needs --tls-key). SIGHUP reads the
+    /// certificate and key again.
     #[arg(long, env = "CHAT_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
 
@@ -87,6 +96,9 @@ enum Command {
     Token {
         #[arg(long)]
         id: u32,
+        /// Make the token stop working after this long: 30s, 15m, 12h, 90d.
+        #[arg(long, value_parser = chat::auth::parse_ttl)]
+        ttl: Option<Duration>,
     },
 }
 
@@ -102,10 +114,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let secret = secret(&args)?;
-    if let Some(Command::Token { id }) = args.command {
-        let secret = secret.ok_or("token needs --auth-secret or --auth-secret-file")?;
-        println!("{}", secret.token(id));
+    let keys = keys(&args)?;
+    if let Some(Command::Token { id, ttl }) = args.command {
+        let keys = keys.ok_or("token needs --auth-secret or --auth-secret-file")?;
+        println!("{}", keys.mint(id, ttl));
         return Ok(());
     }
     femme::with_level(args.log_level);
@@ -121,12 +133,12 @@ fn run(args: Args) -> Result<(), String> {
             max_messages: args.mailbox_max_messages,
             max_bytes: args.mailbox_max_bytes,
         },
-        auth: secret,
+        auth: keys.map(|k| Auth::new(k, args.auth_require_expiry)),
         tls: match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(chat::tls::server_config(cert, key)?),
+            (Some(cert), Some(key)) => Some(ServerTls::new(chat::tls::server_config(cert, key)?)),
             _ => None,
         },
-        ..Config::new(args.listen, args.data_dir)
+        ..Config::new(args.listen.clone(), args.data_dir.clone())
     };
     if config.tls.is_some() {
         log::info!("serving TLS");
@@ -134,6 +146,7 @@ fn run(args: Args) -> Result<(), String> {
     if config.auth.is_some() {
         log::info!("auth required: every connection must open with a hello and a token");
     }
+    reload_on_sighup(&args, config.auth.clone(), config.tls.clone())?;
     let stop = stop_signal()?;
     rt::block_on(async {
         let server = Server::bind(config).await?;
@@ -142,15 +155,57 @@ fn run(args: Args) -> Result<(), String> {
     })
 }
 
-fn secret(args: &Args) -> Result<Option<Secret>, String> {
+fn keys(args: &Args) -> Result<Option<Keys>, String> {
     if let Some(s) = &args.auth_secret {
-        return Secret::new(s.as_bytes()).map(Some);
+        return Secret::new(s.as_bytes()).map(|s| Some(Keys::from(s)));
     }
     let Some(path) = &args.auth_secret_file else {
         return Ok(None);
     };
+    read_keys(path).map(Some)
+}
+
+fn read_keys(path: &std::path::Path) -> Result<Keys, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Secret::new(bytes).map(Some)
+    Keys::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// On SIGHUP, reads the auth secret file and the TLS certificate and key again and
+/// swaps them in; connections stay. A reload that fails keeps the old settings.
+fn reload_on_sighup(
+    args: &Args,
+    auth: Option<Arc<Auth>>,
+    tls: Option<Arc<ServerTls>>,
+) -> Result<(), String> {
+    let mut signals = Signals::new([SIGHUP]).map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+    let secret_file = args.auth_secret_file.clone().filter(|_| auth.is_some());
+    let cert = args.tls_cert.clone().zip(args.tls_key.clone());
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            let mut done = Vec::new();
+            if let (Some(auth), Some(path)) = (&auth, &secret_file) {
+                match read_keys(path) {
+                    Ok(keys) => done.push(format!("{} auth secrets", auth.replace(keys))),
+                    Err(e) => log::warn!("reload: keeping the old auth secrets: {e}"),
+                }
+            }
+            if let (Some(tls), Some((cert, key))) = (&tls, &cert) {
+                match chat::tls::server_config(cert, key) {
+                    Ok(config) => {
+                        tls.replace(config);
+                        done.push("the TLS certificate".to_string());
+                    }
+                    Err(e) => log::warn!("reload: keeping the old TLS certificate: {e}"),
+                }
+            }
+            if done.is_empty() {
+                log::info!("SIGHUP: nothing reloaded");
+            } else {
+                log::info!("SIGHUP: reloaded {}", done.join(" and "));
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.

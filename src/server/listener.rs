@@ -147,7 +147,7 @@ async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
     };
     // Boxed: the handshake's state is kilobytes, and inline it would make every plain
     // connection's task that large too.
-    let handshake = Box::pin(TlsAcceptor::from(tls.clone()).accept(stream.clone()));
+    let handshake = Box::pin(TlsAcceptor::from(tls.current()).accept(stream.clone()));
     match rt::timeout(shared.config.frame_timeout, handshake).await {
         Some(Ok(session)) => {
             let (read, write) = session.split();

@@ -34,11 +34,11 @@ use std::time::Duration;
 
 use futures::SinkExt;
 use futures::channel::mpsc;
-use futures_rustls::rustls::ServerConfig;
 
-use crate::auth::Secret;
+use crate::auth::Auth;
 use crate::rt::{self, TcpListener};
 use crate::store::{self, Command, Limits};
+use crate::tls::ServerTls;
 use broker::Broker;
 use event::Event;
 
@@ -59,9 +59,10 @@ pub struct Config {
     pub max_connections: usize,
     pub max_pending_bytes: usize,
     pub mailbox: Limits,
-    pub auth: Option<Secret>,
+    /// Tokens required (and the keys that check them), when set.
+    pub auth: Option<Arc<Auth>>,
     /// Serve TLS instead of plain TCP.
-    pub tls: Option<Arc<ServerConfig>>,
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 impl Config {

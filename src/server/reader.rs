@@ -154,13 +154,11 @@ fn classify(frame: Inbound, auth: &mut Auth, shared: &Shared) -> Result<Request,
             let acks = frame.receiver == OP_HELLO_ACKS;
             // Turning acks on for the id already proven needs no token again.
             let proven = acks && frame.body().is_empty() && *auth == Auth::As(id);
-            if let (Some(secret), false) = (&shared.config.auth, proven) {
-                if !secret.verify(id, frame.body()) {
-                    log::warn!("refused a hello for id {id}: bad token");
-                    return Err(notice(
-                        Code::AuthFailed,
-                        format_args!("no valid token for id {id}"),
-                    ));
+            if let (Some(keys), false) = (&shared.config.auth, proven) {
+                if let Err(why) = keys.check(id, frame.body()) {
+                    let detail = why.detail(id);
+                    log::warn!("refused a hello: {detail}");
+                    return Err(notice(Code::AuthFailed, detail));
                 }
                 *auth = Auth::As(id);
             }
