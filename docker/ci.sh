@@ -21,8 +21,9 @@ else
   compose=(docker-compose)
 fi
 port=${CHAT_CI_PORT:-18888}
+metrics=${CHAT_CI_METRICS_PORT:-19100}
 project=chatci$$
-dc() { CHAT_PORT=$port "${compose[@]}" -p "$project" -f docker/compose.yml "$@"; }
+dc() { CHAT_PORT=$port CHAT_METRICS_PORT=$metrics "${compose[@]}" -p "$project" -f docker/compose.yml "$@"; }
 cleanup() { dc --profile client down -v --remove-orphans >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
@@ -55,9 +56,16 @@ wait_healthy() {
 wait_healthy
 echo "docker: healthy"
 
+ready=$(curl -fsS "http://127.0.0.1:$metrics/readyz") || { echo "docker: /readyz failed" >&2; exit 1; }
+[ "$ready" = ready ] || { echo "docker: /readyz said $ready" >&2; exit 1; }
+echo "docker: /readyz on the host's loopback says ready"
+
 out=$(printf 'hello from the host\n' | $client --server 127.0.0.1:$port --id 1)
 [ "$out" = "[1] text: hello from the host" ] || { echo "docker: host echo wrong: $out" >&2; exit 1; }
 echo "docker: host client got its echo"
+curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -q '^chat_frames_in_total{type="text"} [1-9]' \
+  || { echo "docker: /metrics does not show the frame" >&2; exit 1; }
+echo "docker: /metrics counted it"
 
 out=$(printf 'for 3, who is offline\n' | dc run --rm -T client --id 2 --to 3)
 echo "$out" | grep -qx '\[2\] text: for 3, who is offline' \

@@ -10,6 +10,8 @@
 
 pub mod auth;
 pub mod client;
+pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod rt;
 pub mod server;

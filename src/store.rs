@@ -36,6 +36,9 @@ use futures::channel::{mpsc, oneshot};
 use futures::task::ArcWake;
 use redb::{Builder, Database, ReadableTable, TableDefinition};
 
+use crate::metrics::Metrics;
+use std::sync::Arc;
+
 /// (receiver, sequence number) -> frame in its server -> client encoding.
 const MAILBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("mailbox");
 /// One row written to prove that writes work again after a fault.
@@ -136,7 +139,7 @@ struct Usage {
 }
 
 /// Opens (or creates) `dir/mailbox.redb` and starts the store thread.
-pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
+pub fn open(dir: &Path, limits: Limits, metrics: Option<Arc<Metrics>>) -> Result<Store, String> {
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
     let path: PathBuf = dir.join("mailbox.redb");
@@ -148,7 +151,10 @@ pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
     // through the bounded queue, and the broker drains replies before new events.
     let (reply_tx, replies) = mpsc::unbounded();
     let (closed_tx, closed) = oneshot::channel();
+    let totals = sum(&usage);
     let worker = Worker {
+        totals,
+        metrics,
         db: Some(db),
         path,
         limits,
@@ -159,6 +165,7 @@ pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
         stats: Stats::default(),
         replies: reply_tx,
     };
+    worker.publish();
     thread::Builder::new()
         .name("store".into())
         .spawn(move || {
@@ -171,6 +178,13 @@ pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
         replies,
         next_seq,
         closed,
+    })
+}
+
+fn sum(usage: &HashMap<u32, Usage>) -> Usage {
+    usage.values().fold(Usage::default(), |t, u| Usage {
+        messages: t.messages + u.messages,
+        bytes: t.bytes + u.bytes,
     })
 }
 
@@ -209,11 +223,14 @@ struct Down {
 }
 
 struct Worker {
+    metrics: Option<Arc<Metrics>>,
     /// `None` while the store is down.
     db: Option<Database>,
     path: PathBuf,
     limits: Limits,
     usage: HashMap<u32, Usage>,
+    /// The sum of `usage`, for the mailbox gauges.
+    totals: Usage,
     down: Option<Down>,
     /// Loads and deletes that arrived while the store was down, in order.
     held: Vec<Command>,
@@ -313,6 +330,14 @@ impl Worker {
             .map_or(STAGE_WAIT, |s| STAGE_WAIT.saturating_sub(s.at.elapsed()))
     }
 
+    /// Sets the mailbox gauges.
+    fn publish(&self) {
+        if let Some(m) = &self.metrics {
+            m.mailbox_frames.set(self.totals.messages as i64);
+            m.mailbox_bytes.set(self.totals.bytes as i64);
+        }
+    }
+
     fn send(&self, replies: Vec<Reply>) {
         // The broker is gone only during shutdown; nobody is waiting then.
         if !replies.is_empty() {
@@ -402,15 +427,16 @@ impl Worker {
             self.send(replies);
             return;
         }
-        let before = self.usage.clone();
+        let before = (self.usage.clone(), self.totals);
         match self.transact(&writes, &skipped) {
             Ok(more) => {
                 self.stats.tick();
+                self.publish();
                 replies.extend(more);
                 self.send(replies);
             }
             Err(e) => {
-                self.usage = before;
+                (self.usage, self.totals) = before;
                 let reason = e.to_string();
                 self.go_down(reason.clone());
                 let staged = self.staged.drain(..).filter_map(|s| s.append);
@@ -435,6 +461,9 @@ impl Worker {
     }
 
     fn go_down(&mut self, reason: String) {
+        if let Some(m) = &self.metrics {
+            m.store_failures.inc();
+        }
         log::error!("store failed, answering store-failed until it recovers: {reason}");
         // redb asks to be reopened after an I/O error; drop the handle now (it holds the
         // file lock) and reopen it from disk, which re-verifies the last commit.
@@ -460,7 +489,9 @@ impl Worker {
                     down.since.elapsed().as_secs_f64()
                 );
                 self.db = Some(db);
+                self.totals = sum(&usage);
                 self.usage = usage;
+                self.publish();
                 self.down = None;
                 self.send(vec![Reply::Health(None)]);
                 let mut held = std::mem::take(&mut self.held);
@@ -487,6 +518,7 @@ impl Worker {
             let txn = db.begin_write()?;
             // A batch that only reads needs no commit, and so no fsync.
             let mut dirty = false;
+            let mut written = 0u32;
             {
                 let mut table = txn.open_table(MAILBOX)?;
                 for cmd in writes {
@@ -506,9 +538,12 @@ impl Worker {
                             } else {
                                 table.insert((*receiver, *seq), &wire[..])?;
                                 self.stats.written += 1;
+                                written += 1;
                                 dirty = true;
                                 usage.messages += 1;
                                 usage.bytes += wire.len() as u64;
+                                self.totals.messages += 1;
+                                self.totals.bytes += wire.len() as u64;
                                 Outcome::Stored
                             };
                             replies.push(Reply::Appended {
@@ -559,6 +594,8 @@ impl Worker {
                                     let usage = self.usage.entry(*receiver).or_default();
                                     usage.messages = usage.messages.saturating_sub(1);
                                     usage.bytes = usage.bytes.saturating_sub(len);
+                                    self.totals.messages = self.totals.messages.saturating_sub(1);
+                                    self.totals.bytes = self.totals.bytes.saturating_sub(len);
                                 }
                             }
                             if self.usage.get(receiver).is_some_and(|u| u.messages == 0) {
@@ -569,8 +606,13 @@ impl Worker {
                 }
             }
             if dirty {
+                let started = Instant::now();
                 txn.commit()?;
                 self.stats.commits += 1;
+                if let Some(m) = &self.metrics {
+                    m.commit_seconds.observe(started.elapsed().as_secs_f64());
+                    m.frames_per_commit.observe(written as f64);
+                }
             } else {
                 txn.abort()?;
             }

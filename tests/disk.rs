@@ -57,6 +57,25 @@ impl Drop for Mount {
     }
 }
 
+/// The metrics address the real binary logged.
+fn metrics_addr(server: &ServerProcess) -> std::net::SocketAddr {
+    let start = std::time::Instant::now();
+    loop {
+        let found = server.logs.lock().unwrap().iter().find_map(|l| {
+            let rest = l.split("readiness on http://").nth(1)?;
+            rest.split('/').next()?.parse().ok()
+        });
+        if let Some(addr) = found {
+            return addr;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the server never logged its metrics address"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The answer to a frame, which must come within [`PROMPT`].
 async fn answer(c: &mut Client) -> chat::protocol::ServerFrame {
     rt::timeout(PROMPT, c.recv())
@@ -75,7 +94,8 @@ fn a_full_disk_gets_prompt_store_failed_and_recovers_without_a_restart() {
     let filler: PathBuf = mount.path().join("filler");
     std::fs::write(&filler, vec![0u8; 1024 * 1024]).unwrap();
     let data_dir = mount.path().join("data");
-    let server = ServerProcess::start(&data_dir, &[]);
+    let server = ServerProcess::start(&data_dir, &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&server);
     rt::block_on(async {
         let mut a = within(Client::connect(&server.addr)).await.unwrap();
         within(a.hello(1, None)).await.unwrap();
@@ -105,6 +125,10 @@ fn a_full_disk_gets_prompt_store_failed_and_recovers_without_a_restart() {
         }
         assert_eq!(failed, 5, "the 4 MiB disk never filled");
         assert!(!stored.is_empty());
+        let (status, why) = http_get(metrics, "/readyz").await;
+        assert_eq!(status, 503, "not ready while the store is down: {why}");
+        assert!(why.starts_with("store unavailable"), "{why}");
+        assert_eq!(http_get(metrics, "/healthz").await.0, 200, "yet alive");
 
         // Pings and live traffic go on while the store is down.
         within(a.send(&ClientFrame::ping())).await.unwrap();
@@ -130,6 +154,14 @@ fn a_full_disk_gets_prompt_store_failed_and_recovers_without_a_restart() {
         })
         .await;
         stored.push(after);
+        assert_eq!(http_get(metrics, "/readyz").await.0, 200, "ready again");
+        let (_, exposition) = http_get(metrics, "/metrics").await;
+        assert!(
+            exposition
+                .lines()
+                .any(|l| l.starts_with("chat_store_failures_total ") && !l.ends_with(" 0")),
+            "the failure is counted"
+        );
 
         // Every echoed frame is delivered, in order.
         let (_c, got) = mailbox_of(&server.addr, 3, stored.len()).await;

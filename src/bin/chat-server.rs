@@ -85,6 +85,11 @@ struct Args {
     #[arg(long, env = "CHAT_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 
+    /// Serve Prometheus metrics (/metrics), health (/healthz) and readiness (/readyz)
+    /// over HTTP on this address, e.g. 127.0.0.1:9090. Off by default.
+    #[arg(long, env = "CHAT_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+
     /// error, warn, info, debug or trace.
     #[arg(long, env = "CHAT_LOG_LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
@@ -138,6 +143,7 @@ fn run(args: Args) -> Result<(), String> {
             (Some(cert), Some(key)) => Some(ServerTls::new(chat::tls::server_config(cert, key)?)),
             _ => None,
         },
+        metrics_listen: args.metrics_listen.clone(),
         ..Config::new(args.listen.clone(), args.data_dir.clone())
     };
     if config.tls.is_some() {

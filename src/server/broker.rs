@@ -11,12 +11,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt, select_biased};
 
+use crate::metrics::Metrics;
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
 use crate::rt;
 use crate::server::budget::Budget;
@@ -92,6 +93,7 @@ pub struct Broker {
     ack_timeout: Duration,
     /// For the timers that cut off clients that stop acknowledging.
     events: mpsc::Sender<Event>,
+    metrics: Option<Arc<Metrics>>,
     stalls: u64,
     /// Outboxes pushed to while handling the current event, woken once it is done.
     pushed: Vec<Arc<Outbox>>,
@@ -105,8 +107,10 @@ impl Broker {
         events: mpsc::Sender<Event>,
         inbound: Arc<Budget>,
         next_seq: u64,
+        metrics: Option<Arc<Metrics>>,
     ) -> Self {
         Broker {
+            metrics,
             ack_timeout,
             events,
             stalls: 0,
@@ -386,6 +390,7 @@ impl Broker {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        let arrived = Instant::now();
         let mut live = None;
         if let Some(&rc) = self.online.get(&receiver) {
             let limit = self.max_pending_bytes;
@@ -419,6 +424,7 @@ impl Broker {
                         page_end: false,
                         echo_to: Some(conn),
                         stored: false,
+                        arrived: Some(arrived),
                     },
                 };
                 let ok = outbox.push(item).is_ok();
@@ -455,6 +461,7 @@ impl Broker {
                     page_end: false,
                     echo_to: None,
                     stored: true,
+                    arrived: Some(arrived),
                 },
             });
             self.pushed.push(outbox);
@@ -470,6 +477,9 @@ impl Broker {
     /// Disconnects a receiver that has more than `--max-pending-bytes` waiting; what it
     /// has not been sent stays in the store for its next connection.
     fn cut_slow_consumer(&mut self, conn: ConnId, id: u32) {
+        if let Some(m) = &self.metrics {
+            m.slow_consumers.inc();
+        }
         let limit = self.max_pending_bytes;
         log::warn!("id {id}: slow consumer, {limit} bytes pending; disconnecting");
         let detail =
@@ -584,13 +594,19 @@ impl Broker {
                             page_end: seq == last,
                             echo_to: None,
                             stored: true,
+                            arrived: None,
                         },
                     });
                 }
                 c.mailbox = Mailbox::Writing { after: last };
                 self.pushed.push(c.outbox.clone());
             }
-            Reply::Health(down) => self.store_down = down,
+            Reply::Health(down) => {
+                if let Some(m) = &self.metrics {
+                    m.set_store_down(down.clone());
+                }
+                self.store_down = down;
+            }
         }
     }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures::future::{Either, select};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt};
 
-use crate::protocol::{Code, notice};
+use crate::metrics::Refusal;
+use crate::protocol::{Code, SERVER_HEADER_LEN, notice};
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::event::Event;
 use crate::server::files::Spare;
@@ -48,7 +49,7 @@ pub async fn run(
                     let accepted = listener.accept().await;
                     if let Ok((stream, peer)) = accepted {
                         log::warn!("refusing {peer}: out of file descriptors");
-                        refuse(stream, shared.config.max_connections).await;
+                        refuse(stream, &shared).await;
                     }
                     spare.restore();
                     rt::sleep(backoff).await;
@@ -70,7 +71,8 @@ pub async fn run(
                 "refusing {peer}: {} connections open",
                 shared.config.max_connections
             );
-            rt::spawn(refuse(stream, shared.config.max_connections));
+            let shared = shared.clone();
+            rt::spawn(async move { refuse(stream, &shared).await });
             continue;
         };
         configure(&stream);
@@ -109,11 +111,16 @@ fn configure(stream: &TcpStream) {
     });
 }
 
-async fn refuse(mut stream: TcpStream, max: usize) {
+async fn refuse(mut stream: TcpStream, shared: &Shared) {
+    let max = shared.config.max_connections;
     let notice = notice(
         Code::ServerBusy,
         format_args!("{max} connections open; try again later"),
     );
+    if let Some(m) = &shared.metrics {
+        m.refused(Refusal::server_busy);
+        m.notice(&notice[SERVER_HEADER_LEN..]);
+    }
     let _ = rt::timeout(REFUSAL_LIMIT, stream.write_all(&notice)).await;
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
@@ -130,13 +137,22 @@ impl Slot {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| Slot(shared.clone()))
+            .map(|_| {
+                if let Some(m) = &shared.metrics {
+                    m.accepted.inc();
+                    m.connections.inc();
+                }
+                Slot(shared.clone())
+            })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(m) = &self.0.metrics {
+            m.connections.dec();
+        }
     }
 }
 
@@ -153,7 +169,12 @@ async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
             let (read, write) = session.split();
             connection(read, write, stream, conn, shared).await
         }
-        Some(Err(e)) => log::info!("connection {conn}: TLS handshake failed: {e}"),
+        Some(Err(e)) => {
+            log::info!("connection {conn}: TLS handshake failed: {e}");
+            if let Some(m) = &shared.metrics {
+                m.refused(Refusal::tls_failed);
+            }
+        }
         None => log::info!("connection {conn}: TLS handshake timed out"),
     }
 }

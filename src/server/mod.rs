@@ -36,6 +36,7 @@ use futures::SinkExt;
 use futures::channel::mpsc;
 
 use crate::auth::Auth;
+use crate::metrics::Metrics;
 use crate::rt::{self, TcpListener};
 use crate::store::{self, Command, Limits};
 use crate::tls::ServerTls;
@@ -63,6 +64,8 @@ pub struct Config {
     pub auth: Option<Arc<Auth>>,
     /// Serve TLS instead of plain TCP.
     pub tls: Option<Arc<ServerTls>>,
+    /// Serve metrics, health and readiness over HTTP here (and keep the metrics).
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -81,6 +84,7 @@ impl Config {
             },
             auth: None,
             tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -92,6 +96,8 @@ pub struct Shared {
     pub store: mpsc::Sender<Command>,
     /// Bytes of decoded frames on their way to the broker.
     pub inbound: Arc<budget::Budget>,
+    /// Kept only when they are served (`--metrics-listen`).
+    pub metrics: Option<Arc<Metrics>>,
     active: AtomicUsize,
     next_conn: AtomicU64,
 }
@@ -101,20 +107,39 @@ pub struct Server {
     listener: TcpListener,
     config: Config,
     store: store::Store,
+    /// The HTTP listener for metrics, health and readiness, when asked for.
+    http: Option<TcpListener>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Server {
     /// Opens the mailbox and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Server, String> {
-        let store = store::open(&config.data_dir, config.mailbox)?;
+        let metrics = config.metrics_listen.as_ref().map(|_| Metrics::new());
+        let store = store::open(&config.data_dir, config.mailbox, metrics.clone())?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let http = match &config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(Server {
             listener,
             config,
             store,
+            http,
+            metrics,
         })
+    }
+
+    /// Where metrics, health and readiness are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -131,6 +156,8 @@ impl Server {
             listener,
             config,
             store,
+            http,
+            metrics,
         } = self;
         log::info!(
             "listening on {}",
@@ -146,6 +173,7 @@ impl Server {
             events,
             store: store.commands,
             inbound: Arc::new(budget::Budget::new(INBOUND_BUDGET)),
+            metrics: metrics.clone(),
             active: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
         });
@@ -156,9 +184,17 @@ impl Server {
             shared.events.clone(),
             shared.inbound.clone(),
             store.next_seq,
+            metrics.clone(),
         );
         let broker = rt::spawn(broker.run(events_rx, store.replies));
+        let (http_stop, http_stopped) = futures::channel::oneshot::channel::<()>();
+        if let (Some(http), Some(metrics)) = (http, metrics) {
+            rt::spawn(crate::http::run(http, metrics, async {
+                let _ = http_stopped.await;
+            }));
+        }
         listener::run(listener, shared.clone(), stop).await;
+        drop(http_stop);
         log::info!("stopping: no longer accepting connections");
         let mut events = shared.events.clone();
         drop(shared);

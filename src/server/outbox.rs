@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -33,12 +34,15 @@ pub enum Origin {
     /// mailbox page, after which the broker loads the next one. `stored` is false when
     /// the store was down: then delivery is the only way the frame can be accepted,
     /// and `echo_to` names the sender's connection, whose echo waits for this write.
+    /// `arrived` is when a live frame reached the broker (for the delivery-time
+    /// metric); a frame from the mailbox has none.
     Data {
         receiver: u32,
         seq: u64,
         page_end: bool,
         echo_to: Option<ConnId>,
         stored: bool,
+        arrived: Option<Instant>,
     },
 }
 
@@ -306,6 +310,7 @@ impl Outbox {
                     page_end,
                     echo_to,
                     stored,
+                    ..
                 } => {
                     out.receiver = Some(receiver);
                     out.page_end |= page_end;
@@ -365,6 +370,7 @@ mod tests {
                 page_end: false,
                 echo_to: None,
                 stored: true,
+                arrived: None,
             },
         }
     }

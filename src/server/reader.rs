@@ -12,6 +12,7 @@ use futures::{AsyncRead, AsyncReadExt, SinkExt};
 
 use byteorder::{BigEndian, ByteOrder};
 
+use crate::metrics::Refusal;
 use crate::protocol::{
     CONTROL, Code, FrameBuf, Inbound, OP_ACK, OP_HELLO, OP_HELLO_ACKS, OP_PING, notice,
 };
@@ -50,6 +51,9 @@ pub async fn run<R: AsyncRead + Unpin>(
             if rt::timeout(config.frame_timeout, room).await.is_none() {
                 let secs = config.frame_timeout.as_secs_f64();
                 let detail = format_args!("replies not read for {secs} s");
+                if let Some(m) = &shared.metrics {
+                    m.slow_consumers.inc();
+                }
                 break Some(notice(Code::SlowConsumer, detail));
             }
             started += blocked.elapsed();
@@ -80,13 +84,18 @@ pub async fn run<R: AsyncRead + Unpin>(
         let mut fatal = None;
         loop {
             match buf.decode_client(config.max_frame_bytes) {
-                Ok(Some(frame)) => match classify(frame, &mut auth, shared) {
-                    Ok(request) => requests.push(request),
-                    Err(refusal) => {
-                        fatal = Some(refusal);
-                        break;
+                Ok(Some(frame)) => {
+                    if let Some(m) = &shared.metrics {
+                        m.frame_in(frame.kind(), frame.wire.len());
                     }
-                },
+                    match classify(frame, &mut auth, shared) {
+                        Ok(request) => requests.push(request),
+                        Err(refusal) => {
+                            fatal = Some(refusal);
+                            break;
+                        }
+                    }
+                }
                 Ok(None) => break,
                 Err(too_large) => {
                     fatal = Some(notice(Code::FrameTooLarge, too_large));
@@ -140,6 +149,9 @@ enum Auth {
 fn classify(frame: Inbound, auth: &mut Auth, shared: &Shared) -> Result<Request, Bytes> {
     if frame.kind() != CONTROL {
         if *auth == Auth::Pending {
+            if let Some(m) = &shared.metrics {
+                m.refused(Refusal::auth_failed);
+            }
             return Err(notice(
                 Code::AuthFailed,
                 "the first frame must be a hello with a token",
@@ -158,6 +170,9 @@ fn classify(frame: Inbound, auth: &mut Auth, shared: &Shared) -> Result<Request,
                 if let Err(why) = keys.check(id, frame.body()) {
                     let detail = why.detail(id);
                     log::warn!("refused a hello: {detail}");
+                    if let Some(m) = &shared.metrics {
+                        m.refused(Refusal::auth_failed);
+                    }
                     return Err(notice(Code::AuthFailed, detail));
                 }
                 *auth = Auth::As(id);

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use futures::future::{Either, select};
 use futures::{AsyncWrite, AsyncWriteExt, SinkExt};
 
+use crate::metrics::{Metrics, Out};
+use crate::protocol::{CONTROL, SERVER_HEADER_LEN};
 use crate::rt;
 use crate::server::Shared;
 use crate::server::event::{ConnId, Event};
@@ -86,6 +88,9 @@ pub async fn run<W, S>(
             deadline = Some(Instant::now() + DRAIN_LIMIT);
         }
         let (written, stopped) = write_batch(&mut sink, &batch, &outbox, deadline).await;
+        if let Some(m) = &shared.metrics {
+            count_written(m, &batch[..written.whole]);
+        }
         let done = outbox.written(written.whole);
         report_written(done, conn, &shared).await;
         match stopped {
@@ -98,11 +103,14 @@ pub async fn run<W, S>(
         }
     };
     if let Some(notice) = close.and_then(|c| c.notice).filter(|_| at_boundary) {
-        let _ = rt::timeout(NOTICE_LIMIT, async {
+        let sent = rt::timeout(NOTICE_LIMIT, async {
             sink.write_all(&notice).await?;
             sink.flush().await
         })
         .await;
+        if let (Some(m), Some(Ok(()))) = (&shared.metrics, sent) {
+            count_written(m, &[Outgoing::reply(notice)]);
+        }
     }
     let _ = rt::timeout(NOTICE_LIMIT, sink.close()).await;
     socket.shutdown();
@@ -188,6 +196,39 @@ struct Progress {
     whole: usize,
     /// The stream ends exactly after a frame, so a notice can still follow.
     at_boundary: bool,
+}
+
+/// Counts written frames by kind, and the delivery time of live ones.
+fn count_written(m: &Metrics, done: &[Outgoing]) {
+    let (mut echo, mut forward, mut mailbox, mut notices, mut bytes) = (0, 0, 0, 0, 0);
+    let now = Instant::now();
+    for item in done {
+        bytes += item.wire.len() as u64;
+        match item.origin {
+            Origin::Reply | Origin::AcksOn => {
+                // A notice is a frame from sender 0 with type 0.
+                if item.wire.starts_with(&[0, 0, 0, 0, CONTROL]) {
+                    notices += 1;
+                    m.notice(&item.wire[SERVER_HEADER_LEN..]);
+                } else {
+                    echo += 1;
+                }
+            }
+            Origin::Data {
+                arrived: Some(at), ..
+            } => {
+                forward += 1;
+                m.delivery_seconds
+                    .observe(now.saturating_duration_since(at).as_secs_f64());
+            }
+            Origin::Data { arrived: None, .. } => mailbox += 1,
+        }
+    }
+    m.frames_out(Out::echo, echo);
+    m.frames_out(Out::forward, forward);
+    m.frames_out(Out::mailbox, mailbox);
+    m.frames_out(Out::notice, notices);
+    m.bytes_out.inc_by(bytes);
 }
 
 /// Tells the store what was delivered and the broker what it waits for.

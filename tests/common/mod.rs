@@ -18,6 +18,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Where metrics are served, when the config asked for them.
+    pub metrics: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     done: Option<rt::JoinHandle<()>>,
@@ -62,12 +64,14 @@ pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config
     configure(&mut config);
     let server = Server::bind(config).await.expect("server binds");
     let addr = server.local_addr();
+    let metrics = server.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let done = rt::spawn(server.run(async {
         let _ = stopped.await;
     }));
     TestServer {
         addr,
+        metrics,
         dir,
         stop: Some(stop),
         done: Some(done),
@@ -300,6 +304,28 @@ pub async fn login_acks(addr: &str, id: u32) -> Client {
     let on = within(c.hello_acks(id, None)).await.expect("welcome");
     assert!(on, "server refused acks");
     c
+}
+
+/// A plain HTTP/1.1 GET (the test's own client): the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let mut s = within(async_std::net::TcpStream::connect(addr))
+        .await
+        .expect("connects");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    within(s.write_all(request.as_bytes()))
+        .await
+        .expect("writes");
+    let mut response = Vec::new();
+    within(s.read_to_end(&mut response)).await.expect("reads");
+    let text = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_string())
 }
 
 /// Runs the real `chat-client` with `args`, feeding it `stdin`.

@@ -1,0 +1,293 @@
+//! What an operator can see: counters, gauges and histograms in Prometheus form, and
+//! the readiness the HTTP server reports.
+//!
+//! Built with prometheus-client (the official Rust client). Every label value comes
+//! from a fixed set (frame types, notice codes, refusal reasons), never from a client
+//! id, address or free text, so the number of series is bounded. Labelled counters are
+//! looked up once, at start, and kept as plain handles: counting on the hot path is one
+//! atomic add.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::protocol::{CONTROL, Code, PICTURE, TEXT, VIDEO, VOICE};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum FrameType {
+    text,
+    picture,
+    voice,
+    video,
+    control,
+    other,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: FrameType,
+}
+
+/// What kind of frame the server wrote.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Out {
+    echo,
+    forward,
+    mailbox,
+    notice,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: Out,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+/// Why a connection was refused.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Refusal {
+    server_busy,
+    auth_failed,
+    tls_failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: Refusal,
+}
+
+/// Every metric the server keeps, and its readiness.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub accepted: Counter,
+    refused: [Counter; 3],
+    frames_in: [Counter; 6],
+    pub bytes_in: Counter,
+    frames_out: [Counter; 4],
+    pub bytes_out: Counter,
+    notices: Vec<(Code, Counter)>,
+    pub mailbox_frames: Gauge,
+    pub mailbox_bytes: Gauge,
+    pub commit_seconds: Histogram,
+    pub frames_per_commit: Histogram,
+    pub delivery_seconds: Histogram,
+    pub slow_consumers: Counter,
+    pub store_failures: Counter,
+    /// Why the store is down, while it is: `/readyz` says not ready.
+    store_down: Mutex<Option<String>>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("chat");
+        let connections = Gauge::default();
+        registry.register("connections", "Connections open", connections.clone());
+        let accepted = Counter::default();
+        registry.register(
+            "connections_accepted",
+            "Connections accepted",
+            accepted.clone(),
+        );
+        let refused_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused, by reason",
+            refused_family.clone(),
+        );
+        let refused = [
+            Refusal::server_busy,
+            Refusal::auth_failed,
+            Refusal::tls_failed,
+        ]
+        .map(|reason| {
+            refused_family
+                .get_or_create(&ReasonLabel { reason })
+                .clone()
+        });
+        let frames_in_family = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "frames_in",
+            "Frames received from clients, by type",
+            frames_in_family.clone(),
+        );
+        let frames_in = [
+            FrameType::text,
+            FrameType::picture,
+            FrameType::voice,
+            FrameType::video,
+            FrameType::control,
+            FrameType::other,
+        ]
+        .map(|r#type| {
+            frames_in_family
+                .get_or_create(&TypeLabel { r#type })
+                .clone()
+        });
+        let bytes_in = Counter::default();
+        registry.register(
+            "bytes_in",
+            "Frame bytes received from clients (server encoding)",
+            bytes_in.clone(),
+        );
+        let frames_out_family = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "frames_out",
+            "Frames written to clients, by kind",
+            frames_out_family.clone(),
+        );
+        let frames_out = [Out::echo, Out::forward, Out::mailbox, Out::notice]
+            .map(|kind| frames_out_family.get_or_create(&KindLabel { kind }).clone());
+        let bytes_out = Counter::default();
+        registry.register("bytes_out", "Bytes written to clients", bytes_out.clone());
+        let notices_family = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "notices",
+            "Notices written to clients, by code",
+            notices_family.clone(),
+        );
+        let notices = Code::ALL
+            .iter()
+            .map(|&code| {
+                let label = CodeLabel {
+                    code: code.as_str().to_string(),
+                };
+                (code, notices_family.get_or_create(&label).clone())
+            })
+            .collect();
+        let mailbox_frames = Gauge::default();
+        registry.register(
+            "mailbox_frames",
+            "Frames in the store (mailboxes and frames on their way)",
+            mailbox_frames.clone(),
+        );
+        let mailbox_bytes = Gauge::default();
+        registry.register(
+            "mailbox_bytes",
+            "Bytes of frames in the store",
+            mailbox_bytes.clone(),
+        );
+        let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "store_commit_seconds",
+            "Time one store commit took, fsync included",
+            commit_seconds.clone(),
+        );
+        let frames_per_commit = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "store_frames_per_commit",
+            "Frames written by one store commit",
+            frames_per_commit.clone(),
+        );
+        let delivery_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
+        registry.register(
+            "delivery_seconds",
+            "From a frame's arrival to its write to the receiver's socket (live frames)",
+            delivery_seconds.clone(),
+        );
+        let slow_consumers = Counter::default();
+        registry.register(
+            "slow_consumers",
+            "Clients cut off as slow consumers",
+            slow_consumers.clone(),
+        );
+        let store_failures = Counter::default();
+        registry.register(
+            "store_failures",
+            "Times the store went down (a failed commit)",
+            store_failures.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            connections,
+            accepted,
+            refused,
+            frames_in,
+            bytes_in,
+            frames_out,
+            bytes_out,
+            notices,
+            mailbox_frames,
+            mailbox_bytes,
+            commit_seconds,
+            frames_per_commit,
+            delivery_seconds,
+            slow_consumers,
+            store_failures,
+            store_down: Mutex::new(None),
+        })
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        let i = match why {
+            Refusal::server_busy => 0,
+            Refusal::auth_failed => 1,
+            Refusal::tls_failed => 2,
+        };
+        self.refused[i].inc();
+    }
+
+    /// A frame received, by its type byte; `len` is its size in the server encoding.
+    pub fn frame_in(&self, kind: u8, len: usize) {
+        let i = match kind {
+            TEXT => 0,
+            PICTURE => 1,
+            VOICE => 2,
+            VIDEO => 3,
+            CONTROL => 4,
+            _ => 5,
+        };
+        self.frames_in[i].inc();
+        self.bytes_in.inc_by(len as u64);
+    }
+
+    pub fn frames_out(&self, kind: Out, n: u64) {
+        if n > 0 {
+            self.frames_out[kind as usize].inc_by(n);
+        }
+    }
+
+    /// A notice written: its code is the start of its body.
+    pub fn notice(&self, body: &[u8]) {
+        if let Some((_, counter)) = self.notices.iter().find(|(code, _)| {
+            let c = code.as_str().as_bytes();
+            body.starts_with(c) && body.get(c.len()) == Some(&b':')
+        }) {
+            counter.inc();
+        }
+    }
+
+    pub fn set_store_down(&self, reason: Option<String>) {
+        *self.store_down.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// `None` when ready, or why not.
+    pub fn not_ready(&self) -> Option<String> {
+        self.store_down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| format!("store unavailable: {r}"))
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

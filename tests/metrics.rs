@@ -1,0 +1,263 @@
+//! Metrics, health and readiness over HTTP: traffic moves the right counters by the
+//! right amounts, and a real Prometheus reads the exposition.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chat::protocol::Code;
+use chat::rt;
+use common::*;
+
+/// Parses the text exposition into `name{labels}` -> value.
+fn parse(exposition: &str) -> HashMap<String, f64> {
+    let mut values = HashMap::new();
+    for line in exposition.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').expect("`series value`");
+        let value: f64 = value.parse().expect("a number");
+        values.insert(name.to_string(), value);
+    }
+    values
+}
+
+async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    parse(&body)
+}
+
+async fn metrics_server() -> TestServer {
+    start_with(|c| c.metrics_listen = Some("127.0.0.1:0".into())).await
+}
+
+#[test]
+fn traffic_moves_the_right_counters_by_the_right_amounts() {
+    rt::block_on(async {
+        let server = metrics_server().await;
+        let m = server.metrics.expect("metrics address");
+        let before = scrape(m).await;
+        assert_eq!(before["chat_connections"], 0.0);
+        let mut a = login(&server, 1).await;
+        let mut b = login(&server, 2).await;
+        for i in 0..3 {
+            let f = text(1, 2, &format!("live {i}"));
+            send_confirmed(&mut a, &f).await;
+            assert_eq!(recv(&mut b).await, delivered(&f));
+        }
+        let picture = data(1, 2, 2, &[7u8; 1000]);
+        send_confirmed(&mut a, &picture).await;
+        assert_eq!(recv(&mut b).await, delivered(&picture));
+        send_confirmed(&mut a, &text(1, 3, "for later")).await;
+        send_confirmed(&mut a, &text(1, 3, "for later too")).await;
+        within(a.send(&chat::protocol::ClientFrame::ping()))
+            .await
+            .unwrap();
+        expect_notice(&mut a, Code::Pong).await;
+
+        let after = scrape(m).await;
+        let moved = |series: &str| after[series] - before.get(series).copied().unwrap_or(0.0);
+        assert_eq!(after["chat_connections"], 2.0);
+        assert_eq!(moved("chat_connections_accepted_total"), 2.0);
+        assert_eq!(moved("chat_frames_in_total{type=\"text\"}"), 5.0);
+        assert_eq!(moved("chat_frames_in_total{type=\"picture\"}"), 1.0);
+        assert_eq!(
+            moved("chat_frames_in_total{type=\"control\"}"),
+            3.0,
+            "two hellos, a ping"
+        );
+        assert_eq!(moved("chat_frames_out_total{kind=\"echo\"}"), 6.0);
+        assert_eq!(moved("chat_frames_out_total{kind=\"forward\"}"), 4.0);
+        assert_eq!(moved("chat_frames_out_total{kind=\"notice\"}"), 3.0);
+        assert_eq!(moved("chat_notices_total{code=\"welcome\"}"), 2.0);
+        assert_eq!(moved("chat_notices_total{code=\"pong\"}"), 1.0);
+        assert_eq!(moved("chat_delivery_seconds_count"), 4.0);
+        assert_eq!(
+            after["chat_mailbox_frames"], 2.0,
+            "two frames wait for id 3"
+        );
+        assert!(after["chat_store_commit_seconds_count"] >= 1.0);
+        assert!(moved("chat_bytes_in_total") >= 1000.0);
+        for code in Code::ALL {
+            assert!(
+                after.contains_key(&format!("chat_notices_total{{code=\"{code}\"}}")),
+                "{code} has a series"
+            );
+        }
+
+        // The mailbox is delivered and leaves the store.
+        let (_c, got) = mailbox_of(&server.addr(), 3, 2).await;
+        assert_eq!(got.len(), 2);
+        let later = within(async {
+            loop {
+                let now = scrape(m).await;
+                if now["chat_mailbox_frames"] == 0.0 {
+                    return now;
+                }
+                rt::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(
+            later["chat_frames_out_total{kind=\"mailbox\"}"]
+                - after["chat_frames_out_total{kind=\"mailbox\"}"],
+            2.0
+        );
+    });
+}
+
+#[test]
+fn refusals_are_counted() {
+    rt::block_on(async {
+        let server = start_with(|c| {
+            c.metrics_listen = Some("127.0.0.1:0".into());
+            c.max_connections = 1;
+        })
+        .await;
+        let m = server.metrics.unwrap();
+        let _one = login(&server, 1).await;
+        let mut two = connect(&server).await;
+        expect_notice(&mut two, Code::ServerBusy).await;
+        let after = scrape(m).await;
+        assert_eq!(
+            after["chat_connections_refused_total{reason=\"server_busy\"}"],
+            1.0
+        );
+        assert_eq!(after["chat_notices_total{code=\"server-busy\"}"], 1.0);
+    });
+}
+
+#[test]
+fn health_readiness_and_unknown_paths() {
+    rt::block_on(async {
+        let server = metrics_server().await;
+        let m = server.metrics.unwrap();
+        assert_eq!(http_get(m, "/healthz").await.0, 200);
+        assert_eq!(http_get(m, "/readyz").await, (200, "ready\n".to_string()));
+        assert_eq!(http_get(m, "/nope").await.0, 404);
+        // Not HTTP at all: refused with 400, and the server goes on.
+        {
+            use futures::{AsyncReadExt, AsyncWriteExt};
+            let mut s = within(async_std::net::TcpStream::connect(m)).await.unwrap();
+            within(s.write_all(b"\x00\x01garbage\r\n\r\n"))
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            within(s.read_to_end(&mut out)).await.unwrap();
+            let text = String::from_utf8_lossy(&out);
+            assert!(
+                text.is_empty() || text.starts_with("HTTP/1.1 400"),
+                "{text}"
+            );
+        }
+        assert_eq!(http_get(m, "/healthz").await.0, 200);
+    });
+}
+
+/// A real Prometheus scrapes chat-server, and its query API shows the frames sent.
+#[test]
+fn a_real_prometheus_scrapes_the_metrics() {
+    let Some(prometheus) = which("prometheus") else {
+        let why = "SKIP: prometheus is not installed (apt-get install prometheus)";
+        assert!(
+            std::env::var_os("CHAT_REQUIRE_PROMETHEUS").is_none(),
+            "{why}, and CHAT_REQUIRE_PROMETHEUS is set"
+        );
+        println!("{why}");
+        return;
+    };
+    rt::block_on(async {
+        let server = metrics_server().await;
+        let m = server.metrics.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: chat\n    static_configs:\n      - targets: ['{m}']\n"
+            ),
+        )
+        .unwrap();
+        let web = free_port();
+        let _prometheus = Guard(
+            Command::new(prometheus)
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={web}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("prometheus starts"),
+        );
+        let mut a = login(&server, 1).await;
+        for i in 0..7 {
+            send_confirmed(&mut a, &text(1, 0, &format!("scraped {i}"))).await;
+        }
+        let query = "/api/v1/query?query=sum(chat_frames_in_total%7Btype%3D%22text%22%7D)";
+        // Prometheus starts, then scrapes once a second: poll its API until it has it.
+        let seen = rt::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Some((200, body)) = try_get(web, query).await
+                    && body.contains("\"7\"")
+                {
+                    return body;
+                }
+                rt::sleep(Duration::from_millis(250)).await;
+            }
+        })
+        .await;
+        assert!(seen.is_some(), "Prometheus never showed the 7 text frames");
+    });
+}
+
+/// A GET that gives up quietly (Prometheus may not be listening yet).
+async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let limit = Duration::from_secs(2);
+    let mut s = rt::timeout(limit, async_std::net::TcpStream::connect(addr))
+        .await?
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    rt::timeout(limit, s.write_all(request.as_bytes()))
+        .await?
+        .ok()?;
+    let mut response = Vec::new();
+    rt::timeout(limit, s.read_to_end(&mut response))
+        .await?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
