@@ -349,20 +349,7 @@ impl Worker {
     fn refuse(&mut self, batch: &mut Vec<Command>) {
         let reason = self.down.as_ref().map_or("", |d| d.reason.as_str());
         let failed = format!("store unavailable: {reason}");
-        let mut replies = Vec::new();
-        for cmd in batch.drain(..) {
-            match cmd {
-                Command::Append {
-                    ticket, seq, wire, ..
-                } => replies.push(Reply::Appended {
-                    ticket,
-                    seq,
-                    outcome: Outcome::Failed(failed.clone()),
-                    len: wire.len(),
-                }),
-                other => self.held.push(other),
-            }
-        }
+        let replies = self.fail_or_hold(batch.drain(..), &failed);
         self.send(replies);
     }
 
@@ -439,25 +426,32 @@ impl Worker {
                 (self.usage, self.totals) = before;
                 let reason = e.to_string();
                 self.go_down(reason.clone());
-                let staged = self.staged.drain(..).filter_map(|s| s.append);
-                for cmd in writes.into_iter().chain(staged) {
-                    match cmd {
-                        Command::Append {
-                            ticket, seq, wire, ..
-                        } => replies.push(Reply::Appended {
-                            ticket,
-                            seq,
-                            outcome: Outcome::Failed(reason.clone()),
-                            len: wire.len(),
-                        }),
-                        // Pages read in a failed transaction may hold its own appends:
-                        // loads are answered after recovery instead, deletes redone then.
-                        other => self.held.push(other),
-                    }
-                }
+                let staged: Vec<Command> = self.staged.drain(..).filter_map(|s| s.append).collect();
+                // Pages read in a failed transaction may hold its own appends: loads are
+                // answered after recovery instead, deletes redone then.
+                replies.extend(self.fail_or_hold(writes.into_iter().chain(staged), &reason));
                 self.send(replies);
             }
         }
+    }
+
+    /// Answers appends with `store-failed`; holds loads and deletes for recovery.
+    fn fail_or_hold(&mut self, cmds: impl Iterator<Item = Command>, reason: &str) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        for cmd in cmds {
+            match cmd {
+                Command::Append {
+                    ticket, seq, wire, ..
+                } => replies.push(Reply::Appended {
+                    ticket,
+                    seq,
+                    outcome: Outcome::Failed(reason.to_string()),
+                    len: wire.len(),
+                }),
+                other => self.held.push(other),
+            }
+        }
+        replies
     }
 
     fn go_down(&mut self, reason: String) {

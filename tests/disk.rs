@@ -167,17 +167,11 @@ fn a_full_disk_gets_prompt_store_failed_and_recovers_without_a_restart() {
         let (_c, got) = mailbox_of(&server.addr, 3, stored.len()).await;
         assert_eq!(got, stored.iter().map(delivered).collect::<Vec<_>>());
     });
-    let count = |needle: &str| {
-        server
-            .logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    };
     // One line when the store goes bad and one when it is back, not one per frame.
-    let (bad, back) = (count("store failed"), count("store recovered"));
+    let (bad, back) = (
+        server.count_logged("store failed"),
+        server.count_logged("store recovered"),
+    );
     assert!(
         bad >= 1 && back >= 1,
         "{bad} failures, {back} recoveries logged"

@@ -83,12 +83,6 @@ fn a_hard_limit_below_max_connections_answers_the_surplus_with_server_busy() {
         .await;
     });
     assert!(server.logged("the open-files limit is 1024, too low for --max-connections 10000"));
-    let warnings = server
-        .logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("too low for --max-connections"))
-        .count();
+    let warnings = server.count_logged("too low for --max-connections");
     assert_eq!(warnings, 1, "one warning, not one per connection");
 }

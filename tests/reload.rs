@@ -57,15 +57,7 @@ async fn tls_hello(addr: &str, ca: &Path, id: u32, token: &str) -> Result<Client
 /// Waits until the server has logged `needle` `n` times.
 fn wait_logged(server: &ServerProcess, needle: &str, n: usize) {
     let start = std::time::Instant::now();
-    while server
-        .logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains(needle))
-        .count()
-        < n
-    {
+    while server.count_logged(needle) < n {
         assert!(start.elapsed() < WAIT, "never logged {needle:?}");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

@@ -246,7 +246,17 @@ impl ServerProcess {
     }
 
     pub fn logged(&self, needle: &str) -> bool {
-        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.count_logged(needle) > 0
+    }
+
+    /// How many lines logged so far contain `needle`.
+    pub fn count_logged(&self, needle: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     pub fn signal(&self, signal: i32) {
