@@ -4,9 +4,12 @@
 //! The design is the actor-style broker of async-std's a-chat tutorial, with every queue
 //! bounded: a reader task per connection decodes frames and sends them to one broker
 //! task; the broker owns the map of connected clients and pushes each outbound frame to
-//! the receiving connection's writer task; frames for offline receivers go to a store
-//! thread that group-commits them to an embedded database. See [`server`] for the
-//! diagram, [`protocol`] for the wire format, and docs/PROTOCOL.md for the guarantees.
+//! the receiving connection's writer task; every frame for another id also goes to a
+//! store thread that group-commits it to an embedded database before its echo, and
+//! removes it once delivered (acknowledged, for clients that turn acks on). See
+//! [`server`] for the diagram, [`protocol`] for the wire format, [`store`] for
+//! durability, [`http`] and [`metrics`] for what operators see, and docs/PROTOCOL.md for
+//! the guarantees.
 
 pub mod auth;
 pub mod client;
