@@ -139,11 +139,17 @@ struct Usage {
 }
 
 /// Opens (or creates) `dir/mailbox.redb` and starts the store thread.
-pub fn open(dir: &Path, limits: Limits, metrics: Option<Arc<Metrics>>) -> Result<Store, String> {
+pub fn open(
+    dir: &Path,
+    limits: Limits,
+    metrics: Option<Arc<Metrics>>,
+    faults: Option<Arc<Faults>>,
+) -> Result<Store, String> {
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
     let path: PathBuf = dir.join("mailbox.redb");
-    let db = open_db(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let db = open_db(&path, faults.as_ref())
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let (usage, next_seq) =
         scan(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let (commands, rx) = mpsc::channel(QUEUE);
@@ -153,6 +159,7 @@ pub fn open(dir: &Path, limits: Limits, metrics: Option<Arc<Metrics>>) -> Result
     let (closed_tx, closed) = oneshot::channel();
     let totals = sum(&usage);
     let worker = Worker {
+        faults,
         totals,
         metrics,
         db: Some(db),
@@ -188,10 +195,64 @@ fn sum(usage: &HashMap<u32, Usage>) -> Usage {
     })
 }
 
-fn open_db(path: &Path) -> Result<Database, redb::Error> {
+/// Faults a test can switch on in the store's file: redb reads and writes through a
+/// backend, so an fsync failure can be made real without a failing disk.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Every fsync fails with EIO while set.
+    pub fail_sync: std::sync::atomic::AtomicBool,
+}
+
+/// redb's file backend, with [`Faults`].
+#[derive(Debug)]
+struct FaultyFile {
+    file: redb::backends::FileBackend,
+    faults: Arc<Faults>,
+}
+
+impl redb::StorageBackend for FaultyFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.file.read(offset, len)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+        if self
+            .faults
+            .fail_sync
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.sync_data(eventual)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write(offset, data)
+    }
+}
+
+fn open_db(path: &Path, faults: Option<&Arc<Faults>>) -> Result<Database, redb::Error> {
     // redb's default page cache is 1 GiB; the store is written far more than read, so
     // a small cache keeps the server's memory bounded by its limits instead.
-    Ok(Builder::new().set_cache_size(CACHE_BYTES).create(path)?)
+    let mut builder = Builder::new();
+    builder.set_cache_size(CACHE_BYTES);
+    let Some(faults) = faults else {
+        return Ok(builder.create(path)?);
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(redb::Error::Io)?;
+    let file = redb::backends::FileBackend::new(file)?;
+    let faults = faults.clone();
+    Ok(builder.create_with_backend(FaultyFile { file, faults })?)
 }
 
 fn scan(db: &Database) -> Result<(HashMap<u32, Usage>, u64), redb::Error> {
@@ -224,6 +285,7 @@ struct Down {
 
 struct Worker {
     metrics: Option<Arc<Metrics>>,
+    faults: Option<Arc<Faults>>,
     /// `None` while the store is down.
     db: Option<Database>,
     path: PathBuf,
@@ -475,7 +537,7 @@ impl Worker {
     /// Reopens the database and proves it writable; on success applies what was held.
     fn try_recover(&mut self) {
         let Some(down) = &mut self.down else { return };
-        let result = reopen(&self.path);
+        let result = reopen(&self.path, self.faults.as_ref());
         match result {
             Ok((db, usage)) => {
                 log::info!(
@@ -675,8 +737,11 @@ fn next_within(
 }
 
 /// Opens the database again, rescans it and proves it writable with a probe commit.
-fn reopen(path: &Path) -> Result<(Database, HashMap<u32, Usage>), redb::Error> {
-    let db = open_db(path)?;
+fn reopen(
+    path: &Path,
+    faults: Option<&Arc<Faults>>,
+) -> Result<(Database, HashMap<u32, Usage>), redb::Error> {
+    let db = open_db(path, faults)?;
     let (usage, _) = scan(&db)?;
     let txn = db.begin_write()?;
     {

@@ -66,6 +66,8 @@ pub struct Config {
     pub tls: Option<Arc<ServerTls>>,
     /// Serve metrics, health and readiness over HTTP here (and keep the metrics).
     pub metrics_listen: Option<String>,
+    /// Faults to inject into the store's file (tests only; no flag sets it).
+    pub store_faults: Option<Arc<store::Faults>>,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             auth: None,
             tls: None,
             metrics_listen: None,
+            store_faults: None,
         }
     }
 }
@@ -116,7 +119,12 @@ impl Server {
     /// Opens the mailbox and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Server, String> {
         let metrics = config.metrics_listen.as_ref().map(|_| Metrics::new());
-        let store = store::open(&config.data_dir, config.mailbox, metrics.clone())?;
+        let store = store::open(
+            &config.data_dir,
+            config.mailbox,
+            metrics.clone(),
+            config.store_faults.clone(),
+        )?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
