@@ -61,8 +61,31 @@ fn traffic_moves_the_right_counters_by_the_right_amounts() {
             .unwrap();
         expect_notice(&mut a, Code::Pong).await;
 
-        let after = scrape(m).await;
-        let moved = |series: &str| after[series] - before.get(series).copied().unwrap_or(0.0);
+        // Writers count a frame just after writing it, so the client can see it first:
+        // wait until the last writes are counted (no more traffic follows).
+        let since = |now: &HashMap<String, f64>, series: &str| {
+            now.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
+        };
+        // A frame sent while its receiver's (empty) mailbox is still being read goes
+        // through the store and counts as `mailbox`, not `forward`: count both.
+        let to_b = |now: &HashMap<String, f64>| {
+            since(now, "chat_frames_out_total{kind=\"forward\"}")
+                + since(now, "chat_frames_out_total{kind=\"mailbox\"}")
+        };
+        let after = within(async {
+            loop {
+                let now = scrape(m).await;
+                if since(&now, "chat_frames_out_total{kind=\"echo\"}") >= 6.0
+                    && to_b(&now) >= 4.0
+                    && since(&now, "chat_frames_out_total{kind=\"notice\"}") >= 3.0
+                {
+                    return now;
+                }
+                rt::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let moved = |series: &str| since(&after, series);
         assert_eq!(after["chat_connections"], 2.0);
         assert_eq!(moved("chat_connections_accepted_total"), 2.0);
         assert_eq!(moved("chat_frames_in_total{type=\"text\"}"), 5.0);
@@ -73,11 +96,15 @@ fn traffic_moves_the_right_counters_by_the_right_amounts() {
             "two hellos, a ping"
         );
         assert_eq!(moved("chat_frames_out_total{kind=\"echo\"}"), 6.0);
-        assert_eq!(moved("chat_frames_out_total{kind=\"forward\"}"), 4.0);
+        assert_eq!(to_b(&after), 4.0);
         assert_eq!(moved("chat_frames_out_total{kind=\"notice\"}"), 3.0);
         assert_eq!(moved("chat_notices_total{code=\"welcome\"}"), 2.0);
         assert_eq!(moved("chat_notices_total{code=\"pong\"}"), 1.0);
-        assert_eq!(moved("chat_delivery_seconds_count"), 4.0);
+        assert_eq!(
+            moved("chat_delivery_seconds_count"),
+            moved("chat_frames_out_total{kind=\"forward\"}"),
+            "every live frame's delivery is timed"
+        );
         assert_eq!(
             after["chat_mailbox_frames"], 2.0,
             "two frames wait for id 3"
