@@ -9,10 +9,11 @@
 //! All storage runs on one dedicated thread, so blocking file I/O never occupies the
 //! async executor. The thread drains every command that is waiting, applies them in one
 //! write transaction and commits once (group commit): under load, one fsync covers
-//! hundreds of frames. A frame whose delete arrives in the same batch as its append was
-//! delivered before it was ever written, so neither touches the disk: a receiver that
-//! keeps up costs the store almost nothing. Replies are sent only after the commit, so
-//! an `Appended` reply means the frame survives `kill -9` (or was already delivered).
+//! hundreds of frames. The append of a frame pushed live is staged for up to
+//! `STAGE_WAIT` (5 ms): if its delete (its delivery) arrives first, neither touches the disk,
+//! so a receiver that keeps up costs the store almost nothing. Replies are sent only
+//! after the commit, so an `Appended` reply means the frame survives `kill -9` (or was
+//! already delivered).
 //! Commands are applied in the order they were sent, which is what lets the broker order
 //! a mailbox against live traffic.
 //!
