@@ -185,16 +185,7 @@ fn a_read_only_data_dir_at_start_is_a_one_line_error() {
     let Some(mount) = Mount::new("size=1m,ro") else {
         return;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_chat-server"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(mount.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("Read-only file system"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    refused_at_start(mount.path(), "Read-only file system");
 }
 
 /// Startup on a file that is not a database: one line on stderr, a non-zero exit.
@@ -202,15 +193,20 @@ fn a_read_only_data_dir_at_start_is_a_one_line_error() {
 fn a_corrupt_store_at_start_is_a_one_line_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mailbox.redb"), vec![0x5a; 64 * 1024]).unwrap();
+    refused_at_start(dir.path(), "cannot open");
+}
+
+/// The real binary on `data_dir` exits non-zero with one stderr line containing `why`.
+fn refused_at_start(data_dir: &Path, why: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_chat-server"))
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+        .arg(data_dir)
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("cannot open"), "{err}");
+    assert!(err.contains(why), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 
