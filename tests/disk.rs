@@ -76,6 +76,23 @@ fn metrics_addr(server: &ServerProcess) -> std::net::SocketAddr {
     }
 }
 
+/// Sends `f` until it is echoed rather than refused with `store-failed` (the store
+/// recovers by itself, with backoff).
+async fn send_until_stored(c: &mut Client, f: &ClientFrame) {
+    within(async {
+        loop {
+            c.send(f).await.unwrap();
+            let got = answer(c).await;
+            if got == delivered(f) {
+                return;
+            }
+            assert!(got.notice().is_some_and(|n| n.is(Code::StoreFailed)));
+            rt::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
 /// The answer to a frame, which must come within [`PROMPT`].
 async fn answer(c: &mut Client) -> chat::protocol::ServerFrame {
     rt::timeout(PROMPT, c.recv())
@@ -141,18 +158,7 @@ fn a_full_disk_gets_prompt_store_failed_and_recovers_without_a_restart() {
         // Room again: the store reopens by itself and frames are stored again.
         std::fs::remove_file(&filler).unwrap();
         let after = text(1, 3, "after recovery");
-        within(async {
-            loop {
-                a.send(&after).await.unwrap();
-                let got = answer(&mut a).await;
-                if got == delivered(&after) {
-                    break;
-                }
-                assert!(got.notice().is_some_and(|n| n.is(Code::StoreFailed)));
-                rt::sleep(Duration::from_millis(200)).await;
-            }
-        })
-        .await;
+        send_until_stored(&mut a, &after).await;
         stored.push(after);
         assert_eq!(http_get(metrics, "/readyz").await.0, 200, "ready again");
         let (_, exposition) = http_get(metrics, "/metrics").await;
@@ -249,18 +255,7 @@ fn a_failed_fsync_gets_store_failed_and_the_store_recovers() {
 
         faults.fail_sync.store(false, Ordering::Relaxed);
         let after = text(1, 3, "after the fault");
-        within(async {
-            loop {
-                a.send(&after).await.unwrap();
-                let got = answer(&mut a).await;
-                if got == delivered(&after) {
-                    break;
-                }
-                assert!(got.notice().is_some_and(|n| n.is(Code::StoreFailed)));
-                rt::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        send_until_stored(&mut a, &after).await;
         assert_eq!(http_get(metrics, "/readyz").await.0, 200);
         // Every echoed frame, in order. The frame refused at fsync may come too: its
         // bytes reached the file and the reopened database may find its commit whole
