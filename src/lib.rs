@@ -15,6 +15,7 @@ pub mod auth;
 pub mod client;
 pub mod http;
 pub mod metrics;
+pub mod nats;
 pub mod protocol;
 pub mod rt;
 pub mod server;

@@ -90,6 +90,25 @@ struct Args {
     #[arg(long, env = "CHAT_METRICS_LISTEN")]
     metrics_listen: Option<String>,
 
+    /// Join a cluster through these NATS servers (comma-separated `nats://` or `tls://`
+    /// URLs; `user:password@` in a URL logs in). Frames are then kept in JetStream,
+    /// shared by every node, instead of --data-dir.
+    #[arg(long, env = "CHAT_NATS")]
+    nats: Option<String>,
+
+    /// This node's name in logs and in the cluster (default: the host name).
+    #[arg(long, env = "CHAT_NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Copies JetStream keeps of each frame (default: 3 on a cluster of three or more
+    /// NATS servers, else 1).
+    #[arg(long, env = "CHAT_NATS_REPLICAS", requires = "nats")]
+    nats_replicas: Option<usize>,
+
+    /// CA certificate (PEM) that signed the NATS servers' certificates, for tls:// URLs.
+    #[arg(long, env = "CHAT_NATS_CA", requires = "nats")]
+    nats_ca: Option<PathBuf>,
+
     /// error, warn, info, debug or trace.
     #[arg(long, env = "CHAT_LOG_LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
@@ -144,6 +163,12 @@ fn run(args: Args) -> Result<(), String> {
             _ => None,
         },
         metrics_listen: args.metrics_listen.clone(),
+        nats: args.nats.as_ref().map(|urls| chat::nats::Options {
+            urls: urls.clone(),
+            node: args.node_name.clone().unwrap_or_else(host_name),
+            replicas: args.nats_replicas,
+            ca: args.nats_ca.clone(),
+        }),
         ..Config::new(args.listen.clone(), args.data_dir.clone())
     };
     if config.tls.is_some() {
@@ -159,6 +184,18 @@ fn run(args: Args) -> Result<(), String> {
         server.run(stop).await;
         Ok(())
     })
+}
+
+/// The machine's host name, the default node name.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(0);
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "chat".to_string(),
+    }
 }
 
 fn keys(args: &Args) -> Result<Option<Keys>, String> {

@@ -39,6 +39,9 @@ struct Conn {
     /// delivered).
     replies: VecDeque<Pending>,
     mailbox: Mailbox,
+    /// The last stored frame pushed to this connection from its mailbox: frames stored
+    /// later (by another node) are read after it.
+    paged: Option<u64>,
 }
 
 enum Pending {
@@ -186,6 +189,7 @@ impl Broker {
                         closing: self.shutting_down,
                         replies: VecDeque::new(),
                         mailbox: Mailbox::Live,
+                        paged: None,
                     },
                 );
             }
@@ -599,8 +603,42 @@ impl Broker {
                     });
                 }
                 c.mailbox = Mailbox::Writing { after: last };
+                c.paged = Some(last);
                 self.pushed.push(c.outbox.clone());
             }
+            Reply::Mail { receiver } => {
+                let Some(&conn) = self.online.get(&receiver) else {
+                    return;
+                };
+                let Some(c) = self.live_conn(conn) else {
+                    return;
+                };
+                match &mut c.mailbox {
+                    Mailbox::Live => {
+                        let after = c.paged.unwrap_or(0);
+                        self.load_page(conn, Some(after)).await;
+                    }
+                    Mailbox::Loading { stored, .. } => *stored = true,
+                    // A page is on its way, and the pages go on until one comes back
+                    // empty; or the first read has not been asked for yet.
+                    _ => {}
+                }
+            }
+            Reply::Takeover { receiver } => match self.online.get(&receiver) {
+                Some(&conn) => {
+                    log::info!("id {receiver}: bound on another node; closing here");
+                    let detail = format_args!("id {receiver} connected on another node");
+                    let notice = Some(notice(Code::Replaced, detail));
+                    let drain = false;
+                    // Its writer's finish sends `Left`, which hands the id over.
+                    self.close(conn, Close { notice, drain });
+                }
+                None if !self.returning.contains_key(&receiver) => {
+                    self.send_store(Command::Left { receiver }).await;
+                }
+                // A closing connection's writer is still busy: `Left` follows it.
+                None => {}
+            },
             Reply::Health(down) => {
                 if let Some(m) = &self.metrics {
                     m.set_store_down(down.clone());
@@ -728,8 +766,13 @@ impl Broker {
                 .get(next)
                 .is_some_and(|c| c.mailbox == Mailbox::Waiting)
         });
-        if let Some(next) = waiting {
-            self.load_page(next, None).await;
+        match waiting {
+            Some(next) => self.load_page(next, None).await,
+            None if !self.online.contains_key(&id) => {
+                self.send_store(Command::Left { receiver: id }).await;
+            }
+            // Bound again here and not waiting: it has already read its mailbox.
+            None => {}
         }
     }
 

@@ -68,6 +68,8 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     /// Faults to inject into the store's file (tests only; no flag sets it).
     pub store_faults: Option<Arc<store::Faults>>,
+    /// Join a cluster: frames go to JetStream instead of `data_dir`.
+    pub nats: Option<crate::nats::Options>,
 }
 
 impl Config {
@@ -88,6 +90,7 @@ impl Config {
             tls: None,
             metrics_listen: None,
             store_faults: None,
+            nats: None,
         }
     }
 }
@@ -119,12 +122,20 @@ impl Server {
     /// Opens the mailbox and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Server, String> {
         let metrics = config.metrics_listen.as_ref().map(|_| Metrics::new());
-        let store = store::open(
-            &config.data_dir,
-            config.mailbox,
-            metrics.clone(),
-            config.store_faults.clone(),
-        )?;
+        let store = match &config.nats {
+            Some(nats) => crate::nats::start(
+                nats.clone(),
+                config.mailbox,
+                config.max_frame_bytes,
+                metrics.clone(),
+            )?,
+            None => store::embedded::open(
+                &config.data_dir,
+                config.mailbox,
+                metrics.clone(),
+                config.store_faults.clone(),
+            )?,
+        };
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

@@ -1,4 +1,4 @@
-//! The store: every frame for another id, from its acceptance until its delivery.
+//! The embedded store: one node's frames in a file, on a thread of its own.
 //!
 //! Frames are kept in [redb], an embedded, crash-safe (copy-on-write, checksummed, fsync
 //! on commit) key-value store written in Rust: no C library, no server, one file under
@@ -37,6 +37,7 @@ use futures::channel::{mpsc, oneshot};
 use futures::task::ArcWake;
 use redb::{Builder, Database, ReadableTable, TableDefinition};
 
+use super::{Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, full, settled};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 
@@ -45,93 +46,15 @@ const MAILBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("mailbo
 /// One row written to prove that writes work again after a fault.
 const PROBE: TableDefinition<&str, u64> = TableDefinition::new("probe");
 
-/// Commands waiting beyond this make senders wait: the store's queue is bounded.
-const QUEUE: usize = 8192;
 /// At most this many commands go into one transaction.
 const BATCH: usize = 8192;
 
 /// Memory redb may use to cache pages.
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
-/// How long a frame pushed live may wait for its delivery before it is written anyway.
-const STAGE_WAIT: Duration = Duration::from_millis(5);
-
 /// Reopening a failed database starts after this long and backs off to the maximum.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-
-/// Identifies who an `Appended` or `Page` reply is for (the broker's connection id).
-pub type Ticket = u64;
-
-/// Per-receiver mailbox limits.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_messages: u64,
-    pub max_bytes: u64,
-}
-
-#[derive(Debug)]
-pub enum Command {
-    /// Store a frame for `receiver`; an `Appended` reply follows the commit. A `live`
-    /// frame is also being pushed to its connected receiver, whose outbox bounds it, so
-    /// the mailbox limits do not apply to it (they still count it while it is stored).
-    Append {
-        ticket: Ticket,
-        receiver: u32,
-        seq: u64,
-        wire: Bytes,
-        live: bool,
-    },
-    /// Read up to `max_bytes` of `receiver`'s mailbox after sequence `after`.
-    Load {
-        ticket: Ticket,
-        receiver: u32,
-        after: Option<u64>,
-        max_bytes: usize,
-    },
-    /// Remove frames that have been delivered.
-    Delete { receiver: u32, seqs: Vec<u64> },
-}
-
-#[derive(Debug)]
-pub enum Reply {
-    /// `len` is the frame's size, so the broker can account for it.
-    Appended {
-        ticket: Ticket,
-        seq: u64,
-        outcome: Outcome,
-        len: usize,
-    },
-    Page {
-        ticket: Ticket,
-        receiver: u32,
-        frames: Vec<(u64, Bytes)>,
-    },
-    /// The store went down (with the reason) or came back (`None`).
-    Health(Option<String>),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Committed, or delivered before it needed to be.
-    Stored,
-    /// The receiver's mailbox is at its limit; the detail says which.
-    Full(String),
-    /// The store could not commit; the detail is the error.
-    Failed(String),
-}
-
-/// The store's command queue, its reply stream, and what it was opened with.
-pub struct Store {
-    pub commands: mpsc::Sender<Command>,
-    /// Replies come in batches, one per transaction, to wake the broker once for all.
-    pub replies: mpsc::UnboundedReceiver<Vec<Reply>>,
-    /// The next unused sequence number: higher than any stored.
-    pub next_seq: u64,
-    /// Completes when the store thread has committed everything and exited, which it
-    /// does once every `commands` sender is dropped.
-    pub closed: oneshot::Receiver<()>,
-}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Usage {
@@ -589,7 +512,8 @@ impl Worker {
                         } => {
                             let usage = self.usage.entry(*receiver).or_default();
                             let outcome = if let Some(why) =
-                                full(&self.limits, usage, wire.len()).filter(|_| !live)
+                                full(&self.limits, usage.messages, usage.bytes, wire.len())
+                                    .filter(|_| !live)
                             {
                                 Outcome::Full(why)
                             } else {
@@ -659,6 +583,8 @@ impl Worker {
                                 self.usage.remove(receiver);
                             }
                         }
+                        // One node: nobody else delivers, so there is nothing to hand over.
+                        Command::Left { .. } => {}
                     }
                 }
             }
@@ -684,21 +610,6 @@ struct Staged {
     at: Instant,
     seq: u64,
     append: Option<Command>,
-}
-
-/// The reply to an append that was delivered before it needed writing.
-fn settled(cmd: Command) -> Option<Reply> {
-    match cmd {
-        Command::Append {
-            ticket, seq, wire, ..
-        } => Some(Reply::Appended {
-            ticket,
-            seq,
-            outcome: Outcome::Stored,
-            len: wire.len(),
-        }),
-        _ => None,
-    }
 }
 
 /// Waits on this thread for the next command, for at most `limit`: `None` when the
@@ -754,17 +665,4 @@ fn reopen(
     }
     txn.commit()?;
     Ok((db, usage))
-}
-
-fn full(limits: &Limits, usage: &Usage, len: usize) -> Option<String> {
-    if usage.messages >= limits.max_messages {
-        Some(format!("holds {} messages, the limit", usage.messages))
-    } else if usage.bytes + len as u64 > limits.max_bytes {
-        Some(format!(
-            "holds {} bytes; {} more would pass the limit of {}",
-            usage.bytes, len, limits.max_bytes
-        ))
-    } else {
-        None
-    }
 }

@@ -1,0 +1,721 @@
+//! The JetStream store: a cluster's frames in one replicated stream every node shares.
+//!
+//! Runs on the NATS link's thread ([`crate::nats`]) and answers the same commands as
+//! the embedded store, so the broker works unchanged on one node or many:
+//!
+//! - Frames live in the stream `CHAT_MAILBOX`, one subject per receiver
+//!   (`chat.mb.<id>`), with the stream's replicas (3 on a cluster of three). A publish
+//!   acknowledged by JetStream is an `Appended` reply: the frame survives the loss of
+//!   this node and of one NATS server out of three.
+//! - A node that binds an id *holds* it: it subscribes to `chat.hold.<id>.*`. Before
+//!   that it asks the current holder to let go (`chat.hold.<id>.take`, request/reply);
+//!   the holder closes its connection (`replaced`), writes what it still stages for
+//!   the id, and answers. "No responders" means nobody held it.
+//! - A frame for an id that is not bound on this node is published to the stream;
+//!   once stored, `chat.hold.<id>.mail` tells the holder (if any) to read it. The holder
+//!   reads its mailbox after the last frame it read, skipping the frames it published
+//!   itself and has pushed live.
+//! - As in the embedded store, a live frame's append waits up to `STAGE_WAIT` and is
+//!   dropped if its delivery comes first.
+//!
+//! Sequence numbers: the broker numbers the frames it appends; frames read from the
+//! stream carry the stream's sequence with the top bit set, so the two never meet.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures::channel::{mpsc, oneshot};
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
+use futures::{FutureExt, StreamExt, select_biased};
+
+use super::{Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, settled};
+use crate::metrics::Metrics;
+use crate::nats::sleep;
+
+/// The stream that holds every node's frames.
+pub const STREAM: &str = "CHAT_MAILBOX";
+/// Marks a sequence number as the stream's.
+const STREAM_SEQ: u64 = 1 << 63;
+/// How long a node waits for the holder of an id to let it go before binding anyway.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+/// How long setting up the stream may take (a new cluster first elects its leaders).
+const SETUP_LIMIT: Duration = Duration::from_secs(20);
+/// Mail published while a new holder's interest was still on its way across the
+/// cluster could miss it: the holder looks once more after this long.
+const RECHECK: Duration = Duration::from_millis(500);
+/// Commands applied before replies are sent and timers looked at.
+const BATCH: usize = 1024;
+
+/// The state of the connection to NATS, from the client's events.
+#[derive(Debug)]
+pub enum Link {
+    Up,
+    Down,
+}
+
+/// What the link's thread hands the store.
+pub struct Setup {
+    pub client: async_nats::Client,
+    pub node: String,
+    pub replicas: Option<usize>,
+    pub limits: Limits,
+    pub max_frame_bytes: u32,
+    pub metrics: Option<Arc<Metrics>>,
+    pub link: mpsc::UnboundedReceiver<Link>,
+}
+
+/// Sets up the stream, reports the store ready (or why not) and serves it until every
+/// command sender is gone.
+pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, String>>) {
+    let js = jetstream::new(setup.client.clone());
+    let stream = match ensure_stream(&js, &setup).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let (commands, rx) = mpsc::channel(QUEUE);
+    let (reply_tx, replies) = mpsc::unbounded();
+    let (closed_tx, closed) = oneshot::channel();
+    let store = Store {
+        commands,
+        replies,
+        // The broker's numbers need only be unique within this process.
+        next_seq: 1,
+        closed,
+    };
+    if ready.send(Ok(store)).is_err() {
+        return;
+    }
+    let actor = Actor {
+        client: setup.client,
+        stream,
+        node: setup.node,
+        metrics: setup.metrics,
+        replies: reply_tx,
+        out: Vec::new(),
+        staged: VecDeque::new(),
+        published: HashMap::new(),
+        live: HashMap::new(),
+        pending: FuturesUnordered::new(),
+        holds: HashMap::new(),
+        remote: SelectAll::new(),
+        takeovers: HashMap::new(),
+        mail: HashSet::new(),
+        down: None,
+        held: VecDeque::new(),
+    };
+    actor.run(rx, setup.link).await;
+    let _ = closed_tx.send(());
+}
+
+async fn ensure_stream(js: &jetstream::Context, setup: &Setup) -> Result<stream::Stream, String> {
+    let servers = setup.client.server_info().connect_urls.len().max(1);
+    let replicas = setup.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
+    let config = stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["chat.mb.*".into()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: i64::try_from(setup.limits.max_messages).unwrap_or(i64::MAX),
+        // A full mailbox refuses the new frame rather than dropping an old one.
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        max_message_size: i32::try_from(
+            setup.max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN,
+        )
+        .unwrap_or(i32::MAX),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    loop {
+        let attempt = async {
+            match js.get_stream(STREAM).await {
+                Ok(mut existing) => {
+                    let info = existing.info().await.map_err(|e| e.to_string())?;
+                    let mut wanted = config.clone();
+                    if setup.replicas.is_none() {
+                        // Another node created it; keep its replicas.
+                        wanted.num_replicas = info.config.num_replicas;
+                    }
+                    if info.config != wanted {
+                        js.update_stream(&wanted).await.map_err(|e| e.to_string())?;
+                    }
+                    Ok(existing)
+                }
+                Err(_) => js
+                    .create_stream(config.clone())
+                    .await
+                    .map_err(|e| e.to_string()),
+            }
+        };
+        match attempt.await {
+            Ok(stream) => {
+                let replicas = stream.cached_info().config.num_replicas;
+                log::info!(
+                    "node {}: stream {STREAM} ready, {replicas} replicas",
+                    setup.node
+                );
+                return Ok(stream);
+            }
+            Err(e) if started.elapsed() < SETUP_LIMIT => {
+                log::debug!("stream {STREAM} not ready yet: {e}");
+                sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(format!("cannot set up JetStream stream {STREAM}: {e}")),
+        }
+    }
+}
+
+/// A live append waiting for its delivery (`append` is taken once it is delivered or
+/// published).
+struct Staged {
+    at: Instant,
+    seq: u64,
+    receiver: u32,
+    append: Option<Command>,
+}
+
+/// A live frame this node published: its stream sequence once acknowledged, and
+/// whether it was delivered before that.
+struct Live {
+    receiver: u32,
+    stream_seq: Option<u64>,
+    delivered: bool,
+}
+
+/// Work in flight on the NATS connection.
+enum Done {
+    Published {
+        ticket: u64,
+        seq: u64,
+        receiver: u32,
+        live: bool,
+        len: usize,
+        result: Result<u64, String>,
+    },
+    Deleted,
+    Recheck(u32),
+}
+
+struct Down {
+    since: Instant,
+}
+
+struct Actor {
+    client: async_nats::Client,
+    stream: stream::Stream,
+    node: String,
+    metrics: Option<Arc<Metrics>>,
+    replies: mpsc::UnboundedSender<Vec<Reply>>,
+    /// Replies gathered while handling one batch of work.
+    out: Vec<Reply>,
+    staged: VecDeque<Staged>,
+    /// Live frames published, by the broker's sequence number.
+    published: HashMap<u64, Live>,
+    /// Per receiver, the stream sequences of live frames this node published and
+    /// pushed: a mailbox read after the last page skips them.
+    live: HashMap<u32, HashSet<u64>>,
+    pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Ids bound here; dropping the sender ends the id's subscription.
+    holds: HashMap<u32, oneshot::Sender<()>>,
+    remote: SelectAll<BoxStream<'static, (u32, async_nats::Message)>>,
+    /// Nodes waiting for this one to let an id go, by their reply subjects.
+    takeovers: HashMap<u32, Vec<async_nats::Subject>>,
+    /// Receivers that got frames through the stream since mail was last sent.
+    mail: HashSet<u32>,
+    down: Option<Down>,
+    /// Loads, deletes and releases that arrived while the link was down, in order.
+    held: VecDeque<Command>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, link: mpsc::UnboundedReceiver<Link>) {
+        let mut link = link.fuse();
+        loop {
+            let due = self.stage_left();
+            let mut timer = match due {
+                Some(left) => sleep(left).boxed().fuse(),
+                None => futures::future::pending().boxed().fuse(),
+            };
+            select_biased! {
+                state = link.next() => match state {
+                    Some(Link::Up) => self.link_up().await,
+                    Some(Link::Down) => self.link_down("the connection to NATS was lost"),
+                    None => {}
+                },
+                done = self.pending.select_next_some() => self.on_done(done),
+                msg = self.remote.select_next_some() => self.on_remote(msg.0, msg.1),
+                cmd = rx.next() => match cmd {
+                    Some(cmd) => {
+                        self.on_command(cmd).await;
+                        for _ in 1..BATCH {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.on_command(cmd).await,
+                                _ => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                () = timer => self.publish_due().await,
+            }
+            self.flush().await;
+        }
+        // Every sender is gone: write what is staged and finish what is in flight.
+        self.publish_staged(None).await;
+        self.settle().await;
+        self.flush().await;
+        let _ = self.client.flush().await;
+        log::debug!("JetStream store closed");
+    }
+
+    fn stage_left(&self) -> Option<Duration> {
+        self.staged
+            .front()
+            .map(|s| STAGE_WAIT.saturating_sub(s.at.elapsed()))
+    }
+
+    /// Sends the replies gathered so far and the mail for receivers held elsewhere.
+    async fn flush(&mut self) {
+        if !self.out.is_empty() {
+            let _ = self.replies.unbounded_send(std::mem::take(&mut self.out));
+        }
+        for receiver in std::mem::take(&mut self.mail) {
+            let subject = format!("chat.hold.{receiver}.mail");
+            if let Err(e) = self.client.publish(subject, self.node.clone().into()).await {
+                log::debug!("mail for id {receiver} not sent: {e}");
+            }
+        }
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        if self.down.is_some() {
+            match cmd {
+                Command::Append { .. } => self.out.extend(failed(cmd)),
+                other => self.held.push_back(other),
+            }
+            return;
+        }
+        match cmd {
+            Command::Append {
+                seq,
+                receiver,
+                live: true,
+                ..
+            } => self.staged.push_back(Staged {
+                at: Instant::now(),
+                seq,
+                receiver,
+                append: Some(cmd),
+            }),
+            Command::Append { receiver, .. } => {
+                // Behind anything this node stages for the same receiver.
+                self.publish_staged(Some(receiver)).await;
+                self.publish(cmd).await;
+            }
+            Command::Delete { seqs, .. } => {
+                for seq in seqs {
+                    self.delete(seq);
+                }
+            }
+            Command::Load {
+                ticket,
+                receiver,
+                after,
+                max_bytes,
+            } => self.load(ticket, receiver, after, max_bytes).await,
+            Command::Left { receiver } => self.release(receiver).await,
+        }
+    }
+
+    async fn publish(&mut self, cmd: Command) {
+        let Command::Append {
+            ticket,
+            receiver,
+            seq,
+            wire,
+            live,
+        } = cmd
+        else {
+            return;
+        };
+        let len = wire.len();
+        let js = jetstream::new(self.client.clone());
+        match js.publish(format!("chat.mb.{receiver}"), wire).await {
+            Ok(ack) => {
+                if live {
+                    self.published.insert(
+                        seq,
+                        Live {
+                            receiver,
+                            stream_seq: None,
+                            delivered: false,
+                        },
+                    );
+                }
+                self.pending.push(
+                    async move {
+                        let result = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
+                        Done::Published {
+                            ticket,
+                            seq,
+                            receiver,
+                            live,
+                            len,
+                            result,
+                        }
+                    }
+                    .boxed(),
+                );
+            }
+            Err(e) => self.out.push(Reply::Appended {
+                ticket,
+                seq,
+                outcome: Outcome::Failed(e.to_string()),
+                len,
+            }),
+        }
+    }
+
+    /// Publishes the staged appends that are due.
+    async fn publish_due(&mut self) {
+        while let Some(front) = self.staged.front() {
+            if front.append.is_some() && front.at.elapsed() < STAGE_WAIT {
+                break;
+            }
+            if let Some(cmd) = self.staged.pop_front().and_then(|s| s.append) {
+                self.publish(cmd).await;
+            }
+        }
+    }
+
+    /// Publishes what is staged (for one receiver, or all), in order.
+    async fn publish_staged(&mut self, receiver: Option<u32>) {
+        let mut due = Vec::new();
+        for s in self.staged.iter_mut() {
+            if receiver.is_none_or(|r| r == s.receiver)
+                && let Some(cmd) = s.append.take()
+            {
+                due.push(cmd);
+            }
+        }
+        while self.staged.front().is_some_and(|s| s.append.is_none()) {
+            self.staged.pop_front();
+        }
+        for cmd in due {
+            self.publish(cmd).await;
+        }
+    }
+
+    /// Waits for everything in flight, so that what follows sees it.
+    async fn settle(&mut self) {
+        while let Some(done) = self.pending.next().await {
+            self.on_done(done);
+        }
+    }
+
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Published {
+                ticket,
+                seq,
+                receiver,
+                live,
+                len,
+                result,
+            } => {
+                let outcome = match result {
+                    Ok(stream_seq) => {
+                        if live {
+                            self.published_live(seq, stream_seq);
+                        } else {
+                            self.mail.insert(receiver);
+                        }
+                        Outcome::Stored
+                    }
+                    Err(e) => {
+                        self.published.remove(&seq);
+                        if e.contains("maximum messages per subject") {
+                            let why = "holds the limit of --mailbox-max-messages".to_string();
+                            Outcome::Full(why)
+                        } else {
+                            if let Some(m) = &self.metrics {
+                                m.store_failures.inc();
+                            }
+                            Outcome::Failed(e)
+                        }
+                    }
+                };
+                self.out.push(Reply::Appended {
+                    ticket,
+                    seq,
+                    outcome,
+                    len,
+                });
+            }
+            Done::Deleted => {}
+            Done::Recheck(receiver) => {
+                if self.holds.contains_key(&receiver) {
+                    self.out.push(Reply::Mail { receiver });
+                }
+            }
+        }
+    }
+
+    /// A live frame reached the stream: remember it, or remove it again if it was
+    /// delivered meanwhile.
+    fn published_live(&mut self, seq: u64, stream_seq: u64) {
+        let Some(live) = self.published.get_mut(&seq) else {
+            return;
+        };
+        if live.delivered {
+            self.published.remove(&seq);
+            self.delete_stream_seq(stream_seq);
+        } else {
+            live.stream_seq = Some(stream_seq);
+            self.live
+                .entry(live.receiver)
+                .or_default()
+                .insert(stream_seq);
+        }
+    }
+
+    /// A frame was delivered: drop its staged append, or remove it from the stream.
+    fn delete(&mut self, seq: u64) {
+        if seq & STREAM_SEQ != 0 {
+            return self.delete_stream_seq(seq & !STREAM_SEQ);
+        }
+        if let Ok(i) = self.staged.binary_search_by_key(&seq, |s| s.seq)
+            && let Some(cmd) = self.staged[i].append.take()
+        {
+            self.out.extend(settled(cmd));
+            return;
+        }
+        let Some(live) = self.published.get_mut(&seq) else {
+            return;
+        };
+        match live.stream_seq {
+            // Its publish is still in flight: remove it once it lands.
+            None => live.delivered = true,
+            Some(stream_seq) => {
+                let receiver = live.receiver;
+                self.published.remove(&seq);
+                if let Some(set) = self.live.get_mut(&receiver) {
+                    set.remove(&stream_seq);
+                }
+                self.delete_stream_seq(stream_seq);
+            }
+        }
+    }
+
+    fn delete_stream_seq(&mut self, stream_seq: u64) {
+        let stream = self.stream.clone();
+        self.pending.push(
+            async move {
+                // A frame that stays after a failed delete comes again: at least once.
+                if let Err(e) = stream.delete_message(stream_seq).await {
+                    log::debug!("stream sequence {stream_seq} not removed: {e}");
+                }
+                Done::Deleted
+            }
+            .boxed(),
+        );
+    }
+
+    /// Reads a page of `receiver`'s mailbox. The first read of a connection claims the
+    /// id for this node.
+    async fn load(&mut self, ticket: u64, receiver: u32, after: Option<u64>, max_bytes: usize) {
+        // A load sees every append and delete sent before it.
+        self.publish_staged(Some(receiver)).await;
+        self.settle().await;
+        if after.is_none() {
+            self.claim(receiver).await;
+            // A new connection reads everything, also what was pushed to the last one.
+            self.live.remove(&receiver);
+            self.published.retain(|_, l| l.receiver != receiver);
+        }
+        let skip = self.live.get(&receiver);
+        let subject = format!("chat.mb.{receiver}");
+        let mut next = after.map_or(1, |a| (a & !STREAM_SEQ) + 1);
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let read = self
+                .stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(subject.clone())
+                .send()
+                .await;
+            match read {
+                Ok(msg) => {
+                    next = msg.sequence + 1;
+                    if skip.is_some_and(|s| s.contains(&msg.sequence)) {
+                        continue;
+                    }
+                    if !frames.is_empty() && bytes + msg.payload.len() > max_bytes {
+                        break;
+                    }
+                    bytes += msg.payload.len();
+                    frames.push((msg.sequence | STREAM_SEQ, msg.payload));
+                }
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                    break;
+                }
+                Err(e) => {
+                    // Read the whole page again once the link is back.
+                    log::warn!("id {receiver}: mailbox read failed: {e}");
+                    self.link_down("a mailbox read failed");
+                    self.held.push_front(Command::Load {
+                        ticket,
+                        receiver,
+                        after,
+                        max_bytes,
+                    });
+                    return;
+                }
+            }
+        }
+        self.out.push(Reply::Page {
+            ticket,
+            receiver,
+            frames,
+        });
+    }
+
+    /// Makes this node the holder of `receiver`: asks the current holder to let go,
+    /// then subscribes to the id's subjects.
+    async fn claim(&mut self, receiver: u32) {
+        if self.holds.contains_key(&receiver) {
+            return;
+        }
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(self.node.clone()))
+            .timeout(Some(CLAIM_WAIT));
+        let take = format!("chat.hold.{receiver}.take");
+        match self.client.send_request(take, request).await {
+            Ok(_) => log::debug!("id {receiver}: released by its previous node"),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Err(e) => log::warn!(
+                "id {receiver}: the node holding it did not let go ({e}); binding anyway"
+            ),
+        }
+        let subscriber = match self
+            .client
+            .subscribe(format!("chat.hold.{receiver}.*"))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("id {receiver}: cannot subscribe to its mail: {e}");
+                return;
+            }
+        };
+        let _ = self.client.flush().await;
+        let (cancel, cancelled) = oneshot::channel();
+        self.holds.insert(receiver, cancel);
+        self.remote.push(
+            subscriber
+                .map(move |m| (receiver, m))
+                .take_until(cancelled)
+                .boxed(),
+        );
+        self.pending.push(
+            async move {
+                sleep(RECHECK).await;
+                Done::Recheck(receiver)
+            }
+            .boxed(),
+        );
+    }
+
+    /// This node no longer delivers to `receiver`: write what it stages for it, stop
+    /// listening for it, and answer the nodes waiting to take it over.
+    async fn release(&mut self, receiver: u32) {
+        self.publish_staged(Some(receiver)).await;
+        self.settle().await;
+        self.holds.remove(&receiver);
+        self.live.remove(&receiver);
+        for reply in self.takeovers.remove(&receiver).unwrap_or_default() {
+            if let Err(e) = self.client.publish(reply, Bytes::new()).await {
+                log::debug!("id {receiver}: release not sent: {e}");
+            }
+        }
+    }
+
+    fn on_remote(&mut self, receiver: u32, msg: async_nats::Message) {
+        if msg.payload[..] == *self.node.as_bytes() {
+            return;
+        }
+        if msg.subject.ends_with(".mail") {
+            self.out.push(Reply::Mail { receiver });
+        } else if msg.subject.ends_with(".take")
+            && let Some(reply) = msg.reply
+        {
+            log::debug!(
+                "id {receiver}: node {} takes it over",
+                String::from_utf8_lossy(&msg.payload)
+            );
+            self.takeovers.entry(receiver).or_default().push(reply);
+            self.out.push(Reply::Takeover { receiver });
+        }
+    }
+
+    fn link_down(&mut self, why: &str) {
+        if self.down.is_some() {
+            return;
+        }
+        log::error!(
+            "node {}: {why}; frames that cannot be delivered on this node get store-failed until NATS is back",
+            self.node
+        );
+        if let Some(m) = &self.metrics {
+            m.store_failures.inc();
+        }
+        self.down = Some(Down {
+            since: Instant::now(),
+        });
+        // Staged frames cannot be stored now; their echoes fail, their pushes go on.
+        let staged: Vec<Command> = self.staged.drain(..).filter_map(|s| s.append).collect();
+        self.out.extend(staged.into_iter().filter_map(failed));
+        self.out
+            .push(Reply::Health(Some(format!("NATS unreachable: {why}"))));
+    }
+
+    async fn link_up(&mut self) {
+        let Some(down) = self.down.take() else {
+            return;
+        };
+        log::info!(
+            "node {}: NATS is back after {:.1} s",
+            self.node,
+            down.since.elapsed().as_secs_f64()
+        );
+        self.out.push(Reply::Health(None));
+        let held: Vec<Command> = self.held.drain(..).collect();
+        for cmd in held {
+            Box::pin(self.on_command(cmd)).await;
+        }
+    }
+}
+
+/// The answer to an append that cannot be stored while NATS is unreachable.
+fn failed(cmd: Command) -> Option<Reply> {
+    match cmd {
+        Command::Append {
+            ticket, seq, wire, ..
+        } => Some(Reply::Appended {
+            ticket,
+            seq,
+            outcome: Outcome::Failed("NATS is unreachable".into()),
+            len: wire.len(),
+        }),
+        _ => None,
+    }
+}

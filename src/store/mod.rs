@@ -1,0 +1,140 @@
+//! The store: every frame for another id, from its acceptance until its delivery.
+//!
+//! The broker talks to the store through one bounded command queue and one reply
+//! stream, and does not know which implementation answers:
+//!
+//! - [`embedded`]: one node; frames in a redb file under `--data-dir`, on a thread of
+//!   its own.
+//! - [`jetstream`]: a cluster; frames in a replicated JetStream stream shared by every
+//!   node, reached through the NATS link's thread ([`crate::nats`]).
+//!
+//! Both keep the same promises: commands are applied in the order they were sent (a
+//! load sees every append sent before it); an `Appended` reply with
+//! [`Outcome::Stored`] means the frame survives `kill -9` of this process, or was
+//! already delivered; a live append may be held back briefly and dropped if its
+//! delivery comes first; when storage fails, appends are refused at once and loads
+//! and deletes wait for recovery.
+
+pub mod embedded;
+pub mod jetstream;
+
+use bytes::Bytes;
+use futures::channel::{mpsc, oneshot};
+
+pub use embedded::Faults;
+
+/// Commands waiting beyond this make senders wait: the store's queue is bounded.
+pub(crate) const QUEUE: usize = 8192;
+
+/// Identifies who an `Appended` or `Page` reply is for (the broker's connection id).
+pub type Ticket = u64;
+
+/// Per-receiver mailbox limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_messages: u64,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    /// Store a frame for `receiver`; an `Appended` reply follows the commit. A `live`
+    /// frame is also being pushed to its connected receiver, whose outbox bounds it, so
+    /// the mailbox limits do not apply to it (they still count it while it is stored).
+    Append {
+        ticket: Ticket,
+        receiver: u32,
+        seq: u64,
+        wire: Bytes,
+        live: bool,
+    },
+    /// Read up to `max_bytes` of `receiver`'s mailbox after sequence `after`.
+    Load {
+        ticket: Ticket,
+        receiver: u32,
+        after: Option<u64>,
+        max_bytes: usize,
+    },
+    /// Remove frames that have been delivered.
+    Delete { receiver: u32, seqs: Vec<u64> },
+    /// This node no longer delivers to `receiver`: its last connection has finished
+    /// writing, and no other connection for it is waiting here. In a cluster this
+    /// releases the id to whichever node binds it next.
+    Left { receiver: u32 },
+}
+
+#[derive(Debug)]
+pub enum Reply {
+    /// `len` is the frame's size, so the broker can account for it.
+    Appended {
+        ticket: Ticket,
+        seq: u64,
+        outcome: Outcome,
+        len: usize,
+    },
+    Page {
+        ticket: Ticket,
+        receiver: u32,
+        frames: Vec<(u64, Bytes)>,
+    },
+    /// The store went down (with the reason) or came back (`None`).
+    Health(Option<String>),
+    /// Another node stored frames for `receiver`, which is bound here: read them.
+    Mail { receiver: u32 },
+    /// Another node bound `receiver`: close its connection here, then send `Left`.
+    Takeover { receiver: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed, or delivered before it needed to be.
+    Stored,
+    /// The receiver's mailbox is at its limit; the detail says which.
+    Full(String),
+    /// The store could not commit; the detail is the error.
+    Failed(String),
+}
+
+/// The store's command queue, its reply stream, and what it was opened with.
+pub struct Store {
+    pub commands: mpsc::Sender<Command>,
+    /// Replies come in batches, one per transaction, to wake the broker once for all.
+    pub replies: mpsc::UnboundedReceiver<Vec<Reply>>,
+    /// The next unused sequence number: higher than any stored.
+    pub next_seq: u64,
+    /// Completes when the store thread has committed everything and exited, which it
+    /// does once every `commands` sender is dropped.
+    pub closed: oneshot::Receiver<()>,
+}
+
+/// A live append waiting for its delivery is written after this long anyway.
+pub(crate) const STAGE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The reply to an append that was delivered before it needed writing.
+pub(crate) fn settled(cmd: Command) -> Option<Reply> {
+    match cmd {
+        Command::Append {
+            ticket, seq, wire, ..
+        } => Some(Reply::Appended {
+            ticket,
+            seq,
+            outcome: Outcome::Stored,
+            len: wire.len(),
+        }),
+        _ => None,
+    }
+}
+
+/// Why a receiver's mailbox cannot take `len` more bytes, if it cannot.
+pub(crate) fn full(limits: &Limits, messages: u64, bytes: u64, len: usize) -> Option<String> {
+    if messages >= limits.max_messages {
+        Some(format!("holds {messages} messages, the limit"))
+    } else if bytes + len as u64 > limits.max_bytes {
+        Some(format!(
+            "holds {bytes} bytes; {len} more would pass the limit of {}",
+            limits.max_bytes
+        ))
+    } else {
+        None
+    }
+}
