@@ -124,6 +124,13 @@ async fn connect(
     if urls.is_empty() {
         return Err("--nats needs at least one URL".into());
     }
+    // async-nats parses `user:password@` but logs in with the options' credentials.
+    let login = urls
+        .iter()
+        .find_map(|u| Some((u.username()?.to_string(), u.password()?.to_string())));
+    if let Some((user, password)) = login {
+        connect = connect.user_and_password(user, password);
+    }
     let shown: Vec<String> = options.urls.split(',').map(redact).collect();
     match tokio::time::timeout(CONNECT_LIMIT, connect.connect(urls)).await {
         Ok(Ok(client)) => {

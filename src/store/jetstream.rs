@@ -47,6 +47,9 @@ const SETUP_LIMIT: Duration = Duration::from_secs(20);
 /// Mail published while a new holder's interest was still on its way across the
 /// cluster could miss it: the holder looks once more after this long.
 const RECHECK: Duration = Duration::from_millis(500);
+/// How long JetStream may take to confirm a frame before its sender is told
+/// `store-failed` (it may still have been stored: a resend can repeat it).
+const ACK_WAIT: Duration = Duration::from_secs(5);
 /// Commands applied before replies are sent and timers looked at.
 const BATCH: usize = 1024;
 
@@ -71,7 +74,10 @@ pub struct Setup {
 /// Sets up the stream, reports the store ready (or why not) and serves it until every
 /// command sender is gone.
 pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, String>>) {
-    let js = jetstream::new(setup.client.clone());
+    let js = jetstream::ContextBuilder::new()
+        .timeout(ACK_WAIT)
+        .ack_timeout(ACK_WAIT)
+        .build(setup.client.clone());
     let stream = match ensure_stream(&js, &setup).await {
         Ok(stream) => stream,
         Err(e) => {
@@ -93,6 +99,7 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
         return;
     }
     let actor = Actor {
+        js,
         client: setup.client,
         stream,
         node: setup.node,
@@ -208,6 +215,7 @@ struct Down {
 }
 
 struct Actor {
+    js: jetstream::Context,
     client: async_nats::Client,
     stream: stream::Stream,
     node: String,
@@ -271,7 +279,7 @@ impl Actor {
         self.publish_staged(None).await;
         self.settle().await;
         self.flush().await;
-        let _ = self.client.flush().await;
+        let _ = within(ACK_WAIT, self.client.flush()).await;
         log::debug!("JetStream store closed");
     }
 
@@ -298,6 +306,18 @@ impl Actor {
         if self.down.is_some() {
             match cmd {
                 Command::Append { .. } => self.out.extend(failed(cmd)),
+                // A connection reading on: nothing more for now, so it stays live;
+                // it reads again once the link is back.
+                Command::Load {
+                    ticket,
+                    receiver,
+                    after: Some(_),
+                    ..
+                } => self.out.push(Reply::Page {
+                    ticket,
+                    receiver,
+                    frames: Vec::new(),
+                }),
                 other => self.held.push_back(other),
             }
             return;
@@ -346,8 +366,7 @@ impl Actor {
             return;
         };
         let len = wire.len();
-        let js = jetstream::new(self.client.clone());
-        match js.publish(format!("chat.mb.{receiver}"), wire).await {
+        match self.js.publish(format!("chat.mb.{receiver}"), wire).await {
             Ok(ack) => {
                 if live {
                     self.published.insert(
@@ -572,12 +591,17 @@ impl Actor {
                     // Read the whole page again once the link is back.
                     log::warn!("id {receiver}: mailbox read failed: {e}");
                     self.link_down("a mailbox read failed");
-                    self.held.push_front(Command::Load {
+                    let load = Command::Load {
                         ticket,
                         receiver,
                         after,
                         max_bytes,
-                    });
+                    };
+                    if after.is_none() {
+                        self.held.push_front(load);
+                    } else {
+                        Box::pin(self.on_command(load)).await;
+                    }
                     return;
                 }
             }
@@ -617,7 +641,8 @@ impl Actor {
                 return;
             }
         };
-        let _ = self.client.flush().await;
+        // Bounded: while the link is down a flush would wait for its return.
+        let _ = within(ACK_WAIT, self.client.flush()).await;
         let (cancel, cancelled) = oneshot::channel();
         self.holds.insert(receiver, cancel);
         self.remote.push(
@@ -698,10 +723,22 @@ impl Actor {
             down.since.elapsed().as_secs_f64()
         );
         self.out.push(Reply::Health(None));
+        // Frames may have been stored for them meanwhile.
+        let mail = self.holds.keys().map(|&receiver| Reply::Mail { receiver });
+        self.out.extend(mail);
         let held: Vec<Command> = self.held.drain(..).collect();
         for cmd in held {
             Box::pin(self.on_command(cmd)).await;
         }
+    }
+}
+
+/// `future`'s output, unless it takes longer than `limit`.
+async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T> {
+    let future = std::pin::pin!(future);
+    match futures::future::select(future, std::pin::pin!(sleep(limit))).await {
+        futures::future::Either::Left((out, _)) => Some(out),
+        futures::future::Either::Right(_) => None,
     }
 }
 

@@ -1,0 +1,540 @@
+//! Several chat-server nodes as one service over a real NATS/JetStream cluster on
+//! loopback: forwarding across nodes, one shared mailbox, takeover, order while a
+//! receiver moves, and the loss of a chat node or a NATS server.
+//!
+//! Needs `nats-server` (Debian: `apt-get install nats-server`); skipped with one line
+//! when it is missing, unless CHAT_REQUIRE_NATS=1 (CI) makes that a failure.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chat::client::Client;
+use chat::protocol::{ClientFrame, Code, ServerFrame};
+use common::*;
+
+/// NATS servers on loopback, clustered when there are several, with JetStream.
+struct Nats {
+    servers: Vec<Option<Child>>,
+    configs: Vec<std::path::PathBuf>,
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    l.local_addr().expect("address").port()
+}
+
+fn nats_available() -> bool {
+    let found = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("CHAT_REQUIRE_NATS").is_err(),
+            "CHAT_REQUIRE_NATS is set but nats-server is not installed"
+        );
+        eprintln!("skipped: nats-server not installed (apt-get install nats-server)");
+    }
+    found
+}
+
+impl Nats {
+    /// Starts `n` servers; `extra` is added to each one's configuration.
+    fn start(n: usize, extra: &str) -> Nats {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_list: Vec<String> = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let mut configs = Vec::new();
+        for i in 0..n {
+            let store = dir.path().join(format!("js{i}"));
+            let cluster = if n > 1 {
+                format!(
+                    "cluster {{ name: chat, listen: 127.0.0.1:{}, routes: [{}] }}",
+                    routes[i],
+                    route_list.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            let conf = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 10MB\njetstream {{ store_dir: \"{}\", max_mem: 64MB, max_file: 1GB }}\n{cluster}\n{extra}\n",
+                ports[i],
+                store.display()
+            );
+            let path = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(&path, conf).expect("write config");
+            configs.push(path);
+        }
+        let mut nats = Nats {
+            servers: Vec::new(),
+            configs,
+            ports,
+            _dir: dir,
+        };
+        for i in 0..n {
+            let child = nats.spawn(i);
+            nats.servers.push(Some(child));
+        }
+        nats
+    }
+
+    fn spawn(&self, i: usize) -> Child {
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&self.configs[i])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        wait_for_port(self.ports[i]);
+        child
+    }
+
+    /// Every server's URL, comma-separated.
+    fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let child = self.spawn(i);
+        self.servers[i] = Some(child);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Waits until something accepts connections on `port`.
+fn wait_for_port(port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < WAIT, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A chat node joined to `nats`.
+fn node(nats: &Nats, name: &str, dir: &Path, extra: &[&str]) -> ServerProcess {
+    let urls = nats.urls();
+    let mut args = vec!["--nats", &urls, "--node-name", name];
+    args.extend_from_slice(extra);
+    ServerProcess::start(&dir.join(name), &args)
+}
+
+async fn login_at(addr: &str, id: u32) -> Client {
+    let mut c = within(Client::connect(addr)).await.expect("connects");
+    let early = within(c.hello(id, None)).await.expect("welcome");
+    assert!(early.is_empty(), "unexpected frames: {early:?}");
+    c
+}
+
+/// Frames received until `n` data frames came, skipping notices.
+async fn data_frames(c: &mut Client, n: usize) -> Vec<ServerFrame> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let f = recv(c).await;
+        if f.notice().is_none() {
+            got.push(f);
+        }
+    }
+    got
+}
+
+fn numbered(sender: u32, receiver: u32, i: usize) -> ClientFrame {
+    text(sender, receiver, &format!("frame {i:05}"))
+}
+
+fn number(f: &ServerFrame) -> usize {
+    let body = String::from_utf8_lossy(&f.body);
+    body.trim_start_matches("frame ")
+        .parse()
+        .unwrap_or_else(|_| panic!("not a numbered frame: {body}"))
+}
+
+#[test]
+fn frames_cross_nodes_both_ways_and_are_echoed() {
+    if !nats_available() {
+        return;
+    }
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats, "a", dir.path(), &[]);
+    let b = node(&nats, "b", dir.path(), &[]);
+    chat::rt::block_on(async {
+        let mut one = login_at(&a.addr, 1).await;
+        let mut two = login_at(&b.addr, 2).await;
+        let there = text(1, 2, "from node a");
+        send_confirmed(&mut one, &there).await;
+        assert_eq!(data_frames(&mut two, 1).await, vec![delivered(&there)]);
+        let back = data(2, 1, chat::protocol::PICTURE, &[0xff; 70_000]);
+        send_confirmed(&mut two, &back).await;
+        assert_eq!(data_frames(&mut one, 1).await, vec![delivered(&back)]);
+    });
+}
+
+#[test]
+fn the_mailbox_is_shared_and_delivered_once() {
+    if !nats_available() {
+        return;
+    }
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats, "a", dir.path(), &[]);
+    let b = node(&nats, "b", dir.path(), &[]);
+    chat::rt::block_on(async {
+        let mut one = login_at(&a.addr, 1).await;
+        let frames: Vec<ClientFrame> = (0..20).map(|i| numbered(1, 3, i)).collect();
+        for f in &frames {
+            send_confirmed(&mut one, f).await;
+        }
+        // Id 3 was offline: it reads its mailbox on the other node.
+        let (three, got) = mailbox_of(&b.addr, 3, 20).await;
+        let want: Vec<ServerFrame> = frames.iter().map(delivered).collect();
+        assert_eq!(got, want);
+        drop(three);
+        // Delivered means gone: on either node, the next thing 3 sees is new.
+        for addr in [&a.addr, &b.addr] {
+            let marker = text(1, 3, &format!("marker for {addr}"));
+            send_confirmed(&mut one, &marker).await;
+            let (_three, got) = mailbox_of(addr, 3, 1).await;
+            assert_eq!(got, vec![delivered(&marker)]);
+        }
+    });
+}
+
+#[test]
+fn binding_on_another_node_replaces_the_connection_there() {
+    if !nats_available() {
+        return;
+    }
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats, "a", dir.path(), &[]);
+    let b = node(&nats, "b", dir.path(), &[]);
+    chat::rt::block_on(async {
+        let mut first = login_at(&a.addr, 5).await;
+        let mut second = login_at(&b.addr, 5).await;
+        let detail = expect_notice(&mut first, Code::Replaced).await;
+        assert!(detail.contains("another node"), "{detail}");
+        expect_closed(&mut first).await;
+        // Frames for 5 now reach the new connection, from either node.
+        for addr in [&a.addr, &b.addr] {
+            let mut sender = login_at(addr, 6).await;
+            let f = text(6, 5, &format!("via {addr}"));
+            send_confirmed(&mut sender, &f).await;
+            assert_eq!(data_frames(&mut second, 1).await, vec![delivered(&f)]);
+        }
+    });
+}
+
+/// Receives with acks on: acknowledges each data frame as it comes, and returns the
+/// numbers received until `stop` (a number) arrives or the connection ends.
+async fn receive_acking(
+    c: &mut Client,
+    acker: &mut chat::client::Acker,
+    stop: usize,
+) -> Vec<usize> {
+    let mut got = Vec::new();
+    loop {
+        let frame = match within(c.recv()).await {
+            Ok(Some(f)) => f,
+            _ => return got,
+        };
+        if !acker.handled(&frame) {
+            continue;
+        }
+        let n = number(&frame);
+        got.push(n);
+        if let Some(ack) = acker.ack()
+            && c.send(&ack).await.is_err()
+        {
+            return got;
+        }
+        if n == stop {
+            return got;
+        }
+    }
+}
+
+/// What a receiver saw across its connections, redeliveries of frames it had not
+/// acknowledged removed, must be every frame once, in order.
+fn assert_in_order(seen: &[usize], total: usize) {
+    let mut next = 0;
+    for &n in seen {
+        if n < next {
+            continue; // redelivered after a reconnect
+        }
+        assert_eq!(n, next, "gap or reorder in {seen:?}");
+        next += 1;
+    }
+    assert_eq!(next, total, "not everything arrived: {seen:?}");
+}
+
+#[test]
+fn order_holds_while_the_receiver_moves_between_nodes() {
+    if !nats_available() {
+        return;
+    }
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats, "a", dir.path(), &[]);
+    let b = node(&nats, "b", dir.path(), &[]);
+    const TOTAL: usize = 300;
+    chat::rt::block_on(async {
+        let sender = login_at(&a.addr, 1).await;
+        let (mut tx, mut rx) = sender.split();
+        // The sender streams all its frames while the receiver hops a, b, a, b.
+        let sending = chat::rt::spawn(async move {
+            for i in 0..TOTAL {
+                tx.send(&numbered(1, 2, i)).await.expect("send");
+            }
+            tx
+        });
+        let mut seen = Vec::new();
+        let hops = [&a.addr, &b.addr, &a.addr, &b.addr];
+        let mut previous: Option<Client> = None;
+        for (hop, addr) in hops.iter().enumerate() {
+            // The next connection binds while the last is still open: a takeover
+            // across nodes, in the middle of the stream.
+            let mut c = login_acks(addr, 2).await;
+            drop(previous.take());
+            let mut acker = chat::client::Acker::new(2);
+            // Stay for a while (a number of frames), or to the end on the last hop.
+            let stop = if hop + 1 == hops.len() {
+                TOTAL - 1
+            } else {
+                (hop + 1) * TOTAL / 5
+            };
+            seen.extend(receive_acking(&mut c, &mut acker, stop).await);
+            previous = Some(c);
+        }
+        assert_in_order(&seen, TOTAL);
+        let _tx = sending.await;
+        // Every frame was echoed to the sender, in order.
+        for i in 0..TOTAL {
+            let f = within(rx.recv()).await.expect("read").expect("echo");
+            assert_eq!(f, delivered(&numbered(1, 2, i)));
+        }
+    });
+}
+
+#[test]
+fn a_killed_node_loses_nothing_it_echoed() {
+    if !nats_available() {
+        return;
+    }
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut a = node(&nats, "a", dir.path(), &[]);
+    let b = node(&nats, "b", dir.path(), &[]);
+    const TOTAL: usize = 200;
+    chat::rt::block_on(async {
+        // The receiver sits on node a with acks on and never acknowledges; one sender
+        // is on the same node, one on the other.
+        let mut receiver = login_acks(&a.addr, 2).await;
+        let mut near = login_at(&a.addr, 1).await;
+        let mut far = login_at(&b.addr, 3).await;
+        let mut echoed = Vec::new();
+        for i in 0..TOTAL {
+            let (c, sender) = if i % 2 == 0 {
+                (&mut near, 1)
+            } else {
+                (&mut far, 3)
+            };
+            let f = numbered(sender, 2, i);
+            send_confirmed(c, &f).await;
+            echoed.push(i);
+        }
+        // The receiver got them live; kill -9 its node before it acknowledges.
+        let first = data_frames(&mut receiver, TOTAL).await;
+        assert_eq!(first.len(), TOTAL);
+        a.signal(libc::SIGKILL);
+        a.wait();
+        // It comes back through the other node and gets every echoed frame again.
+        let mut c = login_acks(&b.addr, 2).await;
+        let got = data_frames(&mut c, TOTAL).await;
+        let mut numbers: Vec<usize> = got.iter().map(number).collect();
+        numbers.sort_unstable();
+        assert_eq!(numbers, echoed);
+    });
+}
+
+#[test]
+fn losing_one_nats_server_loses_nothing() {
+    if !nats_available() {
+        return;
+    }
+    let mut nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats, "a", dir.path(), &[]);
+    let b = node(&nats, "b", dir.path(), &[]);
+    chat::rt::block_on(async {
+        let mut one = login_at(&a.addr, 1).await;
+        let mut accepted = Vec::new();
+        for i in 0..50 {
+            let f = numbered(1, 4, i);
+            send_confirmed(&mut one, &f).await;
+            accepted.push(delivered(&f));
+        }
+        // One of the three goes (the one node a is on, or a stream replica).
+        nats.kill(0);
+        // The service goes on: frames are accepted again once the link has moved to
+        // another server (until then they may be refused with store-failed).
+        let start = Instant::now();
+        let mut i = 50;
+        while accepted.len() < 100 {
+            assert!(
+                start.elapsed() < WAIT,
+                "no frame accepted after the server loss"
+            );
+            let f = numbered(1, 4, i);
+            within(one.send(&f)).await.expect("send");
+            let reply = recv(&mut one).await;
+            if reply == delivered(&f) {
+                accepted.push(reply);
+                i += 1;
+            } else {
+                let n = reply.notice().expect("an echo or a notice");
+                assert!(n.is(Code::StoreFailed), "unexpected {n}");
+            }
+        }
+        // Every accepted frame is in the mailbox, read on the other node, in order. A
+        // frame refused because its publish timed out may have been stored all the
+        // same, and was then sent again: at least once, so repeats are allowed.
+        let end = numbered(1, 4, 99_999);
+        send_confirmed(&mut one, &end).await;
+        let mut four = login_at(&b.addr, 4).await;
+        let mut got_numbers = Vec::new();
+        loop {
+            let n = number(&data_frames(&mut four, 1).await[0]);
+            if n == 99_999 {
+                break;
+            }
+            got_numbers.push(n);
+        }
+        got_numbers.dedup();
+        let want_numbers: Vec<usize> = accepted.iter().map(number).collect();
+        assert_eq!(got_numbers, want_numbers);
+    });
+}
+
+#[test]
+fn nats_lost_mid_run_gets_store_failed_then_recovers() {
+    if !nats_available() {
+        return;
+    }
+    let mut nats = Nats::start(1, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats, "a", dir.path(), &[]);
+    chat::rt::block_on(async {
+        let mut one = login_at(&a.addr, 1).await;
+        let mut two = login_at(&a.addr, 2).await;
+        // 2 is bound and caught up once a frame has reached it.
+        let first = text(1, 2, "before NATS goes");
+        send_confirmed(&mut one, &first).await;
+        assert_eq!(data_frames(&mut two, 1).await, vec![delivered(&first)]);
+        nats.kill(0);
+        // Wait until the node knows: a frame for an offline id is refused, not lost.
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < WAIT, "never refused while NATS was down");
+            let f = text(1, 9, "while NATS is down");
+            within(one.send(&f)).await.expect("send");
+            let reply = recv(&mut one).await;
+            if reply.notice().is_some_and(|n| n.is(Code::StoreFailed)) {
+                break;
+            }
+        }
+        // Its own online clients are still served.
+        let live = text(1, 2, "delivered on this node");
+        send_confirmed(&mut one, &live).await;
+        assert_eq!(data_frames(&mut two, 1).await, vec![delivered(&live)]);
+        // NATS comes back; the node reconnects by itself and stores again.
+        nats.restart(0);
+        let start = Instant::now();
+        let kept = loop {
+            assert!(start.elapsed() < WAIT, "never recovered");
+            let f = text(1, 9, "after NATS is back");
+            within(one.send(&f)).await.expect("send");
+            if recv(&mut one).await == delivered(&f) {
+                break f;
+            }
+        };
+        let (_nine, got) = mailbox_of(&a.addr, 9, 1).await;
+        assert_eq!(got, vec![delivered(&kept)]);
+    });
+    assert_eq!(a.count_logged("store-failed until NATS is back"), 1);
+    assert!(a.logged("NATS is back"));
+}
+
+#[test]
+fn unreachable_nats_at_start_is_a_clear_error() {
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        .args(["--listen", "127.0.0.1:0", "--nats"])
+        .arg(format!("nats://127.0.0.1:{port}"))
+        .output()
+        .expect("chat-server runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach NATS"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn the_link_to_nats_logs_in_with_a_password() {
+    if !nats_available() {
+        return;
+    }
+    let nats = Nats::start(1, "authorization { user: chat, password: s3cret }");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("nats://chat:s3cret@127.0.0.1:{}", nats.ports[0]);
+    let a = ServerProcess::start(dir.path(), &["--nats", &url, "--node-name", "a"]);
+    chat::rt::block_on(async {
+        let mut one = login_at(&a.addr, 1).await;
+        let f = text(1, 2, "stored with a password");
+        send_confirmed(&mut one, &f).await;
+        let (_two, got) = mailbox_of(&a.addr, 2, 1).await;
+        assert_eq!(got, vec![delivered(&f)]);
+    });
+    // A wrong password is refused, and the password is not printed.
+    let bad = format!("nats://chat:wrong@127.0.0.1:{}", nats.ports[0]);
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        .args(["--listen", "127.0.0.1:0", "--nats", &bad])
+        .output()
+        .expect("chat-server runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach NATS") && !err.contains("wrong"),
+        "{err}"
+    );
+}
