@@ -6,6 +6,7 @@
 //! and what counts is arrival at the receiver. After `--warmup` seconds, it measures for
 //! `--secs` seconds and prints messages/s, MiB/s and latency percentiles (send to echo,
 //! or send to arrival). `--mode idle` only connects and holds, for memory figures.
+//! `--peer-server` puts the second of each pair on another cluster node.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -27,6 +28,10 @@ use chat::rt;
 struct Args {
     #[arg(long, default_value = "127.0.0.1:8888")]
     server: String,
+    /// In pair mode, connect the second of each pair here: another node of the same
+    /// cluster, so that every frame crosses between nodes.
+    #[arg(long)]
+    peer_server: Option<String>,
     #[arg(long, default_value_t = 50)]
     conns: u32,
     /// Frames in flight per connection.
@@ -90,6 +95,9 @@ async fn run(args: Args) -> Result<(), String> {
     if args.size < 8 {
         return Err("--size must be at least 8".into());
     }
+    if args.peer_server.is_some() && args.mode != Mode::Pair {
+        return Err("--peer-server needs --mode pair".into());
+    }
     if args.mode == Mode::Pair && !args.conns.is_multiple_of(2) {
         return Err("--mode pair needs an even --conns".into());
     }
@@ -106,9 +114,13 @@ async fn run(args: Args) -> Result<(), String> {
     let mut clients = Vec::with_capacity(args.conns as usize);
     for i in 0..args.conns {
         let id = args.base_id + i;
-        let mut c = Client::connect(&args.server)
+        let server = match &args.peer_server {
+            Some(peer) if i % 2 == 1 => peer,
+            _ => &args.server,
+        };
+        let mut c = Client::connect(server)
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", args.server))?;
+            .map_err(|e| format!("cannot connect to {server}: {e}"))?;
         if args.acks {
             let on = c
                 .hello_acks(id, None)
@@ -195,6 +207,9 @@ fn report(args: &Args, rate: f64, mib: f64, h: &Histogram<u64>) {
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let (p50, p99, p999, max) = (us(0.5), us(0.99), us(0.999), h.max() as f64 / 1000.0);
     let mut mode = format!("{:?}", args.mode).to_lowercase();
+    if args.peer_server.is_some() {
+        mode += "-across-nodes";
+    }
     if args.acks {
         mode += "+acks";
     }

@@ -42,6 +42,11 @@ struct Conn {
     /// The last stored frame pushed to this connection from its mailbox: frames stored
     /// later (by another node) are read after it.
     paged: Option<u64>,
+    /// Frames that arrived while the mailbox was being read, in order: pushed once it
+    /// has been, so they follow it. They are stored as live frames, which mailbox
+    /// reads after the first leave out.
+    backlog: VecDeque<Outgoing>,
+    backlog_bytes: usize,
 }
 
 enum Pending {
@@ -190,6 +195,8 @@ impl Broker {
                         replies: VecDeque::new(),
                         mailbox: Mailbox::Live,
                         paged: None,
+                        backlog: VecDeque::new(),
+                        backlog_bytes: 0,
                     },
                 );
             }
@@ -396,25 +403,36 @@ impl Broker {
         self.next_seq += 1;
         let arrived = Instant::now();
         let mut live = None;
+        let mut behind = None;
         if let Some(&rc) = self.online.get(&receiver) {
             let limit = self.max_pending_bytes;
+            let len = frame.wire.len();
             match self.conns.get_mut(&rc).filter(|c| !c.closing) {
                 Some(c) if c.mailbox == Mailbox::Live => {
                     // An empty outbox takes any frame, however large the frame.
                     let pending = c.outbox.pending_bytes();
-                    if pending == 0 || pending + frame.wire.len() <= limit {
+                    if pending == 0 || pending + len <= limit {
                         live = Some(c.outbox.clone());
                     } else {
                         self.cut_slow_consumer(rc, receiver);
                     }
                 }
+                // Before its first read the connection's mailbox may still hold this
+                // frame's predecessors: the store keeps it.
+                Some(c) if c.mailbox == Mailbox::Waiting => {}
                 Some(c) => {
-                    if let Mailbox::Loading { stored, .. } = &mut c.mailbox {
-                        *stored = true;
+                    let waiting = c.outbox.pending_bytes() + c.backlog_bytes;
+                    if waiting == 0 || waiting + len <= limit {
+                        behind = Some(rc);
+                    } else {
+                        self.cut_slow_consumer(rc, receiver);
                     }
                 }
                 None => {}
             }
+        }
+        if self.store_down.is_some() {
+            behind = None;
         }
         if let Some(reason) = &self.store_down {
             // Nothing can be stored: a frame is accepted only by its delivery.
@@ -451,9 +469,24 @@ impl Broker {
             receiver,
             seq,
             wire: frame.wire.clone(),
-            live: live.is_some(),
+            live: live.is_some() || behind.is_some(),
         })
         .await;
+        if let Some(c) = behind.and_then(|rc| self.conns.get_mut(&rc)) {
+            c.backlog_bytes += frame.wire.len();
+            c.backlog.push_back(Outgoing {
+                wire: frame.wire,
+                origin: Origin::Data {
+                    receiver,
+                    seq,
+                    page_end: false,
+                    echo_to: None,
+                    stored: true,
+                    arrived: Some(arrived),
+                },
+            });
+            return;
+        }
         if let Some(outbox) = live {
             // If its writer has just finished, the frame stays in the store for the
             // receiver's next connection.
@@ -584,6 +617,14 @@ impl Broker {
                         self.load_page(ticket, after).await;
                     } else {
                         c.mailbox = Mailbox::Live;
+                        c.backlog_bytes = 0;
+                        if !c.backlog.is_empty() {
+                            for item in c.backlog.drain(..) {
+                                // If the connection is gone the frames are in the store.
+                                let _ = c.outbox.push(item);
+                            }
+                            self.pushed.push(c.outbox.clone());
+                        }
                     }
                     return;
                 };

@@ -95,6 +95,7 @@ pub fn open(
         staged: VecDeque::new(),
         stats: Stats::default(),
         replies: reply_tx,
+        live: HashMap::new(),
     };
     worker.publish();
     thread::Builder::new()
@@ -225,6 +226,9 @@ struct Worker {
     staged: VecDeque<Staged>,
     stats: Stats,
     replies: mpsc::UnboundedSender<Vec<Reply>>,
+    /// Per receiver, the live frames written since its last first read: the broker
+    /// delivers those itself, so later reads leave them out.
+    live: HashMap<u32, std::collections::HashSet<u64>>,
 }
 
 /// What the store did since it last logged it (at debug level, once a second).
@@ -518,6 +522,9 @@ impl Worker {
                                 Outcome::Full(why)
                             } else {
                                 table.insert((*receiver, *seq), &wire[..])?;
+                                if *live {
+                                    self.live.entry(*receiver).or_default().insert(*seq);
+                                }
                                 self.stats.written += 1;
                                 written += 1;
                                 dirty = true;
@@ -541,6 +548,11 @@ impl Worker {
                             max_bytes,
                         } => {
                             let start = after.map_or(0, |s| s.saturating_add(1));
+                            if after.is_none() {
+                                // A new connection: everything stored is for it.
+                                self.live.remove(receiver);
+                            }
+                            let skip = self.live.get(receiver);
                             let mut frames = Vec::new();
                             let mut bytes = 0;
                             // Most connections have no mail: answer those from memory.
@@ -549,6 +561,9 @@ impl Worker {
                             if stored {
                                 for entry in table.range(range)? {
                                     let (key, value) = entry?;
+                                    if skip.is_some_and(|s| s.contains(&key.value().1)) {
+                                        continue;
+                                    }
                                     let value = value.value();
                                     if !frames.is_empty() && bytes + value.len() > *max_bytes {
                                         break;
@@ -564,6 +579,11 @@ impl Worker {
                             });
                         }
                         Command::Delete { receiver, seqs } => {
+                            if let Some(live) = self.live.get_mut(receiver) {
+                                for seq in seqs {
+                                    live.remove(seq);
+                                }
+                            }
                             for seq in seqs {
                                 if skipped.binary_search(seq).is_ok() {
                                     continue;

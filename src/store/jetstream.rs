@@ -47,6 +47,10 @@ const SETUP_LIMIT: Duration = Duration::from_secs(20);
 /// Mail published while a new holder's interest was still on its way across the
 /// cluster could miss it: the holder looks once more after this long.
 const RECHECK: Duration = Duration::from_millis(500);
+/// A mailbox read that failed is tried again after this long.
+const READ_RETRY: Duration = Duration::from_millis(250);
+/// Frames asked for in one read of a mailbox.
+const READ_BATCH: usize = 256;
 /// How long JetStream may take to confirm a frame before its sender is told
 /// `store-failed` (it may still have been stored: a resend can repeat it).
 const ACK_WAIT: Duration = Duration::from_secs(5);
@@ -103,6 +107,7 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
         client: setup.client,
         stream,
         node: setup.node,
+        max_frame: setup.max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN,
         metrics: setup.metrics,
         replies: reply_tx,
         out: Vec::new(),
@@ -110,6 +115,8 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
         published: HashMap::new(),
         live: HashMap::new(),
         pending: FuturesUnordered::new(),
+        rechecks: FuturesUnordered::new(),
+        retries: FuturesUnordered::new(),
         holds: HashMap::new(),
         remote: SelectAll::new(),
         takeovers: HashMap::new(),
@@ -207,7 +214,6 @@ enum Done {
         result: Result<u64, String>,
     },
     Deleted,
-    Recheck(u32),
 }
 
 struct Down {
@@ -219,6 +225,8 @@ struct Actor {
     client: async_nats::Client,
     stream: stream::Stream,
     node: String,
+    /// The largest frame in its wire encoding.
+    max_frame: usize,
     metrics: Option<Arc<Metrics>>,
     replies: mpsc::UnboundedSender<Vec<Reply>>,
     /// Replies gathered while handling one batch of work.
@@ -230,6 +238,10 @@ struct Actor {
     /// pushed: a mailbox read after the last page skips them.
     live: HashMap<u32, HashSet<u64>>,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Reads that failed, to be tried again.
+    retries: FuturesUnordered<BoxFuture<'static, Command>>,
+    /// Ids to look at once more after they were claimed (see [`RECHECK`]).
+    rechecks: FuturesUnordered<BoxFuture<'static, u32>>,
     /// Ids bound here; dropping the sender ends the id's subscription.
     holds: HashMap<u32, oneshot::Sender<()>>,
     remote: SelectAll<BoxStream<'static, (u32, async_nats::Message)>>,
@@ -258,6 +270,12 @@ impl Actor {
                     None => {}
                 },
                 done = self.pending.select_next_some() => self.on_done(done),
+                load = self.retries.select_next_some() => self.on_command(load).await,
+                receiver = self.rechecks.select_next_some() => {
+                    if self.holds.contains_key(&receiver) {
+                        self.out.push(Reply::Mail { receiver });
+                    }
+                }
                 msg = self.remote.select_next_some() => self.on_remote(msg.0, msg.1),
                 cmd = rx.next() => match cmd {
                     Some(cmd) => {
@@ -479,11 +497,6 @@ impl Actor {
                 });
             }
             Done::Deleted => {}
-            Done::Recheck(receiver) => {
-                if self.holds.contains_key(&receiver) {
-                    self.out.push(Reply::Mail { receiver });
-                }
-            }
         }
     }
 
@@ -559,58 +572,113 @@ impl Actor {
             self.live.remove(&receiver);
             self.published.retain(|_, l| l.receiver != receiver);
         }
-        let skip = self.live.get(&receiver);
-        let subject = format!("chat.mb.{receiver}");
-        let mut next = after.map_or(1, |a| (a & !STREAM_SEQ) + 1);
-        let mut frames = Vec::new();
-        let mut bytes = 0;
-        loop {
-            let read = self
-                .stream
-                .raw_message_builder()
-                .sequence(next)
-                .next_by_subject(subject.clone())
-                .send()
-                .await;
-            match read {
-                Ok(msg) => {
-                    next = msg.sequence + 1;
-                    if skip.is_some_and(|s| s.contains(&msg.sequence)) {
-                        continue;
+        let start = after.map_or(1, |a| (a & !STREAM_SEQ) + 1);
+        let frames = match self.read(receiver, start, max_bytes).await {
+            Ok(frames) => frames,
+            Err(e) => {
+                // Read the page again shortly (JetStream may be electing a leader).
+                log::warn!("id {receiver}: mailbox read failed, trying again: {e}");
+                let load = Command::Load {
+                    ticket,
+                    receiver,
+                    after,
+                    max_bytes,
+                };
+                self.retries.push(
+                    async move {
+                        sleep(READ_RETRY).await;
+                        load
                     }
-                    if !frames.is_empty() && bytes + msg.payload.len() > max_bytes {
-                        break;
-                    }
-                    bytes += msg.payload.len();
-                    frames.push((msg.sequence | STREAM_SEQ, msg.payload));
-                }
-                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                    break;
-                }
-                Err(e) => {
-                    // Read the whole page again once the link is back.
-                    log::warn!("id {receiver}: mailbox read failed: {e}");
-                    self.link_down("a mailbox read failed");
-                    let load = Command::Load {
-                        ticket,
-                        receiver,
-                        after,
-                        max_bytes,
-                    };
-                    if after.is_none() {
-                        self.held.push_front(load);
-                    } else {
-                        Box::pin(self.on_command(load)).await;
-                    }
-                    return;
-                }
+                    .boxed(),
+                );
+                return;
             }
-        }
+        };
         self.out.push(Reply::Page {
             ticket,
             receiver,
             frames,
         });
+    }
+
+    /// Reads `receiver`'s frames from stream sequence `start` on, up to `max_bytes` (at
+    /// least one frame), leaving out the live frames this node pushed itself. JetStream
+    /// 2.9 has no batched read by subject: a short-lived consumer filtered on the id's
+    /// subject reads the page in one batch and is deleted.
+    async fn read(
+        &mut self,
+        receiver: u32,
+        start: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, String> {
+        use jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let config = pull::Config {
+            filter_subject: format!("chat.mb.{receiver}"),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ack_policy: AckPolicy::None,
+            memory_storage: true,
+            num_replicas: 1,
+            // Removed by the server too, should this node die before deleting it.
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let consumer = self
+            .stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = consumer.cached_info().name.clone();
+        let result = self.fetch(&consumer, receiver, max_bytes).await;
+        let stream = self.stream.clone();
+        self.pending.push(
+            async move {
+                if let Err(e) = stream.delete_consumer(&name).await {
+                    log::debug!("reader {name} not deleted (it expires): {e}");
+                }
+                Done::Deleted
+            }
+            .boxed(),
+        );
+        result
+    }
+
+    async fn fetch(
+        &self,
+        consumer: &jetstream::consumer::PullConsumer,
+        receiver: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, String> {
+        let skip = self.live.get(&receiver);
+        // Room for the largest frame, so that a page is never empty while frames wait.
+        let room = max_bytes.max(self.max_frame);
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(READ_BATCH)
+                .max_bytes(room.saturating_sub(bytes).max(self.max_frame))
+                .messages()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut got = 0;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(|e| e.to_string())?;
+                got += 1;
+                let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+                if skip.is_some_and(|s| s.contains(&seq)) {
+                    continue;
+                }
+                bytes += msg.payload.len();
+                frames.push((seq | STREAM_SEQ, msg.payload.clone()));
+            }
+            // Done when the batch came back short, or a page is made.
+            if got < READ_BATCH || !frames.is_empty() {
+                return Ok(frames);
+            }
+        }
     }
 
     /// Makes this node the holder of `receiver`: asks the current holder to let go,
@@ -651,10 +719,10 @@ impl Actor {
                 .take_until(cancelled)
                 .boxed(),
         );
-        self.pending.push(
+        self.rechecks.push(
             async move {
                 sleep(RECHECK).await;
-                Done::Recheck(receiver)
+                receiver
             }
             .boxed(),
         );
