@@ -27,6 +27,8 @@ use crate::store::{Command, Outcome, Reply};
 
 /// Mailbox pages are at most this large (and at most half the pending limit).
 const PAGE_BYTES: usize = 1024 * 1024;
+/// Marks a ticket as a batch forwarded by another node rather than a connection.
+const REMOTE: u64 = 1 << 63;
 /// Bytes of frames the store may have queued before the broker waits for it.
 const STORE_BUDGET: usize = 8 * 1024 * 1024;
 
@@ -105,6 +107,10 @@ pub struct Broker {
     stalls: u64,
     /// Outboxes pushed to while handling the current event, woken once it is done.
     pushed: Vec<Arc<Outbox>>,
+    /// Batches forwarded by other nodes: each frame's sequence number and outcome.
+    remote: HashMap<u64, Vec<(u64, Option<Outcome>)>>,
+    /// Answers to forwarded batches, sent once the current event is handled.
+    answers: Vec<Command>,
 }
 
 impl Broker {
@@ -123,6 +129,8 @@ impl Broker {
             events,
             stalls: 0,
             pushed: Vec::new(),
+            remote: HashMap::new(),
+            answers: Vec::new(),
             max_pending_bytes,
             storing: 0,
             store_down: None,
@@ -155,6 +163,7 @@ impl Broker {
                     Some(batch) => self.on_store(batch).await,
                     None => break,
                 }
+                self.send_answers().await;
                 self.wake_writers();
                 continue;
             }
@@ -171,6 +180,7 @@ impl Broker {
                     None => break,
                 },
             }
+            self.send_answers().await;
             self.wake_writers();
         }
         self.wake_writers();
@@ -399,6 +409,40 @@ impl Broker {
         if receiver == SERVER_ID || receiver == sender {
             return self.reply(conn, frame.wire);
         }
+        self.route_wire(conn, receiver, frame.wire).await;
+    }
+
+    /// Routes frames another node forwarded for `receiver`, which is bound here, as if
+    /// a local connection had sent them; their outcomes go back in one answer.
+    async fn forwarded(&mut self, token: u64, receiver: u32, frames: Vec<Bytes>, behind: bool) {
+        if behind {
+            // Older frames of the same senders are in the mailbox: read them first;
+            // these wait behind them.
+            let conn = self.online.get(&receiver).copied();
+            if let Some(c) = conn.and_then(|conn| self.live_conn(conn)) {
+                match &mut c.mailbox {
+                    Mailbox::Live => {
+                        let after = c.paged.unwrap_or(0);
+                        if let Some(conn) = conn {
+                            self.load_page(conn, Some(after)).await;
+                        }
+                    }
+                    Mailbox::Loading { stored, .. } => *stored = true,
+                    _ => {}
+                }
+            }
+        }
+        self.remote.insert(token, Vec::new());
+        for wire in frames {
+            self.route_wire(REMOTE | token, receiver, wire).await;
+        }
+        self.answer_if_done(token);
+    }
+
+    /// Stores a frame for `receiver` and pushes it live if it can; `ticket` is the
+    /// local connection it came from, or a batch another node forwarded (`REMOTE`).
+    async fn route_wire(&mut self, conn: ConnId, receiver: u32, wire: Bytes) {
+        let frame_wire = wire;
         let seq = self.next_seq;
         self.next_seq += 1;
         let arrived = Instant::now();
@@ -406,7 +450,7 @@ impl Broker {
         let mut behind = None;
         if let Some(&rc) = self.online.get(&receiver) {
             let limit = self.max_pending_bytes;
-            let len = frame.wire.len();
+            let len = frame_wire.len();
             match self.conns.get_mut(&rc).filter(|c| !c.closing) {
                 Some(c) if c.mailbox == Mailbox::Live => {
                     // An empty outbox takes any frame, however large the frame.
@@ -439,7 +483,7 @@ impl Broker {
             let refused = format!("store unavailable ({reason}) and receiver {receiver} offline");
             let pushed = live.is_some_and(|outbox| {
                 let item = Outgoing {
-                    wire: frame.wire.clone(),
+                    wire: frame_wire.clone(),
                     origin: Origin::Data {
                         receiver,
                         seq,
@@ -454,28 +498,31 @@ impl Broker {
                 ok
             });
             if pushed {
-                self.wait_for_echo(conn, seq, frame.wire);
+                self.wait_for_echo(conn, seq, frame_wire);
+            } else if conn & REMOTE != 0 {
+                self.wait_for_echo(conn, seq, frame_wire);
+                self.accepted(conn, seq, Outcome::Failed(refused));
             } else {
                 self.reply(conn, notice(Code::StoreFailed, refused));
             }
             return;
         }
-        self.wait_for_echo(conn, seq, frame.wire.clone());
-        self.storing += frame.wire.len();
+        self.wait_for_echo(conn, seq, frame_wire.clone());
+        self.storing += frame_wire.len();
         // Stored first, then pushed: the writer's delete for this frame must reach the
         // store after its append.
         self.send_store(Command::Append {
             ticket: conn,
             receiver,
             seq,
-            wire: frame.wire.clone(),
+            wire: frame_wire.clone(),
             live: live.is_some() || behind.is_some(),
         })
         .await;
         if let Some(c) = behind.and_then(|rc| self.conns.get_mut(&rc)) {
-            c.backlog_bytes += frame.wire.len();
+            c.backlog_bytes += frame_wire.len();
             c.backlog.push_back(Outgoing {
-                wire: frame.wire,
+                wire: frame_wire,
                 origin: Origin::Data {
                     receiver,
                     seq,
@@ -491,7 +538,7 @@ impl Broker {
             // If its writer has just finished, the frame stays in the store for the
             // receiver's next connection.
             let _ = outbox.push(Outgoing {
-                wire: frame.wire,
+                wire: frame_wire,
                 origin: Origin::Data {
                     receiver,
                     seq,
@@ -506,6 +553,12 @@ impl Broker {
     }
 
     fn wait_for_echo(&mut self, conn: ConnId, seq: u64, echo: Bytes) {
+        if conn & REMOTE != 0 {
+            if let Some(batch) = self.remote.get_mut(&(conn & !REMOTE)) {
+                batch.push((seq, None));
+            }
+            return;
+        }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.replies.push_back(Pending::Echo { seq, echo });
         }
@@ -549,6 +602,17 @@ impl Broker {
 
     /// Settles the echo of `seq` on `conn` and sends every reply that no longer waits.
     fn accepted(&mut self, conn: ConnId, seq: u64, outcome: Outcome) {
+        if conn & REMOTE != 0 {
+            let token = conn & !REMOTE;
+            let slot = self
+                .remote
+                .get_mut(&token)
+                .and_then(|b| b.iter_mut().find(|(s, _)| *s == seq));
+            if let Some((_, slot)) = slot {
+                *slot = Some(outcome);
+            }
+            return self.answer_if_done(token);
+        }
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -580,6 +644,27 @@ impl Broker {
         }
         if pushed {
             self.pushed.push(c.outbox.clone());
+        }
+    }
+
+    /// Answers a forwarded batch once every frame in it has its outcome.
+    fn answer_if_done(&mut self, token: u64) {
+        let done = self
+            .remote
+            .get(&token)
+            .is_some_and(|b| b.iter().all(|(_, o)| o.is_some()));
+        if !done {
+            return;
+        }
+        if let Some(batch) = self.remote.remove(&token) {
+            let outcomes = batch.into_iter().filter_map(|(_, o)| o).collect();
+            self.answers.push(Command::Answer { token, outcomes });
+        }
+    }
+
+    async fn send_answers(&mut self) {
+        for answer in std::mem::take(&mut self.answers) {
+            self.send_store(answer).await;
         }
     }
 
@@ -665,6 +750,12 @@ impl Broker {
                     _ => {}
                 }
             }
+            Reply::Forwarded {
+                token,
+                receiver,
+                frames,
+                behind,
+            } => self.forwarded(token, receiver, frames, behind).await,
             Reply::Takeover { receiver } => match self.online.get(&receiver) {
                 Some(&conn) => {
                     log::info!("id {receiver}: bound on another node; closing here");

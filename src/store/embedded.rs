@@ -604,7 +604,7 @@ impl Worker {
                             }
                         }
                         // One node: nobody else delivers, so there is nothing to hand over.
-                        Command::Left { .. } => {}
+                        Command::Left { .. } | Command::Answer { .. } => {}
                     }
                 }
             }

@@ -47,6 +47,9 @@ const SETUP_LIMIT: Duration = Duration::from_secs(20);
 /// Mail published while a new holder's interest was still on its way across the
 /// cluster could miss it: the holder looks once more after this long.
 const RECHECK: Duration = Duration::from_millis(500);
+/// How long a node waits for the holder of an id to take frames forwarded to it
+/// before it stores them in the stream itself (they may then arrive twice).
+const FORWARD_WAIT: Duration = Duration::from_secs(5);
 /// A mailbox read that failed is tried again after this long.
 const READ_RETRY: Duration = Duration::from_millis(250);
 /// Frames asked for in one read of a mailbox.
@@ -99,6 +102,14 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
         next_seq: 1,
         closed,
     };
+    let inbox = setup.client.new_inbox();
+    let answers = match setup.client.subscribe(format!("{inbox}.*")).await {
+        Ok(sub) => SelectAll::from_iter([sub.boxed()]),
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot subscribe to NATS: {e}")));
+            return;
+        }
+    };
     if ready.send(Ok(store)).is_err() {
         return;
     }
@@ -121,6 +132,14 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
         remote: SelectAll::new(),
         takeovers: HashMap::new(),
         mail: HashSet::new(),
+        routes: HashMap::new(),
+        forwards: HashMap::new(),
+        next_token: 1,
+        inbox,
+        answers,
+        timeouts: FuturesUnordered::new(),
+        kick: Vec::new(),
+        answering: HashMap::new(),
         down: None,
         held: VecDeque::new(),
     };
@@ -203,6 +222,31 @@ struct Live {
     delivered: bool,
 }
 
+/// Frames waiting to be forwarded to the node holding their receiver. One batch is in
+/// flight at a time, which keeps them in order whichever way each batch goes.
+#[derive(Default)]
+struct Route {
+    queue: Vec<Command>,
+    /// The token of the batch in flight.
+    forwarding: Option<u64>,
+    /// Frames of a batch nobody took, being published to the stream.
+    storing: usize,
+    /// Frames went to the stream since the last batch the holder took: it must read
+    /// its mailbox before the next.
+    behind: bool,
+}
+
+impl Route {
+    fn busy(&self) -> bool {
+        self.forwarding.is_some() || self.storing > 0
+    }
+}
+
+struct Forward {
+    receiver: u32,
+    batch: Vec<Command>,
+}
+
 /// Work in flight on the NATS connection.
 enum Done {
     Published {
@@ -247,6 +291,19 @@ struct Actor {
     remote: SelectAll<BoxStream<'static, (u32, async_nats::Message)>>,
     /// Nodes waiting for this one to let an id go, by their reply subjects.
     takeovers: HashMap<u32, Vec<async_nats::Subject>>,
+    /// Frames for ids bound on other nodes, per receiver, forwarded one batch at a time.
+    routes: HashMap<u32, Route>,
+    /// Batches forwarded and not yet answered, by token.
+    forwards: HashMap<u64, Forward>,
+    next_token: u64,
+    /// Where answers to this node's forwards arrive: `<inbox>.<token>`.
+    inbox: String,
+    answers: SelectAll<BoxStream<'static, async_nats::Message>>,
+    timeouts: FuturesUnordered<BoxFuture<'static, u64>>,
+    /// Routes that may forward their next batch.
+    kick: Vec<u32>,
+    /// Batches forwarded to this node, waiting for the broker's outcomes.
+    answering: HashMap<u64, async_nats::Subject>,
     /// Receivers that got frames through the stream since mail was last sent.
     mail: HashSet<u32>,
     down: Option<Down>,
@@ -271,6 +328,8 @@ impl Actor {
                 },
                 done = self.pending.select_next_some() => self.on_done(done),
                 load = self.retries.select_next_some() => self.on_command(load).await,
+                answer = self.answers.select_next_some() => self.on_answer(answer).await,
+                token = self.timeouts.select_next_some() => self.forward_timed_out(token).await,
                 receiver = self.rechecks.select_next_some() => {
                     if self.holds.contains_key(&receiver) {
                         self.out.push(Reply::Mail { receiver });
@@ -290,6 +349,9 @@ impl Actor {
                     None => break,
                 },
                 () = timer => self.publish_due().await,
+            }
+            for receiver in std::mem::take(&mut self.kick) {
+                self.forward(receiver).await;
             }
             self.flush().await;
         }
@@ -321,6 +383,9 @@ impl Actor {
     }
 
     async fn on_command(&mut self, cmd: Command) {
+        if let Command::Answer { token, outcomes } = cmd {
+            return self.answer(token, outcomes).await;
+        }
         if self.down.is_some() {
             match cmd {
                 Command::Append { .. } => self.out.extend(failed(cmd)),
@@ -352,10 +417,14 @@ impl Actor {
                 receiver,
                 append: Some(cmd),
             }),
-            Command::Append { receiver, .. } => {
+            Command::Append { receiver, .. } if self.holds.contains_key(&receiver) => {
                 // Behind anything this node stages for the same receiver.
                 self.publish_staged(Some(receiver)).await;
                 self.publish(cmd).await;
+            }
+            Command::Append { receiver, .. } => {
+                self.routes.entry(receiver).or_default().queue.push(cmd);
+                self.forward(receiver).await;
             }
             Command::Delete { seqs, .. } => {
                 for seq in seqs {
@@ -369,10 +438,155 @@ impl Actor {
                 max_bytes,
             } => self.load(ticket, receiver, after, max_bytes).await,
             Command::Left { receiver } => self.release(receiver).await,
+            Command::Answer { .. } => {}
         }
     }
 
-    async fn publish(&mut self, cmd: Command) {
+    /// Sends `receiver`'s queued frames to the node that holds it, unless a batch is
+    /// still on its way.
+    async fn forward(&mut self, receiver: u32) {
+        let Some(route) = self.routes.get_mut(&receiver) else {
+            return;
+        };
+        if route.busy() {
+            return;
+        }
+        if route.queue.is_empty() {
+            self.routes.remove(&receiver);
+            return;
+        }
+        let batch = std::mem::take(&mut route.queue);
+        let mut payload = bytes::BytesMut::new();
+        for cmd in &batch {
+            if let Command::Append { wire, .. } = cmd {
+                payload.extend_from_slice(wire);
+            }
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Chat-Node", self.node.as_str());
+        if route.behind {
+            headers.insert("Chat-Behind", "1");
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        route.forwarding = Some(token);
+        let sent = self
+            .client
+            .publish_with_reply_and_headers(
+                format!("chat.hold.{receiver}.frames"),
+                format!("{}.{token}", self.inbox),
+                headers,
+                payload.freeze(),
+            )
+            .await;
+        match sent {
+            Ok(()) => {
+                self.forwards.insert(token, Forward { receiver, batch });
+                self.timeouts.push(
+                    async move {
+                        sleep(FORWARD_WAIT).await;
+                        token
+                    }
+                    .boxed(),
+                );
+            }
+            Err(e) => {
+                log::debug!("id {receiver}: frames not forwarded: {e}");
+                self.store_batch(receiver, batch).await;
+            }
+        }
+    }
+
+    /// Publishes a batch nobody took to the stream, in order; the next batch for the
+    /// receiver waits until these are stored, and tells the holder to read them first.
+    async fn store_batch(&mut self, receiver: u32, batch: Vec<Command>) {
+        let mut queued = 0;
+        for cmd in batch {
+            if self.publish(cmd).await {
+                queued += 1;
+            }
+        }
+        if let Some(route) = self.routes.get_mut(&receiver) {
+            route.forwarding = None;
+            route.storing += queued;
+            route.behind = true;
+        }
+        self.kick.push(receiver);
+    }
+
+    async fn on_answer(&mut self, msg: async_nats::Message) {
+        let token = msg
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|t| t.parse::<u64>().ok());
+        let Some(Forward { receiver, batch }) = token.and_then(|t| self.forwards.remove(&t)) else {
+            return;
+        };
+        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            // Nobody holds the id: the frames go to its mailbox.
+            return self.store_batch(receiver, batch).await;
+        }
+        let text = String::from_utf8_lossy(&msg.payload);
+        let mut lines = text.lines();
+        for cmd in batch {
+            let Command::Append {
+                ticket, seq, wire, ..
+            } = cmd
+            else {
+                continue;
+            };
+            let outcome = match lines.next() {
+                Some("stored") => Outcome::Stored,
+                Some(line) if line.starts_with("full ") => Outcome::Full(line[5..].to_string()),
+                Some(line) => Outcome::Failed(line.trim_start_matches("failed ").to_string()),
+                None => Outcome::Failed("the receiving node gave no answer".into()),
+            };
+            self.out.push(Reply::Appended {
+                ticket,
+                seq,
+                outcome,
+                len: wire.len(),
+            });
+        }
+        if let Some(route) = self.routes.get_mut(&receiver) {
+            route.forwarding = None;
+            route.behind = false;
+        }
+        self.kick.push(receiver);
+    }
+
+    async fn forward_timed_out(&mut self, token: u64) {
+        if let Some(Forward { receiver, batch }) = self.forwards.remove(&token) {
+            log::warn!(
+                "id {receiver}: its node did not answer within {FORWARD_WAIT:?}; storing {} frames in the stream (they may arrive twice)",
+                batch.len()
+            );
+            self.store_batch(receiver, batch).await;
+        }
+    }
+
+    /// Tells the node that forwarded a batch what became of its frames.
+    async fn answer(&mut self, token: u64, outcomes: Vec<Outcome>) {
+        let Some(reply) = self.answering.remove(&token) else {
+            return;
+        };
+        let mut text = String::new();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Stored => text.push_str("stored"),
+                Outcome::Full(why) => text.push_str(&format!("full {why}")),
+                Outcome::Failed(why) => text.push_str(&format!("failed {why}")),
+            }
+            text.push('\n');
+        }
+        if let Err(e) = self.client.publish(reply, text.into()).await {
+            log::debug!("answer not sent: {e}");
+        }
+    }
+
+    /// Publishes an append; false if it was refused at once (and answered).
+    async fn publish(&mut self, cmd: Command) -> bool {
         let Command::Append {
             ticket,
             receiver,
@@ -381,7 +595,7 @@ impl Actor {
             live,
         } = cmd
         else {
-            return;
+            return false;
         };
         let len = wire.len();
         match self.js.publish(format!("chat.mb.{receiver}"), wire).await {
@@ -410,13 +624,17 @@ impl Actor {
                     }
                     .boxed(),
                 );
+                true
             }
-            Err(e) => self.out.push(Reply::Appended {
-                ticket,
-                seq,
-                outcome: Outcome::Failed(e.to_string()),
-                len,
-            }),
+            Err(e) => {
+                self.out.push(Reply::Appended {
+                    ticket,
+                    seq,
+                    outcome: Outcome::Failed(e.to_string()),
+                    len,
+                });
+                false
+            }
         }
     }
 
@@ -467,6 +685,15 @@ impl Actor {
                 len,
                 result,
             } => {
+                if !live
+                    && let Some(route) = self.routes.get_mut(&receiver)
+                    && route.storing > 0
+                {
+                    route.storing -= 1;
+                    if route.storing == 0 {
+                        self.kick.push(receiver);
+                    }
+                }
                 let outcome = match result {
                     Ok(stream_seq) => {
                         if live {
@@ -746,7 +973,27 @@ impl Actor {
         if msg.payload[..] == *self.node.as_bytes() {
             return;
         }
-        if msg.subject.ends_with(".mail") {
+        if msg.subject.ends_with(".frames")
+            && let Some(reply) = msg.reply
+        {
+            let behind = msg
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get("Chat-Behind").is_some());
+            let Some(frames) = split_frames(&msg.payload) else {
+                log::warn!("id {receiver}: malformed frames from another node; ignored");
+                return;
+            };
+            let token = self.next_token;
+            self.next_token += 1;
+            self.answering.insert(token, reply);
+            self.out.push(Reply::Forwarded {
+                token,
+                receiver,
+                frames,
+                behind,
+            });
+        } else if msg.subject.ends_with(".mail") {
             self.out.push(Reply::Mail { receiver });
         } else if msg.subject.ends_with(".take")
             && let Some(reply) = msg.reply
@@ -799,6 +1046,21 @@ impl Actor {
             Box::pin(self.on_command(cmd)).await;
         }
     }
+}
+
+/// Cuts a forwarded batch into its server -> client frames.
+fn split_frames(payload: &Bytes) -> Option<Vec<Bytes>> {
+    let header = crate::protocol::SERVER_HEADER_LEN;
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < payload.len() {
+        let len = payload.get(at + 5..at + header)?;
+        let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+        let end = at.checked_add(header)?.checked_add(len)?;
+        frames.push(payload.get(at..end).map(|_| payload.slice(at..end))?);
+        at = end;
+    }
+    Some(frames)
 }
 
 /// `future`'s output, unless it takes longer than `limit`.

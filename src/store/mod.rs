@@ -61,6 +61,9 @@ pub enum Command {
     /// writing, and no other connection for it is waiting here. In a cluster this
     /// releases the id to whichever node binds it next.
     Left { receiver: u32 },
+    /// The outcomes of frames another node forwarded here (`Reply::Forwarded`), in
+    /// their order.
+    Answer { token: u64, outcomes: Vec<Outcome> },
 }
 
 #[derive(Debug)]
@@ -83,6 +86,15 @@ pub enum Reply {
     Mail { receiver: u32 },
     /// Another node bound `receiver`: close its connection here, then send `Left`.
     Takeover { receiver: u32 },
+    /// Frames from another node for `receiver`, which is bound here: route them as if
+    /// they came from a local sender, then `Answer` with their outcomes. `behind`: the
+    /// mailbox holds earlier frames of theirs, to be read first.
+    Forwarded {
+        token: u64,
+        receiver: u32,
+        frames: Vec<Bytes>,
+        behind: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
