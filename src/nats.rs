@@ -70,7 +70,9 @@ pub fn start(
                     )));
                     return;
                 }
+                let given = options.urls.split(',').filter(|u| !u.trim().is_empty()).count();
                 let setup = jetstream::Setup {
+                    given_servers: given,
                     client,
                     node: options.node.clone(),
                     replicas: options.replicas,
@@ -132,16 +134,32 @@ async fn connect(
         connect = connect.user_and_password(user, password);
     }
     let shown: Vec<String> = options.urls.split(',').map(redact).collect();
-    match tokio::time::timeout(CONNECT_LIMIT, connect.connect(urls)).await {
-        Ok(Ok(client)) => {
-            log::info!("node {}: connected to NATS", options.node);
-            Ok(client)
+    // NATS may be starting at the same time as this node (a compose file, a boot
+    // script): try again until CONNECT_LIMIT before giving up.
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout(CONNECT_LIMIT, connect.clone().connect(urls.clone())).await {
+            Ok(Ok(client)) => {
+                log::info!("node {}: connected to NATS", options.node);
+                return Ok(client);
+            }
+            Ok(Err(e))
+                if started.elapsed() < CONNECT_LIMIT
+                    && e.kind() != async_nats::ConnectErrorKind::AuthorizationViolation =>
+            {
+                log::debug!("NATS not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Ok(Err(e)) => {
+                return Err(format!("cannot reach NATS at {}: {e}", shown.join(",")));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "cannot reach NATS at {} within {CONNECT_LIMIT:?}",
+                    shown.join(",")
+                ));
+            }
         }
-        Ok(Err(e)) => Err(format!("cannot reach NATS at {}: {e}", shown.join(","))),
-        Err(_) => Err(format!(
-            "cannot reach NATS at {} within {CONNECT_LIMIT:?}",
-            shown.join(",")
-        )),
     }
 }
 

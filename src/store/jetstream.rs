@@ -69,6 +69,8 @@ pub enum Link {
 
 /// What the link's thread hands the store.
 pub struct Setup {
+    /// How many NATS URLs the node was given.
+    pub given_servers: usize,
     pub client: async_nats::Client,
     pub node: String,
     pub replicas: Option<usize>,
@@ -148,7 +150,14 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
 }
 
 async fn ensure_stream(js: &jetstream::Context, setup: &Setup) -> Result<stream::Stream, String> {
-    let servers = setup.client.server_info().connect_urls.len().max(1);
+    // The servers the node was given or has been told of; the latter may still be
+    // incomplete while a new cluster forms.
+    let servers = setup
+        .client
+        .server_info()
+        .connect_urls
+        .len()
+        .max(setup.given_servers);
     let replicas = setup.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
     let config = stream::Config {
         name: STREAM.into(),
