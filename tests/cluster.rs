@@ -241,6 +241,13 @@ fn binding_on_another_node_replaces_the_connection_there() {
     let b = node(&nats, "b", dir.path(), &[]);
     chat::rt::block_on(async {
         let mut first = login_at(&a.addr, 5).await;
+        // The welcome precedes the node's claim on the id; a frame from the other node
+        // arriving shows the claim is done (two binds at the same instant on two nodes
+        // can both win: docs/CLUSTER.md).
+        let mut other = login_at(&b.addr, 7).await;
+        let hello = text(7, 5, "are you on node a?");
+        send_confirmed(&mut other, &hello).await;
+        assert_eq!(data_frames(&mut first, 1).await, vec![delivered(&hello)]);
         let mut second = login_at(&b.addr, 5).await;
         let detail = expect_notice(&mut first, Code::Replaced).await;
         assert!(detail.contains("another node"), "{detail}");
