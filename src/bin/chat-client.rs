@@ -3,6 +3,10 @@
 //! On a terminal, each line typed is sent and everything received is printed. With
 //! stdin from a pipe or file, every line is sent, each one's echo is awaited, and the
 //! exit code says whether all were accepted.
+//!
+//! On a terminal and with `--receive`, a dropped connection is opened again (with
+//! backoff and jitter): the id is bound again, acks turned on again, and the frames whose
+//! echoes had not come are sent again, so a frame can arrive twice (at least once).
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -79,7 +83,23 @@ struct Args {
     /// the server only once this client has printed or saved it and said so.
     #[arg(long)]
     no_acks: bool,
+
+    /// On a terminal and with --receive, do not reconnect when the connection drops.
+    #[arg(long)]
+    no_reconnect: bool,
 }
+
+/// How a session with the server ended, when it did not finish its work.
+enum Ended {
+    /// The connection dropped (or the server is stopping): worth reconnecting.
+    Lost(String),
+    /// Anything else: report it and stop.
+    Fatal(String),
+}
+
+/// Reconnecting starts after this long and backs off to the maximum.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 fn parse_kind(s: &str) -> Result<u8, String> {
     match parse_type(s) {
@@ -121,6 +141,62 @@ async fn run(args: Args) -> Result<(), String> {
         .id
         .filter(|&id| id != 0)
         .ok_or("--id must be a number from 1 to 4294967295")?;
+    let mut printer = Printer {
+        id,
+        save_dir: args.save_dir.clone(),
+        saved: 0,
+        from_others: 0,
+        acker: None,
+    };
+    let session = welcome(&args, client, &mut printer, limit).await?;
+    let interactive = args.file.is_none() && std::io::stdin().is_terminal();
+    let reconnect = !args.no_reconnect && (interactive || args.receive > 0);
+    let mut link = Link {
+        args: &args,
+        limit,
+        reconnect,
+    };
+    if let Some(path) = &args.file {
+        let body = read_body(path)?;
+        let frames = vec![ClientFrame {
+            sender: id,
+            receiver: args.to,
+            kind: args.kind,
+            body: body.into(),
+        }];
+        return send_and_confirm(&mut link, session, frames, &mut printer).await;
+    }
+    if interactive {
+        eprintln!(
+            "connected to {server} as {id}; type a line to send it to {}, Ctrl-D to quit",
+            args.to
+        );
+        return interactive_session(&mut link, session, &mut printer).await;
+    }
+    let mut frames = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
+        let body = Bytes::from(line.into_bytes());
+        frames.push(ClientFrame {
+            sender: id,
+            receiver: args.to,
+            kind: TEXT,
+            body,
+        });
+    }
+    send_and_confirm(&mut link, session, frames, &mut printer).await
+}
+
+/// Binds the id on a new connection (with acks unless --no-acks) and prints what came
+/// before the welcome.
+async fn welcome(
+    args: &Args,
+    mut client: Client,
+    printer: &mut Printer,
+    limit: Duration,
+) -> Result<(Sender, Receiver), String> {
+    let id = printer.id;
+    let server = &args.server;
     let token = args.token.as_deref();
     let welcome = async {
         if args.no_acks {
@@ -135,46 +211,65 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .ok_or_else(|| format!("{server} did not welcome id {id} within {limit:?}"))?
         .map_err(|e| e.to_string())?;
-    let mut printer = Printer {
-        id,
-        save_dir: args.save_dir.clone(),
-        saved: 0,
-        from_others: 0,
-        acker: acks.then(|| Acker::new(id)),
-    };
+    // Acks count from the welcome of each connection.
+    printer.acker = acks.then(|| Acker::new(id));
     for frame in &early {
         printer.show(frame)?;
     }
-    let (sender, receiver) = client.split();
-    if let Some(path) = &args.file {
-        let body = read_body(path)?;
-        let frames = vec![ClientFrame {
-            sender: id,
-            receiver: args.to,
-            kind: args.kind,
-            body: body.into(),
-        }];
-        return send_and_confirm(sender, receiver, frames, &mut printer, args.receive, limit).await;
+    Ok(client.split())
+}
+
+/// What reconnecting needs.
+struct Link<'a> {
+    args: &'a Args,
+    limit: Duration,
+    reconnect: bool,
+}
+
+impl Link<'_> {
+    /// After `ended`, a new bound connection, or why there is none.
+    async fn again(
+        &mut self,
+        ended: Ended,
+        printer: &mut Printer,
+    ) -> Result<(Sender, Receiver), String> {
+        let why = match ended {
+            Ended::Lost(why) if self.reconnect => why,
+            Ended::Lost(why) | Ended::Fatal(why) => return Err(why),
+        };
+        eprintln!("chat-client: {why}; reconnecting");
+        let server = &self.args.server;
+        let started = std::time::Instant::now();
+        let mut wait = RETRY_MIN;
+        loop {
+            rt::sleep(jitter(wait)).await;
+            let attempt = rt::timeout(self.limit, connect(self.args)).await;
+            if let Some(Ok(client)) = attempt {
+                match welcome(self.args, client, printer, self.limit).await {
+                    Ok(session) => {
+                        eprintln!("chat-client: reconnected to {server}");
+                        return Ok(session);
+                    }
+                    Err(e) => eprintln!("chat-client: {e}"),
+                }
+            }
+            if started.elapsed() > self.limit.max(RETRY_MAX * 6) {
+                return Err(format!("cannot reconnect to {server}: gave up"));
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
     }
-    if std::io::stdin().is_terminal() {
-        eprintln!(
-            "connected to {server} as {id}; type a line to send it to {}, Ctrl-D to quit",
-            args.to
-        );
-        return interactive(sender, receiver, &mut printer, id, args.to).await;
-    }
-    let mut frames = Vec::new();
-    for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
-        let body = Bytes::from(line.into_bytes());
-        frames.push(ClientFrame {
-            sender: id,
-            receiver: args.to,
-            kind: TEXT,
-            body,
-        });
-    }
-    send_and_confirm(sender, receiver, frames, &mut printer, args.receive, limit).await
+}
+
+/// `wait`, plus or minus up to half of it, so that clients dropped together do not
+/// all come back at the same instant.
+fn jitter(wait: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let spread = wait.as_millis() as u64;
+    let offset = u64::from(nanos) % (spread + 1);
+    Duration::from_millis(spread / 2 + offset)
 }
 
 async fn connect(args: &Args) -> std::io::Result<Client> {
@@ -206,21 +301,59 @@ fn read_body(path: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(cannot)
 }
 
-/// Sends `frames` while reading replies, until each has its echo and `receive` frames
-/// from others have arrived. Any refusal makes the whole run fail.
+/// Sends `frames` while reading replies, until each has its echo and `--receive`
+/// frames from others have arrived; after a reconnect, sends again those whose echoes
+/// had not come. Any refusal makes the whole run fail.
 async fn send_and_confirm(
-    mut sender: Sender,
-    mut receiver: Receiver,
+    link: &mut Link<'_>,
+    mut session: (Sender, Receiver),
     frames: Vec<ClientFrame>,
     printer: &mut Printer,
-    receive: usize,
-    limit: Duration,
 ) -> Result<(), String> {
-    let expected = frames.len();
+    let mut answered = 0;
+    let mut refusals = 0;
+    loop {
+        let (sender, receiver) = session;
+        let ended = confirm(
+            link,
+            sender,
+            receiver,
+            &frames,
+            printer,
+            &mut answered,
+            &mut refusals,
+        )
+        .await;
+        match ended {
+            None => break,
+            Some(ended) => session = link.again(ended, printer).await?,
+        }
+    }
+    if refusals > 0 {
+        return Err(format!(
+            "{refusals} of {} frames were refused",
+            frames.len()
+        ));
+    }
+    Ok(())
+}
+
+/// One connection's part of [`send_and_confirm`]: `None` once everything is done.
+async fn confirm(
+    link: &Link<'_>,
+    mut sender: Sender,
+    mut receiver: Receiver,
+    frames: &[ClientFrame],
+    printer: &mut Printer,
+    answered: &mut usize,
+    refusals: &mut usize,
+) -> Option<Ended> {
+    let (expected, receive, limit) = (frames.len(), link.args.receive, link.limit);
+    let unanswered = frames[*answered..].to_vec();
     // Acks go out through the sending task, after the frames, the latest one only.
     let (acks, mut acks_rx) = mpsc::unbounded::<ClientFrame>();
     let sending = rt::spawn(async move {
-        for frame in &frames {
+        for frame in &unanswered {
             sender.send(frame).await?;
         }
         while let Some(mut ack) = acks_rx.next().await {
@@ -231,48 +364,50 @@ async fn send_and_confirm(
         }
         Ok::<_, std::io::Error>(sender)
     });
-    let mut replies = 0;
-    let mut refusals = 0;
-    while replies < expected || printer.from_others < receive {
+    while *answered < expected || printer.from_others < receive {
         let frame = match rt::timeout(limit, receiver.recv()).await {
             None => {
-                return Err(format!(
-                    "timed out after {limit:?}: {replies} of {expected} echoes, {} of {receive} frames received",
+                return Some(Ended::Fatal(format!(
+                    "timed out after {limit:?}: {answered} of {expected} echoes, {} of {receive} frames received",
                     printer.from_others
-                ));
+                )));
             }
             Some(Ok(Some(frame))) => frame,
-            Some(Ok(None)) => return Err("server closed the connection".into()),
-            Some(Err(e)) => return Err(format!("connection lost: {e}")),
+            Some(Ok(None)) => return Some(Ended::Lost("server closed the connection".into())),
+            Some(Err(e)) => return Some(Ended::Lost(format!("connection lost: {e}"))),
         };
-        if let Some(ack) = printer.show(&frame)? {
-            let _ = acks.unbounded_send(ack);
+        match printer.show(&frame) {
+            Ok(Some(ack)) => {
+                let _ = acks.unbounded_send(ack);
+            }
+            Ok(None) => {}
+            Err(e) => return Some(Ended::Fatal(e)),
         }
         if frame.sender == printer.id {
-            replies += 1;
+            *answered += 1;
         } else if let Some(n) = frame.notice() {
-            replies += 1;
-            refusals += 1;
+            if n.is(Code::ShuttingDown) || n.is(Code::SlowConsumer) {
+                // The connection ends next; what was not echoed is sent again.
+                continue;
+            }
+            *answered += 1;
+            *refusals += 1;
             if !n.is(Code::MailboxFull) && !n.is(Code::StoreFailed) && !n.is(Code::BadSender) {
-                return Err(format!("server said {n}"));
+                return Some(Ended::Fatal(format!("server said {n}")));
             }
         }
     }
     drop(acks);
-    let mut sender = sending.await.map_err(|e| format!("cannot send: {e}"))?;
-    let _ = sender.close().await;
-    if refusals > 0 {
-        return Err(format!("{refusals} of {expected} frames were refused"));
+    if let Ok(mut sender) = sending.await {
+        let _ = sender.close().await;
     }
-    Ok(())
+    None
 }
 
-async fn interactive(
-    mut sender: Sender,
-    mut receiver: Receiver,
+async fn interactive_session(
+    link: &mut Link<'_>,
+    session: (Sender, Receiver),
     printer: &mut Printer,
-    id: u32,
-    to: u32,
 ) -> Result<(), String> {
     // Reading a terminal blocks, so a plain thread does it.
     let (mut lines_tx, mut lines) = mpsc::channel::<String>(16);
@@ -284,8 +419,12 @@ async fn interactive(
             }
         }
     });
+    let (id, to) = (printer.id, link.args.to);
+    // Frames sent whose echoes have not come: sent again after a reconnect.
+    let mut unechoed: std::collections::VecDeque<ClientFrame> = Default::default();
+    let (mut sender, mut receiver) = session;
     loop {
-        match select(lines.next(), std::pin::pin!(receiver.recv())).await {
+        let ended = match select(lines.next(), std::pin::pin!(receiver.recv())).await {
             Either::Left((Some(line), _)) => {
                 let frame = ClientFrame {
                     sender: id,
@@ -293,22 +432,42 @@ async fn interactive(
                     kind: TEXT,
                     body: line.into_bytes().into(),
                 };
-                sender
-                    .send(&frame)
-                    .await
-                    .map_err(|e| format!("cannot send: {e}"))?;
+                let sent = sender.send(&frame).await;
+                unechoed.push_back(frame);
+                match sent {
+                    Ok(()) => continue,
+                    Err(e) => Ended::Lost(format!("cannot send: {e}")),
+                }
             }
             Either::Left((None, _)) => return Ok(()),
             Either::Right((Ok(Some(frame)), _)) => {
-                if let Some(ack) = printer.show(&frame)? {
-                    sender
-                        .send(&ack)
-                        .await
-                        .map_err(|e| format!("cannot send: {e}"))?;
+                let is_refusal = frame.notice().is_some_and(|n| {
+                    n.is(Code::MailboxFull) || n.is(Code::StoreFailed) || n.is(Code::BadSender)
+                });
+                if frame.sender == id || is_refusal {
+                    unechoed.pop_front();
+                }
+                if frame.notice().is_some_and(|n| n.is(Code::Replaced)) {
+                    printer.show(&frame)?;
+                    return Err("this id connected elsewhere".into());
+                }
+                match printer.show(&frame)? {
+                    Some(ack) => match sender.send(&ack).await {
+                        Ok(()) => continue,
+                        Err(e) => Ended::Lost(format!("cannot send: {e}")),
+                    },
+                    None => continue,
                 }
             }
-            Either::Right((Ok(None), _)) => return Err("server closed the connection".into()),
-            Either::Right((Err(e), _)) => return Err(format!("connection lost: {e}")),
+            Either::Right((Ok(None), _)) => Ended::Lost("server closed the connection".into()),
+            Either::Right((Err(e), _)) => Ended::Lost(format!("connection lost: {e}")),
+        };
+        (sender, receiver) = link.again(ended, printer).await?;
+        for frame in &unechoed {
+            if let Err(e) = sender.send(frame).await {
+                eprintln!("chat-client: cannot send: {e}");
+                break;
+            }
         }
     }
 }

@@ -374,6 +374,7 @@ impl Broker {
             Some(bound) => format!("sender {id} is not this connection's id {bound}"),
             None => {
                 c.id = Some(id);
+                log::debug!("id {id} bound to connection {conn}");
                 if let Some(old) = self.online.insert(id, conn) {
                     log::info!("id {id}: connection {conn} replaces {old}");
                     self.close(
