@@ -58,3 +58,30 @@ if ! have "$RUST_TAG"; then
     --change 'CMD ["bash"]' - "$RUST_TAG" >/dev/null
   echo "built $RUST_TAG"
 fi
+
+# The cluster's other two images (docker/compose.cluster.yml), from Debian's packages on
+# the same minimal root, laid out like the official images: the NATS server and HAProxy.
+NATS_TAG=${NATS_TAG:-chat-local/nats:2.9}
+HAPROXY_TAG=${HAPROXY_TAG:-chat-local/haproxy:2.6}
+package_image() { # tag package entrypoint...
+  local tag=$1 package=$2
+  shift 2
+  have "$tag" && return 0
+  need_root_tools
+  rm -rf "$work/$package"; mkdir -p "$work/$package"
+  echo "debootstrap $SUITE with $package for $tag"
+  debootstrap --variant=minbase --include="$package" "$SUITE" "$work/$package" "$MIRROR" \
+    >"$work/$package.log" 2>&1 || { tail -20 "$work/$package.log"; exit 1; }
+  chroot "$work/$package" apt-get clean
+  rm -rf "$work/$package"/var/lib/apt/lists/* "$work/$package"/usr/share/doc/* "$work/$package"/usr/share/man/*
+  local entry
+  entry=$(printf '"%s",' "$@")
+  tar -C "$work/$package" -c . | docker import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change "ENTRYPOINT [${entry%,}]" - "$tag" >/dev/null
+  echo "built $tag"
+}
+if [ "${CLUSTER_BASES:-0}" = 1 ]; then
+  package_image "$NATS_TAG" nats-server nats-server
+  package_image "$HAPROXY_TAG" haproxy haproxy -W -db -f /usr/local/etc/haproxy/haproxy.cfg
+fi

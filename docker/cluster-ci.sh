@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Proves the cluster in containers (docker/compose.cluster.yml) through HAProxy: two
+# clients on different nodes exchange frames; the node holding a receiver is killed and
+# the receiver (a reconnecting chat-client) still gets every accepted frame; a NATS
+# container is killed and the service goes on; the mailbox survives `down` and `up`
+# with its volumes. Without a Docker engine it skips, unless CHAT_REQUIRE_DOCKER=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! docker info >/dev/null 2>&1; then
+  if [ "${CHAT_REQUIRE_DOCKER:-0}" = 1 ]; then
+    echo "cluster: no Docker engine reachable, and CHAT_REQUIRE_DOCKER=1" >&2
+    exit 1
+  fi
+  echo "cluster: no Docker engine reachable; skipping the cluster checks"
+  exit 0
+fi
+if docker compose version >/dev/null 2>&1; then
+  compose=(docker compose)
+else
+  compose=(docker-compose)
+fi
+port=${CHAT_CI_CLUSTER_PORT:-18898}
+project=chatcluster$$
+dc() { CHAT_PORT=$port CHAT_LOG_LEVEL=debug "${compose[@]}" -p "$project" -f docker/compose.cluster.yml "$@"; }
+work=$(mktemp -d)
+receiver_pid=
+cleanup() {
+  [ -n "$receiver_pid" ] && kill "$receiver_pid" 2>/dev/null
+  dc down -v --remove-orphans >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+fail() {
+  echo "cluster: $*" >&2
+  dc ps >&2 || true
+  dc logs --tail 30 >&2 || true
+  exit 1
+}
+
+# Images without a registry: Debian's packages on a minimal root (docker/local-bases.sh).
+export RUST_IMAGE=${RUST_IMAGE:-chat-local/rust:1.95}
+export RUNTIME_IMAGE=${RUNTIME_IMAGE:-chat-local/debian:bookworm-slim}
+export NATS_IMAGE=${NATS_IMAGE:-chat-local/nats:2.9}
+export HAPROXY_IMAGE=${HAPROXY_IMAGE:-chat-local/haproxy:2.6}
+RUST_TAG=$RUST_IMAGE RUNTIME_TAG=$RUNTIME_IMAGE NATS_TAG=$NATS_IMAGE HAPROXY_TAG=$HAPROXY_IMAGE \
+  CLUSTER_BASES=1 bash docker/local-bases.sh
+[ -d vendor ] || cargo vendor --locked -q vendor >/dev/null
+cargo build --release --locked -q --bin chat-client
+client=target/release/chat-client
+addr=127.0.0.1:$port
+
+echo "cluster: building and starting with ${compose[*]}"
+dc build -q chat1
+dc up -d nats1 nats2 nats3 chat1 chat2 chat3 haproxy
+
+# Ready when HAProxy answers a ping through a node that has joined.
+ready() {
+  for _ in $(seq 1 120); do
+    $client --server "$addr" --probe --timeout 2 2>/dev/null && return 0
+    sleep 1
+  done
+  fail "never answered through HAProxy"
+}
+ready
+echo "cluster: HAProxy answers through a chat node"
+
+# The node (chat1..3) where an id was last bound, from the nodes' debug logs.
+node_of() {
+  local id=$1 node best="" latest=0 t
+  for node in chat1 chat2 chat3; do
+    t=$(dc logs --no-color "$node" 2>/dev/null | grep "id $id bound to" | tail -1 \
+      | sed -n 's/.*"time":\([0-9]*\).*/\1/p')
+    if [ -n "$t" ] && [ "$t" -gt "$latest" ]; then best=$node; latest=$t; fi
+  done
+  [ -n "$best" ] && echo "$best"
+}
+# Sends one line from `from` to `to` through HAProxy until it is echoed (a frame sent
+# while a node or a NATS server is being replaced may be refused or cut off).
+send() {
+  local from=$1 to=$2 line=$3
+  for _ in $(seq 1 30); do
+    out=$(printf '%s\n' "$line" | $client --server "$addr" --id "$from" --to "$to" --timeout 5 2>/dev/null) \
+      && [ "$out" = "[$from] text: $line" ] && return 0
+    sleep 1
+  done
+  fail "'$line' from $from to $to was never accepted"
+}
+# Waits until the receiver's output holds `line`.
+received() {
+  for _ in $(seq 1 60); do
+    grep -qxF "$1" "$work/receiver.out" && return 0
+    sleep 1
+  done
+  fail "the receiver never got '$1' (it got: $(tr '\n' '|' <"$work/receiver.out"))"
+}
+
+# The receiver: a reconnecting chat-client through HAProxy, for the whole check.
+$client --server "$addr" --id 201 --receive 1000 --timeout 120 </dev/null \
+  >"$work/receiver.out" 2>"$work/receiver.err" &
+receiver_pid=$!
+for _ in $(seq 1 30); do node_of 201 >/dev/null && break; sleep 1; done
+holder=$(node_of 201) || fail "the receiver never bound"
+# A sender on another node: new ids until HAProxy puts one elsewhere.
+sender=
+for id in $(seq 301 310); do
+  send "$id" 201 "hello from $id"
+  if [ "$(node_of "$id")" != "$holder" ]; then sender=$id; break; fi
+done
+[ -n "$sender" ] || fail "HAProxy never put a sender on another node than $holder"
+received "[$sender] text: hello from $sender"
+echo "cluster: $sender on $(node_of "$sender") reached 201 on $holder"
+
+docker kill "$(dc ps -q "$holder")" >/dev/null
+for i in 1 2 3; do send "$sender" 201 "after $holder died $i"; done
+for i in 1 2 3; do received "[$sender] text: after $holder died $i"; done
+grep -q reconnected "$work/receiver.err" || fail "the receiver did not reconnect"
+echo "cluster: $holder killed; the receiver reconnected to $(node_of 201 || echo '?') and got every accepted frame"
+dc start "$holder" >/dev/null
+
+docker kill "$(dc ps -q nats1)" >/dev/null
+send "$sender" 201 "after nats1 died"
+received "[$sender] text: after nats1 died"
+echo "cluster: nats1 killed; frames are still accepted and delivered"
+dc start nats1 >/dev/null
+
+kill "$receiver_pid" 2>/dev/null || true
+receiver_pid=
+send "$sender" 401 "for 401, offline"
+dc down >/dev/null 2>&1
+dc up -d nats1 nats2 nats3 chat1 chat2 chat3 haproxy >/dev/null 2>&1
+ready
+out=$($client --server "$addr" --id 401 --receive 1 --timeout 30 </dev/null) || fail "no mailbox after down/up"
+[ "$out" = "[$sender] text: for 401, offline" ] || fail "mailbox after down/up: $out"
+echo "cluster: the mailbox survived down and up in the NATS volumes"
+echo "cluster: all checks passed"
