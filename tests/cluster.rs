@@ -141,12 +141,48 @@ fn wait_for_port(port: u16) {
     }
 }
 
+/// How long a chat node may take to join a cluster that is still forming.
+const JOIN: Duration = Duration::from_secs(90);
+
 /// A chat node joined to `nats`.
 fn node(nats: &Nats, name: &str, dir: &Path, extra: &[&str]) -> ServerProcess {
     let urls = nats.urls();
     let mut args = vec!["--nats", &urls, "--node-name", name];
     args.extend_from_slice(extra);
-    ServerProcess::start(&dir.join(name), &args)
+    ServerProcess::start_within(&dir.join(name), &args, JOIN)
+}
+
+/// At most this many clusters run at once: each is three nats-server processes and a
+/// few chat nodes, on a machine that may have two cores.
+const CLUSTERS_AT_ONCE: usize = 2;
+
+struct Gate {
+    used: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+static GATE: Gate = Gate {
+    used: std::sync::Mutex::new(0),
+    freed: std::sync::Condvar::new(),
+};
+
+/// A place among the clusters that may run; given back when dropped.
+struct Slot;
+
+fn slot() -> Slot {
+    let mut used = GATE.used.lock().unwrap_or_else(|e| e.into_inner());
+    while *used >= CLUSTERS_AT_ONCE {
+        used = GATE.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+    }
+    *used += 1;
+    Slot
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *GATE.used.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        GATE.freed.notify_one();
+    }
 }
 
 async fn login_at(addr: &str, id: u32) -> Client {
@@ -184,6 +220,7 @@ fn frames_cross_nodes_both_ways_and_are_echoed() {
     if !nats_available() {
         return;
     }
+    let _slot = slot();
     let nats = Nats::start(3, "");
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats, "a", dir.path(), &[]);
@@ -205,6 +242,7 @@ fn the_mailbox_is_shared_and_delivered_once() {
     if !nats_available() {
         return;
     }
+    let _slot = slot();
     let nats = Nats::start(3, "");
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats, "a", dir.path(), &[]);
@@ -235,6 +273,7 @@ fn binding_on_another_node_replaces_the_connection_there() {
     if !nats_available() {
         return;
     }
+    let _slot = slot();
     let nats = Nats::start(3, "");
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats, "a", dir.path(), &[]);
@@ -310,6 +349,7 @@ fn order_holds_while_the_receiver_moves_between_nodes() {
     if !nats_available() {
         return;
     }
+    let _slot = slot();
     let nats = Nats::start(3, "");
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats, "a", dir.path(), &[]);
@@ -358,6 +398,7 @@ fn a_killed_node_loses_nothing_it_echoed() {
     if !nats_available() {
         return;
     }
+    let _slot = slot();
     let nats = Nats::start(3, "");
     let dir = tempfile::tempdir().expect("temp dir");
     let mut a = node(&nats, "a", dir.path(), &[]);
@@ -399,6 +440,7 @@ fn losing_one_nats_server_loses_nothing() {
     if !nats_available() {
         return;
     }
+    let _slot = slot();
     let mut nats = Nats::start(3, "");
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats, "a", dir.path(), &[]);
@@ -458,6 +500,7 @@ fn nats_lost_mid_run_gets_store_failed_then_recovers() {
     if !nats_available() {
         return;
     }
+    let _slot = slot();
     let mut nats = Nats::start(1, "");
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats, "a", dir.path(), &[]);
@@ -521,10 +564,11 @@ fn the_link_to_nats_logs_in_with_a_password() {
     if !nats_available() {
         return;
     }
+    let _slot = slot();
     let nats = Nats::start(1, "authorization { user: chat, password: s3cret }");
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("nats://chat:s3cret@127.0.0.1:{}", nats.ports[0]);
-    let a = ServerProcess::start(dir.path(), &["--nats", &url, "--node-name", "a"]);
+    let a = ServerProcess::start_within(dir.path(), &["--nats", &url, "--node-name", "a"], JOIN);
     chat::rt::block_on(async {
         let mut one = login_at(&a.addr, 1).await;
         let f = text(1, 2, "stored with a password");

@@ -42,8 +42,9 @@ pub const STREAM: &str = "CHAT_MAILBOX";
 const STREAM_SEQ: u64 = 1 << 63;
 /// How long a node waits for the holder of an id to let it go before binding anyway.
 const CLAIM_WAIT: Duration = Duration::from_secs(5);
-/// How long setting up the stream may take (a new cluster first elects its leaders).
-const SETUP_LIMIT: Duration = Duration::from_secs(20);
+/// How long setting up the stream may take (a new cluster first elects its leaders,
+/// which on a loaded machine can take most of a minute).
+const SETUP_LIMIT: Duration = Duration::from_secs(60);
 /// Mail published while a new holder's interest was still on its way across the
 /// cluster could miss it: the holder looks once more after this long.
 const RECHECK: Duration = Duration::from_millis(500);
@@ -142,6 +143,7 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
         timeouts: FuturesUnordered::new(),
         kick: Vec::new(),
         answering: HashMap::new(),
+        parked: HashMap::new(),
         down: None,
         held: VecDeque::new(),
     };
@@ -311,6 +313,9 @@ struct Actor {
     timeouts: FuturesUnordered<BoxFuture<'static, u64>>,
     /// Routes that may forward their next batch.
     kick: Vec<u32>,
+    /// First reads of ids this node is about to hold, waiting until the frames it was
+    /// forwarding for them elsewhere are settled (so the read sees them, in order).
+    parked: HashMap<u32, Vec<Command>>,
     /// Batches forwarded to this node, waiting for the broker's outcomes.
     answering: HashMap<u64, async_nats::Subject>,
     /// Receivers that got frames through the stream since mail was last sent.
@@ -360,6 +365,12 @@ impl Actor {
                 () = timer => self.publish_due().await,
             }
             for receiver in std::mem::take(&mut self.kick) {
+                if let Some(loads) = self.parked.remove(&receiver) {
+                    for load in loads {
+                        self.on_command(load).await;
+                    }
+                    continue;
+                }
                 self.forward(receiver).await;
             }
             self.flush().await;
@@ -799,6 +810,25 @@ impl Actor {
     /// Reads a page of `receiver`'s mailbox. The first read of a connection claims the
     /// id for this node.
     async fn load(&mut self, ticket: u64, receiver: u32, after: Option<u64>, max_bytes: usize) {
+        if after.is_none() {
+            // Frames this node was sending to the id's previous holder go first: wait
+            // for the batch in flight, then store the rest, so the read below has them.
+            if self.routes.get(&receiver).is_some_and(Route::busy) {
+                let load = Command::Load {
+                    ticket,
+                    receiver,
+                    after,
+                    max_bytes,
+                };
+                self.parked.entry(receiver).or_default().push(load);
+                return;
+            }
+            if let Some(route) = self.routes.remove(&receiver) {
+                for cmd in route.queue {
+                    self.publish(cmd).await;
+                }
+            }
+        }
         // A load sees every append and delete sent before it.
         self.publish_staged(Some(receiver)).await;
         self.settle().await;

@@ -169,7 +169,17 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts the binary and waits until it logs the address it listens on.
     pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
-        Self::spawn(Self::command(data_dir, extra))
+        Self::spawn(Self::command(data_dir, extra), WAIT)
+    }
+
+    /// Like `start`, for servers that may take longer than [`WAIT`] to listen (a node
+    /// joining a NATS cluster that is still electing its leaders).
+    pub fn start_within(
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        wait: Duration,
+    ) -> ServerProcess {
+        Self::spawn(Self::command(data_dir, extra), wait)
     }
 
     /// Like `start`, with the open-files limit set to `soft` and `hard`.
@@ -194,7 +204,7 @@ impl ServerProcess {
                 Ok(())
             });
         }
-        Self::spawn(cmd)
+        Self::spawn(cmd, WAIT)
     }
 
     fn command(data_dir: &std::path::Path, extra: &[&str]) -> std::process::Command {
@@ -212,7 +222,7 @@ impl ServerProcess {
         cmd
     }
 
-    fn spawn(mut cmd: std::process::Command) -> ServerProcess {
+    fn spawn(mut cmd: std::process::Command, wait: Duration) -> ServerProcess {
         use std::io::BufRead;
         let mut child = cmd.spawn().expect("chat-server starts");
         // femme logs to stdout.
@@ -241,7 +251,7 @@ impl ServerProcess {
             addr: String::new(),
             logs: kept,
         };
-        server.addr = rx.recv_timeout(WAIT).expect("server logged its address");
+        server.addr = rx.recv_timeout(wait).expect("server logged its address");
         server
     }
 
