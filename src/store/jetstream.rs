@@ -144,6 +144,7 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
         kick: Vec::new(),
         answering: HashMap::new(),
         parked: HashMap::new(),
+        high_seq: 0,
         down: None,
         held: VecDeque::new(),
     };
@@ -315,7 +316,9 @@ struct Actor {
     kick: Vec<u32>,
     /// First reads of ids this node is about to hold, waiting until the frames it was
     /// forwarding for them elsewhere are settled (so the read sees them, in order).
-    parked: HashMap<u32, Vec<Command>>,
+    parked: HashMap<u32, Vec<(Command, u64)>>,
+    /// The highest frame number appended so far.
+    high_seq: u64,
     /// Batches forwarded to this node, waiting for the broker's outcomes.
     answering: HashMap<u64, async_nats::Subject>,
     /// Receivers that got frames through the stream since mail was last sent.
@@ -366,8 +369,16 @@ impl Actor {
             }
             for receiver in std::mem::take(&mut self.kick) {
                 if let Some(loads) = self.parked.remove(&receiver) {
-                    for load in loads {
-                        self.on_command(load).await;
+                    for (load, mark) in loads {
+                        if let Command::Load {
+                            ticket,
+                            receiver,
+                            after,
+                            max_bytes,
+                        } = load
+                        {
+                            self.load(ticket, receiver, after, max_bytes, mark).await;
+                        }
                     }
                     continue;
                 }
@@ -405,6 +416,9 @@ impl Actor {
     async fn on_command(&mut self, cmd: Command) {
         if let Command::Answer { token, outcomes } = cmd {
             return self.answer(token, outcomes).await;
+        }
+        if let Command::Append { seq, .. } = cmd {
+            self.high_seq = self.high_seq.max(seq);
         }
         if self.down.is_some() {
             match cmd {
@@ -456,7 +470,10 @@ impl Actor {
                 receiver,
                 after,
                 max_bytes,
-            } => self.load(ticket, receiver, after, max_bytes).await,
+            } => {
+                let mark = self.high_seq;
+                self.load(ticket, receiver, after, max_bytes, mark).await;
+            }
             Command::Left { receiver } => self.release(receiver).await,
             Command::Answer { .. } => {}
         }
@@ -809,7 +826,15 @@ impl Actor {
 
     /// Reads a page of `receiver`'s mailbox. The first read of a connection claims the
     /// id for this node.
-    async fn load(&mut self, ticket: u64, receiver: u32, after: Option<u64>, max_bytes: usize) {
+    /// `mark`: the highest frame number appended before this load was asked for.
+    async fn load(
+        &mut self,
+        ticket: u64,
+        receiver: u32,
+        after: Option<u64>,
+        max_bytes: usize,
+        mark: u64,
+    ) {
         if after.is_none() {
             // Frames this node was sending to the id's previous holder go first: wait
             // for the batch in flight, then store the rest, so the read below has them.
@@ -820,7 +845,7 @@ impl Actor {
                     after,
                     max_bytes,
                 };
-                self.parked.entry(receiver).or_default().push(load);
+                self.parked.entry(receiver).or_default().push((load, mark));
                 return;
             }
             if let Some(route) = self.routes.remove(&receiver) {
@@ -833,10 +858,23 @@ impl Actor {
         self.publish_staged(Some(receiver)).await;
         self.settle().await;
         if after.is_none() {
+            // A new connection reads everything pushed live to the ones before it
+            // (frames numbered up to `mark`); its own live frames, which may have come
+            // while this read waited, stay left out: the broker delivers those.
+            let old: Vec<u64> = self
+                .published
+                .iter()
+                .filter(|(seq, l)| l.receiver == receiver && **seq <= mark)
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in old {
+                if let Some(stream_seq) = self.published.remove(&seq).and_then(|l| l.stream_seq)
+                    && let Some(set) = self.live.get_mut(&receiver)
+                {
+                    set.remove(&stream_seq);
+                }
+            }
             self.claim(receiver).await;
-            // A new connection reads everything, also what was pushed to the last one.
-            self.live.remove(&receiver);
-            self.published.retain(|_, l| l.receiver != receiver);
         }
         let start = after.map_or(1, |a| (a & !STREAM_SEQ) + 1);
         let frames = match self.read(receiver, start, max_bytes).await {
