@@ -32,7 +32,7 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::{FutureExt, StreamExt, select_biased};
 
-use super::{Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, settled};
+use super::{Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, answer, settled};
 use crate::metrics::Metrics;
 use crate::nats::sleep;
 
@@ -1151,15 +1151,5 @@ async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T
 
 /// The answer to an append that cannot be stored while NATS is unreachable.
 fn failed(cmd: Command) -> Option<Reply> {
-    match cmd {
-        Command::Append {
-            ticket, seq, wire, ..
-        } => Some(Reply::Appended {
-            ticket,
-            seq,
-            outcome: Outcome::Failed("NATS is unreachable".into()),
-            len: wire.len(),
-        }),
-        _ => None,
-    }
+    answer(cmd, Outcome::Failed("NATS is unreachable".into()))
 }

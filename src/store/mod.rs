@@ -122,19 +122,24 @@ pub struct Store {
 /// A live append waiting for its delivery is written after this long anyway.
 pub(crate) const STAGE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// The reply to an append that was delivered before it needed writing.
-pub(crate) fn settled(cmd: Command) -> Option<Reply> {
+/// The reply to an append with `outcome` (`None` for other commands).
+pub(crate) fn answer(cmd: Command, outcome: Outcome) -> Option<Reply> {
     match cmd {
         Command::Append {
             ticket, seq, wire, ..
         } => Some(Reply::Appended {
             ticket,
             seq,
-            outcome: Outcome::Stored,
+            outcome,
             len: wire.len(),
         }),
         _ => None,
     }
+}
+
+/// The reply to an append that was delivered before it needed writing.
+pub(crate) fn settled(cmd: Command) -> Option<Reply> {
+    answer(cmd, Outcome::Stored)
 }
 
 /// Why a receiver's mailbox cannot take `len` more bytes, if it cannot.
