@@ -1,15 +1,25 @@
-//! HTTP: metrics, health and readiness for operators and orchestrators.
+//! HTTP: metrics, health and readiness for operators; the web client and its
+//! WebSocket for browsers.
 //!
 //! hyper 1 (HTTP/1.1 only) on async-std sockets through smol-hyper's adapter: no
-//! hand-written HTTP parsing. Its own listener, off by default (`--metrics-listen`), so
-//! it can stay on a private interface. Clients are bounded like chat clients: a few
-//! at a time, headers within a time and size limit, each connection within a total
-//! time.
+//! hand-written HTTP parsing. Two listeners, both off by default, so metrics can stay
+//! on a private interface while the web client faces users. Clients are bounded like
+//! chat clients: a few HTTP connections at a time, headers within a time and size
+//! limit, each connection within a total time.
 //!
+//! `--metrics-listen`:
 //! - `GET /metrics`: the Prometheus (OpenMetrics) text exposition
 //! - `GET /healthz`: 200 while the process serves
 //! - `GET /readyz`: 200 when the store is open, 503 with a one-line reason otherwise
-//! - anything else: 404
+//!
+//! `--web-listen` (HTTPS and WSS when the server has `--tls-cert`):
+//! - `GET /`, `/app.js`, `/app.css`: the web client, embedded in the binary
+//! - `GET /config.json`: what the client needs to know (frame limit, auth on or off)
+//! - `GET /ws`: the protocol over WebSocket ([`crate::server::websocket`]); a WebSocket
+//!   counts against `--max-connections` and lives as long as the chat connection, not
+//!   under the HTTP limits above
+//!
+//! Anything else is a 404.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,19 +28,28 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{Either, select};
+use futures::{AsyncRead, AsyncWrite};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{
+    CACHE_CONTROL, CONNECTION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HOST, HeaderMap, HeaderValue,
+    ORIGIN, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
+    X_CONTENT_TYPE_OPTIONS,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use crate::metrics::Metrics;
-use crate::rt::{self, TcpListener};
+use crate::rt::{self, TcpListener, TcpStream};
+use crate::server::{Shared, websocket};
+use crate::tls::TlsAcceptor;
 
-/// HTTP connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 64;
+/// Metrics connections served at once; more are closed at once.
+const MAX_METRICS_CONNECTIONS: usize = 64;
+/// Web connections (page loads, upgrades in progress) served at once.
+const MAX_WEB_CONNECTIONS: usize = 256;
 /// Time for a request's headers to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time one connection may stay, keep-alive included.
@@ -40,11 +59,102 @@ const MAX_HEAD: usize = 16 * 1024;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves until `stop` completes.
+/// The web client: plain HTML, CSS and JavaScript, no build step.
+const INDEX_HTML: &str = include_str!("web/index.html");
+const APP_JS: &str = include_str!("web/app.js");
+const APP_CSS: &str = include_str!("web/app.css");
+/// Scripts, styles and sockets from this origin only; pictures and media also from the
+/// blob: URLs the client makes of received frames.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src 'self' blob:; media-src 'self' blob:; \
+    base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Serves metrics, health and readiness until `stop` completes.
 pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, stop: impl Future<Output = ()>) {
     if let Ok(addr) = listener.local_addr() {
         log::info!("metrics, health and readiness on http://{addr}/metrics, /healthz, /readyz");
     }
+    accept(listener, MAX_METRICS_CONNECTIONS, stop, move |stream| {
+        let metrics = metrics.clone();
+        async move {
+            let service = service_fn(move |req| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
+            });
+            let conn = builder().serve_connection(FuturesIo::new(stream), service);
+            if let Some(Err(e)) = rt::timeout(CONNECTION_LIMIT, conn).await {
+                log::debug!("metrics connection: {e}");
+            }
+        }
+    })
+    .await
+}
+
+/// Who may open the WebSocket from a browser.
+#[derive(Debug, Clone, Default)]
+pub struct Origins {
+    /// Exact origins (`https://chat.example.com`), or `*` for any. Empty: the page's
+    /// own origin only (the Origin's host equals the request's Host).
+    pub allowed: Vec<String>,
+}
+
+impl Origins {
+    /// Browsers always send Origin on a WebSocket upgrade; other clients (chat
+    /// libraries, tests) need not, and are not what cross-site hijacking abuses.
+    fn allow(&self, headers: &HeaderMap) -> bool {
+        let Some(origin) = headers.get(ORIGIN) else {
+            return true;
+        };
+        let Ok(origin) = origin.to_str() else {
+            return false;
+        };
+        if self.allowed.is_empty() {
+            let host = headers.get(HOST).and_then(|h| h.to_str().ok());
+            let origin_host = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"));
+            return host.is_some() && origin_host == host;
+        }
+        self.allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    }
+}
+
+/// Serves the web client and the WebSocket until `stop` completes.
+pub async fn run_web(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    origins: Origins,
+    stop: impl Future<Output = ()>,
+) {
+    let origins = Arc::new(origins);
+    accept(listener, MAX_WEB_CONNECTIONS, stop, move |stream| {
+        let shared = shared.clone();
+        let origins = origins.clone();
+        async move {
+            crate::server::configure_socket(&stream);
+            let Some(tls) = &shared.config.tls else {
+                return web_connection(stream.clone(), stream, shared, origins).await;
+            };
+            let handshake = Box::pin(TlsAcceptor::from(tls.current()).accept(stream.clone()));
+            match rt::timeout(HEADER_TIMEOUT, handshake).await {
+                Some(Ok(session)) => web_connection(session, stream, shared, origins).await,
+                Some(Err(e)) => log::debug!("web: TLS handshake failed: {e}"),
+                None => log::debug!("web: TLS handshake timed out"),
+            }
+        }
+    })
+    .await
+}
+
+/// Accepts until `stop`, serving each connection with `serve` while fewer than `max`
+/// are being served; beyond that, a connection is closed at once.
+async fn accept<F, Fut>(listener: TcpListener, max: usize, stop: impl Future<Output = ()>, serve: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let open = Arc::new(AtomicUsize::new(0));
     let mut stop = std::pin::pin!(stop);
     loop {
@@ -52,35 +162,189 @@ pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, stop: impl Future
         let stream = match select(accept, stop.as_mut()).await {
             Either::Left((Ok((stream, _)), _)) => stream,
             Either::Left((Err(e), _)) => {
-                log::debug!("metrics accept: {e}");
+                log::debug!("http accept: {e}");
                 rt::sleep(Duration::from_millis(50)).await;
                 continue;
             }
             Either::Right(_) => break,
         };
-        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        if open.fetch_add(1, Ordering::AcqRel) >= max {
             open.fetch_sub(1, Ordering::AcqRel);
             continue;
         }
-        let metrics = metrics.clone();
+        let served = serve(stream);
         let open = open.clone();
         rt::spawn(async move {
-            let service = service_fn(move |req| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(SmolTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEAD);
-            let conn = builder.serve_connection(FuturesIo::new(stream), service);
-            if let Some(Err(e)) = rt::timeout(CONNECTION_LIMIT, conn).await {
-                log::debug!("metrics connection: {e}");
-            }
+            served.await;
             open.fetch_sub(1, Ordering::AcqRel);
         });
     }
+}
+
+fn builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(SmolTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD);
+    builder
+}
+
+/// One HTTP connection of the web listener (`io` plain or TLS over `socket`). An
+/// upgraded WebSocket leaves it and runs on a task of its own.
+async fn web_connection<S>(io: S, socket: TcpStream, shared: Arc<Shared>, origins: Arc<Origins>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let response = web_respond::<S>(req, &shared, &origins, &socket);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let conn = builder()
+        .serve_connection(FuturesIo::new(io), service)
+        .with_upgrades();
+    if let Some(Err(e)) = rt::timeout(CONNECTION_LIMIT, conn).await {
+        log::debug!("web connection: {e}");
+    }
+}
+
+fn web_respond<S>(
+    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    origins: &Origins,
+    socket: &TcpStream,
+) -> Response<Full<Bytes>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if req.uri().path() == "/ws" {
+        return upgrade::<S>(req, shared, origins, socket);
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match req.uri().path() {
+        "/" | "/index.html" => asset(INDEX_HTML, "text/html; charset=utf-8"),
+        "/app.js" => asset(APP_JS, "text/javascript; charset=utf-8"),
+        "/app.css" => asset(APP_CSS, "text/css; charset=utf-8"),
+        "/config.json" => {
+            let config = &shared.config;
+            let body = format!(
+                "{{\"maxFrameBytes\":{},\"auth\":{}}}\n",
+                config.max_frame_bytes,
+                config.auth.is_some()
+            );
+            let mut response = asset_response(Bytes::from(body));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Answers a WebSocket upgrade, and once hyper hands the connection over, serves the
+/// protocol on it.
+fn upgrade<S>(
+    mut req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    origins: &Origins,
+    socket: &TcpStream,
+) -> Response<Full<Bytes>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let headers = req.headers();
+    let is_upgrade = req.method() == Method::GET
+        && header_has(headers, &UPGRADE, "websocket")
+        && header_has(headers, &CONNECTION, "upgrade");
+    let Some(key) = headers.get(SEC_WEBSOCKET_KEY).filter(|_| is_upgrade) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "this is the chat protocol over WebSocket: send a WebSocket upgrade\n".into(),
+        );
+    };
+    if headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut response = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "WebSocket version 13 only\n".into(),
+        );
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return response;
+    }
+    if !origins.allow(headers) {
+        let origin = headers
+            .get(ORIGIN)
+            .map(|o| String::from_utf8_lossy(o.as_bytes()));
+        log::warn!(
+            "refused a WebSocket from origin {} (see --web-allowed-origin)",
+            origin.unwrap_or_default()
+        );
+        return text(
+            StatusCode::FORBIDDEN,
+            "this origin may not open the chat WebSocket\n".into(),
+        );
+    }
+    let Some(slot) = websocket::admit(shared) else {
+        let max = shared.config.max_connections;
+        log::warn!("refusing a WebSocket: {max} connections open");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("server-busy: {max} connections open; try again later\n"),
+        );
+    };
+    let accept = websocket::accept_key(key.as_bytes());
+    let upgraded = hyper::upgrade::on(&mut req);
+    let (shared, socket) = (shared.clone(), socket.clone());
+    rt::spawn(async move {
+        let parts = match upgraded.await.map(|u| u.downcast::<FuturesIo<S>>()) {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(_)) => return log::error!("web: an upgraded connection of an unknown type"),
+            Err(e) => return log::debug!("web: upgrade failed: {e}"),
+        };
+        let io = parts.io.into_inner();
+        websocket::serve(io, parts.read_buf.to_vec(), socket, slot, shared).await;
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// True when a comma-separated header lists `token` (case-insensitive).
+fn header_has(headers: &HeaderMap, name: &hyper::header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = asset_response(Bytes::from_static(body.as_bytes()));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    response
+}
+
+fn asset_response(body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    // The assets change with the binary; a reload after an upgrade gets the new ones.
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
 }
 
 fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {

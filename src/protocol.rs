@@ -213,10 +213,11 @@ pub enum Code {
     SlowConsumer,
     AuthFailed,
     ShuttingDown,
+    BadMessage,
 }
 
 impl Code {
-    pub const ALL: [Code; 14] = [
+    pub const ALL: [Code; 15] = [
         Code::Welcome,
         Code::AcksOn,
         Code::Pong,
@@ -231,6 +232,7 @@ impl Code {
         Code::SlowConsumer,
         Code::AuthFailed,
         Code::ShuttingDown,
+        Code::BadMessage,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -249,6 +251,7 @@ impl Code {
             Code::SlowConsumer => "slow-consumer",
             Code::AuthFailed => "auth-failed",
             Code::ShuttingDown => "shutting-down",
+            Code::BadMessage => "bad-message",
         }
     }
 }

@@ -90,6 +90,21 @@ struct Args {
     #[arg(long, env = "CHAT_METRICS_LISTEN")]
     metrics_listen: Option<String>,
 
+    /// Serve the web client at / and the protocol over WebSocket at /ws on this
+    /// address, e.g. 0.0.0.0:8080 (HTTPS and WSS with --tls-cert). Off by default.
+    #[arg(long, env = "CHAT_WEB_LISTEN")]
+    web_listen: Option<String>,
+
+    /// A browser origin allowed to open the WebSocket, e.g. https://chat.example.com
+    /// (repeatable; `*` allows any). Default: only pages served by this listener, so
+    /// another site cannot use a visitor's browser to chat as them.
+    #[arg(
+        long = "web-allowed-origin",
+        env = "CHAT_WEB_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    web_allowed_origins: Vec<String>,
+
     /// Join a cluster through these NATS servers (comma-separated `nats://` or `tls://`
     /// URLs; `user:password@` in a URL logs in). Frames are then kept in JetStream,
     /// shared by every node, instead of --data-dir.
@@ -163,6 +178,10 @@ fn run(args: Args) -> Result<(), String> {
             _ => None,
         },
         metrics_listen: args.metrics_listen.clone(),
+        web_listen: args.web_listen.clone(),
+        web_origins: chat::http::Origins {
+            allowed: args.web_allowed_origins.clone(),
+        },
         nats: args.nats.as_ref().map(|urls| chat::nats::Options {
             urls: urls.clone(),
             node: args.node_name.clone().unwrap_or_else(host_name),

@@ -76,7 +76,7 @@ pub async fn run(
             continue;
         };
         configure(&stream);
-        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn = next_conn(&shared);
         log::debug!("connection {conn} from {peer}");
         let shared = shared.clone();
         rt::spawn(async move {
@@ -96,9 +96,14 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
+/// A new connection's number, for logs and the broker.
+pub(crate) fn next_conn(shared: &Shared) -> u64 {
+    shared.next_conn.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Keepalive finds peers that vanished without a FIN; the user timeout bounds how long
 /// unacknowledged data may sit in a dead peer's direction.
-fn configure(stream: &TcpStream) {
+pub(crate) fn configure(stream: &TcpStream) {
     rt::with_socket(stream, |sock| {
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(Duration::from_secs(60))
@@ -126,10 +131,10 @@ async fn refuse(mut stream: TcpStream, shared: &Shared) {
 }
 
 /// A place under `--max-connections`, given back when dropped.
-struct Slot(Arc<Shared>);
+pub(crate) struct Slot(Arc<Shared>);
 
 impl Slot {
-    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+    pub(crate) fn take(shared: &Arc<Shared>) -> Option<Slot> {
         let max = shared.config.max_connections;
         shared
             .active
@@ -179,9 +184,15 @@ async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
     }
 }
 
-/// Registers with the broker, writes on a task of its own, reads here.
-async fn connection<R, W>(read: R, write: W, socket: TcpStream, conn: u64, shared: &Arc<Shared>)
-where
+/// Registers with the broker, writes on a task of its own, reads here. Every transport
+/// (TCP, TLS, WebSocket) ends here as a byte stream each way.
+pub(crate) async fn connection<R, W>(
+    read: R,
+    write: W,
+    socket: TcpStream,
+    conn: u64,
+    shared: &Arc<Shared>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {

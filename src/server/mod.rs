@@ -23,6 +23,7 @@ mod files;
 mod listener;
 pub mod outbox;
 mod reader;
+pub(crate) mod websocket;
 pub mod writer;
 
 use std::future::Future;
@@ -42,6 +43,7 @@ use crate::store::{self, Command, Limits};
 use crate::tls::ServerTls;
 use broker::Broker;
 use event::Event;
+pub(crate) use listener::configure as configure_socket;
 
 /// Events waiting for the broker beyond this make readers wait (TCP backpressure).
 const EVENT_QUEUE: usize = 1024;
@@ -66,6 +68,10 @@ pub struct Config {
     pub tls: Option<Arc<ServerTls>>,
     /// Serve metrics, health and readiness over HTTP here (and keep the metrics).
     pub metrics_listen: Option<String>,
+    /// Serve the web client and the protocol over WebSocket here.
+    pub web_listen: Option<String>,
+    /// Browser origins allowed to open the WebSocket (see [`crate::http::Origins`]).
+    pub web_origins: crate::http::Origins,
     /// Faults to inject into the store's file (tests only; no flag sets it).
     pub store_faults: Option<Arc<store::Faults>>,
     /// Join a cluster: frames go to JetStream instead of `data_dir`.
@@ -89,6 +95,8 @@ impl Config {
             auth: None,
             tls: None,
             metrics_listen: None,
+            web_listen: None,
+            web_origins: Default::default(),
             store_faults: None,
             nats: None,
         }
@@ -115,6 +123,8 @@ pub struct Server {
     store: store::Store,
     /// The HTTP listener for metrics, health and readiness, when asked for.
     http: Option<TcpListener>,
+    /// The web client's listener, when asked for.
+    web: Option<TcpListener>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -147,11 +157,20 @@ impl Server {
             ),
             None => None,
         };
+        let web = match &config.web_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen for the web client on {addr}: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(Server {
             listener,
             config,
             store,
             http,
+            web,
             metrics,
         })
     }
@@ -159,6 +178,11 @@ impl Server {
     /// Where metrics, health and readiness are served, if they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the web client and its WebSocket are served, if they are.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -176,8 +200,18 @@ impl Server {
             config,
             store,
             http,
+            web,
             metrics,
         } = self;
+        if let Some(addr) = web.as_ref().and_then(|l| l.local_addr().ok()) {
+            let (http, ws) = match config.tls {
+                Some(_) => ("https", "wss"),
+                None => ("http", "ws"),
+            };
+            log::info!(
+                "web client on {http}://{addr}/, the protocol over WebSocket at {ws}://{addr}/ws"
+            );
+        }
         log::info!(
             "listening on {}",
             listener
@@ -207,8 +241,16 @@ impl Server {
         );
         let broker = rt::spawn(broker.run(events_rx, store.replies));
         let (http_stop, http_stopped) = futures::channel::oneshot::channel::<()>();
+        let http_stopped = futures::FutureExt::shared(http_stopped);
         if let (Some(http), Some(metrics)) = (http, metrics) {
+            let stopped = http_stopped.clone();
             rt::spawn(crate::http::run(http, metrics, async {
+                let _ = stopped.await;
+            }));
+        }
+        if let Some(web) = web {
+            let origins = shared.config.web_origins.clone();
+            rt::spawn(crate::http::run_web(web, shared.clone(), origins, async {
                 let _ = http_stopped.await;
             }));
         }

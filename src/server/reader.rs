@@ -14,7 +14,8 @@ use byteorder::{BigEndian, ByteOrder};
 
 use crate::metrics::Refusal;
 use crate::protocol::{
-    CONTROL, Code, FrameBuf, Inbound, OP_ACK, OP_HELLO, OP_HELLO_ACKS, OP_PING, notice,
+    CONTROL, Code, FrameBuf, Inbound, OP_ACK, OP_HELLO, OP_HELLO_ACKS, OP_PING, SERVER_HEADER_LEN,
+    notice,
 };
 use crate::rt;
 use crate::server::Shared;
@@ -62,7 +63,8 @@ pub async fn run<R: AsyncRead + Unpin>(
             // Between frames a client may idle as long as it likes.
             buf.release();
             match source.read(&mut idle).await {
-                Ok(0) | Err(_) => break None,
+                Ok(0) => break None,
+                Err(e) => break refusal(e),
                 Ok(n) => buf.extend(&idle[..n]),
             }
             started = Instant::now();
@@ -76,7 +78,8 @@ pub async fn run<R: AsyncRead + Unpin>(
                         format_args!("frame not completed within {secs} s"),
                     ));
                 }
-                Some(Ok(0)) | Some(Err(_)) => break None,
+                Some(Ok(0)) => break None,
+                Some(Err(e)) => break refusal(e),
                 Some(Ok(n)) => buf.filled(n),
             }
         }
@@ -122,7 +125,10 @@ pub async fn run<R: AsyncRead + Unpin>(
         }
     };
     match &notice {
-        Some(n) => log::info!("connection {conn}: {}", String::from_utf8_lossy(&n[9..])),
+        Some(n) => log::info!(
+            "connection {conn}: {}",
+            String::from_utf8_lossy(&n[SERVER_HEADER_LEN..])
+        ),
         // The peer is gone: stop writing to it now rather than when the broker gets
         // to the event, so frames routed meanwhile go back to the mailbox instead of
         // into a socket nobody reads.
@@ -132,6 +138,28 @@ pub async fn run<R: AsyncRead + Unpin>(
         }),
     }
     let _ = events.send(Event::Closed { conn, notice }).await;
+}
+
+/// A transport's refusal of what it read (a WebSocket message that is not one frame),
+/// carried inside the `io::Error` of a read: the reader sends it as the connection's
+/// last notice, as it does its own refusals.
+#[derive(Debug)]
+pub struct Refused(pub Bytes);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0[SERVER_HEADER_LEN..]))
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The notice a failed read ends the connection with: a transport's refusal, or none
+/// when the peer is simply gone.
+fn refusal(e: std::io::Error) -> Option<Bytes> {
+    e.into_inner()
+        .and_then(|e| e.downcast::<Refused>().ok())
+        .map(|refused| refused.0)
 }
 
 /// What this connection has proven, when auth is on.

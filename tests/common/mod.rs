@@ -20,6 +20,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// Where metrics are served, when the config asked for them.
     pub metrics: Option<SocketAddr>,
+    /// Where the web client and WebSocket are served, when the config asked for them.
+    pub web: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     done: Option<rt::JoinHandle<()>>,
@@ -65,6 +67,7 @@ pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config
     let server = Server::bind(config).await.expect("server binds");
     let addr = server.local_addr();
     let metrics = server.metrics_addr();
+    let web = server.web_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let done = rt::spawn(server.run(async {
         let _ = stopped.await;
@@ -72,6 +75,7 @@ pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config
     TestServer {
         addr,
         metrics,
+        web,
         dir,
         stop: Some(stop),
         done: Some(done),
