@@ -22,8 +22,9 @@ else
 fi
 port=${CHAT_CI_PORT:-18888}
 metrics=${CHAT_CI_METRICS_PORT:-19100}
+web=${CHAT_CI_WEB_PORT:-18080}
 project=chatci$$
-dc() { CHAT_PORT=$port CHAT_METRICS_PORT=$metrics "${compose[@]}" -p "$project" -f docker/compose.yml "$@"; }
+dc() { CHAT_PORT=$port CHAT_METRICS_PORT=$metrics CHAT_WEB_PORT=$web "${compose[@]}" -p "$project" -f docker/compose.yml "$@"; }
 cleanup() { dc --profile client down -v --remove-orphans >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
@@ -66,6 +67,15 @@ echo "docker: host client got its echo"
 curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -q '^chat_frames_in_total{type="text"} [1-9]' \
   || { echo "docker: /metrics does not show the frame" >&2; exit 1; }
 echo "docker: /metrics counted it"
+
+curl -fsS "http://127.0.0.1:$web/" | grep -q '<script src="app.js"' \
+  || { echo "docker: the web client is not served on port $web" >&2; exit 1; }
+upgrade=$(curl -si --max-time 2 -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
+  -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' \
+  "http://127.0.0.1:$web/ws" | head -1 || true)
+echo "$upgrade" | grep -q '^HTTP/1.1 101' \
+  || { echo "docker: /ws did not upgrade: $upgrade" >&2; exit 1; }
+echo "docker: the web client and its WebSocket answer on the published port"
 
 out=$(printf 'for 3, who is offline\n' | dc run --rm -T client --id 2 --to 3)
 echo "$out" | grep -qx '\[2\] text: for 3, who is offline' \

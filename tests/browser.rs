@@ -1,0 +1,430 @@
+//! The web client in a real browser: Debian's `chromium`, driven through `chromedriver`
+//! (WebDriver), against the real `chat-server` binary with `--web-listen`.
+//!
+//! Two browser sessions sign in as two ids and exchange a text and a picture; one of
+//! them also talks with `chat-client` both ways. Screenshots go to
+//! `target/tmp/browser/`. Needs `apt-get install chromium chromium-driver`; skips with
+//! one line without them, unless CHAT_REQUIRE_BROWSER=1 (CI) makes that a failure.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+
+use common::{ServerProcess, WAIT, chat_client};
+
+/// How long the browser may take to show something (a page load, a frame's arrival).
+const SHOW: Duration = Duration::from_secs(30);
+
+/// chromium and chromedriver, if installed.
+fn browser() -> Option<(PathBuf, PathBuf)> {
+    let find = |name: &str| {
+        std::env::var_os("PATH")?
+            .to_str()?
+            .split(':')
+            .map(|dir| Path::new(dir).join(name))
+            .find(|p| p.is_file())
+    };
+    let found = find("chromium").zip(find("chromedriver"));
+    if found.is_none() {
+        assert!(
+            std::env::var("CHAT_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            "CHAT_REQUIRE_BROWSER=1 but chromium or chromedriver is not installed"
+        );
+        eprintln!(
+            "skipping: needs chromium and chromedriver (apt-get install chromium chromium-driver)"
+        );
+    }
+    found
+}
+
+/// A chromedriver process on a free loopback port, killed when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start(path: &Path) -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new(path)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let driver = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        driver
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn session(driver: &Driver, chromium: &Path, width: u32, height: u32) -> Client {
+    let options = json!({
+        "binary": chromium,
+        "args": [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--disable-gpu",
+            // A microphone that plays a test tone, and no permission prompt.
+            "--use-fake-device-for-media-stream",
+            "--use-fake-ui-for-media-stream",
+            format!("--window-size={width},{height}"),
+        ],
+    });
+    let mut caps = serde_json::Map::new();
+    caps.insert("browserName".into(), json!("chrome"));
+    caps.insert("goog:chromeOptions".into(), options);
+    ClientBuilder::new(HttpConnector::new())
+        .capabilities(caps)
+        .connect(&driver.url)
+        .await
+        .expect("a browser session")
+}
+
+async fn find(browser: &Client, css: &str) -> fantoccini::elements::Element {
+    browser
+        .wait()
+        .at_most(SHOW)
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("nothing matches {css}: {e}"))
+}
+
+async fn sign_in(browser: &Client, web: &str, id: u32) {
+    browser.goto(web).await.expect("the page loads");
+    find(browser, "#my-id")
+        .await
+        .send_keys(&id.to_string())
+        .await
+        .unwrap();
+    find(browser, "#signin-button").await.click().await.unwrap();
+    find(browser, "#status.online").await;
+}
+
+async fn open_conversation(browser: &Client, peer: u32) {
+    find(browser, "#peer-id")
+        .await
+        .send_keys(&peer.to_string())
+        .await
+        .unwrap();
+    find(browser, "#new-chat button")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(browser, "#composer:not([hidden])").await;
+}
+
+async fn send_text(browser: &Client, text: &str) {
+    let before = count(browser, "#messages li.msg.out[data-status=sent]").await;
+    find(browser, "#text").await.send_keys(text).await.unwrap();
+    find(browser, "#send").await.click().await.unwrap();
+    wait_count(
+        browser,
+        "#messages li.msg.out[data-status=sent]",
+        before + 1,
+    )
+    .await;
+}
+
+async fn count(browser: &Client, css: &str) -> usize {
+    browser
+        .find_all(Locator::Css(css))
+        .await
+        .map_or(0, |all| all.len())
+}
+
+/// Waits until at least `n` elements match `css`.
+async fn wait_count(browser: &Client, css: &str, n: usize) {
+    let deadline = Instant::now() + SHOW;
+    while count(browser, css).await < n {
+        assert!(Instant::now() < deadline, "fewer than {n} of {css}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `script` returns true in the page.
+async fn wait_true(browser: &Client, script: &str) {
+    let deadline = Instant::now() + SHOW;
+    while browser.execute(script, vec![]).await.unwrap() != json!(true) {
+        assert!(Instant::now() < deadline, "never true: {script}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The texts of the received messages in the open conversation.
+async fn received_texts(browser: &Client) -> Vec<String> {
+    let mut texts = Vec::new();
+    for e in browser
+        .find_all(Locator::Css("#messages li.msg.in .text"))
+        .await
+        .unwrap()
+    {
+        texts.push(e.text().await.unwrap());
+    }
+    texts
+}
+
+async fn screenshot(browser: &Client, name: &str) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = browser.screenshot().await.expect("a screenshot");
+    let path = dir.join(name);
+    std::fs::write(&path, png).unwrap();
+    eprintln!("screenshot: {}", path.display());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn two_browsers_and_a_terminal_chat() {
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A fixed web port, so the pages find the server again after its restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let web = format!("http://{listen}/");
+    let mut server = ServerProcess::start(&data, &["--web-listen", &listen]);
+    assert!(server.logged(&format!("web client on {web}")));
+    let driver = Driver::start(&chromedriver);
+
+    let a = session(&driver, &chromium, 1000, 700).await;
+    let b = session(&driver, &chromium, 390, 760).await;
+    sign_in(&a, &web, 101).await;
+    sign_in(&b, &web, 102).await;
+
+    // A text from A to B.
+    open_conversation(&a, 102).await;
+    send_text(&a, "hello from the browser, ça va ?").await;
+    find(&b, "#conversations button[data-peer='101']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(&b, "#messages li.msg.in .text").await;
+    assert_eq!(
+        received_texts(&b).await,
+        ["hello from the browser, ça va ?"]
+    );
+
+    // A picture from B to A, picked as a file; A's page decodes and shows it.
+    let picture = dir.path().join("picture.png");
+    std::fs::write(&picture, png(96, 64)).unwrap();
+    find(&b, "#file")
+        .await
+        .send_keys(picture.to_str().unwrap())
+        .await
+        .unwrap();
+    find(&b, "#messages li.msg.out[data-status=sent] img").await;
+    find(&a, "#messages li.msg.in img").await;
+    let width = a
+        .execute(
+            "return document.querySelector('#messages li.msg.in img').naturalWidth",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(width, json!(96), "the picture was decoded at its size");
+    send_text(&b, "nice picture? it is a gradient").await;
+
+    // A voice message recorded by B (the fake microphone's tone), playable on A's page.
+    find(&b, "#record").await.click().await.unwrap();
+    find(&b, "#record.recording").await;
+    // The length of the recording, not a wait for anything.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    find(&b, "#record").await.click().await.unwrap();
+    find(&b, "#messages li.msg.out[data-status=sent] audio").await;
+    find(&a, "#messages li.msg.in audio").await;
+    wait_true(
+        &a,
+        "return document.querySelector('#messages li.msg.in audio').readyState >= 1",
+    )
+    .await;
+
+    // The terminal (chat-client, id 103) and browser A, both ways.
+    let tcp = server.addr.as_str();
+    let sent = chat_client(
+        &["--server", tcp, "--id", "103", "--to", "101"],
+        "hi from the terminal\n",
+    );
+    assert!(sent.status.success(), "{sent:?}");
+    find(&a, "#conversations button[data-peer='103']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(&a, "#messages li.msg.in .text").await;
+    assert_eq!(received_texts(&a).await, ["hi from the terminal"]);
+    // A type the page cannot show is offered as a download.
+    let file = dir.path().join("notes.bin");
+    std::fs::write(&file, [1, 2, 3, 4]).unwrap();
+    let sent = chat_client(
+        &[
+            "--server",
+            tcp,
+            "--id",
+            "103",
+            "--to",
+            "101",
+            "--type",
+            "9",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(sent.status.success(), "{sent:?}");
+    let link = find(&a, "#messages li.msg.in a[download]").await;
+    assert!(link.text().await.unwrap().contains("4 B"));
+    send_text(&a, "hello terminal").await;
+    let got = chat_client(&["--server", tcp, "--id", "103", "--receive", "1"], "");
+    assert!(got.status.success(), "{got:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "[101] text: hello terminal\n"
+    );
+
+    // Back in the conversation with B for the screenshots.
+    find(&a, "#conversations button[data-peer='102']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(&a, "#messages li.msg.in img").await;
+    screenshot(&a, "a-desktop.png").await;
+    screenshot(&b, "b-phone.png").await;
+
+    // B closes its tab; a frame for it waits in its mailbox, across a server restart,
+    // which A's page reports in plain words and recovers from by itself.
+    b.close().await.unwrap();
+    let sent = chat_client(
+        &["--server", &server.addr, "--id", "103", "--to", "102"],
+        "sent while your tab was closed\n",
+    );
+    assert!(sent.status.success(), "{sent:?}");
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().success());
+    wait_true(
+        &a,
+        "return document.getElementById('banner-text').textContent.includes('restarting')",
+    )
+    .await;
+    let server = ServerProcess::start(&data, &["--web-listen", &listen]);
+    find(&a, "#status.online").await;
+
+    let b = session(&driver, &chromium, 390, 760).await;
+    sign_in(&b, &web, 102).await;
+    find(&b, "#conversations button[data-peer='103']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(&b, "#messages li.msg.in .text").await;
+    assert_eq!(received_texts(&b).await, ["sent while your tab was closed"]);
+    // The reconnected A still reaches B.
+    send_text(&a, "you are back").await;
+    find(&b, "#back").await.click().await.unwrap();
+    find(&b, "#conversations button[data-peer='101']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    find(&b, "#messages li.msg.in .text").await;
+    assert_eq!(received_texts(&b).await, ["you are back"]);
+
+    // Signing in as 102 elsewhere replaces the tab, which says so and stays put.
+    let elsewhere = chat_client(&["--server", &server.addr, "--id", "102"], "");
+    assert!(elsewhere.status.success(), "{elsewhere:?}");
+    wait_true(
+        &b,
+        "return document.getElementById('banner-text').textContent.includes('somewhere else')",
+    )
+    .await;
+    find(&b, "#banner-action").await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// An RGB PNG of a colour gradient, uncompressed (stored deflate blocks).
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for y in 0..height {
+        raw.push(0); // filter: none
+        for x in 0..width {
+            raw.extend([(x * 255 / width) as u8, (y * 255 / height) as u8, 200]);
+        }
+    }
+    let mut zlib = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
+    for (i, block) in blocks.iter().enumerate() {
+        zlib.push(u8::from(i + 1 == blocks.len()));
+        let len = block.len() as u16;
+        zlib.extend(len.to_le_bytes());
+        zlib.extend((!len).to_le_bytes());
+        zlib.extend_from_slice(block);
+    }
+    let (mut s1, mut s2) = (1u32, 0u32);
+    for &byte in &raw {
+        s1 = (s1 + u32::from(byte)) % 65_521;
+        s2 = (s2 + s1) % 65_521;
+    }
+    zlib.extend(((s2 << 16) | s1).to_be_bytes());
+
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, data) in [(*b"IHDR", ihdr), (*b"IDAT", zlib), (*b"IEND", Vec::new())] {
+        out.extend((data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend(kind);
+        out.extend(&data);
+        let crc = crc32(&out[start..]);
+        out.extend(crc.to_be_bytes());
+    }
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
