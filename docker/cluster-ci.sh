@@ -21,8 +21,9 @@ else
   compose=(docker-compose)
 fi
 port=${CHAT_CI_CLUSTER_PORT:-18898}
+web=${CHAT_CI_CLUSTER_WEB_PORT:-18098}
 project=chatcluster$$
-dc() { CHAT_PORT=$port CHAT_LOG_LEVEL=debug "${compose[@]}" -p "$project" -f docker/compose.cluster.yml "$@"; }
+dc() { CHAT_PORT=$port CHAT_WEB_PORT=$web CHAT_LOG_LEVEL=debug "${compose[@]}" -p "$project" -f docker/compose.cluster.yml "$@"; }
 work=$(mktemp -d)
 receiver_pid=
 cleanup() {
@@ -64,6 +65,13 @@ ready() {
 }
 ready
 echo "cluster: HAProxy answers through a chat node"
+for _ in $(seq 1 30); do
+  curl -fsS "http://127.0.0.1:$web/" 2>/dev/null | grep -q '<script src="app.js"' && break
+  sleep 1
+done
+curl -fsS "http://127.0.0.1:$web/" | grep -q '<script src="app.js"' \
+  || fail "the web client is not served through HAProxy"
+echo "cluster: the web client is served through HAProxy"
 
 # The node (chat1..3) where an id was last bound, from the nodes' debug logs.
 node_of() {
