@@ -11,19 +11,30 @@ def rate(name, server="chat-server"):
     return by[(name, server)]["msgs_per_sec"]
 
 
+# (label, scenario, baseline server or chat-server scenario, target)
 targets = [
     ("pipelined echo (50 conns, window 32, 64 B)", "pipelined", "ceiling", 0.6),
+    ("pipelined echo (50 conns, window 32, 64 B)", "pipelined", "ceiling-tokio", 0.8),
     ("request/response (50 conns, window 1, 64 B)", "reqresp", "ceiling", 0.85),
+    ("request/response (50 conns, window 1, 64 B)", "reqresp", "ceiling-tokio", 0.85),
+    ("4 KiB bodies (50 conns, window 8)", "large", "ceiling", 0.6),
+    ("4 KiB bodies (50 conns, window 8)", "large", "ceiling-tokio", 0.8),
+    ("forwarding in pairs, every frame stored (50 conns, window 32, 64 B)", "pair", "nats", 1.0),
+    ("forwarding in pairs, every frame stored (50 conns, window 1, 64 B)", "pair-w1", "nats", 1.0),
     ("forwarding in pairs, every frame stored (50 conns, window 32, 64 B)", "pair", "pipelined", 0.5),
     ("forwarding in pairs with acks (50 conns, window 32, 64 B)", "pair-acks", "pipelined", 0.4),
-    ("4 KiB bodies (50 conns, window 8)", "large", "ceiling", 0.6),
 ]
+labels = {"ceiling": "async-std ceiling", "ceiling-tokio": "tokio ceiling", "nats": "nats-server pair"}
 print("| scenario | chat-server msg/s | baseline msg/s | ratio | target | p99 (chat-server) |")
 print("|---|---:|---:|---:|---:|---:|")
 for label, name, base, target in targets:
     ours = rate(name)
-    baseline = rate(name, "ceiling") if base == "ceiling" else rate(base)
-    base_label = "ceiling" if base == "ceiling" else "chat-server echo"
+    if base in labels:
+        if (name, base) not in by:
+            continue
+        baseline, base_label = rate(name, base), labels[base]
+    else:
+        baseline, base_label = rate(base), "chat-server echo"
     ratio = ours / baseline
     p99 = by[(name, "chat-server")]["p99_us"]
     ok = "met" if ratio >= target else "MISSED"
@@ -53,7 +64,7 @@ def series(prefix, xs, server):
 
 def panel(x0, title, xlabel, xs, prefix):
     w, h, pad = 420, 300, 50
-    ys = {s: series(prefix, xs, s) for s in ("chat-server", "ceiling")}
+    ys = {s: series(prefix, xs, s) for s in ("chat-server", "ceiling", "ceiling-tokio")}
     top = max(max(v) for v in ys.values()) * 1.1
     out = [f'<g transform="translate({x0},0)">',
            f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
@@ -67,7 +78,7 @@ def panel(x0, title, xlabel, xs, prefix):
     step = (w - pad - 30) / (len(xs) - 1)
     for i, x in enumerate(xs):
         out.append(f'<text x="{pad + 10 + i * step}" y="{h - pad + 15}" text-anchor="middle" font-size="10">{x}</text>')
-    for s, colour in (("chat-server", "#1f77b4"), ("ceiling", "#ff7f0e")):
+    for s, colour in (("chat-server", "#1f77b4"), ("ceiling", "#ff7f0e"), ("ceiling-tokio", "#2ca02c")):
         pts = " ".join(f"{pad + 10 + i * step},{h - pad - (h - pad - 30) * v / top}" for i, v in enumerate(ys[s]))
         out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
     out.append("</g>")
@@ -79,7 +90,8 @@ svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="860" height="330" font-fa
        panel(0, "messages/s against window (50 conns, 64 B)", "frames in flight per connection", [1, 4, 16, 64], "window"),
        panel(430, "messages/s against connections (window 32, 64 B)", "connections", [1, 10, 50, 200], "conns"),
        '<rect x="700" y="40" width="12" height="12" fill="#1f77b4"/><text x="716" y="50" font-size="11">chat-server</text>',
-       '<rect x="700" y="58" width="12" height="12" fill="#ff7f0e"/><text x="716" y="68" font-size="11">ceiling</text>',
+       '<rect x="700" y="58" width="12" height="12" fill="#ff7f0e"/><text x="716" y="68" font-size="11">async-std ceiling</text>',
+       '<rect x="700" y="76" width="12" height="12" fill="#2ca02c"/><text x="716" y="86" font-size="11">tokio ceiling</text>',
        "</svg>"]
 open("bench/chart.svg", "w").write("\n".join(svg) + "\n")
 print("\nchart: bench/chart.svg")

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Runs chat-server and the ceiling (examples/ceiling.rs: same protocol, no broker) with
-# identical chat-bench settings, one after the other in one run, and prints ratios.
+# Runs chat-server and two ceilings with identical chat-bench settings, one after the
+# other in one run, and prints ratios: examples/ceiling.rs (same protocol, no broker, on
+# async-std like chat-server) and examples/ceiling_tokio.rs (the fastest echo we could
+# write here: tokio multi-thread, 64 KiB buffers, no shared code). With nats-server
+# installed it also runs the pair workload through core NATS (chat-bench --mode
+# nats-pair), the fastest router to compare forwarding with.
 #   bash bench/run.sh            # about 4 minutes
 #   SECS=2 bash bench/run.sh     # shorter
 #   BEFORE=/path/to/old/chat-server bash bench/run.sh   # also an older build, same run
@@ -13,7 +17,7 @@ mkdir -p bench/results
 out=bench/results/latest.jsonl
 : >"$out"
 
-cargo build --release -q --bins --example ceiling
+cargo build --release -q --bins --example ceiling --example ceiling_tokio
 # The data dir is on the disk under the repository, not a tmpfs: commits really sync.
 data=$(mktemp -d -p "$PWD/bench/results")
 python3 bench/fsync.py "$data" | tee -a "$out" >&2
@@ -25,6 +29,17 @@ target/release/chat-server --listen $CHAT --data-dir "$data" --log-level debug >
 chat_pid=$!
 target/release/examples/ceiling $CEIL >/dev/null &
 ceil_pid=$!
+TOKIO=127.0.0.1:17004
+target/release/examples/ceiling_tokio $TOKIO >/dev/null &
+tokio_pid=$!
+NATS=127.0.0.1:17005
+nats_pid=
+if command -v nats-server >/dev/null; then
+  nats-server -a 127.0.0.1 -p ${NATS#*:} >/dev/null 2>&1 &
+  nats_pid=$!
+else
+  echo "nats-server not installed: no NATS comparison (apt-get install nats-server)" >&2
+fi
 BEFORE_ADDR=127.0.0.1:17003
 before_pid=
 if [ -n "${BEFORE:-}" ]; then
@@ -32,8 +47,8 @@ if [ -n "${BEFORE:-}" ]; then
   "$BEFORE" --listen $BEFORE_ADDR --data-dir "$data/before" --log-level warn >/dev/null &
   before_pid=$!
 fi
-trap 'kill $chat_pid $ceil_pid $before_pid 2>/dev/null; rm -rf "$data" "$store_log"' EXIT
-for addr in $CHAT $CEIL; do
+trap 'kill $chat_pid $ceil_pid $tokio_pid $nats_pid $before_pid 2>/dev/null; rm -rf "$data" "$store_log"' EXIT
+for addr in $CHAT $CEIL $TOKIO ${nats_pid:+$NATS}; do
   for _ in $(seq 1 50); do
     target/release/chat-client --server $addr --probe --timeout 1 2>/dev/null && break
     # the ceiling does not answer pings; a TCP connect is enough there
@@ -47,17 +62,25 @@ bench() {
   local name=$1 server=$2; shift 2
   local addr=$CHAT extra=()
   [ "$server" = ceiling ] && { addr=$CEIL; extra=(--no-hello); }
+  [ "$server" = ceiling-tokio ] && { addr=$TOKIO; extra=(--no-hello); }
+  [ "$server" = nats ] && { addr=$NATS; extra=(--mode nats-pair); }
   [ "$server" = before ] && addr=$BEFORE_ADDR
   local line
   line=$(target/release/chat-bench --server $addr --secs "$SECS" --warmup "$WARMUP" --json "${extra[@]}" "$@")
   echo "{\"name\":\"$name\",\"server\":\"$server\",${line#\{}" | tee -a "$out" >&2
 }
 
-both() { bench "$1" chat-server "${@:2}"; bench "$1" ceiling "${@:2}"; }
+both() { bench "$1" chat-server "${@:2}"; bench "$1" ceiling "${@:2}"; bench "$1" ceiling-tokio "${@:2}"; }
+# The pair workload through chat-server and through nats-server.
+pairs() {
+  bench "$1" chat-server "${@:2}" --mode pair
+  [ -z "$nats_pid" ] || bench "$1" nats "${@:2}"
+}
 
 both pipelined --conns 50 --window 32 --size 64
 both reqresp --conns 50 --window 1 --size 64
-bench pair chat-server --conns 50 --window 32 --size 64 --mode pair
+pairs pair --conns 50 --window 32 --size 64
+pairs pair-w1 --conns 50 --window 1 --size 64
 bench pair-acks chat-server --conns 50 --window 32 --size 64 --mode pair --acks
 # What one commit carries while pairs forward with acks (store lines logged each second).
 grep -a '"store: ' "$store_log" | tail -3 | sed 's/.*"msg":"store: /store under pair+acks: /; s/"}$//' >&2

@@ -46,6 +46,27 @@ impl Client {
         Ok(Client::from_halves(stream.clone(), stream))
     }
 
+    /// Connects from a given local address (a load generator spreading connections over
+    /// 127.0.0.2, 127.0.0.3, ... to get past one address's ephemeral ports).
+    pub async fn connect_from(addr: &str, local: std::net::IpAddr) -> io::Result<Client> {
+        use std::net::ToSocketAddrs;
+        let remote = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(remote),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&std::net::SocketAddr::new(local, 0).into())?;
+        // A blocking connect on loopback; the runtime takes the socket over afterwards.
+        socket.connect(&remote.into())?;
+        let stream = TcpStream::from(std::net::TcpStream::from(socket));
+        stream.set_nodelay(true)?;
+        Ok(Client::from_halves(stream.clone(), stream))
+    }
+
     /// Connects over TLS, verifying the server's certificate against `name`.
     pub async fn connect_tls(
         addr: &str,

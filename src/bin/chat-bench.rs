@@ -7,6 +7,12 @@
 //! `--secs` seconds and prints messages/s, MiB/s and latency percentiles (send to echo,
 //! or send to arrival). `--mode idle` only connects and holds, for memory figures.
 //! `--peer-server` puts the second of each pair on another cluster node.
+//!
+//! `--mode nats-pair` runs the same pair workload through a nats-server (core NATS, one
+//! subject per receiver, `--server` is its address), the fastest router we can compare
+//! with: same connections, body and window, measured the same way. NATS has no echo, so
+//! there a place in the window is freed when the frame arrives at the peer, which only
+//! makes NATS's window stricter than chat-server's (freed by the echo).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -55,6 +61,10 @@ struct Args {
     /// frames, such as the ceiling).
     #[arg(long)]
     no_hello: bool,
+    /// Spread the connections over this many loopback source addresses (127.0.0.2,
+    /// 127.0.0.3, ...), for more connections than one address has ephemeral ports.
+    #[arg(long, default_value_t = 0)]
+    sources: u8,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -69,6 +79,7 @@ enum Mode {
     Echo,
     Pair,
     Idle,
+    NatsPair,
 }
 
 /// What every connection adds to while measuring.
@@ -82,7 +93,12 @@ struct Totals {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match rt::block_on(run(args)) {
+    let result = if args.mode == Mode::NatsPair {
+        nats::run(args)
+    } else {
+        rt::block_on(run(args))
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chat-bench: {e}");
@@ -91,26 +107,119 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
+/// Settings every mode needs to make sense.
+fn check(args: &Args) -> Result<(), String> {
     if args.size < 8 {
         return Err("--size must be at least 8".into());
     }
-    if args.peer_server.is_some() && args.mode != Mode::Pair {
-        return Err("--peer-server needs --mode pair".into());
-    }
-    if args.mode == Mode::Pair && !args.conns.is_multiple_of(2) {
-        return Err("--mode pair needs an even --conns".into());
+    if matches!(args.mode, Mode::Pair | Mode::NatsPair) && !args.conns.is_multiple_of(2) {
+        return Err("pair modes need an even --conns".into());
     }
     if !(args.secs > 0.0 && args.warmup >= 0.0) {
         return Err("--secs must be positive and --warmup not negative".into());
     }
-    let totals = Arc::new(Totals {
-        recording: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        messages: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        epoch: Instant::now(),
-    });
+    if args.sources > 250 {
+        return Err("--sources goes up to 250 (127.0.0.2 to 127.0.0.251)".into());
+    }
+    Ok(())
+}
+
+impl Totals {
+    fn new() -> Arc<Totals> {
+        Arc::new(Totals {
+            recording: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Counts one arrival (while measuring) with the send time in its first 8 bytes.
+    fn arrived(&self, body: &[u8], latency: &mut Histogram<u64>) {
+        if !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(sent) = body.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+            return;
+        };
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let _ = latency.record(now.saturating_sub(u64::from_be_bytes(sent)).max(1));
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A body of `len` bytes that starts with the send time.
+    fn body(&self, len: usize) -> Vec<u8> {
+        let mut body = vec![0u8; len];
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        body[..8].copy_from_slice(&now.to_be_bytes());
+        body
+    }
+}
+
+/// Lets the load run for the warmup, then measures for `--secs`, then tells every
+/// connection to stop. Returns the seconds measured.
+async fn measure(args: &Args, totals: &Totals) -> f64 {
+    rt::sleep(Duration::from_secs_f64(args.warmup)).await;
+    totals.recording.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let measure = Duration::from_secs_f64(args.secs);
+    let tty = std::io::stderr().is_terminal() && !args.json;
+    while started.elapsed() < measure {
+        let step = Duration::from_secs(1).min(measure.saturating_sub(started.elapsed()));
+        rt::sleep(step).await;
+        if tty {
+            let rate =
+                totals.messages.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+            eprint!(
+                "\r{:>12.0} msg/s  {:>5.1} s",
+                rate,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    totals.recording.store(false, Ordering::SeqCst);
+    let elapsed = started.elapsed().as_secs_f64();
+    totals.stop.store(true, Ordering::SeqCst);
+    if tty {
+        eprintln!();
+    }
+    elapsed
+}
+
+/// Prints the result of a measured run from the connections' latency histograms.
+fn finish(
+    args: &Args,
+    totals: &Totals,
+    elapsed: f64,
+    histograms: impl IntoIterator<Item = Histogram<u64>>,
+) -> Result<(), String> {
+    let mut latency =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+    for h in histograms {
+        latency.add(&h).map_err(|e| e.to_string())?;
+    }
+    let messages = totals.messages.load(Ordering::Relaxed);
+    let bytes = totals.bytes.load(Ordering::Relaxed);
+    report(
+        args,
+        messages as f64 / elapsed,
+        bytes as f64 / elapsed / 1048576.0,
+        &latency,
+    );
+    if messages == 0 {
+        return Err("no frames completed while measuring".into());
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if args.peer_server.is_some() && args.mode != Mode::Pair {
+        return Err("--peer-server needs --mode pair".into());
+    }
+    check(&args)?;
+    let totals = Totals::new();
     let mut clients = Vec::with_capacity(args.conns as usize);
     for i in 0..args.conns {
         let id = args.base_id + i;
@@ -118,9 +227,14 @@ async fn run(args: Args) -> Result<(), String> {
             Some(peer) if i % 2 == 1 => peer,
             _ => &args.server,
         };
-        let mut c = Client::connect(server)
-            .await
-            .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+        let connected = match args.sources {
+            0 => Client::connect(server).await,
+            n => {
+                let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % u32::from(n)) as u8);
+                Client::connect_from(server, source.into()).await
+            }
+        };
+        let mut c = connected.map_err(|e| format!("connection {i} to {server}: {e}"))?;
         if args.acks {
             let on = c
                 .hello_acks(id, None)
@@ -159,54 +273,21 @@ async fn run(args: Args) -> Result<(), String> {
             totals.clone(),
         )));
     }
-    rt::sleep(Duration::from_secs_f64(args.warmup)).await;
-    totals.recording.store(true, Ordering::SeqCst);
-    let started = Instant::now();
-    let measure = Duration::from_secs_f64(args.secs);
-    let tty = std::io::stderr().is_terminal() && !args.json;
-    while started.elapsed() < measure {
-        let step = Duration::from_secs(1).min(measure.saturating_sub(started.elapsed()));
-        rt::sleep(step).await;
-        if tty {
-            let rate =
-                totals.messages.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-            eprint!(
-                "\r{:>12.0} msg/s  {:>5.1} s",
-                rate,
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
-    totals.recording.store(false, Ordering::SeqCst);
-    let elapsed = started.elapsed().as_secs_f64();
-    totals.stop.store(true, Ordering::SeqCst);
-    if tty {
-        eprintln!();
-    }
-    let mut latency =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+    let elapsed = measure(&args, &totals).await;
+    let mut histograms = Vec::new();
     for task in tasks {
-        let h = task.await;
-        latency.add(&h).map_err(|e| e.to_string())?;
+        histograms.push(task.await);
     }
-    let messages = totals.messages.load(Ordering::Relaxed);
-    let bytes = totals.bytes.load(Ordering::Relaxed);
-    report(
-        &args,
-        messages as f64 / elapsed,
-        bytes as f64 / elapsed / 1048576.0,
-        &latency,
-    );
-    if messages == 0 {
-        return Err("no frames completed while measuring".into());
-    }
-    Ok(())
+    finish(&args, &totals, elapsed, histograms)
 }
 
 fn report(args: &Args, rate: f64, mib: f64, h: &Histogram<u64>) {
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let (p50, p99, p999, max) = (us(0.5), us(0.99), us(0.999), h.max() as f64 / 1000.0);
-    let mut mode = format!("{:?}", args.mode).to_lowercase();
+    let mut mode = args
+        .mode
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string());
     if args.peer_server.is_some() {
         mode += "-across-nodes";
     }
@@ -269,14 +350,11 @@ async fn connection(
                 last_ack = h;
             }
             for _ in 0..n {
-                let mut body = vec![0u8; body_len];
-                let now = sender_totals.epoch.elapsed().as_nanos() as u64;
-                body[..8].copy_from_slice(&now.to_be_bytes());
                 ClientFrame {
                     sender: id,
                     receiver: to,
                     kind: TEXT,
-                    body: body.into(),
+                    body: sender_totals.body(body_len).into(),
                 }
                 .encode(&mut batch);
             }
@@ -306,15 +384,7 @@ async fn connection(
         if arrival != pair {
             continue;
         }
-        if totals.recording.load(Ordering::Relaxed) && frame.body.len() >= 8 {
-            let sent = u64::from_be_bytes(frame.body[..8].try_into().expect("8 bytes"));
-            let now = totals.epoch.elapsed().as_nanos() as u64;
-            let _ = h.record(now.saturating_sub(sent).max(1));
-            totals.messages.fetch_add(1, Ordering::Relaxed);
-            totals
-                .bytes
-                .fetch_add(frame.body.len() as u64, Ordering::Relaxed);
-        }
+        totals.arrived(&frame.body, &mut h);
         if totals.stop.load(Ordering::Relaxed) {
             break;
         }
@@ -322,4 +392,98 @@ async fn connection(
     drop(give);
     sending.await;
     h
+}
+
+/// The pair workload through nats-server (`--mode nats-pair`).
+mod nats {
+    use super::*;
+
+    /// Each connection is one NATS client subscribed to its own subject; it publishes to
+    /// its peer's. A place in the sender's window comes back when the peer receives.
+    pub fn run(args: Args) -> Result<(), String> {
+        check(&args)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        runtime.block_on(pairs(args))
+    }
+
+    fn subject(id: u32) -> String {
+        format!("chat-bench.{id}")
+    }
+
+    async fn pairs(args: Args) -> Result<(), String> {
+        let totals = Totals::new();
+        let mut conns = Vec::new();
+        for i in 0..args.conns {
+            let id = args.base_id + i;
+            let client = async_nats::connect(&args.server)
+                .await
+                .map_err(|e| format!("cannot connect to nats-server at {}: {e}", args.server))?;
+            let subscriber = client
+                .subscribe(subject(id))
+                .await
+                .map_err(|e| format!("subscribe: {e}"))?;
+            client.flush().await.map_err(|e| format!("flush: {e}"))?;
+            conns.push((client, subscriber));
+        }
+        // One token per frame in flight, per sender; the peer's receiver returns it.
+        let (gives, takes): (Vec<_>, Vec<_>) = (0..args.conns)
+            .map(|_| {
+                let (mut give, take) = mpsc::channel::<()>(args.window);
+                for _ in 0..args.window {
+                    let _ = give.try_send(());
+                }
+                (give, take)
+            })
+            .unzip();
+        let mut receivers = Vec::new();
+        for (i, ((client, mut subscriber), mut take)) in conns.into_iter().zip(takes).enumerate() {
+            let to = subject(args.base_id + ((i as u32) ^ 1));
+            let sender_totals = totals.clone();
+            let size = args.size;
+            let publisher = client.clone();
+            tokio::spawn(async move {
+                while !sender_totals.stop.load(Ordering::Relaxed) {
+                    if take.next().await.is_none() {
+                        break;
+                    }
+                    let mut n = 1;
+                    while let Ok(()) = take.try_recv() {
+                        n += 1;
+                    }
+                    for _ in 0..n {
+                        let body = sender_totals.body(size);
+                        if publisher.publish(to.clone(), body.into()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            let mut give_back = gives[i ^ 1].clone();
+            let totals = totals.clone();
+            receivers.push(tokio::spawn(async move {
+                let mut h =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+                let wait = Duration::from_secs(2);
+                while let Ok(Some(message)) = tokio::time::timeout(wait, subscriber.next()).await {
+                    let _ = give_back.try_send(());
+                    totals.arrived(&message.payload, &mut h);
+                    if totals.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+                drop(client);
+                h
+            }));
+        }
+        drop(gives);
+        let elapsed = measure(&args, &totals).await;
+        let mut histograms = Vec::new();
+        for r in receivers {
+            histograms.push(r.await.map_err(|e| e.to_string())?);
+        }
+        finish(&args, &totals, elapsed, histograms)
+    }
 }
