@@ -41,7 +41,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use smol_hyper::rt::{FuturesIo, SmolTimer};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::{Shared, websocket};
 use crate::tls::TlsAcceptor;
@@ -140,7 +140,12 @@ pub async fn run_web(
             let handshake = Box::pin(TlsAcceptor::from(tls.current()).accept(stream.clone()));
             match rt::timeout(HEADER_TIMEOUT, handshake).await {
                 Some(Ok(session)) => web_connection(session, stream, shared, origins).await,
-                Some(Err(e)) => log::debug!("web: TLS handshake failed: {e}"),
+                Some(Err(e)) => {
+                    log::debug!("web: TLS handshake failed: {e}");
+                    if let Some(m) = &shared.metrics {
+                        m.refused(Refusal::tls_failed);
+                    }
+                }
                 None => log::debug!("web: TLS handshake timed out"),
             }
         }
@@ -277,6 +282,9 @@ where
         return response;
     }
     if !origins.allow(headers) {
+        if let Some(m) = &shared.metrics {
+            m.refused(Refusal::origin_refused);
+        }
         let origin = headers
             .get(ORIGIN)
             .map(|o| String::from_utf8_lossy(o.as_bytes()));
@@ -292,6 +300,9 @@ where
     let Some(slot) = websocket::admit(shared) else {
         let max = shared.config.max_connections;
         log::warn!("refusing a WebSocket: {max} connections open");
+        if let Some(m) = &shared.metrics {
+            m.refused(Refusal::server_busy);
+        }
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("server-busy: {max} connections open; try again later\n"),

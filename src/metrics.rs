@@ -61,6 +61,8 @@ pub enum Refusal {
     server_busy,
     auth_failed,
     tls_failed,
+    /// A browser's WebSocket from an Origin not allowed (`--web-allowed-origin`).
+    origin_refused,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,7 +76,7 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub accepted: Counter,
-    refused: [Counter; 3],
+    refused: [Counter; 4],
     frames_in: [Counter; 6],
     pub bytes_in: Counter,
     frames_out: [Counter; 4],
@@ -112,6 +114,7 @@ impl Metrics {
             Refusal::server_busy,
             Refusal::auth_failed,
             Refusal::tls_failed,
+            Refusal::origin_refused,
         ]
         .map(|reason| {
             refused_family
@@ -236,6 +239,7 @@ impl Metrics {
             Refusal::server_busy => 0,
             Refusal::auth_failed => 1,
             Refusal::tls_failed => 2,
+            Refusal::origin_refused => 3,
         };
         self.refused[i].inc();
     }

@@ -255,7 +255,7 @@ fn bad_messages_get_a_notice_then_a_close() {
 #[test]
 fn only_allowed_origins_may_open_the_websocket() {
     rt::block_on(async {
-        let server = web_server(|_| {}).await;
+        let server = web_server(|c| c.metrics_listen = Some("127.0.0.1:0".into())).await;
         let own = format!("http://{}", web(&server));
         // By default: the page's own origin, and clients that send no Origin.
         ws_connect_with(&server, Some(&own))
@@ -267,6 +267,11 @@ fn only_allowed_origins_may_open_the_websocket() {
             Err(e) => panic!("expected 403, got {e}"),
             Ok(_) => panic!("a foreign origin was let in"),
         }
+        let metrics = http_get(server.metrics.expect("metrics"), "/metrics").await;
+        assert!(
+            metrics.contains("chat_connections_refused_total{reason=\"origin_refused\"} 1\n"),
+            "{metrics}"
+        );
 
         let listed = web_server(|c| {
             c.web_origins.allowed = vec!["https://chat.example.com".into()];
