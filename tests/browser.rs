@@ -373,6 +373,53 @@ async fn two_browsers_and_a_terminal_chat() {
     b.close().await.unwrap();
 }
 
+/// With auth on, the page asks for a token, refuses a wrong one in words, and signs in
+/// with the right one.
+#[tokio::test(flavor = "current_thread")]
+async fn the_page_signs_in_with_a_token_when_auth_is_on() {
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let phrase = "correct horse battery staple";
+    let server = ServerProcess::start(
+        &dir.path().join("data"),
+        &["--web-listen", "127.0.0.1:0", "--auth-secret", phrase],
+    );
+    let web = server
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|line| {
+            let rest = line.split("web client on ").nth(1)?;
+            Some(rest.split(',').next()?.to_string())
+        })
+        .expect("the server logged its web address");
+    let driver = Driver::start(&chromedriver);
+    let page = session(&driver, &chromium, 800, 600).await;
+    page.goto(&web).await.expect("the page loads");
+    let secret = chat::auth::Secret::new(phrase).unwrap();
+
+    find(&page, "#token-label:not([hidden])").await;
+    find(&page, "#my-id").await.send_keys("201").await.unwrap();
+    let token = find(&page, "#token").await;
+    token.send_keys(&secret.token(202)).await.unwrap();
+    find(&page, "#signin-button").await.click().await.unwrap();
+    wait_true(
+        &page,
+        "return document.getElementById('signin-error').textContent.startsWith('Sign-in refused')",
+    )
+    .await;
+
+    let token = find(&page, "#token").await;
+    token.clear().await.unwrap();
+    token.send_keys(&secret.token(201)).await.unwrap();
+    find(&page, "#signin-button").await.click().await.unwrap();
+    find(&page, "#status.online").await;
+    page.close().await.unwrap();
+}
+
 /// An RGB PNG of a colour gradient, uncompressed (stored deflate blocks).
 fn png(width: u32, height: u32) -> Vec<u8> {
     let mut raw = Vec::new();

@@ -189,6 +189,35 @@ fn a_websocket_gets_its_mailbox_and_acks_it() {
 }
 
 #[test]
+fn tokens_are_required_over_websocket_too() {
+    rt::block_on(async {
+        let secret = || chat::auth::Secret::new("correct horse battery staple").unwrap();
+        let keys = chat::auth::Keys::from(secret());
+        let server = web_server(|c| c.auth = Some(chat::auth::Auth::new(keys, false))).await;
+        let config = http_get(web(&server), "/config.json").await;
+        assert!(config.contains("\"auth\":true"), "{config}");
+
+        let mut anonymous = ws_connect(&server).await;
+        anonymous.send(&text(4, 0, "no hello")).await;
+        anonymous.expect_notice(Code::AuthFailed).await;
+        anonymous.expect_closed().await;
+
+        let mut wrong = ws_connect(&server).await;
+        wrong
+            .send(&ClientFrame::hello_acks(4, secret().token(5).as_bytes()))
+            .await;
+        wrong.expect_notice(Code::AuthFailed).await;
+        wrong.expect_closed().await;
+
+        let mut ws = ws_connect(&server).await;
+        ws.send(&ClientFrame::hello_acks(4, secret().token(4).as_bytes()))
+            .await;
+        ws.expect_notice(Code::Welcome).await;
+        ws.send_confirmed(&text(4, 0, "signed in")).await;
+    });
+}
+
+#[test]
 fn takeover_works_across_transports() {
     rt::block_on(async {
         let server = web_server(|_| {}).await;
