@@ -3,7 +3,8 @@
 # of the server while chat-bench drives it, then the top symbols by self time.
 #   bash bench/profile.sh                 # pair, 50 conns, window 32, 64 B
 #   MODE=echo WINDOW=1 bash bench/profile.sh
-# Needs perf (Debian: linux-perf). Writes bench/results/perf.data.
+# Needs perf (Debian: linux-perf). Writes bench/results/perf.data; a flame graph from it:
+#   perf script -i bench/results/perf.data | inferno-collapse-perf | inferno-flamegraph > pair.svg
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${MODE:-pair}
