@@ -14,7 +14,9 @@
 //!
 //! Each module holds one of these: [`listener`] accepts and enforces the connection
 //! limit, [`reader`] decodes, [`broker`] routes, [`writer`] writes, and
-//! [`crate::store`] keeps the mailbox.
+//! [`crate::store`] keeps the mailbox. Sockets reach the reader and writer as byte
+//! streams: TCP, TLS, or a WebSocket through the adapters in `websocket` (upgraded by
+//! [`crate::http`]), so every transport shares the same code past the socket.
 
 pub mod broker;
 mod budget;
