@@ -139,6 +139,12 @@ async fn open_conversation(browser: &Client, peer: u32) {
     find(browser, "#composer:not([hidden])").await;
 }
 
+/// Opens the conversation with `peer` from the list, once the list shows it.
+async fn open_listed(browser: &Client, peer: u32) {
+    let button = format!("#conversations button[data-peer='{peer}']");
+    find(browser, &button).await.click().await.unwrap();
+}
+
 async fn send_text(browser: &Client, text: &str) {
     let before = count(browser, "#messages li.msg.out[data-status=sent]").await;
     find(browser, "#text").await.send_keys(text).await.unwrap();
@@ -224,11 +230,7 @@ async fn two_browsers_and_a_terminal_chat() {
     // A text from A to B.
     open_conversation(&a, 102).await;
     send_text(&a, "hello from the browser, ça va ?").await;
-    find(&b, "#conversations button[data-peer='101']")
-        .await
-        .click()
-        .await
-        .unwrap();
+    open_listed(&b, 101).await;
     find(&b, "#messages li.msg.in .text").await;
     assert_eq!(
         received_texts(&b).await,
@@ -276,11 +278,7 @@ async fn two_browsers_and_a_terminal_chat() {
         "hi from the terminal\n",
     );
     assert!(sent.status.success(), "{sent:?}");
-    find(&a, "#conversations button[data-peer='103']")
-        .await
-        .click()
-        .await
-        .unwrap();
+    open_listed(&a, 103).await;
     find(&a, "#messages li.msg.in .text").await;
     assert_eq!(received_texts(&a).await, ["hi from the terminal"]);
     // A type the page cannot show is offered as a download.
@@ -313,11 +311,7 @@ async fn two_browsers_and_a_terminal_chat() {
     );
 
     // Back in the conversation with B for the screenshots.
-    find(&a, "#conversations button[data-peer='102']")
-        .await
-        .click()
-        .await
-        .unwrap();
+    open_listed(&a, 102).await;
     find(&a, "#messages li.msg.in img").await;
     screenshot(&a, "a-desktop.png").await;
     screenshot(&b, "b-phone.png").await;
@@ -342,21 +336,13 @@ async fn two_browsers_and_a_terminal_chat() {
 
     let b = session(&driver, &chromium, 390, 760).await;
     sign_in(&b, &web, 102).await;
-    find(&b, "#conversations button[data-peer='103']")
-        .await
-        .click()
-        .await
-        .unwrap();
+    open_listed(&b, 103).await;
     find(&b, "#messages li.msg.in .text").await;
     assert_eq!(received_texts(&b).await, ["sent while your tab was closed"]);
     // The reconnected A still reaches B.
     send_text(&a, "you are back").await;
     find(&b, "#back").await.click().await.unwrap();
-    find(&b, "#conversations button[data-peer='101']")
-        .await
-        .click()
-        .await
-        .unwrap();
+    open_listed(&b, 101).await;
     find(&b, "#messages li.msg.in .text").await;
     assert_eq!(received_texts(&b).await, ["you are back"]);
 

@@ -312,6 +312,17 @@ fn report(args: &Args, rate: f64, mib: f64, h: &Histogram<u64>) {
     }
 }
 
+/// Waits for a place in the window, then takes every other free one: how many frames
+/// the next batch may send. `None` once the window is closed.
+async fn tokens(take: &mut mpsc::Receiver<()>) -> Option<usize> {
+    take.next().await?;
+    let mut n = 1;
+    while let Ok(()) = take.try_recv() {
+        n += 1;
+    }
+    Some(n)
+}
+
 /// Drives one connection: sends while the window has room, counts what arrives.
 async fn connection(
     client: Client,
@@ -336,13 +347,9 @@ async fn connection(
         let mut batch = Vec::new();
         let mut last_ack = 0;
         while !sender_totals.stop.load(Ordering::Relaxed) {
-            if take.next().await.is_none() {
+            let Some(n) = tokens(&mut take).await else {
                 break;
-            }
-            let mut n = 1;
-            while let Ok(()) = take.try_recv() {
-                n += 1;
-            }
+            };
             batch.clear();
             let h = acked.load(Ordering::Relaxed);
             if acks && h != last_ack {
@@ -440,19 +447,16 @@ mod nats {
             .unzip();
         let mut receivers = Vec::new();
         for (i, ((client, mut subscriber), mut take)) in conns.into_iter().zip(takes).enumerate() {
-            let to = subject(args.base_id + ((i as u32) ^ 1));
+            // A Subject clones by reference count, not by copying the string.
+            let to = async_nats::Subject::from(subject(args.base_id + ((i as u32) ^ 1)));
             let sender_totals = totals.clone();
             let size = args.size;
             let publisher = client.clone();
             tokio::spawn(async move {
                 while !sender_totals.stop.load(Ordering::Relaxed) {
-                    if take.next().await.is_none() {
+                    let Some(n) = tokens(&mut take).await else {
                         break;
-                    }
-                    let mut n = 1;
-                    while let Ok(()) = take.try_recv() {
-                        n += 1;
-                    }
+                    };
                     for _ in 0..n {
                         let body = sender_totals.body(size);
                         if publisher.publish(to.clone(), body.into()).await.is_err() {
