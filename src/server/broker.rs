@@ -22,7 +22,7 @@ use crate::protocol::{Code, Inbound, SERVER_ID, notice};
 use crate::rt;
 use crate::server::budget::Budget;
 use crate::server::event::{ConnId, Event, Request};
-use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
+use crate::server::outbox::{Close, Origin, Outbox, Outgoing, SMALL_QUEUE};
 use crate::store::{Command, Outcome, Reply};
 
 /// Mailbox pages are at most this large (and at most half the pending limit).
@@ -642,6 +642,10 @@ impl Broker {
                 let _ = c.outbox.push(item);
                 pushed = true;
             }
+        }
+        if c.replies.is_empty() && c.replies.capacity() <= SMALL_QUEUE {
+            // Like the outbox: a connection sending a frame at a time keeps no queue.
+            c.replies = VecDeque::new();
         }
         if pushed {
             self.pushed.push(c.outbox.clone());

@@ -224,3 +224,47 @@ pub(crate) async fn connection<R, W>(
     reader::run(read, conn, &outbox, shared).await;
     writer.await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+    use futures::channel::mpsc;
+
+    use super::*;
+    use crate::server::{Config, budget::Budget};
+
+    /// What an idle connection costs is mostly its two tasks: every wait that holds a
+    /// timer or an item to send is boxed so that these stay small. The bound is what
+    /// keeps an idle connection near 2 KiB of server memory (BENCHMARKS.md).
+    #[test]
+    fn an_idle_connection_s_tasks_stay_small() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        let stream = TcpStream::from(accepted);
+        let (events, _events) = mpsc::channel(1);
+        let (store, _store) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            config: Config::new("127.0.0.1:0", "unused"),
+            events,
+            store,
+            inbound: Arc::new(Budget::new(1)),
+            metrics: None,
+            active: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+        });
+        let writer = writer::run(
+            stream.clone(),
+            stream.clone(),
+            1,
+            Arc::new(Outbox::default()),
+            shared.clone(),
+        );
+        let task = async move { serve(stream, 1, &shared).await };
+        let (task, writer) = (size_of_val(&task), size_of_val(&writer));
+        eprintln!("connection task {task} B, writer task {writer} B");
+        assert!(task + writer <= 900, "{task} + {writer} bytes");
+    }
+}

@@ -19,6 +19,8 @@ use crate::server::event::ConnId;
 /// Frames up to this size are copied into the batch buffer; larger ones are written
 /// straight from their own allocation.
 const COALESCE_MAX_FRAME: usize = 64 * 1024;
+/// The capacity a queue first grows to (Rust's smallest for items of this size).
+pub(crate) const SMALL_QUEUE: usize = 4;
 /// A batch stops growing at this size.
 const BATCH_BYTES: usize = 256 * 1024;
 
@@ -261,6 +263,16 @@ impl Outbox {
             return Poll::Ready(s.close.clone());
         }
         if s.queue.is_empty() {
+            // The writer is about to wait. A connection that is idle, or sees a frame
+            // at a time, keeps neither the queue's nor the batch's smallest allocation
+            // (a few hundred bytes each, most of an idle connection's cost); a busy
+            // one keeps what it grew to rather than growing it again on every wake.
+            if s.queue.capacity() <= SMALL_QUEUE {
+                s.queue = VecDeque::new();
+            }
+            if batch.capacity() <= SMALL_QUEUE {
+                *batch = Vec::new();
+            }
             s.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
@@ -373,6 +385,34 @@ mod tests {
                 arrived: None,
             },
         }
+    }
+
+    fn poll_work(o: &Outbox, batch: &mut Vec<Outgoing>) -> Poll<Option<Close>> {
+        o.poll_work(&mut Context::from_waker(Waker::noop()), batch)
+    }
+
+    #[test]
+    fn a_writer_that_waits_after_a_frame_at_a_time_holds_no_queue() {
+        let o = Outbox::default();
+        let mut batch = Vec::new();
+        o.push(data(1)).unwrap();
+        assert!(poll_work(&o, &mut batch).is_ready());
+        o.written(batch.len());
+        batch.clear();
+        assert!(poll_work(&o, &mut batch).is_pending());
+        assert_eq!(o.lock().queue.capacity(), 0);
+        assert_eq!(batch.capacity(), 0);
+
+        // A queue that grew past the smallest size is kept for the next burst.
+        for seq in 0..2 * SMALL_QUEUE as u64 {
+            o.push(data(seq)).unwrap();
+        }
+        assert!(poll_work(&o, &mut batch).is_ready());
+        o.written(batch.len());
+        batch.clear();
+        assert!(poll_work(&o, &mut batch).is_pending());
+        assert!(o.lock().queue.capacity() > SMALL_QUEUE);
+        assert!(batch.capacity() > SMALL_QUEUE);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! the broker). Every frame decoded from one read goes to the broker as one event.
 
 use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -22,7 +24,7 @@ use crate::server::Shared;
 use crate::server::event::{ConnId, Event, Request};
 use crate::server::outbox::{Close, Outbox};
 
-/// Bytes an idle connection reads into while it holds no buffer of its own.
+/// Bytes an idle connection reads at once while it holds no buffer of its own.
 const IDLE_READ: usize = 128;
 
 /// Reads frames until the peer leaves or breaks the protocol, then tells the broker.
@@ -35,7 +37,6 @@ pub async fn run<R: AsyncRead + Unpin>(
     let mut events = shared.events.clone();
     let config = &shared.config;
     let mut buf = FrameBuf::new();
-    let mut idle = [0u8; IDLE_READ];
     let mut auth = if config.auth.is_none() {
         Auth::Open
     } else {
@@ -49,7 +50,10 @@ pub async fn run<R: AsyncRead + Unpin>(
         if outbox.queued_bytes() > config.max_pending_bytes {
             let blocked = Instant::now();
             let room = poll_fn(|cx| outbox.poll_room(cx, config.max_pending_bytes));
-            if rt::timeout(config.frame_timeout, room).await.is_none() {
+            if Box::pin(rt::timeout(config.frame_timeout, room))
+                .await
+                .is_none()
+            {
                 let secs = config.frame_timeout.as_secs_f64();
                 let detail = format_args!("replies not read for {secs} s");
                 if let Some(m) = &shared.metrics {
@@ -62,15 +66,17 @@ pub async fn run<R: AsyncRead + Unpin>(
         if buf.is_empty() {
             // Between frames a client may idle as long as it likes.
             buf.release();
-            match source.read(&mut idle).await {
+            match poll_fn(|cx| read_idle(&mut source, &mut buf, cx)).await {
                 Ok(0) => break None,
                 Err(e) => break refusal(e),
-                Ok(n) => buf.extend(&idle[..n]),
+                Ok(_) => {}
             }
             started = Instant::now();
         } else {
             let left = config.frame_timeout.saturating_sub(started.elapsed());
-            match rt::timeout(left, source.read(buf.space())).await {
+            // Boxed, like every wait with a timer: inline, the timer would make the
+            // task of every idle connection that much larger.
+            match Box::pin(rt::timeout(left, source.read(buf.space()))).await {
                 None => {
                     let secs = config.frame_timeout.as_secs_f64();
                     break Some(notice(
@@ -138,6 +144,20 @@ pub async fn run<R: AsyncRead + Unpin>(
         }),
     }
     let _ = events.send(Event::Closed { conn, notice }).await;
+}
+
+/// Reads what has arrived into `buf` through a buffer on the stack, so that a
+/// connection waiting for its next frame holds no read buffer, neither on the heap nor
+/// in its task.
+fn read_idle<R: AsyncRead + Unpin>(
+    source: &mut R,
+    buf: &mut FrameBuf,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    let mut chunk = [0u8; IDLE_READ];
+    let n = ready!(Pin::new(source).poll_read(cx, &mut chunk))?;
+    buf.extend(&chunk[..n]);
+    Poll::Ready(Ok(n))
 }
 
 /// A transport's refusal of what it read (a WebSocket message that is not one frame),

@@ -11,12 +11,14 @@
 //! whatever is still queued is simply not removed: every frame from another id is in
 //! the store until delivered, so the id's next connection gets it from there.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures::future::{Either, select};
+use futures::channel::mpsc::Sender;
+use futures::future::{BoxFuture, Either, select};
 use futures::{AsyncWrite, AsyncWriteExt, SinkExt};
 
 use crate::metrics::{Metrics, Out};
@@ -103,20 +105,22 @@ pub async fn run<W, S>(
         }
     };
     if let Some(notice) = close.and_then(|c| c.notice).filter(|_| at_boundary) {
-        let sent = rt::timeout(NOTICE_LIMIT, async {
+        let sent = Box::pin(rt::timeout(NOTICE_LIMIT, async {
             sink.write_all(&notice).await?;
             sink.flush().await
-        })
+        }))
         .await;
         if let (Some(m), Some(Ok(()))) = (&shared.metrics, sent) {
             count_written(m, &[Outgoing::reply(notice)]);
         }
     }
-    let _ = rt::timeout(NOTICE_LIMIT, sink.close()).await;
+    let _ = Box::pin(rt::timeout(NOTICE_LIMIT, sink.close())).await;
     socket.shutdown();
     let undelivered = outbox.take_all();
     let done = Event::WriterDone { conn, undelivered };
-    let _ = shared.events.clone().send(done).await;
+    if let Some(wait) = send(&shared.events, done) {
+        wait.await;
+    }
 }
 
 /// Writes a batch as one buffer, stopping early if the outbox is abandoned or the
@@ -141,13 +145,15 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     while pos < bytes.len() {
         let write = pin!(sink.write(&bytes[pos..]));
         let abandon = pin!(poll_fn(|cx| outbox.poll_abandon(cx)));
-        let timer = pin!(async {
-            match deadline {
-                Some(d) => rt::sleep(d.saturating_duration_since(Instant::now())).await,
-                None => futures::future::pending().await,
-            }
-        });
-        match select(write, select(abandon, timer)).await {
+        // The timer is boxed, and only made when closing: inline, it would make every
+        // writer task that much larger.
+        let mut timer =
+            deadline.map(|d| Box::pin(rt::sleep(d.saturating_duration_since(Instant::now()))));
+        let expired = pin!(poll_fn(|cx| match timer.as_mut() {
+            Some(t) => t.as_mut().poll(cx),
+            None => Poll::Pending,
+        }));
+        match select(write, select(abandon, expired)).await {
             Either::Left((Ok(n), _)) if n > 0 => pos += n,
             Either::Left(_) => {
                 stopped = Some(Stopped::Io);
@@ -241,7 +247,9 @@ async fn report_written(done: Written, conn: ConnId, shared: &Shared) {
             receiver,
             seqs: done.delete,
         };
-        let _ = shared.store.clone().send(delete).await;
+        if let Some(wait) = send(&shared.store, delete) {
+            wait.await;
+        }
     }
     if done.page_end || !done.delivered.is_empty() {
         let written = Event::Written {
@@ -249,6 +257,24 @@ async fn report_written(done: Written, conn: ConnId, shared: &Shared) {
             page_end: done.page_end,
             delivered: done.delivered,
         };
-        let _ = shared.events.clone().send(written).await;
+        if let Some(wait) = send(&shared.events, written) {
+            wait.await;
+        }
+    }
+}
+
+/// Sends without waiting when there is room. Only a full channel makes a wait, boxed,
+/// which keeps the send future and its item out of every writer task.
+fn send<T: Send + 'static>(channel: &Sender<T>, item: T) -> Option<BoxFuture<'static, ()>> {
+    let mut channel = channel.clone();
+    match channel.try_send(item) {
+        Err(full) if full.is_full() => {
+            let item = full.into_inner();
+            Some(Box::pin(async move {
+                let _ = channel.send(item).await;
+            }))
+        }
+        // Sent, or the receiver is gone (the server is stopping).
+        _ => None,
     }
 }
