@@ -85,13 +85,45 @@ def panel(x0, title, xlabel, xs, prefix):
     return "\n".join(out)
 
 
-svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="860" height="330" font-family="sans-serif">',
+def pairs_panel(x0):
+    """Pair forwarding through chat-server over the same through nats-server, by window."""
+    w, h, pad = 300, 300, 50
+    got = lambda name, server: by.get((name, server), {}).get("msgs_per_sec")
+    bars = [(label, got(name, "chat-server"), got(name, "nats"))
+            for label, name in (("window 1", "pair-w1"), ("window 32", "pair"))]
+    ratios = [(label, chat / nats if chat and nats else None) for label, chat, nats in bars]
+    top = max([1.2] + [r * 1.1 for _, r in ratios if r])
+    y = lambda v: h - pad - (h - pad - 30) * v / top
+    out = [f'<g transform="translate({x0},0)">',
+           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">pairs: chat-server / nats-server</text>',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="30" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="{y(1.0)}" x2="{w - 10}" y2="{y(1.0)}" stroke="#888" stroke-dasharray="4"/>',
+           f'<text x="{w - 12}" y="{y(1.0) - 4}" text-anchor="end" font-size="10">target 1.0</text>',
+           f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">64 B, 50 conns, every frame stored</text>']
+    for i in range(5):
+        v = top * i / 4
+        out.append(f'<text x="{pad - 5}" y="{y(v) + 4}" text-anchor="end" font-size="10">{v:.1f}</text>')
+    for i, (label, r) in enumerate(ratios):
+        x = pad + 30 + i * 110
+        out.append(f'<text x="{x + 30}" y="{h - pad + 15}" text-anchor="middle" font-size="10">{label}</text>')
+        if r is None:
+            out.append(f'<text x="{x + 30}" y="{h - pad - 10}" text-anchor="middle" font-size="10">no nats-server</text>')
+            continue
+        out.append(f'<rect x="{x}" y="{y(r)}" width="60" height="{h - pad - y(r)}" fill="#1f77b4"/>')
+        out.append(f'<text x="{x + 30}" y="{y(r) - 4}" text-anchor="middle" font-size="11">{r:.2f}</text>')
+    out.append("</g>")
+    return "\n".join(out)
+
+
+svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="1170" height="330" font-family="sans-serif">',
        '<rect width="100%" height="100%" fill="white"/>',
        panel(0, "messages/s against window (50 conns, 64 B)", "frames in flight per connection", [1, 4, 16, 64], "window"),
        panel(430, "messages/s against connections (window 32, 64 B)", "connections", [1, 10, 50, 200], "conns"),
        '<rect x="700" y="40" width="12" height="12" fill="#1f77b4"/><text x="716" y="50" font-size="11">chat-server</text>',
        '<rect x="700" y="58" width="12" height="12" fill="#ff7f0e"/><text x="716" y="68" font-size="11">async-std ceiling</text>',
        '<rect x="700" y="76" width="12" height="12" fill="#2ca02c"/><text x="716" y="86" font-size="11">tokio ceiling</text>',
+       pairs_panel(860),
        "</svg>"]
 open("bench/chart.svg", "w").write("\n".join(svg) + "\n")
 print("\nchart: bench/chart.svg")
