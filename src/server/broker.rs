@@ -537,15 +537,14 @@ impl Broker {
         }
         if let Some(outbox) = live {
             // If its writer has just finished, the frame stays in the store for the
-            // receiver's next connection. `echo_to`: written to a receiver without
-            // acks, the frame is delivered, and its echo need not wait for the commit.
+            // receiver's next connection.
             let _ = outbox.push(Outgoing {
                 wire: frame_wire,
                 origin: Origin::Data {
                     receiver,
                     seq,
                     page_end: false,
-                    echo_to: Some(conn),
+                    echo_to: None,
                     stored: true,
                     arrived: Some(arrived),
                 },
@@ -610,8 +609,7 @@ impl Broker {
                 .remote
                 .get_mut(&token)
                 .and_then(|b| b.iter_mut().find(|(s, _)| *s == seq));
-            // The first outcome stands: delivered, then failing to store, is delivered.
-            if let Some((_, slot @ None)) = slot {
+            if let Some((_, slot)) = slot {
                 *slot = Some(outcome);
             }
             return self.answer_if_done(token);
@@ -919,147 +917,5 @@ impl Broker {
         if self.store.send(command).await.is_err() {
             log::error!("store is gone; frame not stored");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::task::{Context, Waker};
-
-    use super::*;
-    use crate::protocol::{ClientFrame, FrameBuf, SERVER_HEADER_LEN};
-
-    /// A broker whose store is this test: commands arrive in the receiver, and replies
-    /// are whatever the test hands to `on_store`.
-    fn broker() -> (Broker, mpsc::Receiver<Command>) {
-        let (store, commands) = mpsc::channel(64);
-        let (events, _) = mpsc::channel(1);
-        let inbound = Arc::new(Budget::new(1 << 20));
-        let broker = Broker::new(
-            1 << 20,
-            Duration::from_secs(30),
-            store,
-            events,
-            inbound,
-            1,
-            None,
-        );
-        (broker, commands)
-    }
-
-    /// Connects `conn` as `id`, acks off, with an empty mailbox.
-    async fn bind(
-        b: &mut Broker,
-        commands: &mut mpsc::Receiver<Command>,
-        conn: ConnId,
-        id: u32,
-    ) -> Arc<Outbox> {
-        let outbox = Arc::new(Outbox::default());
-        b.on_event(Event::Connected {
-            conn,
-            outbox: outbox.clone(),
-        })
-        .await;
-        let hello = Request::Hello { id, acks: false };
-        b.on_event(Event::Requests {
-            conn,
-            requests: vec![hello],
-            bytes: 0,
-        })
-        .await;
-        while let Ok(command) = commands.try_recv() {
-            if let Command::Load {
-                ticket, receiver, ..
-            } = command
-            {
-                let page = Reply::Page {
-                    ticket,
-                    receiver,
-                    frames: Vec::new(),
-                };
-                b.on_store(vec![page]).await;
-            }
-        }
-        assert_eq!(written(&outbox).0.len(), 1, "the welcome");
-        outbox
-    }
-
-    /// Takes what the outbox has for its writer, as the writer would, and reports it
-    /// written.
-    fn written(outbox: &Outbox) -> (Vec<Outgoing>, crate::server::outbox::Written) {
-        let mut batch = Vec::new();
-        let _ = outbox.poll_work(&mut Context::from_waker(Waker::noop()), &mut batch);
-        let done = outbox.written(batch.len());
-        (batch, done)
-    }
-
-    fn frame(sender: u32, receiver: u32) -> Request {
-        let mut wire = Vec::new();
-        ClientFrame {
-            sender,
-            receiver,
-            kind: 1,
-            body: Bytes::from_static(b"hi"),
-        }
-        .encode(&mut wire);
-        let mut buf = FrameBuf::new();
-        buf.extend(&wire);
-        match buf.decode_client(1024) {
-            Ok(Some(inbound)) => Request::Data(inbound),
-            other => panic!("not a frame: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_frame_written_to_a_receiver_without_acks_is_echoed_before_its_commit() {
-        rt::block_on(async {
-            let (mut b, mut commands) = broker();
-            let alice = bind(&mut b, &mut commands, 1, 10).await;
-            let bob = bind(&mut b, &mut commands, 2, 20).await;
-            let requests = vec![frame(10, 20)];
-            b.on_event(Event::Requests {
-                conn: 1,
-                requests,
-                bytes: 0,
-            })
-            .await;
-            assert!(
-                matches!(
-                    commands.try_recv(),
-                    Ok(Command::Append { receiver: 20, .. })
-                ),
-                "the frame goes to the store"
-            );
-            assert!(
-                written(&alice).0.is_empty(),
-                "no echo before the frame is stored or delivered"
-            );
-
-            // Bob's writer writes it; the store has not answered.
-            let (batch, done) = written(&bob);
-            assert_eq!(&batch[0].wire[SERVER_HEADER_LEN..], b"hi");
-            assert_eq!(done.delete.len(), 1, "delivered: removed from the store");
-            let delivered = done.delivered;
-            b.on_event(Event::Written {
-                conn: 2,
-                page_end: false,
-                delivered,
-            })
-            .await;
-            let (echo, _) = written(&alice);
-            assert_eq!(echo.len(), 1, "echoed as delivered, without the commit");
-            assert_eq!(&echo[0].wire[..4], &10u32.to_be_bytes());
-            assert_eq!(&echo[0].wire[SERVER_HEADER_LEN..], b"hi");
-
-            // The commit's answer, when it comes, changes nothing.
-            let appended = Reply::Appended {
-                ticket: 1,
-                seq: 1,
-                outcome: Outcome::Stored,
-                len: 15,
-            };
-            b.on_store(vec![appended]).await;
-            assert!(written(&alice).0.is_empty(), "one echo only");
-        })
     }
 }

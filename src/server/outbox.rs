@@ -34,9 +34,8 @@ pub enum Origin {
     AcksOn,
     /// A frame from another id, numbered `seq`. `page_end` marks the last frame of a
     /// mailbox page, after which the broker loads the next one. `stored` is false when
-    /// the store was down: then delivery is the only way the frame can be accepted.
-    /// `echo_to` names the sender's connection of a live frame, whose echo this write
-    /// settles if the commit has not already (with acks on, only for unstored frames).
+    /// the store was down: then delivery is the only way the frame can be accepted,
+    /// and `echo_to` names the sender's connection, whose echo waits for this write.
     /// `arrived` is when a live frame reached the broker (for the delivery-time
     /// metric); a frame from the mailbox has none.
     Data {
@@ -327,13 +326,10 @@ impl Outbox {
                 } => {
                     out.receiver = Some(receiver);
                     out.page_end |= page_end;
-                    // Written is delivered, unless acks are on and the frame is safe in
-                    // the store: then its echo waits for the commit instead.
-                    let counting = s.acks.as_ref().is_some_and(|a| a.counting);
-                    if let Some(sender) = echo_to.filter(|_| !(stored && counting)) {
+                    let stored = stored.then_some(seq);
+                    if let Some(sender) = echo_to {
                         out.delivered.push((sender, seq));
                     }
-                    let stored = stored.then_some(seq);
                     match &mut s.acks {
                         Some(acks) if acks.counting && acks.owed > 0 => {
                             acks.owed -= 1;
@@ -417,41 +413,6 @@ mod tests {
         assert!(poll_work(&o, &mut batch).is_pending());
         assert!(o.lock().queue.capacity() > SMALL_QUEUE);
         assert!(batch.capacity() > SMALL_QUEUE);
-    }
-
-    #[test]
-    fn a_write_settles_the_echo_unless_acks_are_on_and_the_frame_is_stored() {
-        let o = Outbox::default();
-        let live = |seq, stored| Outgoing {
-            wire: Bytes::from(vec![0u8; 10]),
-            origin: Origin::Data {
-                receiver: 7,
-                seq,
-                page_end: false,
-                echo_to: Some(5),
-                stored,
-                arrived: None,
-            },
-        };
-        o.push(live(1, true)).unwrap();
-        assert_eq!(
-            o.written(1).delivered,
-            vec![(5, 1)],
-            "acks off: written is delivered"
-        );
-        o.push(Outgoing {
-            wire: Bytes::from_static(b"notice"),
-            origin: Origin::AcksOn,
-        })
-        .unwrap();
-        o.push(live(2, true)).unwrap();
-        o.push(live(3, false)).unwrap();
-        let w = o.written(3);
-        assert_eq!(
-            w.delivered,
-            vec![(5, 3)],
-            "acks on: a stored frame's echo waits for its commit, an unstored one's cannot"
-        );
     }
 
     #[test]
