@@ -18,7 +18,8 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$need" ]; then
   exit 1
 fi
 cargo build --release -q --bins
-data=$(mktemp -d -p "$PWD/bench/results" 2>/dev/null || { mkdir -p bench/results; mktemp -d -p "$PWD/bench/results"; })
+mkdir -p bench/results
+data=$(mktemp -d -p "$PWD/bench/results")
 addr=127.0.0.1:17901
 target/release/chat-server --listen $addr --data-dir "$data" --max-connections $need \
   --log-level warn >/dev/null &

@@ -62,19 +62,24 @@ def series(prefix, xs, server):
     return [rate(f"{prefix}-{x}", server) for x in xs]
 
 
-def panel(x0, title, xlabel, xs, prefix):
-    w, h, pad = 420, 300, 50
-    ys = {s: series(prefix, xs, s) for s in ("chat-server", "ceiling", "ceiling-tokio")}
-    top = max(max(v) for v in ys.values()) * 1.1
+def frame(x0, w, h, pad, title, xlabel, top, tick):
+    """A panel's opening: title, axes, x label and five y ticks labelled by `tick`."""
     out = [f'<g transform="translate({x0},0)">',
            f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
            f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="black"/>',
            f'<line x1="{pad}" y1="30" x2="{pad}" y2="{h - pad}" stroke="black"/>',
            f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">{xlabel}</text>']
     for i in range(5):
-        v = top * i / 4
         y = h - pad - (h - pad - 30) * i / 4
-        out.append(f'<text x="{pad - 5}" y="{y + 4}" text-anchor="end" font-size="10">{v / 1000:.0f}k</text>')
+        out.append(f'<text x="{pad - 5}" y="{y + 4}" text-anchor="end" font-size="10">{tick(top * i / 4)}</text>')
+    return out
+
+
+def panel(x0, title, xlabel, xs, prefix):
+    w, h, pad = 420, 300, 50
+    ys = {s: series(prefix, xs, s) for s in ("chat-server", "ceiling", "ceiling-tokio")}
+    top = max(max(v) for v in ys.values()) * 1.1
+    out = frame(x0, w, h, pad, title, xlabel, top, lambda v: f"{v / 1000:.0f}k")
     step = (w - pad - 30) / (len(xs) - 1)
     for i, x in enumerate(xs):
         out.append(f'<text x="{pad + 10 + i * step}" y="{h - pad + 15}" text-anchor="middle" font-size="10">{x}</text>')
@@ -94,16 +99,10 @@ def pairs_panel(x0):
     ratios = [(label, chat / nats if chat and nats else None) for label, chat, nats in bars]
     top = max([1.2] + [r * 1.1 for _, r in ratios if r])
     y = lambda v: h - pad - (h - pad - 30) * v / top
-    out = [f'<g transform="translate({x0},0)">',
-           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">pairs: chat-server / nats-server</text>',
-           f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="black"/>',
-           f'<line x1="{pad}" y1="30" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-           f'<line x1="{pad}" y1="{y(1.0)}" x2="{w - 10}" y2="{y(1.0)}" stroke="#888" stroke-dasharray="4"/>',
-           f'<text x="{w - 12}" y="{y(1.0) - 4}" text-anchor="end" font-size="10">target 1.0</text>',
-           f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">64 B, 50 conns, every frame stored</text>']
-    for i in range(5):
-        v = top * i / 4
-        out.append(f'<text x="{pad - 5}" y="{y(v) + 4}" text-anchor="end" font-size="10">{v:.1f}</text>')
+    out = frame(x0, w, h, pad, "pairs: chat-server / nats-server", "64 B, 50 conns, every frame stored",
+                top, lambda v: f"{v:.1f}")
+    out += [f'<line x1="{pad}" y1="{y(1.0)}" x2="{w - 10}" y2="{y(1.0)}" stroke="#888" stroke-dasharray="4"/>',
+            f'<text x="{w - 12}" y="{y(1.0) - 4}" text-anchor="end" font-size="10">target 1.0</text>']
     for i, (label, r) in enumerate(ratios):
         x = pad + 30 + i * 110
         out.append(f'<text x="{x + 30}" y="{h - pad + 15}" text-anchor="middle" font-size="10">{label}</text>')
