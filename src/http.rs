@@ -46,16 +46,36 @@ use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::{Shared, websocket};
 use crate::tls::TlsAcceptor;
 
-/// Metrics connections served at once; more are closed at once.
-const MAX_METRICS_CONNECTIONS: usize = 64;
-/// Web connections (page loads, upgrades in progress) served at once.
-const MAX_WEB_CONNECTIONS: usize = 256;
-/// Time for a request's headers to arrive.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time one connection may stay, keep-alive included.
-const CONNECTION_LIMIT: Duration = Duration::from_secs(30);
-/// Largest request head buffered.
-const MAX_HEAD: usize = 16 * 1024;
+/// What one HTTP listener allows, so that clients that connect and dawdle cannot hold
+/// it: the binary uses [`HttpLimits::METRICS`] and [`HttpLimits::WEB`]; tests shorten
+/// the times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections served at once; more are closed at once, unanswered.
+    pub max_connections: usize,
+    /// Time for a request's headers to arrive (also bounds a TLS handshake).
+    pub header_timeout: Duration,
+    /// Time one connection may stay, keep-alive included.
+    pub connection_time: Duration,
+    /// Largest request head buffered; a larger one gets 431.
+    pub max_head: usize,
+}
+
+impl HttpLimits {
+    /// The metrics, health and readiness listener.
+    pub const METRICS: HttpLimits = HttpLimits {
+        max_connections: 64,
+        header_timeout: Duration::from_secs(5),
+        connection_time: Duration::from_secs(30),
+        max_head: 16 * 1024,
+    };
+    /// The web listener: page loads and WebSocket upgrades in progress (an upgraded
+    /// WebSocket counts under `--max-connections` instead).
+    pub const WEB: HttpLimits = HttpLimits {
+        max_connections: 256,
+        ..HttpLimits::METRICS
+    };
+}
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -70,19 +90,24 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Serves metrics, health and readiness until `stop` completes.
-pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, stop: impl Future<Output = ()>) {
+pub async fn run(
+    listener: TcpListener,
+    limits: HttpLimits,
+    metrics: Arc<Metrics>,
+    stop: impl Future<Output = ()>,
+) {
     if let Ok(addr) = listener.local_addr() {
         log::info!("metrics, health and readiness on http://{addr}/metrics, /healthz, /readyz");
     }
-    accept(listener, MAX_METRICS_CONNECTIONS, stop, move |stream| {
+    accept(listener, limits.max_connections, stop, move |stream| {
         let metrics = metrics.clone();
         async move {
             let service = service_fn(move |req| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
             });
-            let conn = builder().serve_connection(FuturesIo::new(stream), service);
-            if let Some(Err(e)) = rt::timeout(CONNECTION_LIMIT, conn).await {
+            let conn = builder(&limits).serve_connection(FuturesIo::new(stream), service);
+            if let Some(Err(e)) = rt::timeout(limits.connection_time, conn).await {
                 log::debug!("metrics connection: {e}");
             }
         }
@@ -124,22 +149,25 @@ impl Origins {
 /// Serves the web client and the WebSocket until `stop` completes.
 pub async fn run_web(
     listener: TcpListener,
+    limits: HttpLimits,
     shared: Arc<Shared>,
     origins: Origins,
     stop: impl Future<Output = ()>,
 ) {
     let origins = Arc::new(origins);
-    accept(listener, MAX_WEB_CONNECTIONS, stop, move |stream| {
+    accept(listener, limits.max_connections, stop, move |stream| {
         let shared = shared.clone();
         let origins = origins.clone();
         async move {
             crate::server::configure_socket(&stream);
             let Some(tls) = &shared.config.tls else {
-                return web_connection(stream.clone(), stream, shared, origins).await;
+                return web_connection(stream.clone(), stream, &limits, shared, origins).await;
             };
             let handshake = Box::pin(TlsAcceptor::from(tls.current()).accept(stream.clone()));
-            match rt::timeout(HEADER_TIMEOUT, handshake).await {
-                Some(Ok(session)) => web_connection(session, stream, shared, origins).await,
+            match rt::timeout(limits.header_timeout, handshake).await {
+                Some(Ok(session)) => {
+                    web_connection(session, stream, &limits, shared, origins).await
+                }
                 Some(Err(e)) => {
                     log::debug!("web: TLS handshake failed: {e}");
                     if let Some(m) = &shared.metrics {
@@ -186,29 +214,34 @@ where
     }
 }
 
-fn builder() -> http1::Builder {
+fn builder(limits: &HttpLimits) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(SmolTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEAD);
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_head);
     builder
 }
 
 /// One HTTP connection of the web listener (`io` plain or TLS over `socket`). An
 /// upgraded WebSocket leaves it and runs on a task of its own.
-async fn web_connection<S>(io: S, socket: TcpStream, shared: Arc<Shared>, origins: Arc<Origins>)
-where
+async fn web_connection<S>(
+    io: S,
+    socket: TcpStream,
+    limits: &HttpLimits,
+    shared: Arc<Shared>,
+    origins: Arc<Origins>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let response = web_respond::<S>(req, &shared, &origins, &socket);
         async move { Ok::<_, Infallible>(response) }
     });
-    let conn = builder()
+    let conn = builder(limits)
         .serve_connection(FuturesIo::new(io), service)
         .with_upgrades();
-    if let Some(Err(e)) = rt::timeout(CONNECTION_LIMIT, conn).await {
+    if let Some(Err(e)) = rt::timeout(limits.connection_time, conn).await {
         log::debug!("web connection: {e}");
     }
 }

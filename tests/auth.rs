@@ -123,16 +123,17 @@ fn the_binaries_mint_and_present_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, "from a file\n").unwrap();
-    let token = Command::new(env!("CARGO_BIN_EXE_chat-server"))
-        .args([
+    let token = output_within(
+        Command::new(env!("CARGO_BIN_EXE_chat-server")).args([
             "--auth-secret-file",
             secret_file.to_str().unwrap(),
             "token",
             "--id",
             "12",
-        ])
-        .output()
-        .unwrap();
+        ]),
+        b"",
+        WAIT,
+    );
     assert!(token.status.success(), "{token:?}");
     let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
     assert_eq!(token, Secret::new("from a file").unwrap().token(12));

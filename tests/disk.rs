@@ -25,21 +25,25 @@ struct Mount {
 
 impl Mount {
     fn new(options: &str) -> Option<Mount> {
-        let dir = tempfile::tempdir().ok()?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(Mount { dir });
-        }
-        let why = "SKIP: cannot mount a tmpfs (needs root)";
-        assert!(
-            std::env::var_os("CHAT_REQUIRE_MOUNT").is_none(),
-            "{why}, and CHAT_REQUIRE_MOUNT is set"
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mount = try_output_within(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+                .arg(dir.path()),
+            b"",
+            WAIT,
         );
-        println!("{why}");
+        match mount {
+            Ok(out) if out.status.success() => return Some(Mount { dir }),
+            Ok(out) => skipping(
+                "CHAT_REQUIRE_MOUNT",
+                &format!(
+                    "cannot mount a tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ),
+            Err(e) => skipping("CHAT_REQUIRE_MOUNT", &format!("cannot run mount: {e}")),
+        }
         None
     }
 
@@ -50,10 +54,11 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
+        let _ = try_output_within(
+            Command::new("umount").arg("-l").arg(self.dir.path()),
+            b"",
+            WAIT,
+        );
     }
 }
 
@@ -204,11 +209,13 @@ fn a_corrupt_store_at_start_is_a_one_line_error() {
 
 /// The real binary on `data_dir` exits non-zero with one stderr line containing `why`.
 fn refused_at_start(data_dir: &Path, why: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_chat-server"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_chat-server"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir),
+        b"",
+        WAIT,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");

@@ -36,7 +36,10 @@ fn a_low_soft_limit_is_raised_to_the_hard_limit() {
     // 65536 where this process may raise its hard limit, else its own hard limit.
     let hard = raise_own_files_limit();
     if hard < 4000 {
-        println!("SKIP: the hard open-files limit {hard} cannot hold 3,000 connections");
+        skipping(
+            "CHAT_REQUIRE_FILES",
+            &format!("the hard open-files limit {hard} cannot hold 3,000 connections"),
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

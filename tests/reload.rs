@@ -19,7 +19,7 @@ fn mint(secret_file: &Path, id: u32, ttl: Option<&str>) -> String {
     if let Some(ttl) = ttl {
         cmd.args(["--ttl", ttl]);
     }
-    let out = cmd.output().unwrap();
+    let out = output_within(&mut cmd, b"", WAIT);
     assert!(out.status.success(), "{out:?}");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

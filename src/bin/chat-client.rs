@@ -31,7 +31,7 @@ struct Args {
     server: String,
 
     /// Your id (any number but 0).
-    #[arg(long, env = "CHAT_ID", required_unless_present = "probe")]
+    #[arg(long, env = "CHAT_ID", required_unless_present = "probe", value_parser = parse_id)]
     id: Option<u32>,
 
     /// Who to send to; 0 (the default) only echoes.
@@ -100,6 +100,15 @@ enum Ended {
 /// Reconnecting starts after this long and backs off to the maximum.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// An id: any u32 but 0, which is the server's.
+fn parse_id(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("0 is the server's id; yours is 1-4294967295".into()),
+        Ok(id) => Ok(id),
+        Err(e) => Err(format!("not an id: {e}")),
+    }
+}
 
 fn parse_kind(s: &str) -> Result<u8, String> {
     match parse_type(s) {

@@ -74,6 +74,10 @@ pub struct Config {
     pub web_listen: Option<String>,
     /// Browser origins allowed to open the WebSocket (see [`crate::http::Origins`]).
     pub web_origins: crate::http::Origins,
+    /// What the metrics listener allows (no flag: fixed, tests shorten the times).
+    pub metrics_http: crate::http::HttpLimits,
+    /// What the web listener allows (no flag: fixed, tests shorten the times).
+    pub web_http: crate::http::HttpLimits,
     /// Faults to inject into the store's file (tests only; no flag sets it).
     pub store_faults: Option<Arc<store::Faults>>,
     /// Join a cluster: frames go to JetStream instead of `data_dir`.
@@ -99,6 +103,8 @@ impl Config {
             metrics_listen: None,
             web_listen: None,
             web_origins: Default::default(),
+            metrics_http: crate::http::HttpLimits::METRICS,
+            web_http: crate::http::HttpLimits::WEB,
             store_faults: None,
             nats: None,
         }
@@ -246,15 +252,23 @@ impl Server {
         let http_stopped = futures::FutureExt::shared(http_stopped);
         if let (Some(http), Some(metrics)) = (http, metrics) {
             let stopped = http_stopped.clone();
-            rt::spawn(crate::http::run(http, metrics, async {
+            let limits = shared.config.metrics_http;
+            rt::spawn(crate::http::run(http, limits, metrics, async {
                 let _ = stopped.await;
             }));
         }
         if let Some(web) = web {
             let origins = shared.config.web_origins.clone();
-            rt::spawn(crate::http::run_web(web, shared.clone(), origins, async {
-                let _ = http_stopped.await;
-            }));
+            let limits = shared.config.web_http;
+            rt::spawn(crate::http::run_web(
+                web,
+                limits,
+                shared.clone(),
+                origins,
+                async {
+                    let _ = http_stopped.await;
+                },
+            ));
         }
         listener::run(listener, shared.clone(), stop).await;
         drop(http_stop);

@@ -281,14 +281,7 @@ impl ServerProcess {
 
     /// Waits for the process to exit, failing the test after [`WAIT`].
     pub fn wait(&mut self) -> std::process::ExitStatus {
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(start.elapsed() < WAIT, "server did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_within(&mut self.child, WAIT)
     }
 }
 
@@ -352,21 +345,87 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-/// Runs the real `chat-client` with `args`, feeding it `stdin`.
+/// Runs the real `chat-client` with `args`, feeding it `stdin`; fails the test if it
+/// has not exited within [`WAIT`].
 pub fn chat_client(args: &[&str], stdin: &str) -> std::process::Output {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-client"))
-        .args(args)
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_chat-client"));
+    cmd.args(args);
+    output_within(&mut cmd, stdin.as_bytes(), WAIT)
+}
+
+/// Runs `cmd` to its end with `stdin` fed to it and its stdout and stderr captured,
+/// like `Command::output`, but with a wall-clock limit: a child still running after
+/// `limit` is killed and the test fails, saying what it printed so far.
+pub fn output_within(
+    cmd: &mut std::process::Command,
+    stdin: &[u8],
+    limit: Duration,
+) -> std::process::Output {
+    try_output_within(cmd, stdin, limit).unwrap_or_else(|e| panic!("{cmd:?} does not start: {e}"))
+}
+
+/// [`output_within`] for a program that may not be installed: `Err` if it cannot start.
+pub fn try_output_within(
+    cmd: &mut std::process::Command,
+    stdin: &[u8],
+    limit: Duration,
+) -> std::io::Result<std::process::Output> {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .expect("chat-client runs");
+        .spawn()?;
+    let drain = |mut from: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = from.read_to_end(&mut all);
+            all
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
     let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin.as_bytes()).expect("write stdin");
-    drop(input);
-    child.wait_with_output().expect("chat-client exits")
+    let stdin = stdin.to_vec();
+    // A child that exits without reading its input must not block the test.
+    std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let out = stdout.join().unwrap_or_default();
+            let err = stderr.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still ran after {limit:?}; killed. stdout: {}; stderr: {}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+/// Whether a test that needs an outside program must run: `CHAT_REQUIRE_<what>` set
+/// (to anything) makes a missing program a failure. Otherwise prints why it skips.
+/// Returns when the test should skip.
+pub fn skipping(variable: &str, why: &str) {
+    assert!(
+        std::env::var_os(variable).is_none(),
+        "{why}, and {variable} is set"
+    );
+    println!("SKIP: {why} (set {variable} to make this a failure)");
 }
 
 /// Binds `id` with a hello and returns the first `n` frames the connection receives,
@@ -378,4 +437,20 @@ pub async fn mailbox_of(addr: &str, id: u32, n: usize) -> (Client, Vec<ServerFra
         got.push(recv(&mut c).await);
     }
     (c, got)
+}
+
+/// Waits for `child` to exit, killing it and failing the test after `limit`.
+pub fn wait_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pid {} still ran after {limit:?}; killed", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
