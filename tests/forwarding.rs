@@ -42,7 +42,7 @@ fn a_spoofed_sender_is_refused_and_not_delivered() {
         let mut b = login(&server, 2).await;
         a.send(&text(3, 2, "pretending to be 3")).await.unwrap();
         let detail = expect_notice(&mut a, Code::BadSender).await;
-        assert!(detail.contains('3'), "{detail}");
+        assert_eq!(detail, "sender 3 is not this connection's id 1");
         // B's next frame is the genuine one, not the spoof.
         let genuine = text(1, 2, "really from 1");
         send_confirmed(&mut a, &genuine).await;
