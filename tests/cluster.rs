@@ -326,18 +326,39 @@ async fn receive_acking(
     }
 }
 
-/// What a receiver saw across its connections, redeliveries of frames it had not
-/// acknowledged removed, must be every frame once, in order.
-fn assert_in_order(seen: &[usize], total: usize) {
+/// What a receiver saw on each of its connections, in order: each connection sees one
+/// run of consecutive numbers that may begin with frames an earlier connection saw but
+/// whose acks did not take effect (redelivered first, in order), and goes on without a
+/// gap; together they hold every frame. An old frame reappearing in the middle of a
+/// connection, a gap or a reorder fails.
+fn assert_in_order(connections: &[Vec<usize>], total: usize) {
     let mut next = 0;
-    for &n in seen {
-        if n < next {
-            continue; // redelivered after a reconnect
+    for seen in connections {
+        if let Some(&first) = seen.first() {
+            assert!(first <= next, "a gap before {first}: {connections:?}");
         }
-        assert_eq!(n, next, "gap or reorder in {seen:?}");
-        next += 1;
+        for pair in seen.windows(2) {
+            assert_eq!(pair[1], pair[0] + 1, "not consecutive: {connections:?}");
+        }
+        if let Some(&last) = seen.last() {
+            next = next.max(last + 1);
+        }
     }
-    assert_eq!(next, total, "not everything arrived: {seen:?}");
+    assert_eq!(next, total, "not everything arrived: {connections:?}");
+}
+
+#[test]
+fn the_order_check_fails_on_a_gap_a_reorder_or_a_frame_reappearing() {
+    assert_in_order(&[vec![0, 1, 2], vec![1, 2, 3, 4], vec![5]], 6);
+    for bad in [
+        vec![vec![0, 1, 3]],
+        vec![vec![0, 2, 1]],
+        vec![vec![0, 1, 2, 1, 2, 3]],
+        vec![vec![0, 1], vec![3]],
+    ] {
+        let caught = std::panic::catch_unwind(|| assert_in_order(&bad, 4));
+        assert!(caught.is_err(), "{bad:?} passed");
+    }
 }
 
 #[test]
@@ -382,7 +403,7 @@ fn order_holds_while_the_receiver_moves_between_nodes() {
             } else {
                 (hop + 1) * TOTAL / 5
             };
-            seen.extend(receive_acking(&mut c, &mut acker, stop).await);
+            seen.push(receive_acking(&mut c, &mut acker, stop).await);
             previous = Some(c);
         }
         assert_in_order(&seen, TOTAL);
@@ -423,17 +444,27 @@ fn a_killed_node_loses_nothing_it_echoed() {
             send_confirmed(c, &f).await;
             echoed.push(i);
         }
-        // The receiver got them live; kill -9 its node before it acknowledges.
+        // The receiver got them live, in the order they were echoed (each send waited
+        // for its echo); kill -9 its node before it acknowledges.
         let first = data_frames(&mut receiver, TOTAL).await;
-        assert_eq!(first.len(), TOTAL);
+        let sent: Vec<ServerFrame> = echoed
+            .iter()
+            .map(|&i| delivered(&numbered(if i % 2 == 0 { 1 } else { 3 }, 2, i)))
+            .collect();
+        assert_eq!(first, sent);
         a.signal(libc::SIGKILL);
         a.wait();
-        // It comes back through the other node and gets every echoed frame again.
+        // It comes back through the other node and gets every echoed frame again, once
+        // (none was acknowledged), in order per sender.
         let mut c = login_acks(&b.addr, 2).await;
         let got = data_frames(&mut c, TOTAL).await;
-        let mut numbers: Vec<usize> = got.iter().map(number).collect();
-        numbers.sort_unstable();
-        assert_eq!(numbers, echoed);
+        for sender in [1, 3] {
+            let from = |frames: &[ServerFrame]| {
+                let mine = frames.iter().filter(|f| f.sender == sender);
+                mine.cloned().collect::<Vec<_>>()
+            };
+            assert_eq!(from(&got), from(&sent), "from {sender}");
+        }
     });
 }
 
@@ -609,4 +640,73 @@ fn the_link_to_nats_logs_in_with_a_password() {
         err.contains("cannot reach NATS") && !err.contains("wrong"),
         "{err}"
     );
+}
+
+#[test]
+fn a_node_refuses_to_start_when_a_frame_does_not_fit_nats_max_payload() {
+    if !nats_available() {
+        return;
+    }
+    let _slot = slot();
+    // The test's NATS allows 10 MB; a 16 MiB frame limit does not fit.
+    let nats = Nats::start(1, "");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_chat-server")).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-frame-bytes",
+            "16777216",
+            "--nats",
+            &nats.urls(),
+        ]),
+        b"",
+        WAIT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(
+            "NATS max_payload is 10485760 bytes, less than a frame of --max-frame-bytes 16777216"
+        ),
+        "{err}"
+    );
+}
+
+/// `--mailbox-max-messages` holds per receiver in the stream: one frame more gets
+/// `mailbox-full` and is not stored; other receivers are not affected; reading the
+/// mailbox makes room again.
+#[test]
+fn the_mailbox_limit_holds_in_a_cluster() {
+    if !nats_available() {
+        return;
+    }
+    let _slot = slot();
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let limit = ["--mailbox-max-messages", "3"];
+    let a = node(&nats, "a", dir.path(), &limit);
+    let b = node(&nats, "b", dir.path(), &limit);
+    chat::rt::block_on(async {
+        let mut one = login_at(&a.addr, 1).await;
+        let kept: Vec<ClientFrame> = (0..3).map(|i| numbered(1, 2, i)).collect();
+        for f in &kept {
+            send_confirmed(&mut one, f).await;
+        }
+        within(one.send(&numbered(1, 2, 3))).await.expect("send");
+        expect_notice(&mut one, Code::MailboxFull).await;
+        // From the other node too: the limit is the stream's, not a node's.
+        let mut three = login_at(&b.addr, 3).await;
+        within(three.send(&numbered(3, 2, 4))).await.expect("send");
+        expect_notice(&mut three, Code::MailboxFull).await;
+        send_confirmed(&mut one, &numbered(1, 4, 5)).await;
+        // Exactly the three kept, in order, then room again.
+        let (two, got) = mailbox_of(&b.addr, 2, 3).await;
+        assert_eq!(got, kept.iter().map(delivered).collect::<Vec<_>>());
+        drop(two);
+        let after = numbered(1, 2, 6);
+        send_confirmed(&mut one, &after).await;
+        let (_two, got) = mailbox_of(&a.addr, 2, 1).await;
+        assert_eq!(got, vec![delivered(&after)]);
+    });
 }

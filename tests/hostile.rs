@@ -153,8 +153,14 @@ fn a_sender_that_never_reads_its_echoes_stops_being_read_then_is_cut_off() {
         let mut rest = Vec::new();
         let _ = within(deaf.read_to_end(&mut rest)).await;
         let (frames, partial) = server_frames(&rest);
-        let echoes = frames.iter().take_while(|f| **f == delivered(&sent)).count();
-        assert!(echoes as u64 <= written, "{echoes} echoes of {written} frames");
+        let echoes = frames
+            .iter()
+            .take_while(|f| **f == delivered(&sent))
+            .count();
+        assert!(
+            echoes as u64 <= written,
+            "{echoes} echoes of {written} frames"
+        );
         // The notice only where the cut left the stream at a frame boundary.
         match &frames[echoes..] {
             [] => {}
@@ -237,7 +243,10 @@ fn garbage_gets_well_formed_answers_and_a_close() {
             }
             let last = answers.last().and_then(|f| f.notice());
             assert!(
-                ended.is_err() || last.as_ref().is_some_and(|n| closing.iter().any(|c| n.is(*c))),
+                ended.is_err()
+                    || last
+                        .as_ref()
+                        .is_some_and(|n| closing.iter().any(|c| n.is(*c))),
                 "seed {seed}: closed without a closing notice: {last:?}"
             );
         }
