@@ -3,13 +3,15 @@
 # clients on different nodes exchange frames; the node holding a receiver is killed and
 # the receiver (a reconnecting chat-client) still gets every accepted frame; a NATS
 # container is killed and the service goes on; the mailbox survives `down` and `up`
-# with its volumes. Without a Docker engine it skips, unless CHAT_REQUIRE_DOCKER=1.
+# with its volumes; HAProxy takes a killed node and a frozen one (up, not serving) out
+# of the rotation within measured bounds. Without a Docker engine it skips, unless
+# CHAT_REQUIRE_DOCKER is set (to anything).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! docker info >/dev/null 2>&1; then
-  if [ "${CHAT_REQUIRE_DOCKER:-0}" = 1 ]; then
-    echo "cluster: no Docker engine reachable, and CHAT_REQUIRE_DOCKER=1" >&2
+  if [ -n "${CHAT_REQUIRE_DOCKER+set}" ]; then
+    echo "cluster: no Docker engine reachable, and CHAT_REQUIRE_DOCKER is set" >&2
     exit 1
   fi
   echo "cluster: no Docker engine reachable; skipping the cluster checks"
@@ -83,6 +85,17 @@ node_of() {
   done
   [ -n "$best" ] && echo "$best"
 }
+# Milliseconds from `since` (date +%s%N) until HAProxy logs that it took `node` out of
+# the chat backend for the `n`th time; fails after `limit` seconds.
+marked_down() {
+  local node=$1 n=$2 since=$3 limit=$4
+  while [ "$(dc logs --no-color haproxy 2>/dev/null | grep -c "Server nodes/$node is DOWN")" -lt "$n" ]; do
+    [ $(( ($(date +%s%N) - since) / 1000000000 )) -lt "$limit" ] \
+      || fail "HAProxy did not take $node out within $limit s"
+    sleep 0.1
+  done
+  echo $(( ($(date +%s%N) - since) / 1000000 ))
+}
 # Sends one line from `from` to `to` through HAProxy until it is echoed (a frame sent
 # while a node or a NATS server is being replaced may be refused or cut off).
 send() {
@@ -113,13 +126,16 @@ holder=$(node_of 201) || fail "the receiver never bound"
 sender=
 for id in $(seq 301 310); do
   send "$id" 201 "hello from $id"
-  if [ "$(node_of "$id")" != "$holder" ]; then sender=$id; break; fi
+  if on=$(node_of "$id") && [ "$on" != "$holder" ]; then sender=$id; break; fi
 done
 [ -n "$sender" ] || fail "HAProxy never put a sender on another node than $holder"
 received "[$sender] text: hello from $sender"
 echo "cluster: $sender on $(node_of "$sender") reached 201 on $holder"
 
+killed_at=$(date +%s%N)
 docker kill "$(dc ps -q "$holder")" >/dev/null
+took=$(marked_down "$holder" 1 "$killed_at" 8)
+echo "cluster: HAProxy took the killed $holder out after $took ms"
 for i in 1 2 3; do send "$sender" 201 "after $holder died $i"; done
 for i in 1 2 3; do received "[$sender] text: after $holder died $i"; done
 grep -q reconnected "$work/receiver.err" || fail "the receiver did not reconnect"
@@ -131,6 +147,23 @@ send "$sender" 201 "after nats1 died"
 received "[$sender] text: after nats1 died"
 echo "cluster: nats1 killed; frames are still accepted and delivered"
 dc start nats1 >/dev/null
+
+# A node that is up but not serving (its processes frozen: the port still accepts,
+# nothing answers the health check's ping) leaves the rotation too, and clients are
+# served by the others.
+frozen=chat1
+[ "$frozen" != "$holder" ] || frozen=chat2
+downs=$(dc logs --no-color haproxy 2>/dev/null | grep -c "Server nodes/$frozen is DOWN" || true)
+paused_at=$(date +%s%N)
+docker pause "$(dc ps -q "$frozen")" >/dev/null
+took=$(marked_down "$frozen" $((downs + 1)) "$paused_at" 15)
+echo "cluster: HAProxy took the frozen $frozen out after $took ms"
+for i in 1 2 3 4 5 6; do
+  out=$(printf 'while %s is frozen\n' "$frozen" | $client --server "$addr" --id $((500 + i)) --timeout 5) \
+    || fail "a client was not served while $frozen was frozen"
+done
+echo "cluster: six new clients served by the other nodes while $frozen is frozen"
+docker unpause "$(dc ps -q "$frozen")" >/dev/null
 
 kill "$receiver_pid" 2>/dev/null || true
 receiver_pid=

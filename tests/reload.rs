@@ -142,7 +142,13 @@ fn two_secrets_verify_and_the_first_mints() {
             .await
             .expect("the old secret's token");
         let other = Secret::new("unknown").unwrap().token(7);
-        assert!(hello(&server.addr, 7, &other).await.is_err());
+        let refused = hello(&server.addr, 7, &other).await.err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("auth-failed: no valid token for id 7")),
+            "{refused:?}"
+        );
     });
 }
 
@@ -202,7 +208,11 @@ fn sighup_reloads_secrets_and_certificate_and_keeps_connections() {
             &Secret::new("second").unwrap().token(4),
         )
         .await;
-        assert!(old_cert.is_err(), "the old certificate is no longer served");
+        assert!(
+            old_cert.as_ref().is_err_and(|e| e.contains("invalid peer certificate")),
+            "the old certificate is no longer served: {:?}",
+            old_cert.map(|_| ())
+        );
         let old_secret = tls_hello(
             &server.addr,
             &cert2,
@@ -229,5 +239,65 @@ fn sighup_reloads_secrets_and_certificate_and_keeps_connections() {
         .await
         .expect("old settings kept");
         send_confirmed(&mut kept, &text(3, 0, "and after the failed one")).await;
+
+        // Another broken reload: the secret file gone, a key that is not the
+        // certificate's. Nothing changes either.
+        std::fs::remove_file(&secret).unwrap();
+        std::fs::copy(&cert2, &cert).unwrap();
+        std::fs::copy(&key1, &key).unwrap();
+        server.signal(libc::SIGHUP);
+        wait_logged(&server, "SIGHUP: nothing reloaded", 2);
+        assert_eq!(server.count_logged("keeping the old auth secrets"), 2);
+        assert_eq!(server.count_logged("keeping the old TLS certificate"), 2);
+        tls_hello(
+            &server.addr,
+            &cert2,
+            7,
+            &Secret::new("second").unwrap().token(7),
+        )
+        .await
+        .expect("old settings kept");
+    });
+}
+
+/// Rotation as the README tells it: the new secret on line 1 above the old one and a
+/// SIGHUP; new tokens come from the new secret and old ones still work; then the old
+/// line removed and another SIGHUP, and old tokens stop working.
+#[test]
+fn rotating_the_secret_as_the_readme_says_logs_nobody_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "old secret\n").unwrap();
+    let old = mint(&secret, 8, None);
+    let server = ServerProcess::start(
+        &dir.path().join("data"),
+        &["--auth-secret-file", secret.to_str().unwrap()],
+    );
+    rt::block_on(async {
+        let mut before = hello(&server.addr, 8, &old).await.expect("old token");
+        std::fs::write(&secret, "new secret\nold secret\n").unwrap();
+        server.signal(libc::SIGHUP);
+        wait_logged(&server, "SIGHUP: reloaded 2 auth secrets", 1);
+        let new = mint(&secret, 8, None);
+        assert_eq!(new, Secret::new("new secret").unwrap().token(8));
+        hello(&server.addr, 8, &new).await.expect("new token");
+        hello(&server.addr, 8, &old)
+            .await
+            .expect("old token still accepted");
+        // A connection from before the rotation was never touched... until replaced
+        // by the binds above.
+        expect_notice(&mut before, chat::protocol::Code::Replaced).await;
+
+        std::fs::write(&secret, "new secret\n").unwrap();
+        server.signal(libc::SIGHUP);
+        wait_logged(&server, "SIGHUP: reloaded 1 auth secrets", 1);
+        let refused = hello(&server.addr, 8, &old).await.err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("auth-failed: no valid token for id 8")),
+            "{refused:?}"
+        );
+        hello(&server.addr, 8, &new).await.expect("new token");
     });
 }
