@@ -79,6 +79,65 @@ fn unacknowledged_frames_come_again_first_and_in_order_after_close_and_takeover(
     });
 }
 
+/// A takeover in the middle of a stream, acks on: the old connection acknowledged 50,
+/// then read more without acknowledging and was replaced while frames were still
+/// queued for it; the new one gets exactly everything after the 50, in order.
+#[test]
+fn takeover_with_frames_in_flight_redelivers_exactly_the_unacknowledged() {
+    rt::block_on(async {
+        let server = start_with(|c| c.max_pending_bytes = 64 << 20).await;
+        let mut old = login_acks(&server.addr(), 2).await;
+        let sender = login(&server, 1).await;
+        let sent: Vec<_> = (0..600u32)
+            .map(|i| {
+                data(
+                    1,
+                    2,
+                    1,
+                    &[&i.to_be_bytes()[..], &[b'x'; 32 * 1024]].concat(),
+                )
+            })
+            .collect();
+        let (mut tx, mut rx) = sender.split();
+        let first: Vec<_> = sent[..300].to_vec();
+        let sending = rt::spawn(async move {
+            for f in &first {
+                tx.send(f).await.expect("send");
+            }
+            tx
+        });
+        for f in &sent[..300] {
+            assert_eq!(within(rx.recv()).await.unwrap().unwrap(), delivered(f));
+        }
+        let read = recv_n(&mut old, 50).await;
+        assert_frames(&read, &sent[..50].iter().map(delivered).collect::<Vec<_>>());
+        ack(&mut old, 2, 50).await;
+        within(old.send(&ClientFrame::ping())).await.unwrap();
+        loop {
+            match recv(&mut old).await.notice() {
+                Some(n) if n.is(Code::Pong) => break,
+                Some(n) => panic!("{n}"),
+                None => {}
+            }
+        }
+        let mut new = login_acks(&server.addr(), 2).await;
+        expect_closed(&mut old).await;
+        let mut tx = sending.await;
+        for f in &sent[300..] {
+            within(tx.send(f)).await.unwrap();
+        }
+        let again = recv_n(&mut new, 550).await;
+        assert_frames(
+            &again,
+            &sent[50..].iter().map(delivered).collect::<Vec<_>>(),
+        );
+        for f in &sent[300..] {
+            assert_eq!(within(rx.recv()).await.unwrap().unwrap(), delivered(f));
+        }
+        send_confirmed(&mut new, &text(2, 0, "nothing more")).await;
+    });
+}
+
 #[test]
 fn unacknowledged_frames_survive_sigkill_and_acknowledged_ones_do_not_come_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -215,6 +274,53 @@ fn a_client_that_never_acks_is_cut_off_and_loses_nothing() {
             "cut off before all {} arrived",
             sent.len()
         );
+        let mut next = login_acks(&server.addr(), 2).await;
+        let mut acker = chat::client::Acker::new(2);
+        for f in &sent {
+            let got = recv(&mut next).await;
+            assert_eq!(got, delivered(f));
+            acker.handled(&got);
+            if let Some(ack) = acker.ack() {
+                within(next.send(&ack)).await.unwrap();
+            }
+        }
+    });
+}
+
+/// The mailbox case of the rule above: a stored mailbox larger than
+/// `--max-pending-bytes`, read by a client that never acks, stops at a page; after
+/// `--frame-timeout` without an ack the client is cut off as a slow consumer, and its
+/// next connection gets the whole mailbox again, in order.
+#[test]
+fn a_client_that_never_acks_its_mailbox_is_cut_off_after_the_frame_timeout() {
+    rt::block_on(async {
+        let timeout = std::time::Duration::from_secs(1);
+        let server = start_with(|c| {
+            c.max_pending_bytes = 64 * 1024;
+            c.frame_timeout = timeout;
+        })
+        .await;
+        let mut a = login(&server, 1).await;
+        let sent: Vec<_> = (0..40u8).map(|i| data(1, 2, 3, &[i; 4096])).collect();
+        send_all(&mut a, &sent).await;
+        let mut b = login_acks(&server.addr(), 2).await;
+        let bound = std::time::Instant::now();
+        let mut read = 0;
+        let detail = loop {
+            let f = recv(&mut b).await;
+            match f.notice() {
+                Some(n) if n.is(Code::SlowConsumer) => break n.detail,
+                Some(n) => panic!("{n}"),
+                None => {
+                    assert_eq!(f, delivered(&sent[read]));
+                    read += 1;
+                }
+            }
+        };
+        let waited = bound.elapsed();
+        expect_closed(&mut b).await;
+        assert!(read < sent.len(), "all {read} arrived: no page stopped");
+        assert!(waited >= timeout, "cut off after {waited:?}: {detail}");
         let mut next = login_acks(&server.addr(), 2).await;
         let mut acker = chat::client::Acker::new(2);
         for f in &sent {

@@ -84,6 +84,76 @@ fn takeover_moves_delivery_and_loses_nothing() {
     });
 }
 
+/// A takeover in the middle of a stream, acks off: what the old connection read and
+/// what the new one reads are together every frame exactly once, in order (frames
+/// queued for the old connection and not written go to the new one, first).
+#[test]
+fn takeover_with_frames_in_flight_loses_nothing_and_keeps_order() {
+    rt::block_on(async {
+        // Room for everything queued: this is about takeover, not slow consumers.
+        let server = start_with(|c| c.max_pending_bytes = 64 << 20).await;
+        let mut old = login(&server, 7).await;
+        let sender = login(&server, 8).await;
+        let frames: Vec<_> = (0..600u32)
+            .map(|i| {
+                data(
+                    8,
+                    7,
+                    TEXT,
+                    &[&i.to_be_bytes()[..], &[b'x'; 32 * 1024]].concat(),
+                )
+            })
+            .collect();
+        let (mut tx, mut rx) = sender.split();
+        let first: Vec<_> = frames[..300].to_vec();
+        let sending = rt::spawn(async move {
+            for f in &first {
+                tx.send(f).await.expect("send");
+            }
+            tx
+        });
+        // 9.6 MB for the old connection, which reads nothing yet: more than its
+        // socket holds, so some are queued in the server when the new one binds.
+        for f in &frames[..300] {
+            assert_eq!(within(rx.recv()).await.unwrap().unwrap(), delivered(f));
+        }
+        let mut on_old = Vec::new();
+        let mut new = login(&server, 7).await;
+        loop {
+            match within(old.recv()).await {
+                Ok(Some(f)) if f.notice().is_some_and(|n| n.is(Code::Replaced)) => {}
+                Ok(Some(f)) => {
+                    assert!(f.notice().is_none(), "{f:?}");
+                    on_old.push(f);
+                }
+                Ok(None) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let mut tx = sending.await;
+        for f in &frames[300..] {
+            within(tx.send(f)).await.expect("send");
+        }
+        let mut on_new = Vec::new();
+        while on_old.len() + on_new.len() < frames.len() {
+            on_new.push(recv(&mut new).await);
+        }
+        eprintln!(
+            "{} on the old connection, {} on the new",
+            on_old.len(),
+            on_new.len()
+        );
+        assert!(on_old.len() < 300, "nothing was in flight at the takeover");
+        on_old.extend(on_new);
+        assert_frames(&on_old, &frames.iter().map(delivered).collect::<Vec<_>>());
+        for f in &frames[300..] {
+            assert_eq!(within(rx.recv()).await.unwrap().unwrap(), delivered(f));
+        }
+        // Nothing more for 7.
+        send_confirmed(&mut new, &text(7, 0, "the end")).await;
+    });
+}
+
 #[test]
 fn frames_for_an_offline_receiver_wait_in_the_mailbox() {
     rt::block_on(async {

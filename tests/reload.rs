@@ -209,7 +209,9 @@ fn sighup_reloads_secrets_and_certificate_and_keeps_connections() {
         )
         .await;
         assert!(
-            old_cert.as_ref().is_err_and(|e| e.contains("invalid peer certificate")),
+            old_cert
+                .as_ref()
+                .is_err_and(|e| e.contains("invalid peer certificate")),
             "the old certificate is no longer served: {:?}",
             old_cert.map(|_| ())
         );

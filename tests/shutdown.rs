@@ -38,3 +38,55 @@ fn sigterm_with_clients_connected_exits_zero_promptly_and_keeps_the_mailbox() {
         assert_eq!(got, vec![delivered(&text(1, 99, "for later"))]);
     });
 }
+
+/// Frames queued in the server for a connected client that had not read them when
+/// SIGTERM came are written to it before the close (6.4 MB: more than its socket
+/// holds), and, being delivered, are not in the mailbox after the restart.
+#[test]
+fn sigterm_flushes_what_is_queued_for_connected_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(dir.path(), &[]);
+    let sent: Vec<_> = (0..200u32)
+        .map(|i| data(1, 2, 2, &[&i.to_be_bytes()[..], &[7u8; 32 * 1024]].concat()))
+        .collect();
+    rt::block_on(async {
+        let mut receiver = within(Client::connect(&server.addr)).await.unwrap();
+        within(receiver.hello(2, None)).await.unwrap();
+        let mut sender = within(Client::connect(&server.addr)).await.unwrap();
+        within(sender.hello(1, None)).await.unwrap();
+        // Every frame accepted while the receiver reads nothing.
+        for f in &sent {
+            within(sender.send(f)).await.unwrap();
+        }
+        for f in &sent {
+            assert_eq!(recv(&mut sender).await, delivered(f));
+        }
+        let reading = rt::spawn(async move {
+            let mut got = Vec::new();
+            while let Ok(Some(f)) = within(receiver.recv()).await {
+                got.push(f);
+            }
+            got
+        });
+        server.signal(libc::SIGTERM);
+        let status = server.wait();
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        let got = reading.await;
+        let (last, frames) = got.split_last().expect("frames and a notice");
+        assert!(
+            last.notice().is_some_and(|n| n.is(Code::ShuttingDown)),
+            "{last:?}"
+        );
+        assert_frames(frames, &sent.iter().map(delivered).collect::<Vec<_>>());
+    });
+    let server = ServerProcess::start(dir.path(), &[]);
+    rt::block_on(async {
+        // A marker sent now is the first thing 2 gets: nothing delivered came back.
+        let mut one = within(Client::connect(&server.addr)).await.unwrap();
+        within(one.hello(1, None)).await.unwrap();
+        let marker = text(1, 2, "marker");
+        send_confirmed(&mut one, &marker).await;
+        let (_c, got) = mailbox_of(&server.addr, 2, 1).await;
+        assert_eq!(got, vec![delivered(&marker)]);
+    });
+}

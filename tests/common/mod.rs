@@ -454,3 +454,31 @@ pub fn wait_within(child: &mut std::process::Child, limit: Duration) -> std::pro
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// `got == want`, or a failure that says where they part (not every body in full).
+#[track_caller]
+pub fn assert_frames(got: &[ServerFrame], want: &[ServerFrame]) {
+    if got == want {
+        return;
+    }
+    let at = got.iter().zip(want).position(|(g, w)| g != w);
+    let short = |f: Option<&ServerFrame>| {
+        f.map(|f| {
+            let head = &f.body[..f.body.len().min(16)];
+            format!(
+                "from {} type {} {} bytes {head:?}..",
+                f.sender,
+                f.kind,
+                f.body.len()
+            )
+        })
+    };
+    let at = at.unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{} frames where {} were expected; first difference at {at}: got {:?}, want {:?}",
+        got.len(),
+        want.len(),
+        short(got.get(at)),
+        short(want.get(at))
+    );
+}
