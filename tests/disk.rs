@@ -223,11 +223,14 @@ fn refused_at_start(data_dir: &Path, why: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// An fsync that fails (EIO, injected through redb's storage backend): the frame gets
-/// `store-failed`, not an echo; pings and live traffic go on; once syncs work again the
-/// store reopens by itself, and every frame that was echoed is delivered.
-#[test]
-fn a_failed_fsync_gets_store_failed_and_the_store_recovers() {
+/// An I/O error injected through redb's storage backend while `fault` is set: the
+/// frame gets `store-failed`, not an echo; pings and live traffic go on; once the
+/// fault is gone the store reopens by itself, and every frame that was echoed is
+/// delivered (the refused one too, if its commit reached the file whole: at least once,
+/// as docs/PROTOCOL.md says).
+fn an_injected_error_gets_store_failed_and_the_store_recovers(
+    fault: fn(&chat::store::Faults) -> &std::sync::atomic::AtomicBool,
+) {
     use std::sync::atomic::Ordering;
     let faults = std::sync::Arc::new(chat::store::Faults::default());
     let injected = faults.clone();
@@ -243,7 +246,7 @@ fn a_failed_fsync_gets_store_failed_and_the_store_recovers() {
         let first = text(1, 3, "before the fault");
         send_confirmed(&mut a, &first).await;
 
-        faults.fail_sync.store(true, Ordering::Relaxed);
+        fault(&faults).store(true, Ordering::Relaxed);
         let lost = text(1, 3, "during the fault");
         within(a.send(&lost)).await.unwrap();
         let n = answer(&mut a)
@@ -260,13 +263,10 @@ fn a_failed_fsync_gets_store_failed_and_the_store_recovers() {
         assert_eq!(recv(&mut live).await, delivered(&hi));
         assert_eq!(http_get(metrics, "/readyz").await.0, 503);
 
-        faults.fail_sync.store(false, Ordering::Relaxed);
+        fault(&faults).store(false, Ordering::Relaxed);
         let after = text(1, 3, "after the fault");
         send_until_stored(&mut a, &after).await;
         assert_eq!(http_get(metrics, "/readyz").await.0, 200);
-        // Every echoed frame, in order. The frame refused at fsync may come too: its
-        // bytes reached the file and the reopened database may find its commit whole
-        // (at least once, as docs/PROTOCOL.md says for a failed fsync).
         let mut c = within(chat::client::Client::connect(&server.addr()))
             .await
             .unwrap();
@@ -278,4 +278,297 @@ fn a_failed_fsync_gets_store_failed_and_the_store_recovers() {
         let without = vec![delivered(&first), delivered(&after)];
         assert!(got == with || got == without, "{got:?}");
     });
+}
+
+#[test]
+fn a_failed_fsync_gets_store_failed_and_the_store_recovers() {
+    an_injected_error_gets_store_failed_and_the_store_recovers(|f| &f.fail_sync);
+}
+
+#[test]
+fn a_failed_write_gets_store_failed_and_the_store_recovers() {
+    an_injected_error_gets_store_failed_and_the_store_recovers(|f| &f.fail_write);
+}
+
+/// Reads that fail (EIO) while a mailbox larger than the store's page cache is read:
+/// the store goes down, frames for offline receivers get `store-failed` promptly, the
+/// reader's mailbox waits, and once reads work again it arrives whole, in order.
+#[test]
+fn a_failed_read_holds_the_mailbox_until_the_store_recovers() {
+    use std::sync::atomic::Ordering;
+    let faults = std::sync::Arc::new(chat::store::Faults::default());
+    let injected = faults.clone();
+    rt::block_on(async {
+        let server = start_with(|c| {
+            c.store_faults = Some(injected);
+            c.metrics_listen = Some("127.0.0.1:0".into());
+        })
+        .await;
+        let metrics = server.metrics.unwrap();
+        let mut a = login(&server, 1).await;
+        // 16 MiB for offline 3: twice the store's page cache, so reading it back
+        // needs the disk.
+        let stored: Vec<_> = (0..16u32)
+            .map(|i| data(1, 3, 2, &[&i.to_be_bytes()[..], &[9u8; 1 << 20]].concat()))
+            .collect();
+        for f in &stored {
+            send_confirmed(&mut a, f).await;
+        }
+        faults.fail_read.store(true, Ordering::Relaxed);
+        let mut three = within(chat::client::Client::connect(&server.addr()))
+            .await
+            .unwrap();
+        let mut got = within(three.hello(3, None)).await.unwrap();
+        within(async {
+            while http_get(metrics, "/readyz").await.0 != 503 {
+                rt::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let refused = text(1, 4, "while reads fail");
+        within(a.send(&refused)).await.unwrap();
+        let n = answer(&mut a).await.notice().expect("a notice");
+        assert!(n.is(Code::StoreFailed), "{n}");
+
+        faults.fail_read.store(false, Ordering::Relaxed);
+        let after = text(1, 4, "after the fault");
+        send_until_stored(&mut a, &after).await;
+        while got.len() < stored.len() {
+            got.push(recv(&mut three).await);
+        }
+        assert_frames(&got, &stored.iter().map(delivered).collect::<Vec<_>>());
+        let (_four, got) = mailbox_of(&server.addr(), 4, 1).await;
+        assert_eq!(got, vec![delivered(&after)]);
+    });
+}
+
+/// An ext4 file system in a loop-mounted image with `errors=remount-ro`, so that an
+/// error makes the kernel remount it read-only under the server, as a failing disk
+/// does; unmounted when dropped.
+struct Ext4 {
+    image: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Ext4 {
+    fn new() -> Option<Ext4> {
+        let image = tempfile::tempdir().expect("temp dir");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = image.path().join("fs.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(32 << 20))
+            .expect("an image file");
+        let fs = Ext4 { image, dir };
+        let made = try_output_within(
+            Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file),
+            b"",
+            WAIT,
+        );
+        if !made.as_ref().is_ok_and(|o| o.status.success()) {
+            skipping(
+                "CHAT_REQUIRE_MOUNT",
+                &format!("cannot make an ext4 image: {made:?}"),
+            );
+            return None;
+        }
+        if let Err(why) = fs.mount() {
+            skipping(
+                "CHAT_REQUIRE_MOUNT",
+                &format!("cannot loop-mount an ext4 image (needs root): {why}"),
+            );
+            return None;
+        }
+        Some(fs)
+    }
+
+    fn image(&self) -> PathBuf {
+        self.image.path().join("fs.img")
+    }
+
+    fn mount(&self) -> Result<(), String> {
+        let out = try_output_within(
+            Command::new("mount")
+                .args(["-o", "loop,errors=remount-ro"])
+                .arg(self.image())
+                .arg(self.dir.path()),
+            b"",
+            WAIT,
+        )
+        .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Makes ext4 take an error now: with errors=remount-ro it turns read-only.
+    fn fail(&self) {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+        let here = self.dir.path().to_str().expect("a UTF-8 path");
+        let device = mounts
+            .lines()
+            .find_map(|l| {
+                let mut fields = l.split_whitespace();
+                let device = fields.next()?;
+                (fields.next()? == here).then(|| device.to_string())
+            })
+            .expect("the mount's device");
+        let name = device.rsplit('/').next().expect("a device name");
+        std::fs::write(format!("/sys/fs/ext4/{name}/trigger_fs_error"), "1")
+            .expect("ext4's trigger_fs_error");
+    }
+
+    /// Unmounts, repairs and mounts again, as an operator does after such an error.
+    fn repair(&self) {
+        let out = output_within(Command::new("umount").arg(self.dir.path()), b"", WAIT);
+        assert!(out.status.success(), "{out:?}");
+        // e2fsck exits 1 when it fixed something.
+        let out = output_within(
+            Command::new("e2fsck").arg("-fy").arg(self.image()),
+            b"",
+            WAIT,
+        );
+        assert!(matches!(out.status.code(), Some(0 | 1)), "{out:?}");
+        self.mount().expect("mounts again");
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = try_output_within(
+            Command::new("umount").arg("-l").arg(self.dir.path()),
+            b"",
+            WAIT,
+        );
+    }
+}
+
+/// The file system turns read-only under the server (ext4 after an error, errors=
+/// remount-ro): frames for offline receivers get `store-failed` promptly, pings and
+/// live traffic go on; such a file system stays read-only until it is unmounted and
+/// repaired, and then a restarted server delivers every frame committed before.
+#[test]
+fn a_file_system_gone_read_only_gets_store_failed_and_keeps_what_was_committed() {
+    let Some(fs) = Ext4::new() else {
+        return;
+    };
+    let data_dir = fs.path().join("data");
+    let mut server = ServerProcess::start(&data_dir, &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&server);
+    let stored: Vec<_> = (0..20).map(|i| text(1, 3, &format!("kept {i}"))).collect();
+    rt::block_on(async {
+        let mut a = within(Client::connect(&server.addr)).await.unwrap();
+        within(a.hello(1, None)).await.unwrap();
+        let mut live = within(Client::connect(&server.addr)).await.unwrap();
+        within(live.hello(2, None)).await.unwrap();
+        for f in &stored {
+            send_confirmed(&mut a, f).await;
+        }
+        fs.fail();
+        let refused = text(1, 3, "on a read-only file system");
+        within(a.send(&refused)).await.unwrap();
+        let n = answer(&mut a)
+            .await
+            .notice()
+            .expect("a notice, not an echo");
+        assert!(n.is(Code::StoreFailed), "{n}");
+        assert!(n.detail.contains("Read-only file system"), "{n}");
+        within(a.send(&ClientFrame::ping())).await.unwrap();
+        assert!(answer(&mut a).await.notice().unwrap().is(Code::Pong));
+        let hi = text(1, 2, "live on a read-only file system");
+        within(a.send(&hi)).await.unwrap();
+        assert_eq!(answer(&mut a).await, delivered(&hi));
+        assert_eq!(recv(&mut live).await, delivered(&hi));
+        assert_eq!(http_get(metrics, "/readyz").await.0, 503);
+    });
+    server.signal(libc::SIGTERM);
+    server.wait();
+    drop(server);
+    fs.repair();
+    let server = ServerProcess::start(&data_dir, &[]);
+    rt::block_on(async {
+        // Every committed frame, then a marker sent now: the refused frame was not
+        // stored.
+        let mut one = within(Client::connect(&server.addr)).await.unwrap();
+        within(one.hello(1, None)).await.unwrap();
+        let marker = text(1, 3, "marker");
+        send_confirmed(&mut one, &marker).await;
+        let (_c, got) = mailbox_of(&server.addr, 3, stored.len() + 1).await;
+        let want: Vec<_> = stored.iter().chain([&marker]).map(delivered).collect();
+        assert_eq!(got, want);
+    });
+}
+
+/// A server started on a full disk with an existing database starts (degraded), answers
+/// every frame promptly, and once there is room stores again and delivers everything
+/// committed before and since.
+#[test]
+fn a_full_disk_at_start_starts_degraded_and_recovers() {
+    let Some(mount) = Mount::new("size=4m") else {
+        return;
+    };
+    let data_dir = mount.path().join("data");
+    let before: Vec<_> = (0..5).map(|i| text(1, 3, &format!("before {i}"))).collect();
+    let mut server = ServerProcess::start(&data_dir, &[]);
+    rt::block_on(async {
+        let mut a = within(Client::connect(&server.addr)).await.unwrap();
+        within(a.hello(1, None)).await.unwrap();
+        for f in &before {
+            send_confirmed(&mut a, f).await;
+        }
+    });
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait().code(), Some(0));
+    drop(server);
+    // Fill the file system to the last byte.
+    let filler = mount.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write(&chunk).is_ok_and(|n| n > 0) {}
+        let mut byte = [0u8; 1];
+        while f.write(&byte).is_ok_and(|n| n > 0) {
+            byte[0] = 1;
+        }
+    }
+    let server = ServerProcess::start(&data_dir, &[]);
+    rt::block_on(async {
+        let mut a = within(Client::connect(&server.addr)).await.unwrap();
+        within(a.hello(1, None)).await.unwrap();
+        // Frames for offline 4 until one is refused: each answered promptly.
+        let mut accepted = Vec::new();
+        let refused = loop {
+            assert!(
+                accepted.len() < 100,
+                "100 frames of 32 KiB stored on a full disk"
+            );
+            let f = data(1, 4, 2, &[accepted.len() as u8; 32 * 1024]);
+            within(a.send(&f)).await.unwrap();
+            let got = answer(&mut a).await;
+            match got.notice() {
+                None => {
+                    assert_eq!(got, delivered(&f));
+                    accepted.push(f);
+                }
+                Some(n) if n.is(Code::StoreFailed) => break n,
+                Some(n) => panic!("unexpected {n}"),
+            }
+        };
+        assert!(refused.detail.contains("No space left"), "{refused}");
+        std::fs::remove_file(&filler).unwrap();
+        let after = text(1, 4, "after there is room");
+        send_until_stored(&mut a, &after).await;
+        accepted.push(after);
+        let (_c, got) = mailbox_of(&server.addr, 3, before.len()).await;
+        assert_eq!(got, before.iter().map(delivered).collect::<Vec<_>>());
+        let (_c, got) = mailbox_of(&server.addr, 4, accepted.len()).await;
+        assert_frames(&got, &accepted.iter().map(delivered).collect::<Vec<_>>());
+    });
+    assert!(server.logged("store recovered"));
 }

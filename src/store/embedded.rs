@@ -121,11 +121,23 @@ fn sum(usage: &HashMap<u32, Usage>) -> Usage {
 }
 
 /// Faults a test can switch on in the store's file: redb reads and writes through a
-/// backend, so an fsync failure can be made real without a failing disk.
+/// backend, so an I/O error can be made real without a failing disk.
 #[derive(Debug, Default)]
 pub struct Faults {
     /// Every fsync fails with EIO while set.
     pub fail_sync: std::sync::atomic::AtomicBool,
+    /// Every read of the file fails with EIO while set.
+    pub fail_read: std::sync::atomic::AtomicBool,
+    /// Every write to the file fails with EIO while set.
+    pub fail_write: std::sync::atomic::AtomicBool,
+}
+
+/// EIO while `fault` is set.
+fn injected(fault: &std::sync::atomic::AtomicBool) -> std::io::Result<()> {
+    if fault.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
 }
 
 /// redb's file backend, with [`Faults`].
@@ -140,22 +152,18 @@ impl redb::StorageBackend for FaultyFile {
         self.file.len()
     }
     fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        injected(&self.faults.fail_read)?;
         self.file.read(offset, len)
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.file.set_len(len)
     }
     fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
-        if self
-            .faults
-            .fail_sync
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
+        injected(&self.faults.fail_sync)?;
         self.file.sync_data(eventual)
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        injected(&self.faults.fail_write)?;
         self.file.write(offset, data)
     }
 }
