@@ -16,7 +16,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
-use common::{ServerProcess, WAIT, chat_client};
+use common::{ServerProcess, WAIT, chat_client, skipping, start_in};
 
 /// How long the browser may take to show something (a page load, a frame's arrival).
 const SHOW: Duration = Duration::from_secs(30);
@@ -457,4 +457,120 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// The page says in plain words why a message was not sent (`mailbox-full`,
+/// `store-failed`) and marks it failed; a message written while the server is away is
+/// sent once the page is back, and arrives once.
+#[tokio::test(flavor = "current_thread")]
+async fn the_page_explains_refusals_and_sends_again_after_reconnecting() {
+    use std::sync::atomic::Ordering;
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    // A fixed web port, so the page finds the server again after its restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let web = format!("http://{listen}/");
+    let faults = std::sync::Arc::new(chat::store::Faults::default());
+    let configure = |c: &mut chat::server::Config| {
+        c.web_listen = Some(listen.clone());
+        c.mailbox.max_messages = 1;
+        c.store_faults = Some(faults.clone());
+    };
+    let server = start_in(tempfile::tempdir().expect("temp dir"), configure).await;
+    let driver = Driver::start(&chromedriver);
+    let a = session(&driver, &chromium, 1000, 700).await;
+    sign_in(&a, &web, 121).await;
+    let failed = "#messages li.msg.out[data-status=failed]";
+    let banner_says = |words: &str| {
+        format!("return document.getElementById('banner-text').textContent.includes('{words}')")
+    };
+
+    // 122 is offline and its mailbox holds one frame: the second is refused.
+    open_conversation(&a, 122).await;
+    send_text(&a, "fits").await;
+    find(&a, "#text")
+        .await
+        .send_keys("one too many")
+        .await
+        .unwrap();
+    find(&a, "#send").await.click().await.unwrap();
+    wait_count(&a, failed, 1).await;
+    wait_true(&a, &banner_says("their mailbox is full")).await;
+    let meta = find(&a, &format!("{failed} .meta"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(meta.contains("their mailbox is full"), "{meta}");
+
+    // The store's writes fail: the next is refused with store-failed.
+    faults.fail_write.store(true, Ordering::Relaxed);
+    open_conversation(&a, 123).await;
+    find(&a, "#text")
+        .await
+        .send_keys("while the disk fails")
+        .await
+        .unwrap();
+    find(&a, "#send").await.click().await.unwrap();
+    wait_count(&a, failed, 1).await;
+    wait_true(&a, &banner_says("could not store it")).await;
+    faults.fail_write.store(false, Ordering::Relaxed);
+
+    // The server goes away; a message written meanwhile waits, and is sent on return.
+    let data = server.stop_keeping_data().await;
+    wait_true(
+        &a,
+        "return !document.getElementById('status').classList.contains('online')",
+    )
+    .await;
+    find(&a, "#text")
+        .await
+        .send_keys("written while away")
+        .await
+        .unwrap();
+    find(&a, "#send").await.click().await.unwrap();
+    find(&a, "#messages li.msg.out[data-status=sending]").await;
+    let server = start_in(data, configure).await;
+    find(&a, "#status.online").await;
+    find(&a, "#messages li.msg.out[data-status=sent]").await;
+    let tcp = server.addr();
+    let got = chat_client(
+        &[
+            "--server",
+            &tcp,
+            "--id",
+            "123",
+            "--receive",
+            "1",
+            "--timeout",
+            "5",
+        ],
+        "",
+    );
+    assert!(got.status.success(), "{got:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "[121] text: written while away\n"
+    );
+    // Once: nothing else waits for 123.
+    let more = chat_client(
+        &[
+            "--server",
+            &tcp,
+            "--id",
+            "123",
+            "--receive",
+            "1",
+            "--timeout",
+            "1",
+        ],
+        "",
+    );
+    assert!(!more.status.success(), "{more:?}");
+    a.close().await.unwrap();
 }
