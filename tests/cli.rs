@@ -156,24 +156,27 @@ fn bad_arguments_are_refused_clearly() {
     server(&["--bogus"], &["--bogus"]);
 }
 
+/// One client frame, whole, as the stand-in servers below read it.
+fn read_frame(s: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut frame = vec![0; 13];
+    s.read_exact(&mut frame).expect("a header");
+    let len = u32::from_be_bytes([frame[9], frame[10], frame[11], frame[12]]) as usize;
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).expect("a body");
+    frame.extend(body);
+    frame
+}
+
 /// A stand-in server on the test's own socket that drops the client's connection
 /// after reading a data frame without echoing it: chat-client must reconnect, bind
 /// again with acks, and send exactly that frame again.
 #[test]
 fn a_frame_not_echoed_before_the_connection_dropped_is_sent_again() {
     use chat::protocol::{ClientFrame, Code, ServerFrame, notice};
-    use std::io::{Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
     let addr = listener.local_addr().expect("address").to_string();
-    let read_frame = |s: &mut std::net::TcpStream| -> Vec<u8> {
-        let mut frame = vec![0; 13];
-        s.read_exact(&mut frame).expect("a header");
-        let len = u32::from_be_bytes([frame[9], frame[10], frame[11], frame[12]]) as usize;
-        let mut body = vec![0; len];
-        s.read_exact(&mut body).expect("a body");
-        frame.extend(body);
-        frame
-    };
     let welcome = notice(Code::Welcome, "bound to id 1").to_vec();
     let hello = ClientFrame::hello_acks(1, b"").to_bytes();
     let sent = text(1, 2, "resend me").to_bytes();
@@ -348,10 +351,43 @@ fn a_receiving_client_reconnects_when_its_server_dies() {
     );
 }
 
+/// Piped mode without --receive: a connection dropped before the echo is not made
+/// again; the exit code says the line was not confirmed. (A stand-in server drops it.)
 #[test]
 fn piped_mode_without_receive_does_not_reconnect() {
-    // Nothing listens here: the exit code says so at once, as before.
-    let out = chat_client(&["--server", "127.0.0.1:9", "--id", "1"], "hi\n");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+    use chat::protocol::{ClientFrame, Code, notice};
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    let addr = listener.local_addr().expect("address").to_string();
+    let stand_in = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("a connection");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        assert_eq!(
+            read_frame(&mut s),
+            ClientFrame::hello_acks(1, b"").to_bytes()
+        );
+        s.write_all(&notice(Code::Welcome, "bound to id 1"))
+            .expect("welcome");
+        assert_eq!(read_frame(&mut s), text(1, 2, "hi").to_bytes());
+        drop(s);
+        listener
+    });
+    let out = chat_client(&["--server", &addr, "--id", "1", "--to", "2"], "hi\n");
+    let listener = stand_in.join().expect("the stand-in server");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("reconnecting"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // It never came back.
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_err(), "it connected again");
+}
+
+#[test]
+fn probe_fails_when_nothing_answers() {
+    let server = format!("127.0.0.1:{}", free_port());
+    let out = chat_client(&["--server", &server, "--probe", "--timeout", "2"], "");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
 }

@@ -591,7 +591,8 @@ fn nats_lost_mid_run_gets_store_failed_then_recovers() {
 #[test]
 fn unreachable_nats_at_start_is_a_clear_error() {
     let port = free_port();
-    // The node gives up after 10 s; the test waits for its exit a little longer.
+    // The node gives up after 10 s (measured here); the test waits a little longer.
+    let started = Instant::now();
     let out = output_within(
         Command::new(env!("CARGO_BIN_EXE_chat-server"))
             .args(["--listen", "127.0.0.1:0", "--nats"])
@@ -599,7 +600,12 @@ fn unreachable_nats_at_start_is_a_clear_error() {
         b"",
         WAIT,
     );
-    assert!(!out.status.success());
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(15),
+        "gave up after {took:?}"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach NATS"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -634,8 +640,9 @@ fn the_link_to_nats_logs_in_with_a_password() {
         b"",
         WAIT,
     );
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("cannot reach NATS") && !err.contains("wrong"),
         "{err}"

@@ -216,7 +216,7 @@ fn refused_at_start(data_dir: &Path, why: &str) {
         b"",
         WAIT,
     );
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(why), "{err}");

@@ -166,7 +166,7 @@ fn health_readiness_and_unknown_paths() {
     rt::block_on(async {
         let server = metrics_server().await;
         let m = server.metrics.unwrap();
-        assert_eq!(http_get(m, "/healthz").await.0, 200);
+        assert_eq!(http_get(m, "/healthz").await, (200, "ok\n".to_string()));
         assert_eq!(http_get(m, "/readyz").await, (200, "ready\n".to_string()));
         assert_eq!(http_get(m, "/nope").await.0, 404);
         // Not HTTP at all: refused with 400, and the server goes on.

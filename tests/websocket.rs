@@ -245,35 +245,49 @@ fn bad_messages_get_a_notice_then_a_close() {
         let mut over = text(9, 0, "").to_bytes();
         over[9..13].copy_from_slice(&5000u32.to_be_bytes());
         let huge = data(9, 0, PICTURE, &vec![0u8; 4096]).to_bytes();
-        let cases: Vec<(&str, Message, Code)> = vec![
-            ("text", Message::Text("hello".into()), Code::BadMessage),
+        let cases: Vec<(&str, Message, Code, &str)> = vec![
+            (
+                "text",
+                Message::Text("hello".into()),
+                Code::BadMessage,
+                "frames travel in binary WebSocket messages, not text",
+            ),
             (
                 "half a header",
                 Message::Binary(hello[..5].to_vec().into()),
                 Code::BadMessage,
+                "this one has 5 bytes, less than a 13-byte header",
             ),
             (
                 "half a frame",
                 Message::Binary(text(9, 0, "abc").to_bytes()[..14].to_vec().into()),
                 Code::BadMessage,
+                "this one has 14 bytes, part of one (its header announces 16)",
             ),
-            ("two frames", Message::Binary(two.into()), Code::BadMessage),
+            (
+                "two frames",
+                Message::Binary(two.into()),
+                Code::BadMessage,
+                "this one has 26 bytes, more than one (its header announces 13)",
+            ),
             (
                 "a header over --max-frame-bytes",
                 Message::Binary(over.into()),
                 Code::FrameTooLarge,
+                "frame body of 5000 bytes exceeds the limit of 1024 bytes",
             ),
             (
                 "a message over the WebSocket limit",
                 Message::Binary(huge.into()),
                 Code::FrameTooLarge,
+                "a WebSocket message of 4109 bytes is over the limit of 1037",
             ),
         ];
-        for (what, message, code) in cases {
+        for (what, message, code, why) in cases {
             let mut ws = ws_connect(&server).await;
             ws.send_message(message).await;
             let detail = ws.expect_notice(code).await;
-            assert!(!detail.is_empty(), "{what}: the notice says why");
+            assert!(detail.contains(why), "{what}: {detail}");
             ws.expect_closed().await;
         }
         let mut fine = ws_login(&server, 9).await;
