@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod client;
 pub mod http;
+pub mod ids;
 pub mod metrics;
 pub mod nats;
 pub mod protocol;

@@ -21,14 +21,12 @@ use crate::metrics::Metrics;
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
 use crate::rt;
 use crate::server::budget::Budget;
-use crate::server::event::{ConnId, Event, Request};
+use crate::server::event::{ConnId, Event, Request, Ticket};
 use crate::server::outbox::{Close, Origin, Outbox, Outgoing, SMALL_QUEUE};
 use crate::store::{Command, Outcome, Reply};
 
 /// Mailbox pages are at most this large (and at most half the pending limit).
 const PAGE_BYTES: usize = 1024 * 1024;
-/// Marks a ticket as a batch forwarded by another node rather than a connection.
-const REMOTE: u64 = 1 << 63;
 /// Bytes of frames the store may have queued before the broker waits for it.
 const STORE_BUDGET: usize = 8 * 1024 * 1024;
 
@@ -416,7 +414,8 @@ impl Broker {
         if receiver == SERVER_ID || receiver == sender {
             return self.reply(conn, frame.wire);
         }
-        self.route_wire(conn, receiver, frame.wire).await;
+        self.route_wire(Ticket::Conn(conn), receiver, frame.wire)
+            .await;
     }
 
     /// Routes frames another node forwarded for `receiver`, which is bound here, as if
@@ -441,14 +440,14 @@ impl Broker {
         }
         self.remote.insert(token, Vec::new());
         for wire in frames {
-            self.route_wire(REMOTE | token, receiver, wire).await;
+            self.route_wire(Ticket::Remote(token), receiver, wire).await;
         }
         self.answer_if_done(token);
     }
 
-    /// Stores a frame for `receiver` and pushes it live if it can; `ticket` is the
-    /// local connection it came from, or a batch another node forwarded (`REMOTE`).
-    async fn route_wire(&mut self, conn: ConnId, receiver: u32, wire: Bytes) {
+    /// Stores a frame for `receiver` and pushes it live if it can; `from` is the local
+    /// connection it came from, or a batch another node forwarded.
+    async fn route_wire(&mut self, from: Ticket, receiver: u32, wire: Bytes) {
         let frame_wire = wire;
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -495,7 +494,7 @@ impl Broker {
                         receiver,
                         seq,
                         page_end: false,
-                        echo_to: Some(conn),
+                        echo_to: Some(from),
                         stored: false,
                         arrived: Some(arrived),
                     },
@@ -504,22 +503,22 @@ impl Broker {
                 self.pushed.push(outbox);
                 ok
             });
-            if pushed {
-                self.wait_for_echo(conn, seq, frame_wire);
-            } else if conn & REMOTE != 0 {
-                self.wait_for_echo(conn, seq, frame_wire);
-                self.accepted(conn, seq, Outcome::Failed(refused));
-            } else {
-                self.reply(conn, notice(Code::StoreFailed, refused));
+            match from {
+                _ if pushed => self.wait_for_echo(from, seq, frame_wire),
+                Ticket::Remote(_) => {
+                    self.wait_for_echo(from, seq, frame_wire);
+                    self.accepted(from, seq, Outcome::Failed(refused));
+                }
+                Ticket::Conn(conn) => self.reply(conn, notice(Code::StoreFailed, refused)),
             }
             return;
         }
-        self.wait_for_echo(conn, seq, frame_wire.clone());
+        self.wait_for_echo(from, seq, frame_wire.clone());
         self.storing += frame_wire.len();
         // Stored first, then pushed: the writer's delete for this frame must reach the
         // store after its append.
         self.send_store(Command::Append {
-            ticket: conn,
+            ticket: from,
             receiver,
             seq,
             wire: frame_wire.clone(),
@@ -559,15 +558,18 @@ impl Broker {
         }
     }
 
-    fn wait_for_echo(&mut self, conn: ConnId, seq: u64, echo: Bytes) {
-        if conn & REMOTE != 0 {
-            if let Some(batch) = self.remote.get_mut(&(conn & !REMOTE)) {
-                batch.push((seq, None));
+    fn wait_for_echo(&mut self, from: Ticket, seq: u64, echo: Bytes) {
+        match from {
+            Ticket::Remote(token) => {
+                if let Some(batch) = self.remote.get_mut(&token) {
+                    batch.push((seq, None));
+                }
             }
-            return;
-        }
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.replies.push_back(Pending::Echo { seq, echo });
+            Ticket::Conn(conn) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.replies.push_back(Pending::Echo { seq, echo });
+                }
+            }
         }
     }
 
@@ -607,19 +609,22 @@ impl Broker {
         }
     }
 
-    /// Settles the echo of `seq` on `conn` and sends every reply that no longer waits.
-    fn accepted(&mut self, conn: ConnId, seq: u64, outcome: Outcome) {
-        if conn & REMOTE != 0 {
-            let token = conn & !REMOTE;
-            let slot = self
-                .remote
-                .get_mut(&token)
-                .and_then(|b| b.iter_mut().find(|(s, _)| *s == seq));
-            if let Some((_, slot)) = slot {
-                *slot = Some(outcome);
+    /// Settles the echo of `seq` for `from` and, on a connection, sends every reply that
+    /// no longer waits.
+    fn accepted(&mut self, from: Ticket, seq: u64, outcome: Outcome) {
+        let conn = match from {
+            Ticket::Conn(conn) => conn,
+            Ticket::Remote(token) => {
+                let slot = self
+                    .remote
+                    .get_mut(&token)
+                    .and_then(|b| b.iter_mut().find(|(s, _)| *s == seq));
+                if let Some((_, slot)) = slot {
+                    *slot = Some(outcome);
+                }
+                return self.answer_if_done(token);
             }
-            return self.answer_if_done(token);
-        }
+        };
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -701,7 +706,11 @@ impl Broker {
                 receiver,
                 frames,
             } => {
-                let Some(c) = self.conns.get_mut(&ticket).filter(|c| !c.closing) else {
+                // Pages are only ever asked for a connection.
+                let Ticket::Conn(conn) = ticket else {
+                    return;
+                };
+                let Some(c) = self.conns.get_mut(&conn).filter(|c| !c.closing) else {
                     return;
                 };
                 let Mailbox::Loading { after, stored } = c.mailbox else {
@@ -710,7 +719,7 @@ impl Broker {
                 let Some(&(last, _)) = frames.last() else {
                     if stored {
                         // Frames were stored after this read was asked for: read again.
-                        self.load_page(ticket, after).await;
+                        self.load_page(conn, after).await;
                     } else {
                         c.mailbox = Mailbox::Live;
                         c.backlog_bytes = 0;
@@ -837,7 +846,7 @@ impl Broker {
             stored: false,
         };
         self.send_store(Command::Load {
-            ticket: conn,
+            ticket: Ticket::Conn(conn),
             receiver,
             after,
             max_bytes,

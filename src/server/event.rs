@@ -5,11 +5,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use crate::ids::{ConnId, Ticket};
 use crate::protocol::Inbound;
 use crate::server::outbox::{Outbox, Outgoing};
-
-/// Identifies one accepted connection for its whole life.
-pub type ConnId = u64;
 
 #[derive(Debug)]
 pub enum Event {
@@ -24,11 +22,11 @@ pub enum Event {
     /// The reader stopped: end of stream, or a protocol violation answered by `notice`.
     Closed { conn: ConnId, notice: Option<Bytes> },
     /// The writer wrote the last frame of a mailbox page (`page_end`), or frames whose
-    /// senders' echoes waited for delivery (`delivered`: sender connection, sequence).
+    /// senders' echoes waited for delivery (`delivered`: whose echo, sequence).
     Written {
         conn: ConnId,
         page_end: bool,
-        delivered: Vec<(ConnId, u64)>,
+        delivered: Vec<(Ticket, u64)>,
     },
     /// The writer finished; `undelivered` is what it never wrote.
     WriterDone {

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::server::event::ConnId;
+use crate::ids::Ticket;
 
 /// Frames up to this size are copied into the batch buffer; larger ones are written
 /// straight from their own allocation.
@@ -42,7 +42,7 @@ pub enum Origin {
         receiver: u32,
         seq: u64,
         page_end: bool,
-        echo_to: Option<ConnId>,
+        echo_to: Option<Ticket>,
         stored: bool,
         arrived: Option<Instant>,
     },
@@ -82,7 +82,7 @@ pub struct Written {
     /// The last frame of a mailbox page was written.
     pub page_end: bool,
     /// Senders' connections and sequence numbers of frames this write delivered.
-    pub delivered: Vec<(ConnId, u64)>,
+    pub delivered: Vec<(Ticket, u64)>,
 }
 
 /// The queue between the broker and one writer task.

@@ -32,7 +32,7 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::{FutureExt, StreamExt, select_biased};
 
-use super::{Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, answer, settled};
+use super::{Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, Ticket, answer, settled};
 use crate::metrics::Metrics;
 use crate::nats::sleep;
 
@@ -262,7 +262,7 @@ struct Forward {
 /// Work in flight on the NATS connection.
 enum Done {
     Published {
-        ticket: u64,
+        ticket: Ticket,
         seq: u64,
         receiver: u32,
         live: bool,
@@ -829,7 +829,7 @@ impl Actor {
     /// `mark`: the highest frame number appended before this load was asked for.
     async fn load(
         &mut self,
-        ticket: u64,
+        ticket: Ticket,
         receiver: u32,
         after: Option<u64>,
         max_bytes: usize,

@@ -26,8 +26,7 @@ pub use embedded::Faults;
 /// Commands waiting beyond this make senders wait: the store's queue is bounded.
 pub(crate) const QUEUE: usize = 8192;
 
-/// Identifies who an `Appended` or `Page` reply is for (the broker's connection id).
-pub type Ticket = u64;
+pub use crate::ids::Ticket;
 
 /// Per-receiver mailbox limits.
 #[derive(Debug, Clone, Copy)]

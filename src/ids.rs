@@ -1,0 +1,17 @@
+//! Identifiers that several rooms share: the broker, its connection tasks and the
+//! stores all name connections and the owners of store answers, so these types live
+//! here rather than in any one of them.
+
+/// Identifies one accepted connection for its whole life.
+pub type ConnId = u64;
+
+/// Whom a store's answer (an append's outcome, a page) goes back to. The stores only
+/// carry it and hand it back; the broker decides what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ticket {
+    /// A connection of this node: its echoes and mailbox pages.
+    Conn(ConnId),
+    /// A batch of frames another node forwarded here, by the token the broker gave it:
+    /// the outcomes go back to that node.
+    Remote(u64),
+}
