@@ -12,7 +12,7 @@ if ! docker info >/dev/null 2>&1; then
     echo "docker: no Docker engine reachable, and CHAT_REQUIRE_DOCKER is set" >&2
     exit 1
   fi
-  echo "docker: no Docker engine reachable; skipping the container checks"
+  echo "SKIP: docker: no Docker engine reachable (install Docker and start its daemon); skipping the container checks"
   exit 0
 fi
 

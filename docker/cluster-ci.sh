@@ -14,7 +14,7 @@ if ! docker info >/dev/null 2>&1; then
     echo "cluster: no Docker engine reachable, and CHAT_REQUIRE_DOCKER is set" >&2
     exit 1
   fi
-  echo "cluster: no Docker engine reachable; skipping the cluster checks"
+  echo "SKIP: cluster: no Docker engine reachable (install Docker and start its daemon); skipping the cluster checks"
   exit 0
 fi
 if docker compose version >/dev/null 2>&1; then

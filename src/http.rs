@@ -43,39 +43,9 @@ use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use crate::metrics::{Metrics, Refusal};
 use crate::rt::{self, TcpListener, TcpStream};
-use crate::server::{Shared, websocket};
+use crate::server::config::{HttpLimits, Origins, Shared};
+use crate::server::websocket;
 use crate::tls::TlsAcceptor;
-
-/// What one HTTP listener allows, so that clients that connect and dawdle cannot hold
-/// it: the binary uses [`HttpLimits::METRICS`] and [`HttpLimits::WEB`]; tests shorten
-/// the times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HttpLimits {
-    /// Connections served at once; more are closed at once, unanswered.
-    pub max_connections: usize,
-    /// Time for a request's headers to arrive (also bounds a TLS handshake).
-    pub header_timeout: Duration,
-    /// Time one connection may stay, keep-alive included.
-    pub connection_time: Duration,
-    /// Largest request head buffered; a larger one gets 431.
-    pub max_head: usize,
-}
-
-impl HttpLimits {
-    /// The metrics, health and readiness listener.
-    pub const METRICS: HttpLimits = HttpLimits {
-        max_connections: 64,
-        header_timeout: Duration::from_secs(5),
-        connection_time: Duration::from_secs(30),
-        max_head: 16 * 1024,
-    };
-    /// The web listener: page loads and WebSocket upgrades in progress (an upgraded
-    /// WebSocket counts under `--max-connections` instead).
-    pub const WEB: HttpLimits = HttpLimits {
-        max_connections: 256,
-        ..HttpLimits::METRICS
-    };
-}
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -115,35 +85,26 @@ pub async fn run(
     .await
 }
 
-/// Who may open the WebSocket from a browser.
-#[derive(Debug, Clone, Default)]
-pub struct Origins {
-    /// Exact origins (`https://chat.example.com`), or `*` for any. Empty: the page's
-    /// own origin only (the Origin's host equals the request's Host).
-    pub allowed: Vec<String>,
-}
-
-impl Origins {
-    /// Browsers always send Origin on a WebSocket upgrade; other clients (chat
-    /// libraries, tests) need not, and are not what cross-site hijacking abuses.
-    fn allow(&self, headers: &HeaderMap) -> bool {
-        let Some(origin) = headers.get(ORIGIN) else {
-            return true;
-        };
-        let Ok(origin) = origin.to_str() else {
-            return false;
-        };
-        if self.allowed.is_empty() {
-            let host = headers.get(HOST).and_then(|h| h.to_str().ok());
-            let origin_host = origin
-                .strip_prefix("http://")
-                .or_else(|| origin.strip_prefix("https://"));
-            return host.is_some() && origin_host == host;
-        }
-        self.allowed
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+/// Whether `origins` let this upgrade through. Browsers always send Origin on a WebSocket upgrade; other clients (chat
+/// libraries, tests) need not, and are not what cross-site hijacking abuses.
+fn allowed(origins: &Origins, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if origins.allowed.is_empty() {
+        let host = headers.get(HOST).and_then(|h| h.to_str().ok());
+        let origin_host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        return host.is_some() && origin_host == host;
     }
+    origins
+        .allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
 }
 
 /// Serves the web client and the WebSocket until `stop` completes.
@@ -314,7 +275,7 @@ where
             .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return response;
     }
-    if !origins.allow(headers) {
+    if !allowed(origins, headers) {
         if let Some(m) = &shared.metrics {
             m.refused(Refusal::origin_refused);
         }

@@ -13,10 +13,11 @@
 
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod http;
 pub mod ids;
 pub mod metrics;
-pub mod nats;
+pub mod node;
 pub mod protocol;
 pub mod rt;
 pub mod server;

@@ -244,20 +244,32 @@ fn a_frame_not_echoed_before_the_connection_dropped_is_sent_again() {
     );
 }
 
+/// A child process killed when dropped, so a failing test leaves none behind.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The real server on a fixed loopback port, so that a restarted one has the same address.
-fn server_on(port: u16, dir: &std::path::Path) -> std::process::Child {
-    Command::new(SERVER)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--log-level",
-            "warn",
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("chat-server starts")
+fn server_on(port: u16, dir: &std::path::Path) -> Killed {
+    Killed(
+        Command::new(SERVER)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-level",
+                "warn",
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("chat-server starts"),
+    )
 }
 
 fn wait_until_serving(addr: &str) {
@@ -284,26 +296,28 @@ fn a_receiving_client_reconnects_when_its_server_dies() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut first = server_on(port, dir.path());
+    let first = server_on(port, dir.path());
     wait_until_serving(&addr);
-    let mut receiver = Command::new(CLIENT)
-        .args([
-            "--server",
-            &addr,
-            "--id",
-            "2",
-            "--receive",
-            "3",
-            "--timeout",
-            "20",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("chat-client runs");
+    let mut receiver = Killed(
+        Command::new(CLIENT)
+            .args([
+                "--server",
+                &addr,
+                "--id",
+                "2",
+                "--receive",
+                "3",
+                "--timeout",
+                "20",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("chat-client runs"),
+    );
     let (lines_tx, lines) = std::sync::mpsc::channel();
-    let out = receiver.stdout.take().expect("stdout");
+    let out = receiver.0.stdout.take().expect("stdout");
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
             let _ = lines_tx.send(line);
@@ -319,17 +333,16 @@ fn a_receiving_client_reconnects_when_its_server_dies() {
         "[1] text: one"
     );
     // The server dies; another comes up on the same address and data.
-    let _ = first.kill();
-    let _ = first.wait();
-    let mut second = server_on(port, dir.path());
+    drop(first);
+    let second = server_on(port, dir.path());
     wait_until_serving(&addr);
     send("two\nthree\n");
-    let status = wait_within(&mut receiver, WAIT);
-    let _ = second.kill();
-    let _ = second.wait();
+    let status = wait_within(&mut receiver.0, WAIT);
+    drop(second);
     let mut err = String::new();
     use std::io::Read;
     let _ = receiver
+        .0
         .stderr
         .take()
         .expect("stderr")

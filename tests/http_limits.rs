@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use async_std::net::TcpStream;
-use chat::http::HttpLimits;
 use chat::rt;
+use chat::server::config::HttpLimits;
 use futures::{AsyncReadExt, AsyncWriteExt};
 
 use common::*;

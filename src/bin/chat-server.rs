@@ -12,8 +12,9 @@ use signal_hook::iterator::Signals;
 use std::sync::Arc;
 
 use chat::auth::{Auth, Keys, Secret};
+use chat::node::Server;
 use chat::rt;
-use chat::server::{Config, Server};
+use chat::server::Config;
 use chat::store::Limits;
 use chat::tls::ServerTls;
 
@@ -179,10 +180,10 @@ fn run(args: Args) -> Result<(), String> {
         },
         metrics_listen: args.metrics_listen.clone(),
         web_listen: args.web_listen.clone(),
-        web_origins: chat::http::Origins {
+        web_origins: chat::server::config::Origins {
             allowed: args.web_allowed_origins.clone(),
         },
-        nats: args.nats.as_ref().map(|urls| chat::nats::Options {
+        nats: args.nats.as_ref().map(|urls| chat::cluster::Options {
             urls: urls.clone(),
             node: args.node_name.clone().unwrap_or_else(host_name),
             replicas: args.nats_replicas,

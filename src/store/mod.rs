@@ -5,8 +5,8 @@
 //!
 //! - [`embedded`]: one node; frames in a redb file under `--data-dir`, on a thread of
 //!   its own.
-//! - [`jetstream`]: a cluster; frames in a replicated JetStream stream shared by every
-//!   node, reached through the NATS link's thread ([`crate::nats`]).
+//! - a cluster's: frames in a replicated JetStream stream shared by every node, reached
+//!   through the NATS link's thread ([`crate::cluster`]).
 //!
 //! Both keep the same promises: commands are applied in the order they were sent (a
 //! load sees every append sent before it); an `Appended` reply with
@@ -16,7 +16,6 @@
 //! and deletes wait for recovery.
 
 pub mod embedded;
-pub mod jetstream;
 
 use bytes::Bytes;
 use futures::channel::{mpsc, oneshot};

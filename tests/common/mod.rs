@@ -9,9 +9,10 @@ use std::time::Duration;
 use futures::channel::oneshot;
 
 use chat::client::Client;
+use chat::node::Server;
 use chat::protocol::{ClientFrame, Code, ServerFrame, TEXT};
 use chat::rt;
-use chat::server::{Config, Server};
+use chat::server::Config;
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);

@@ -1,20 +1,19 @@
-//! The NATS link: the one place a node talks to the rest of its cluster.
-//!
-//! async-nats runs on tokio; the server runs on async-std. The link therefore lives on
-//! a thread of its own with a single-threaded tokio runtime inside, the way the
-//! embedded store lives on its own thread, and the broker reaches it only through the
-//! store's channels ([`crate::store::jetstream`] runs on this thread). No tokio type
-//! leaves this module: the store gets plain futures from [`sleep`].
+//! The NATS link: connecting (with credentials, TLS and retries at start), the link's
+//! state as the client reports it, and the timer of the link's thread. No tokio type
+//! leaves this module: the stream actor gets plain futures from [`sleep`].
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
-
-use crate::metrics::Metrics;
-use crate::store::{Limits, Store, jetstream};
 
 /// How long a node tries to reach NATS at start before it gives up with an error.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// The state of the connection to NATS, from the client's events.
+#[derive(Debug)]
+pub enum Link {
+    Up,
+    Down,
+}
 
 /// How to reach the cluster.
 #[derive(Debug, Clone)]
@@ -30,69 +29,9 @@ pub struct Options {
     pub ca: Option<PathBuf>,
 }
 
-/// Connects to NATS and starts the JetStream store on the link's thread. Fails with a
-/// one-line reason when no server answers within [`CONNECT_LIMIT`] or the cluster cannot
-/// hold what this node needs.
-pub fn start(
-    options: Options,
-    limits: Limits,
-    max_frame_bytes: u32,
-    metrics: Option<Arc<Metrics>>,
-) -> Result<Store, String> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("nats".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("cannot start the NATS runtime: {e}")));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let (link_tx, link_rx) = futures::channel::mpsc::unbounded();
-                let client = match connect(&options, link_tx).await {
-                    Ok(client) => client,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let needed = max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN;
-                let max_payload = client.server_info().max_payload;
-                if max_payload < needed {
-                    let _ = ready_tx.send(Err(format!(
-                        "NATS max_payload is {max_payload} bytes, less than a frame of --max-frame-bytes {max_frame_bytes}; raise max_payload in nats-server.conf or lower --max-frame-bytes"
-                    )));
-                    return;
-                }
-                let given = options.urls.split(',').filter(|u| !u.trim().is_empty()).count();
-                let setup = jetstream::Setup {
-                    given_servers: given,
-                    client,
-                    node: options.node.clone(),
-                    replicas: options.replicas,
-                    limits,
-                    max_frame_bytes,
-                    metrics,
-                    link: link_rx,
-                };
-                jetstream::run(setup, ready_tx).await;
-            });
-        })
-        .map_err(|e| format!("cannot start the NATS thread: {e}"))?;
-    ready_rx
-        .recv()
-        .map_err(|_| "the NATS thread stopped during start".to_string())?
-}
-
-async fn connect(
+pub(crate) async fn connect(
     options: &Options,
-    link: futures::channel::mpsc::UnboundedSender<jetstream::Link>,
+    link: futures::channel::mpsc::UnboundedSender<Link>,
 ) -> Result<async_nats::Client, String> {
     let mut connect = async_nats::ConnectOptions::new()
         .name(format!("chat-server {}", options.node))
@@ -101,8 +40,8 @@ async fn connect(
         .max_reconnects(None)
         .event_callback(move |event| {
             let state = match event {
-                async_nats::Event::Connected => Some(jetstream::Link::Up),
-                async_nats::Event::Disconnected => Some(jetstream::Link::Down),
+                async_nats::Event::Connected => Some(Link::Up),
+                async_nats::Event::Disconnected => Some(Link::Down),
                 _ => None,
             };
             if let Some(state) = state {

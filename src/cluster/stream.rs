@@ -1,6 +1,6 @@
 //! The JetStream store: a cluster's frames in one replicated stream every node shares.
 //!
-//! Runs on the NATS link's thread ([`crate::nats`]) and answers the same commands as
+//! Runs on the NATS link's thread ([`crate::cluster`]) and answers the same commands as
 //! the embedded store, so the broker works unchanged on one node or many:
 //!
 //! - Frames live in the stream `CHAT_MAILBOX`, one subject per receiver
@@ -32,9 +32,11 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::{FutureExt, StreamExt, select_biased};
 
-use super::{Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, Ticket, answer, settled};
+use crate::cluster::link::{Link, sleep};
 use crate::metrics::Metrics;
-use crate::nats::sleep;
+use crate::store::{
+    Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, Ticket, answer, settled,
+};
 
 /// The stream that holds every node's frames.
 pub const STREAM: &str = "CHAT_MAILBOX";
@@ -60,13 +62,6 @@ const READ_BATCH: usize = 256;
 const ACK_WAIT: Duration = Duration::from_secs(5);
 /// Commands applied before replies are sent and timers looked at.
 const BATCH: usize = 1024;
-
-/// The state of the connection to NATS, from the client's events.
-#[derive(Debug)]
-pub enum Link {
-    Up,
-    Down,
-}
 
 /// What the link's thread hands the store.
 pub struct Setup {

@@ -1,0 +1,193 @@
+//! The server's assembly: open the store, start the broker, the chat listener and the
+//! HTTP listeners, and shut them down in order. Everything it starts lives in its own
+//! room ([`crate::server`], [`crate::http`], [`crate::store`], [`crate::cluster`]); this
+//! file only wires them together, so nothing below it imports it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::Duration;
+
+use futures::SinkExt;
+use futures::channel::mpsc;
+
+use crate::metrics::Metrics;
+use crate::rt::{self, TcpListener};
+use crate::server::broker::Broker;
+use crate::server::budget::Budget;
+use crate::server::event::Event;
+use crate::server::{Config, Shared, files, listener};
+use crate::store;
+
+/// Events waiting for the broker beyond this make readers wait (TCP backpressure).
+const EVENT_QUEUE: usize = 1024;
+/// Bytes of frames read and not yet routed by the broker: beyond this, readers wait.
+const INBOUND_BUDGET: usize = 8 * 1024 * 1024;
+/// How long shutdown may take before the server stops waiting for writers.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(4);
+
+/// A bound server, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    config: Config,
+    store: store::Store,
+    /// The HTTP listener for metrics, health and readiness, when asked for.
+    http: Option<TcpListener>,
+    /// The web client's listener, when asked for.
+    web: Option<TcpListener>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Server {
+    /// Opens the mailbox and binds the listening socket.
+    pub async fn bind(config: Config) -> Result<Server, String> {
+        let metrics = config.metrics_listen.as_ref().map(|_| Metrics::new());
+        let store = match &config.nats {
+            Some(nats) => crate::cluster::start(
+                nats.clone(),
+                config.mailbox,
+                config.max_frame_bytes,
+                metrics.clone(),
+            )?,
+            None => store::embedded::open(
+                &config.data_dir,
+                config.mailbox,
+                metrics.clone(),
+                config.store_faults.clone(),
+            )?,
+        };
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let http = match &config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?,
+            ),
+            None => None,
+        };
+        let web = match &config.web_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen for the web client on {addr}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Server {
+            listener,
+            config,
+            store,
+            http,
+            web,
+            metrics,
+        })
+    }
+
+    /// Where metrics, health and readiness are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the web client and its WebSocket are served, if they are.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `stop` completes, then shuts down gracefully: stops accepting,
+    /// flushes every writer, hands what could not be written to the mailbox, and waits
+    /// for the store to commit.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        let Server {
+            listener,
+            config,
+            store,
+            http,
+            web,
+            metrics,
+        } = self;
+        if let Some(addr) = web.as_ref().and_then(|l| l.local_addr().ok()) {
+            let (http, ws) = match config.tls {
+                Some(_) => ("https", "wss"),
+                None => ("http", "ws"),
+            };
+            log::info!(
+                "web client on {http}://{addr}/, the protocol over WebSocket at {ws}://{addr}/ws"
+            );
+        }
+        log::info!(
+            "listening on {}",
+            listener
+                .local_addr()
+                .map_or(config.listen.clone(), |a| a.to_string())
+        );
+        let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let mut config = config;
+        config.max_connections = files::fit_connections(config.max_connections);
+        let shared = Arc::new(Shared {
+            config,
+            events,
+            store: store.commands,
+            inbound: Arc::new(Budget::new(INBOUND_BUDGET)),
+            metrics: metrics.clone(),
+            active: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+        });
+        let broker = Broker::new(
+            shared.config.max_pending_bytes,
+            shared.config.frame_timeout,
+            shared.store.clone(),
+            shared.events.clone(),
+            shared.inbound.clone(),
+            store.next_seq,
+            metrics.clone(),
+        );
+        let broker = rt::spawn(broker.run(events_rx, store.replies));
+        let (http_stop, http_stopped) = futures::channel::oneshot::channel::<()>();
+        let http_stopped = futures::FutureExt::shared(http_stopped);
+        if let (Some(http), Some(metrics)) = (http, metrics) {
+            let stopped = http_stopped.clone();
+            let limits = shared.config.metrics_http;
+            rt::spawn(crate::http::run(http, limits, metrics, async {
+                let _ = stopped.await;
+            }));
+        }
+        if let Some(web) = web {
+            let origins = shared.config.web_origins.clone();
+            let limits = shared.config.web_http;
+            rt::spawn(crate::http::run_web(
+                web,
+                limits,
+                shared.clone(),
+                origins,
+                async {
+                    let _ = http_stopped.await;
+                },
+            ));
+        }
+        listener::run(listener, shared.clone(), stop).await;
+        drop(http_stop);
+        log::info!("stopping: no longer accepting connections");
+        let mut events = shared.events.clone();
+        drop(shared);
+        let finished = rt::timeout(SHUTDOWN_LIMIT, async {
+            let _ = events.send(Event::Shutdown).await;
+            drop(events);
+            broker.await;
+            let _ = store.closed.await;
+        })
+        .await;
+        match finished {
+            Some(()) => log::info!("stopped cleanly"),
+            None => log::warn!("stopped with writers still busy after {SHUTDOWN_LIMIT:?}"),
+        }
+    }
+}
