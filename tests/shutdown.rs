@@ -90,3 +90,57 @@ fn sigterm_flushes_what_is_queued_for_connected_clients() {
         assert_eq!(got, vec![delivered(&marker)]);
     });
 }
+
+/// SIGTERM while a client reads nothing and 19 MB wait for it (more than its socket
+/// holds): the server flushes for at most 2 s, hands the rest to the mailbox and exits
+/// 0 well before its 4 s shutdown limit; what the client later reads from its socket and
+/// what its next connection gets are together every frame once, in order.
+#[test]
+fn sigterm_with_a_client_that_reads_nothing_stops_within_the_drain_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = (64 << 20).to_string();
+    let mut server = ServerProcess::start(dir.path(), &["--max-pending-bytes", &big]);
+    let sent: Vec<_> = (0..600u32)
+        .map(|i| data(1, 2, 2, &[&i.to_be_bytes()[..], &[5u8; 32 * 1024]].concat()))
+        .collect();
+    let mut receiver = rt::block_on(async {
+        let mut receiver = within(Client::connect(&server.addr)).await.unwrap();
+        within(receiver.hello(2, None)).await.unwrap();
+        let mut sender = within(Client::connect(&server.addr)).await.unwrap();
+        within(sender.hello(1, None)).await.unwrap();
+        for f in &sent {
+            within(sender.send(f)).await.unwrap();
+        }
+        for f in &sent {
+            assert_eq!(recv(&mut sender).await, delivered(f));
+        }
+        receiver
+    });
+    let started = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server.wait();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(took < Duration::from_millis(3500), "took {took:?}");
+    assert!(server.logged("stopped cleanly"), "writers were still busy");
+    drop(server);
+    let got = rt::block_on(async {
+        let mut got = Vec::new();
+        while let Ok(Some(f)) = within(receiver.recv()).await {
+            if f.notice().is_none() {
+                got.push(f);
+            }
+        }
+        got
+    });
+    assert!(
+        got.len() < sent.len(),
+        "everything was written: nothing to hand over"
+    );
+    let server = ServerProcess::start(dir.path(), &[]);
+    rt::block_on(async {
+        let (_c, rest) = mailbox_of(&server.addr, 2, sent.len() - got.len()).await;
+        let all: Vec<_> = got.into_iter().chain(rest).collect();
+        assert_frames(&all, &sent.iter().map(delivered).collect::<Vec<_>>());
+    });
+}

@@ -72,6 +72,15 @@ pub struct Close {
     pub drain: bool,
 }
 
+/// What a close asks of a writer that is in the middle of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Stop writing now: what is queued goes back to the broker.
+    Abandon,
+    /// Write what is queued, within the writer's drain deadline.
+    Drain,
+}
+
 /// What a written batch means for the store and the broker.
 #[derive(Debug, Default)]
 pub struct Written {
@@ -291,11 +300,16 @@ impl Outbox {
         Poll::Ready(None)
     }
 
-    /// Ready once the outbox is told to abandon its queue.
-    pub fn poll_abandon(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready with [`Closing::Abandon`] once the outbox is told to abandon its queue;
+    /// unless the writer already `draining`, ready with [`Closing::Drain`] once it is
+    /// told to close at all, so a writer blocked in a write to a client that reads
+    /// nothing starts its drain deadline then, not after the write.
+    pub fn poll_closing(&self, cx: &mut Context<'_>, draining: bool) -> Poll<Closing> {
         let mut s = self.lock();
-        if s.close.as_ref().is_some_and(|c| !c.drain) {
-            return Poll::Ready(());
+        match &s.close {
+            Some(c) if !c.drain => return Poll::Ready(Closing::Abandon),
+            Some(_) if !draining => return Poll::Ready(Closing::Drain),
+            _ => {}
         }
         s.waker = Some(cx.waker().clone());
         Poll::Pending
@@ -389,6 +403,30 @@ mod tests {
 
     fn poll_work(o: &Outbox, batch: &mut Vec<Outgoing>) -> Poll<Option<Close>> {
         o.poll_work(&mut Context::from_waker(Waker::noop()), batch)
+    }
+
+    /// A writer blocked in a write learns of a draining close at once (to start its
+    /// drain deadline), and of an abandoning one whether draining or not.
+    #[test]
+    fn a_close_reaches_a_writer_in_the_middle_of_a_write() {
+        let o = Outbox::default();
+        let poll = |draining| o.poll_closing(&mut Context::from_waker(Waker::noop()), draining);
+        assert!(poll(false).is_pending());
+        o.close(Close {
+            notice: None,
+            drain: true,
+        });
+        assert_eq!(poll(false), Poll::Ready(Closing::Drain));
+        assert!(
+            poll(true).is_pending(),
+            "already draining: wait for the deadline"
+        );
+        o.close(Close {
+            notice: None,
+            drain: false,
+        });
+        assert_eq!(poll(true), Poll::Ready(Closing::Abandon));
+        assert_eq!(poll(false), Poll::Ready(Closing::Abandon));
     }
 
     #[test]

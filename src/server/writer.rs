@@ -26,7 +26,7 @@ use crate::protocol::{CONTROL, SERVER_HEADER_LEN};
 use crate::rt;
 use crate::server::Shared;
 use crate::server::event::{ConnId, Event};
-use crate::server::outbox::{Origin, Outbox, Outgoing, Written};
+use crate::server::outbox::{Closing, Origin, Outbox, Outgoing, Written};
 use crate::store::Command;
 
 /// How long a closing connection may take to write what it still has queued.
@@ -89,7 +89,7 @@ pub async fn run<W, S>(
         if deadline.is_none() && outbox.is_closing() {
             deadline = Some(Instant::now() + DRAIN_LIMIT);
         }
-        let (written, stopped) = write_batch(&mut sink, &batch, &outbox, deadline).await;
+        let (written, stopped) = write_batch(&mut sink, &batch, &outbox, &mut deadline).await;
         if let Some(m) = &shared.metrics {
             count_written(m, &batch[..written.whole]);
         }
@@ -124,14 +124,14 @@ pub async fn run<W, S>(
 }
 
 /// Writes a batch as one buffer, stopping early if the outbox is abandoned or the
-/// deadline passes. Returns how many frames were written whole, and why it stopped
-/// early, if it did. The buffer lives only for the batch, so an idle connection holds
-/// no write buffer.
+/// drain deadline passes; a close asked for during the write sets that deadline.
+/// Returns how many frames were written whole, and why it stopped early, if it did.
+/// The buffer lives only for the batch, so an idle connection holds no write buffer.
 async fn write_batch<W: AsyncWrite + Unpin>(
     sink: &mut W,
     batch: &[Outgoing],
     outbox: &Outbox,
-    deadline: Option<Instant>,
+    deadline: &mut Option<Instant>,
 ) -> (Progress, Option<Stopped>) {
     let joined;
     let bytes: &[u8] = if let [one] = batch {
@@ -144,7 +144,8 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     let mut stopped = None;
     while pos < bytes.len() {
         let write = pin!(sink.write(&bytes[pos..]));
-        let abandon = pin!(poll_fn(|cx| outbox.poll_abandon(cx)));
+        let draining = deadline.is_some();
+        let closing = pin!(poll_fn(|cx| outbox.poll_closing(cx, draining)));
         // The timer is boxed, and only made when closing: inline, it would make every
         // writer task that much larger.
         let mut timer =
@@ -153,11 +154,16 @@ async fn write_batch<W: AsyncWrite + Unpin>(
             Some(t) => t.as_mut().poll(cx),
             None => Poll::Pending,
         }));
-        match select(write, select(abandon, expired)).await {
+        match select(write, select(closing, expired)).await {
             Either::Left((Ok(n), _)) if n > 0 => pos += n,
             Either::Left(_) => {
                 stopped = Some(Stopped::Io);
                 break;
+            }
+            // A pending write that is dropped has written nothing: write on, now
+            // against the drain deadline.
+            Either::Right((Either::Left((Closing::Drain, _)), _)) => {
+                *deadline = Some(Instant::now() + DRAIN_LIMIT);
             }
             Either::Right(_) => {
                 stopped = Some(Stopped::Cut);
