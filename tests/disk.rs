@@ -42,7 +42,10 @@ impl Mount {
                     String::from_utf8_lossy(&out.stderr).trim()
                 ),
             ),
-            Err(e) => skipping("CHAT_REQUIRE_MOUNT", &format!("cannot run mount: {e}")),
+            Err(e) => skipping(
+                "CHAT_REQUIRE_MOUNT",
+                &format!("cannot run mount (apt-get install mount; run as root): {e}"),
+            ),
         }
         None
     }
@@ -367,7 +370,7 @@ impl Ext4 {
         if !made.as_ref().is_ok_and(|o| o.status.success()) {
             skipping(
                 "CHAT_REQUIRE_MOUNT",
-                &format!("cannot make an ext4 image: {made:?}"),
+                &format!("cannot make an ext4 image (apt-get install e2fsprogs): {made:?}"),
             );
             return None;
         }

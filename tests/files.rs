@@ -38,7 +38,9 @@ fn a_low_soft_limit_is_raised_to_the_hard_limit() {
     if hard < 4000 {
         skipping(
             "CHAT_REQUIRE_FILES",
-            &format!("the hard open-files limit {hard} cannot hold 3,000 connections"),
+            &format!(
+                "the hard open-files limit {hard} cannot hold 3,000 connections (raise it: ulimit -Hn 4096 as root)"
+            ),
         );
         return;
     }
