@@ -9,6 +9,9 @@
 //! receiver whose outbox passes `--max-pending-bytes` is disconnected. The only thing it
 //! awaits is room in the store's queue, which the store thread empties on its own.
 
+mod remote;
+mod replies;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +25,10 @@ use crate::protocol::{Code, Inbound, SERVER_ID, notice};
 use crate::rt;
 use crate::server::budget::Budget;
 use crate::server::event::{ConnId, Event, Request, Ticket};
-use crate::server::outbox::{Close, Origin, Outbox, Outgoing, SMALL_QUEUE};
+use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
 use crate::store::{Command, Outcome, Reply};
+use remote::Remote;
+use replies::Replies;
 
 /// Mailbox pages are at most this large (and at most half the pending limit).
 const PAGE_BYTES: usize = 1024 * 1024;
@@ -34,10 +39,8 @@ struct Conn {
     outbox: Arc<Outbox>,
     id: Option<u32>,
     closing: bool,
-    /// Replies in the order their frames arrived. An echo holds its place until the
-    /// store has committed its frame (or, while the store is down, until it is
-    /// delivered).
-    replies: VecDeque<Pending>,
+    /// Replies in the order their frames arrived (see [`replies`]).
+    replies: Replies,
     mailbox: Mailbox,
     /// The last stored frame pushed to this connection from its mailbox: frames stored
     /// later (by another node) are read after it.
@@ -47,15 +50,6 @@ struct Conn {
     /// reads after the first leave out.
     backlog: VecDeque<Outgoing>,
     backlog_bytes: usize,
-}
-
-enum Pending {
-    Ready(Outgoing),
-    /// The echo of the frame stored under `seq`, sent once the frame is accepted.
-    Echo {
-        seq: u64,
-        echo: Bytes,
-    },
 }
 
 /// Where a bound connection is in delivering its stored frames. Until it is `Live`,
@@ -108,8 +102,8 @@ pub struct Broker {
     stalls: u64,
     /// Outboxes pushed to while handling the current event, woken once it is done.
     pushed: Vec<Arc<Outbox>>,
-    /// Batches forwarded by other nodes: each frame's sequence number and outcome.
-    remote: HashMap<u64, Vec<(u64, Option<Outcome>)>>,
+    /// Batches forwarded by other nodes, until each is answered.
+    remote: Remote,
     /// Answers to forwarded batches, sent once the current event is handled.
     answers: Vec<Command>,
 }
@@ -130,7 +124,7 @@ impl Broker {
             events,
             stalls: 0,
             pushed: Vec::new(),
-            remote: HashMap::new(),
+            remote: Remote::default(),
             answers: Vec::new(),
             max_pending_bytes,
             storing: 0,
@@ -203,7 +197,7 @@ impl Broker {
                         outbox,
                         id: None,
                         closing: self.shutting_down,
-                        replies: VecDeque::new(),
+                        replies: Replies::default(),
                         mailbox: Mailbox::Live,
                         paged: None,
                         backlog: VecDeque::new(),
@@ -438,7 +432,7 @@ impl Broker {
                 }
             }
         }
-        self.remote.insert(token, Vec::new());
+        self.remote.open(token);
         for wire in frames {
             self.route_wire(Ticket::Remote(token), receiver, wire).await;
         }
@@ -560,14 +554,10 @@ impl Broker {
 
     fn wait_for_echo(&mut self, from: Ticket, seq: u64, echo: Bytes) {
         match from {
-            Ticket::Remote(token) => {
-                if let Some(batch) = self.remote.get_mut(&token) {
-                    batch.push((seq, None));
-                }
-            }
+            Ticket::Remote(token) => self.remote.wait(token, seq),
             Ticket::Conn(conn) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.replies.push_back(Pending::Echo { seq, echo });
+                    c.replies.wait_for_echo(seq, echo);
                 }
             }
         }
@@ -599,13 +589,11 @@ impl Broker {
     }
 
     fn reply_item(&mut self, conn: ConnId, item: Outgoing) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            if c.replies.is_empty() {
-                let _ = c.outbox.push(item);
-                self.pushed.push(c.outbox.clone());
-            } else {
-                c.replies.push_back(Pending::Ready(item));
-            }
+        if let Some(c) = self.conns.get_mut(&conn)
+            && let Some(item) = c.replies.reply(item)
+        {
+            let _ = c.outbox.push(item);
+            self.pushed.push(c.outbox.clone());
         }
     }
 
@@ -615,65 +603,24 @@ impl Broker {
         let conn = match from {
             Ticket::Conn(conn) => conn,
             Ticket::Remote(token) => {
-                let slot = self
-                    .remote
-                    .get_mut(&token)
-                    .and_then(|b| b.iter_mut().find(|(s, _)| *s == seq));
-                if let Some((_, slot)) = slot {
-                    *slot = Some(outcome);
-                }
+                self.remote.settle(token, seq, outcome);
                 return self.answer_if_done(token);
             }
         };
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        let slot = c
-            .replies
-            .iter_mut()
-            .find(|r| matches!(r, Pending::Echo { seq: s, .. } if *s == seq));
-        let Some(slot) = slot else {
-            return;
-        };
-        if let Pending::Echo { echo, .. } = slot {
-            let wire = match outcome {
-                Outcome::Stored => echo.clone(),
-                Outcome::Full(why) => {
-                    notice(Code::MailboxFull, format_args!("receiver's mailbox {why}"))
-                }
-                Outcome::Failed(why) => {
-                    notice(Code::StoreFailed, format_args!("frame not stored: {why}"))
-                }
-            };
-            *slot = Pending::Ready(Outgoing::reply(wire));
-        }
-        let mut pushed = false;
-        while let Some(Pending::Ready(_)) = c.replies.front() {
-            if let Some(Pending::Ready(item)) = c.replies.pop_front() {
-                let _ = c.outbox.push(item);
-                pushed = true;
-            }
-        }
-        if c.replies.is_empty() && c.replies.capacity() <= SMALL_QUEUE {
-            // Like the outbox: a connection sending a frame at a time keeps no queue.
-            c.replies = VecDeque::new();
-        }
-        if pushed {
+        let outbox = &c.outbox;
+        if c.replies.settle(seq, outcome, |item| {
+            let _ = outbox.push(item);
+        }) {
             self.pushed.push(c.outbox.clone());
         }
     }
 
     /// Answers a forwarded batch once every frame in it has its outcome.
     fn answer_if_done(&mut self, token: u64) {
-        let done = self
-            .remote
-            .get(&token)
-            .is_some_and(|b| b.iter().all(|(_, o)| o.is_some()));
-        if !done {
-            return;
-        }
-        if let Some(batch) = self.remote.remove(&token) {
-            let outcomes = batch.into_iter().filter_map(|(_, o)| o).collect();
+        if let Some(outcomes) = self.remote.take_if_done(token) {
             self.answers.push(Command::Answer { token, outcomes });
         }
     }

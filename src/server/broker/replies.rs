@@ -1,0 +1,159 @@
+//! A connection's replies in the order of the frames that caused them.
+//!
+//! The echo of a frame for another id means "accepted": it waits until the store has
+//! committed the frame (or, while the store is down, until the frame is delivered).
+//! Replies to later frames (a pong, a notice, the echo of a frame to oneself) must not
+//! overtake it, so each holds its place in this queue until everything ahead of it is
+//! ready.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::protocol::{Code, notice};
+use crate::server::outbox::{Outgoing, SMALL_QUEUE};
+use crate::store::Outcome;
+
+#[derive(Debug, Default)]
+pub(super) struct Replies {
+    queue: VecDeque<Pending>,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Ready(Outgoing),
+    /// The echo of the frame stored under `seq`, sent once the frame is accepted.
+    Echo {
+        seq: u64,
+        echo: Bytes,
+    },
+}
+
+impl Replies {
+    /// A reply that waits for nothing of its own: handed back to send at once when
+    /// nothing waits ahead of it, else queued behind what does.
+    pub fn reply(&mut self, item: Outgoing) -> Option<Outgoing> {
+        if self.queue.is_empty() {
+            return Some(item);
+        }
+        self.queue.push_back(Pending::Ready(item));
+        None
+    }
+
+    /// The echo of the frame numbered `seq` takes its place now, and waits for
+    /// [`Replies::settle`].
+    pub fn wait_for_echo(&mut self, seq: u64, echo: Bytes) {
+        self.queue.push_back(Pending::Echo { seq, echo });
+    }
+
+    /// Settles the echo of `seq` with `outcome` (the echo itself, or the notice that
+    /// replaces it), then hands `send` every reply that no longer waits, in order.
+    /// Returns whether it sent any.
+    pub fn settle(&mut self, seq: u64, outcome: Outcome, mut send: impl FnMut(Outgoing)) -> bool {
+        let slot = self
+            .queue
+            .iter_mut()
+            .find(|r| matches!(r, Pending::Echo { seq: s, .. } if *s == seq));
+        let Some(slot) = slot else {
+            return false;
+        };
+        if let Pending::Echo { echo, .. } = slot {
+            *slot = Pending::Ready(Outgoing::reply(answer(echo, outcome)));
+        }
+        let mut sent = false;
+        while let Some(Pending::Ready(_)) = self.queue.front() {
+            if let Some(Pending::Ready(item)) = self.queue.pop_front() {
+                send(item);
+                sent = true;
+            }
+        }
+        if self.queue.is_empty() && self.queue.capacity() <= SMALL_QUEUE {
+            // Like the outbox: a connection sending a frame at a time keeps no queue.
+            self.queue = VecDeque::new();
+        }
+        sent
+    }
+}
+
+/// What the sender of a frame is told once its outcome is known.
+fn answer(echo: &Bytes, outcome: Outcome) -> Bytes {
+    match outcome {
+        Outcome::Stored => echo.clone(),
+        Outcome::Full(why) => notice(Code::MailboxFull, format_args!("receiver's mailbox {why}")),
+        Outcome::Failed(why) => notice(Code::StoreFailed, format_args!("frame not stored: {why}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(tag: &str) -> Outgoing {
+        Outgoing::reply(Bytes::from(tag.to_string()))
+    }
+
+    fn settled(replies: &mut Replies, seq: u64, outcome: Outcome) -> Vec<Bytes> {
+        let mut sent = Vec::new();
+        replies.settle(seq, outcome, |o| sent.push(o.wire));
+        sent
+    }
+
+    #[test]
+    fn a_reply_with_nothing_ahead_goes_at_once() {
+        let mut r = Replies::default();
+        assert_eq!(
+            r.reply(item("pong")).map(|o| o.wire),
+            Some(Bytes::from("pong"))
+        );
+    }
+
+    #[test]
+    fn replies_keep_frame_order_behind_a_waiting_echo() {
+        let mut r = Replies::default();
+        r.wait_for_echo(1, Bytes::from("echo 1"));
+        assert!(
+            r.reply(item("pong")).is_none(),
+            "a pong must not overtake echo 1"
+        );
+        r.wait_for_echo(2, Bytes::from("echo 2"));
+        // Echo 2 is accepted first: it still waits behind echo 1.
+        assert!(settled(&mut r, 2, Outcome::Stored).is_empty());
+        assert_eq!(
+            settled(&mut r, 1, Outcome::Stored),
+            ["echo 1", "pong", "echo 2"].map(Bytes::from)
+        );
+        assert_eq!(
+            r.reply(item("next")).map(|o| o.wire),
+            Some(Bytes::from("next"))
+        );
+    }
+
+    #[test]
+    fn a_refused_frame_gets_its_notice_in_its_echo_s_place() {
+        let mut r = Replies::default();
+        r.wait_for_echo(1, Bytes::from("echo 1"));
+        r.wait_for_echo(2, Bytes::from("echo 2"));
+        let sent = settled(&mut r, 1, Outcome::Full("holds 3 frames".into()));
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].ends_with(b"mailbox-full: receiver's mailbox holds 3 frames"));
+        let sent = settled(&mut r, 2, Outcome::Failed("disk full".into()));
+        assert!(sent[0].ends_with(b"store-failed: frame not stored: disk full"));
+    }
+
+    #[test]
+    fn an_unknown_or_settled_echo_changes_nothing() {
+        let mut r = Replies::default();
+        r.wait_for_echo(1, Bytes::from("echo 1"));
+        assert!(settled(&mut r, 7, Outcome::Stored).is_empty());
+        assert_eq!(settled(&mut r, 1, Outcome::Stored).len(), 1);
+        assert!(settled(&mut r, 1, Outcome::Stored).is_empty());
+    }
+
+    #[test]
+    fn a_connection_sending_a_frame_at_a_time_keeps_no_queue() {
+        let mut r = Replies::default();
+        r.wait_for_echo(1, Bytes::from("echo"));
+        settled(&mut r, 1, Outcome::Stored);
+        assert_eq!(r.queue.capacity(), 0);
+    }
+}
