@@ -32,6 +32,20 @@ async fn recv_n(c: &mut Client, n: usize) -> Vec<ServerFrame> {
     got
 }
 
+/// A new acking connection for `id` gets `sent`, in order, acknowledging as it goes.
+async fn receive_acking(addr: &str, id: u32, sent: &[ClientFrame]) {
+    let mut next = login_acks(addr, id).await;
+    let mut acker = chat::client::Acker::new(id);
+    for f in sent {
+        let got = recv(&mut next).await;
+        assert_eq!(got, delivered(f));
+        acker.handled(&got);
+        if let Some(ack) = acker.ack() {
+            within(next.send(&ack)).await.unwrap();
+        }
+    }
+}
+
 async fn ack(c: &mut Client, id: u32, h: u32) {
     within(c.send(&ClientFrame::ack(id, h))).await.unwrap();
 }
@@ -274,16 +288,7 @@ fn a_client_that_never_acks_is_cut_off_and_loses_nothing() {
             "cut off before all {} arrived",
             sent.len()
         );
-        let mut next = login_acks(&server.addr(), 2).await;
-        let mut acker = chat::client::Acker::new(2);
-        for f in &sent {
-            let got = recv(&mut next).await;
-            assert_eq!(got, delivered(f));
-            acker.handled(&got);
-            if let Some(ack) = acker.ack() {
-                within(next.send(&ack)).await.unwrap();
-            }
-        }
+        receive_acking(&server.addr(), 2, &sent).await;
     });
 }
 
@@ -321,16 +326,7 @@ fn a_client_that_never_acks_its_mailbox_is_cut_off_after_the_frame_timeout() {
         expect_closed(&mut b).await;
         assert!(read < sent.len(), "all {read} arrived: no page stopped");
         assert!(waited >= timeout, "cut off after {waited:?}: {detail}");
-        let mut next = login_acks(&server.addr(), 2).await;
-        let mut acker = chat::client::Acker::new(2);
-        for f in &sent {
-            let got = recv(&mut next).await;
-            assert_eq!(got, delivered(f));
-            acker.handled(&got);
-            if let Some(ack) = acker.ack() {
-                within(next.send(&ack)).await.unwrap();
-            }
-        }
+        receive_acking(&server.addr(), 2, &sent).await;
     });
 }
 

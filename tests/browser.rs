@@ -142,10 +142,15 @@ async fn open_listed(browser: &Client, peer: u32) {
     find(browser, &button).await.click().await.unwrap();
 }
 
-async fn send_text(browser: &Client, text: &str) {
-    let before = count(browser, "#messages li.msg.out[data-status=sent]").await;
+/// Types `text` and sends it, without waiting for its echo.
+async fn type_and_send(browser: &Client, text: &str) {
     find(browser, "#text").await.send_keys(text).await.unwrap();
     find(browser, "#send").await.click().await.unwrap();
+}
+
+async fn send_text(browser: &Client, text: &str) {
+    let before = count(browser, "#messages li.msg.out[data-status=sent]").await;
+    type_and_send(browser, text).await;
     wait_count(
         browser,
         "#messages li.msg.out[data-status=sent]",
@@ -493,12 +498,7 @@ async fn the_page_explains_refusals_and_sends_again_after_reconnecting() {
     // 122 is offline and its mailbox holds one frame: the second is refused.
     open_conversation(&a, 122).await;
     send_text(&a, "fits").await;
-    find(&a, "#text")
-        .await
-        .send_keys("one too many")
-        .await
-        .unwrap();
-    find(&a, "#send").await.click().await.unwrap();
+    type_and_send(&a, "one too many").await;
     wait_count(&a, failed, 1).await;
     wait_true(&a, &banner_says("their mailbox is full")).await;
     let meta = find(&a, &format!("{failed} .meta"))
@@ -511,12 +511,7 @@ async fn the_page_explains_refusals_and_sends_again_after_reconnecting() {
     // The store's writes fail: the next is refused with store-failed.
     faults.fail_write.store(true, Ordering::Relaxed);
     open_conversation(&a, 123).await;
-    find(&a, "#text")
-        .await
-        .send_keys("while the disk fails")
-        .await
-        .unwrap();
-    find(&a, "#send").await.click().await.unwrap();
+    type_and_send(&a, "while the disk fails").await;
     wait_count(&a, failed, 1).await;
     wait_true(&a, &banner_says("could not store it")).await;
     faults.fail_write.store(false, Ordering::Relaxed);
@@ -528,12 +523,7 @@ async fn the_page_explains_refusals_and_sends_again_after_reconnecting() {
         "return !document.getElementById('status').classList.contains('online')",
     )
     .await;
-    find(&a, "#text")
-        .await
-        .send_keys("written while away")
-        .await
-        .unwrap();
-    find(&a, "#send").await.click().await.unwrap();
+    type_and_send(&a, "written while away").await;
     find(&a, "#messages li.msg.out[data-status=sending]").await;
     let server = start_in(data, configure).await;
     find(&a, "#status.online").await;

@@ -588,27 +588,34 @@ fn nats_lost_mid_run_gets_store_failed_then_recovers() {
     assert!(a.logged("NATS is back"));
 }
 
+/// Runs a node with `args` that must refuse to start: exit code 1 and one line on
+/// stderr, which is returned.
+fn refused_at_start(args: &[&str]) -> String {
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_chat-server"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args),
+        b"",
+        WAIT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
 #[test]
 fn unreachable_nats_at_start_is_a_clear_error() {
     let port = free_port();
     // The node gives up after 10 s (measured here); the test waits a little longer.
     let started = Instant::now();
-    let out = output_within(
-        Command::new(env!("CARGO_BIN_EXE_chat-server"))
-            .args(["--listen", "127.0.0.1:0", "--nats"])
-            .arg(format!("nats://127.0.0.1:{port}")),
-        b"",
-        WAIT,
-    );
+    let err = refused_at_start(&["--nats", &format!("nats://127.0.0.1:{port}")]);
     let took = started.elapsed();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         took >= Duration::from_secs(9) && took < Duration::from_secs(15),
         "gave up after {took:?}"
     );
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach NATS"), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]
@@ -630,19 +637,7 @@ fn the_link_to_nats_logs_in_with_a_password() {
     });
     // A wrong password is refused, and the password is not printed.
     let bad = format!("nats://chat:wrong@127.0.0.1:{}", nats.ports[0]);
-    let out = output_within(
-        Command::new(env!("CARGO_BIN_EXE_chat-server")).args([
-            "--listen",
-            "127.0.0.1:0",
-            "--nats",
-            &bad,
-        ]),
-        b"",
-        WAIT,
-    );
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
+    let err = refused_at_start(&["--nats", &bad]);
     assert!(
         err.contains("cannot reach NATS") && !err.contains("wrong"),
         "{err}"
@@ -657,21 +652,7 @@ fn a_node_refuses_to_start_when_a_frame_does_not_fit_nats_max_payload() {
     let _slot = slot();
     // The test's NATS allows 10 MB; a 16 MiB frame limit does not fit.
     let nats = Nats::start(1, "");
-    let out = output_within(
-        Command::new(env!("CARGO_BIN_EXE_chat-server")).args([
-            "--listen",
-            "127.0.0.1:0",
-            "--max-frame-bytes",
-            "16777216",
-            "--nats",
-            &nats.urls(),
-        ]),
-        b"",
-        WAIT,
-    );
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
+    let err = refused_at_start(&["--max-frame-bytes", "16777216", "--nats", &nats.urls()]);
     assert!(
         err.contains(
             "NATS max_payload is 10485760 bytes, less than a frame of --max-frame-bytes 16777216"

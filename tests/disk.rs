@@ -101,6 +101,29 @@ async fn send_until_stored(c: &mut Client, f: &ClientFrame) {
     .await
 }
 
+/// With the store down: `refused` (for an offline receiver) gets `store-failed` saying
+/// `why`, promptly; pings and live traffic from `a` to `live` (id 2) go on; the node is
+/// not ready.
+async fn served_while_the_store_is_down(
+    a: &mut Client,
+    live: &mut Client,
+    refused: &ClientFrame,
+    why: &str,
+    metrics: std::net::SocketAddr,
+) {
+    within(a.send(refused)).await.unwrap();
+    let n = answer(a).await.notice().expect("a notice, not an echo");
+    assert!(n.is(Code::StoreFailed), "{n}");
+    assert!(n.detail.contains(why), "{n}");
+    within(a.send(&ClientFrame::ping())).await.unwrap();
+    assert!(answer(a).await.notice().unwrap().is(Code::Pong));
+    let hi = text(refused.sender, 2, "live while the store is down");
+    within(a.send(&hi)).await.unwrap();
+    assert_eq!(answer(a).await, delivered(&hi));
+    assert_eq!(recv(live).await, delivered(&hi));
+    assert_eq!(http_get(metrics, "/readyz").await.0, 503);
+}
+
 /// The answer to a frame, which must come within [`PROMPT`].
 async fn answer(c: &mut Client) -> chat::protocol::ServerFrame {
     rt::timeout(PROMPT, c.recv())
@@ -251,20 +274,8 @@ fn an_injected_error_gets_store_failed_and_the_store_recovers(
 
         fault(&faults).store(true, Ordering::Relaxed);
         let lost = text(1, 3, "during the fault");
-        within(a.send(&lost)).await.unwrap();
-        let n = answer(&mut a)
-            .await
-            .notice()
-            .expect("a notice, not an echo");
-        assert!(n.is(Code::StoreFailed), "{n}");
-        assert!(n.detail.contains("Input/output error"), "{n}");
-        within(a.send(&ClientFrame::ping())).await.unwrap();
-        assert!(answer(&mut a).await.notice().unwrap().is(Code::Pong));
-        let hi = text(1, 2, "live during the fault");
-        within(a.send(&hi)).await.unwrap();
-        assert_eq!(answer(&mut a).await, delivered(&hi));
-        assert_eq!(recv(&mut live).await, delivered(&hi));
-        assert_eq!(http_get(metrics, "/readyz").await.0, 503);
+        served_while_the_store_is_down(&mut a, &mut live, &lost, "Input/output error", metrics)
+            .await;
 
         fault(&faults).store(false, Ordering::Relaxed);
         let after = text(1, 3, "after the fault");
@@ -474,20 +485,8 @@ fn a_file_system_gone_read_only_gets_store_failed_and_keeps_what_was_committed()
         }
         fs.fail();
         let refused = text(1, 3, "on a read-only file system");
-        within(a.send(&refused)).await.unwrap();
-        let n = answer(&mut a)
-            .await
-            .notice()
-            .expect("a notice, not an echo");
-        assert!(n.is(Code::StoreFailed), "{n}");
-        assert!(n.detail.contains("Read-only file system"), "{n}");
-        within(a.send(&ClientFrame::ping())).await.unwrap();
-        assert!(answer(&mut a).await.notice().unwrap().is(Code::Pong));
-        let hi = text(1, 2, "live on a read-only file system");
-        within(a.send(&hi)).await.unwrap();
-        assert_eq!(answer(&mut a).await, delivered(&hi));
-        assert_eq!(recv(&mut live).await, delivered(&hi));
-        assert_eq!(http_get(metrics, "/readyz").await.0, 503);
+        let why = "Read-only file system";
+        served_while_the_store_is_down(&mut a, &mut live, &refused, why, metrics).await;
     });
     server.signal(libc::SIGTERM);
     server.wait();

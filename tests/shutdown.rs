@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chat::client::Client;
-use chat::protocol::Code;
+use chat::protocol::{ClientFrame, Code};
 use chat::rt;
 use common::*;
 
@@ -42,6 +42,22 @@ fn sigterm_with_clients_connected_exits_zero_promptly_and_keeps_the_mailbox() {
 /// Frames queued in the server for a connected client that had not read them when
 /// SIGTERM came are written to it before the close (6.4 MB: more than its socket
 /// holds), and, being delivered, are not in the mailbox after the restart.
+/// Id 2 connects and reads nothing; id 1 sends it `sent`, each accepted (echoed).
+/// Returns 2's connection, whose socket and server-side queue hold the frames.
+async fn queued_for_a_silent_receiver(addr: &str, sent: &[ClientFrame]) -> Client {
+    let mut receiver = within(Client::connect(addr)).await.unwrap();
+    within(receiver.hello(2, None)).await.unwrap();
+    let mut sender = within(Client::connect(addr)).await.unwrap();
+    within(sender.hello(1, None)).await.unwrap();
+    for f in sent {
+        within(sender.send(f)).await.unwrap();
+    }
+    for f in sent {
+        assert_eq!(recv(&mut sender).await, delivered(f));
+    }
+    receiver
+}
+
 #[test]
 fn sigterm_flushes_what_is_queued_for_connected_clients() {
     let dir = tempfile::tempdir().unwrap();
@@ -50,17 +66,7 @@ fn sigterm_flushes_what_is_queued_for_connected_clients() {
         .map(|i| data(1, 2, 2, &[&i.to_be_bytes()[..], &[7u8; 32 * 1024]].concat()))
         .collect();
     rt::block_on(async {
-        let mut receiver = within(Client::connect(&server.addr)).await.unwrap();
-        within(receiver.hello(2, None)).await.unwrap();
-        let mut sender = within(Client::connect(&server.addr)).await.unwrap();
-        within(sender.hello(1, None)).await.unwrap();
-        // Every frame accepted while the receiver reads nothing.
-        for f in &sent {
-            within(sender.send(f)).await.unwrap();
-        }
-        for f in &sent {
-            assert_eq!(recv(&mut sender).await, delivered(f));
-        }
+        let mut receiver = queued_for_a_silent_receiver(&server.addr, &sent).await;
         let reading = rt::spawn(async move {
             let mut got = Vec::new();
             while let Ok(Some(f)) = within(receiver.recv()).await {
@@ -103,19 +109,7 @@ fn sigterm_with_a_client_that_reads_nothing_stops_within_the_drain_limit() {
     let sent: Vec<_> = (0..600u32)
         .map(|i| data(1, 2, 2, &[&i.to_be_bytes()[..], &[5u8; 32 * 1024]].concat()))
         .collect();
-    let mut receiver = rt::block_on(async {
-        let mut receiver = within(Client::connect(&server.addr)).await.unwrap();
-        within(receiver.hello(2, None)).await.unwrap();
-        let mut sender = within(Client::connect(&server.addr)).await.unwrap();
-        within(sender.hello(1, None)).await.unwrap();
-        for f in &sent {
-            within(sender.send(f)).await.unwrap();
-        }
-        for f in &sent {
-            assert_eq!(recv(&mut sender).await, delivered(f));
-        }
-        receiver
-    });
+    let mut receiver = rt::block_on(queued_for_a_silent_receiver(&server.addr, &sent));
     let started = Instant::now();
     server.signal(libc::SIGTERM);
     let status = server.wait();
