@@ -60,22 +60,8 @@ impl Server {
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-        let http = match &config.metrics_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?,
-            ),
-            None => None,
-        };
-        let web = match &config.web_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| format!("cannot listen for the web client on {addr}: {e}"))?,
-            ),
-            None => None,
-        };
+        let http = bind_if(config.metrics_listen.as_deref(), "metrics").await?;
+        let web = bind_if(config.web_listen.as_deref(), "the web client").await?;
         Ok(Server {
             listener,
             config,
@@ -190,4 +176,15 @@ impl Server {
             None => log::warn!("stopped with writers still busy after {SHUTDOWN_LIMIT:?}"),
         }
     }
+}
+
+/// Binds `addr` for `what`, when there is an address.
+async fn bind_if(addr: Option<&str>, what: &str) -> Result<Option<TcpListener>, String> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
+    Ok(Some(listener))
 }

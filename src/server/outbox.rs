@@ -61,6 +61,59 @@ impl Outgoing {
             origin: Origin::Reply,
         }
     }
+
+    /// A live frame for `receiver`, stored (or being stored) under `seq`, that reached
+    /// the broker at `arrived`.
+    pub fn live(wire: Bytes, receiver: u32, seq: u64, arrived: Instant) -> Outgoing {
+        Outgoing {
+            wire,
+            origin: Origin::Data {
+                receiver,
+                seq,
+                page_end: false,
+                echo_to: None,
+                stored: true,
+                arrived: Some(arrived),
+            },
+        }
+    }
+
+    /// A live frame that could not be stored (the store is down): its delivery alone
+    /// accepts it, and then `echo_to`'s echo goes.
+    pub fn unstored(
+        wire: Bytes,
+        receiver: u32,
+        seq: u64,
+        echo_to: Ticket,
+        arrived: Instant,
+    ) -> Outgoing {
+        Outgoing {
+            wire,
+            origin: Origin::Data {
+                receiver,
+                seq,
+                page_end: false,
+                echo_to: Some(echo_to),
+                stored: false,
+                arrived: Some(arrived),
+            },
+        }
+    }
+
+    /// A frame read from the mailbox; `page_end` on the last of its page.
+    pub fn stored(wire: Bytes, receiver: u32, seq: u64, page_end: bool) -> Outgoing {
+        Outgoing {
+            wire,
+            origin: Origin::Data {
+                receiver,
+                seq,
+                page_end,
+                echo_to: None,
+                stored: true,
+                arrived: None,
+            },
+        }
+    }
 }
 
 /// How a connection is to be closed.

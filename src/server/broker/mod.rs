@@ -482,17 +482,7 @@ impl Broker {
             // Nothing can be stored: a frame is accepted only by its delivery.
             let refused = format!("store unavailable ({reason}) and receiver {receiver} offline");
             let pushed = live.is_some_and(|outbox| {
-                let item = Outgoing {
-                    wire: frame_wire.clone(),
-                    origin: Origin::Data {
-                        receiver,
-                        seq,
-                        page_end: false,
-                        echo_to: Some(from),
-                        stored: false,
-                        arrived: Some(arrived),
-                    },
-                };
+                let item = Outgoing::unstored(frame_wire.clone(), receiver, seq, from, arrived);
                 let ok = outbox.push(item).is_ok();
                 self.pushed.push(outbox);
                 ok
@@ -521,33 +511,14 @@ impl Broker {
         .await;
         if let Some(c) = behind.and_then(|rc| self.conns.get_mut(&rc)) {
             c.backlog_bytes += frame_wire.len();
-            c.backlog.push_back(Outgoing {
-                wire: frame_wire,
-                origin: Origin::Data {
-                    receiver,
-                    seq,
-                    page_end: false,
-                    echo_to: None,
-                    stored: true,
-                    arrived: Some(arrived),
-                },
-            });
+            c.backlog
+                .push_back(Outgoing::live(frame_wire, receiver, seq, arrived));
             return;
         }
         if let Some(outbox) = live {
             // If its writer has just finished, the frame stays in the store for the
             // receiver's next connection.
-            let _ = outbox.push(Outgoing {
-                wire: frame_wire,
-                origin: Origin::Data {
-                    receiver,
-                    seq,
-                    page_end: false,
-                    echo_to: None,
-                    stored: true,
-                    arrived: Some(arrived),
-                },
-            });
+            let _ = outbox.push(Outgoing::live(frame_wire, receiver, seq, arrived));
             self.pushed.push(outbox);
         }
     }
@@ -683,17 +654,9 @@ impl Broker {
                 log::debug!("id {receiver}: delivering {} stored frames", frames.len());
                 for (seq, wire) in frames {
                     // If the connection is gone the frames are still in the store.
-                    let _ = c.outbox.push(Outgoing {
-                        wire,
-                        origin: Origin::Data {
-                            receiver,
-                            seq,
-                            page_end: seq == last,
-                            echo_to: None,
-                            stored: true,
-                            arrived: None,
-                        },
-                    });
+                    let _ = c
+                        .outbox
+                        .push(Outgoing::stored(wire, receiver, seq, seq == last));
                 }
                 c.mailbox = Mailbox::Writing { after: last };
                 c.paged = Some(last);
