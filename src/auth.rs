@@ -33,13 +33,13 @@ impl fmt::Debug for Secret {
 
 impl Secret {
     /// Trailing newlines are dropped, so a secret file written by `echo` works.
-    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Secret, String> {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Secret, AuthError> {
         let mut bytes = bytes.into();
         while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             bytes.pop();
         }
         if bytes.is_empty() {
-            return Err("the auth secret is empty".into());
+            return Err(AuthError::EmptySecret);
         }
         Ok(Secret(bytes))
     }
@@ -106,7 +106,7 @@ impl From<Secret> for Keys {
 
 impl Keys {
     /// One secret per line; blank lines are skipped, `\r` and trailing spaces dropped.
-    pub fn parse(text: &[u8]) -> Result<Keys, String> {
+    pub fn parse(text: &[u8]) -> Result<Keys, AuthError> {
         let secrets = text
             .split(|b| *b == b'\n')
             .map(|line| line.trim_ascii_end())
@@ -114,7 +114,7 @@ impl Keys {
             .map(Secret::new)
             .collect::<Result<Vec<_>, _>>()?;
         if secrets.is_empty() {
-            return Err("the auth secret file holds no secret".into());
+            return Err(AuthError::NoSecret);
         }
         Ok(Keys(secrets))
     }
@@ -214,7 +214,7 @@ pub fn now() -> u64 {
 }
 
 /// Parses a token lifetime: `30s`, `15m`, `12h`, `90d`, or plain seconds.
-pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+pub fn parse_ttl(text: &str) -> Result<Duration, AuthError> {
     let text = text.trim();
     let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => text.split_at(i),
@@ -222,20 +222,37 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     };
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("`{text}` is not a duration such as 30s, 15m, 12h or 90d"))?;
+        .map_err(|_| AuthError::NotADuration(text.to_string()))?;
     let unit = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+        _ => return Err(AuthError::BadUnit(text.to_string())),
     };
     if n == 0 {
-        return Err("a token lifetime must be more than zero".into());
+        return Err(AuthError::ZeroTtl);
     }
     n.checked_mul(unit)
         .map(Duration::from_secs)
-        .ok_or_else(|| format!("`{text}` is too long"))
+        .ok_or_else(|| AuthError::TooLong(text.to_string()))
+}
+
+/// Why a secret or a token lifetime was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("the auth secret is empty")]
+    EmptySecret,
+    #[error("the auth secret file holds no secret")]
+    NoSecret,
+    #[error("`{0}` is not a duration such as 30s, 15m, 12h or 90d")]
+    NotADuration(String),
+    #[error("`{0}`: the unit must be s, m, h or d")]
+    BadUnit(String),
+    #[error("a token lifetime must be more than zero")]
+    ZeroTtl,
+    #[error("`{0}` is too long")]
+    TooLong(String),
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -41,7 +41,7 @@ pub struct Server {
 
 impl Server {
     /// Opens the mailbox and binds the listening socket.
-    pub async fn bind(config: Config) -> Result<Server, String> {
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
         let metrics = config.metrics_listen.as_ref().map(|_| Metrics::new());
         let store = match &config.nats {
             Some(nats) => crate::cluster::start(
@@ -57,9 +57,13 @@ impl Server {
                 config.store_faults.clone(),
             )?,
         };
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| StartError::ListenChat {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
         let http = bind_if(config.metrics_listen.as_deref(), "metrics").await?;
         let web = bind_if(config.web_listen.as_deref(), "the web client").await?;
         Ok(Server {
@@ -179,12 +183,39 @@ impl Server {
 }
 
 /// Binds `addr` for `what`, when there is an address.
-async fn bind_if(addr: Option<&str>, what: &str) -> Result<Option<TcpListener>, String> {
+async fn bind_if(
+    addr: Option<&str>,
+    what: &'static str,
+) -> Result<Option<TcpListener>, StartError> {
     let Some(addr) = addr else {
         return Ok(None);
     };
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
+        .map_err(|source| StartError::Listen {
+            what,
+            addr: addr.to_string(),
+            source,
+        })?;
     Ok(Some(listener))
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] store::embedded::OpenError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::StartError),
+    #[error("cannot listen on {addr}: {source}")]
+    ListenChat {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
 }

@@ -200,7 +200,7 @@ fn run(args: Args) -> Result<(), String> {
     reload_on_sighup(&args, config.auth.clone(), config.tls.clone())?;
     let stop = stop_signal()?;
     rt::block_on(async {
-        let server = Server::bind(config).await?;
+        let server = Server::bind(config).await.map_err(|e| e.to_string())?;
         server.run(stop).await;
         Ok(())
     })
@@ -220,7 +220,9 @@ fn host_name() -> String {
 
 fn keys(args: &Args) -> Result<Option<Keys>, String> {
     if let Some(s) = &args.auth_secret {
-        return Secret::new(s.as_bytes()).map(|s| Some(Keys::from(s)));
+        return Secret::new(s.as_bytes())
+            .map(|s| Some(Keys::from(s)))
+            .map_err(|e| e.to_string());
     }
     let Some(path) = &args.auth_secret_file else {
         return Ok(None);

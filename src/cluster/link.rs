@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::StartError;
+
 /// How long a node tries to reach NATS at start before it gives up with an error.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
@@ -32,7 +34,7 @@ pub struct Options {
 pub(crate) async fn connect(
     options: &Options,
     link: futures::channel::mpsc::UnboundedSender<Link>,
-) -> Result<async_nats::Client, String> {
+) -> Result<async_nats::Client, StartError> {
     let mut connect = async_nats::ConnectOptions::new()
         .name(format!("chat-server {}", options.node))
         .connection_timeout(Duration::from_secs(2))
@@ -58,12 +60,14 @@ pub(crate) async fn connect(
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .map(|u| {
-            u.parse()
-                .map_err(|e| format!("bad NATS URL {}: {e}", redact(u)))
+            u.parse().map_err(|e: std::io::Error| StartError::BadUrl {
+                url: redact(u),
+                reason: e.to_string(),
+            })
         })
         .collect::<Result<_, _>>()?;
     if urls.is_empty() {
-        return Err("--nats needs at least one URL".into());
+        return Err(StartError::NoUrl);
     }
     // async-nats parses `user:password@` but logs in with the options' credentials.
     let login = urls
@@ -90,13 +94,16 @@ pub(crate) async fn connect(
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Ok(Err(e)) => {
-                return Err(format!("cannot reach NATS at {}: {e}", shown.join(",")));
+                return Err(StartError::Unreachable {
+                    urls: shown.join(","),
+                    reason: e.to_string(),
+                });
             }
             Err(_) => {
-                return Err(format!(
-                    "cannot reach NATS at {} within {CONNECT_LIMIT:?}",
-                    shown.join(",")
-                ));
+                return Err(StartError::TimedOut {
+                    urls: shown.join(","),
+                    limit: CONNECT_LIMIT,
+                });
             }
         }
     }

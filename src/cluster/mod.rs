@@ -3,7 +3,8 @@
 //!
 //! - [`link`]: the connection to NATS (credentials, TLS, retries at start, up/down);
 //! - `stream`: the store a cluster uses, a replicated JetStream stream every node
-//!   shares, and the node-to-node traffic (holding ids, takeover, forwarded frames).
+//!   shares, and the node-to-node traffic (holding ids, takeover, forwarded frames);
+//! - [`wire`]: what nodes say to each other, as typed values with one encoding each.
 //!
 //! async-nats runs on tokio; the server runs on async-std. The link therefore lives on
 //! a thread of its own with a single-threaded tokio runtime inside, the way the
@@ -12,6 +13,7 @@
 
 pub mod link;
 pub(crate) mod stream;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -28,7 +30,7 @@ pub fn start(
     limits: Limits,
     max_frame_bytes: u32,
     metrics: Option<Arc<Metrics>>,
-) -> Result<Store, String> {
+) -> Result<Store, StartError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("nats".into())
@@ -39,7 +41,7 @@ pub fn start(
             {
                 Ok(runtime) => runtime,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(format!("cannot start the NATS runtime: {e}")));
+                    let _ = ready_tx.send(Err(StartError::Runtime(e)));
                     return;
                 }
             };
@@ -55,12 +57,17 @@ pub fn start(
                 let needed = max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN;
                 let max_payload = client.server_info().max_payload;
                 if max_payload < needed {
-                    let _ = ready_tx.send(Err(format!(
-                        "NATS max_payload is {max_payload} bytes, less than a frame of --max-frame-bytes {max_frame_bytes}; raise max_payload in nats-server.conf or lower --max-frame-bytes"
-                    )));
+                    let _ = ready_tx.send(Err(StartError::PayloadTooSmall {
+                        max_payload,
+                        max_frame_bytes,
+                    }));
                     return;
                 }
-                let given = options.urls.split(',').filter(|u| !u.trim().is_empty()).count();
+                let given = options
+                    .urls
+                    .split(',')
+                    .filter(|u| !u.trim().is_empty())
+                    .count();
                 let setup = stream::Setup {
                     given_servers: given,
                     client,
@@ -74,8 +81,42 @@ pub fn start(
                 stream::run(setup, ready_tx).await;
             });
         })
-        .map_err(|e| format!("cannot start the NATS thread: {e}"))?;
-    ready_rx
-        .recv()
-        .map_err(|_| "the NATS thread stopped during start".to_string())?
+        .map_err(StartError::Thread)?;
+    ready_rx.recv().map_err(|_| StartError::Stopped)?
+}
+
+/// Why a node could not join its cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--nats needs at least one URL")]
+    NoUrl,
+    #[error("bad NATS URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot reach NATS at {urls}: {reason}")]
+    Unreachable { urls: String, reason: String },
+    #[error("cannot reach NATS at {urls} within {limit:?}")]
+    TimedOut {
+        urls: String,
+        limit: std::time::Duration,
+    },
+    #[error(
+        "NATS max_payload is {max_payload} bytes, less than a frame of --max-frame-bytes {max_frame_bytes}; raise max_payload in nats-server.conf or lower --max-frame-bytes"
+    )]
+    PayloadTooSmall {
+        max_payload: usize,
+        max_frame_bytes: u32,
+    },
+    #[error("cannot start the NATS runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot start the NATS thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the NATS thread stopped during start")]
+    Stopped,
+    #[error("cannot subscribe to NATS: {0}")]
+    Subscribe(String),
+    #[error("cannot set up JetStream stream {stream}: {reason}")]
+    Stream {
+        stream: &'static str,
+        reason: String,
+    },
 }

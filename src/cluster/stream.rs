@@ -33,9 +33,10 @@ use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::{FutureExt, StreamExt, select_biased};
 
 use crate::cluster::link::{Link, sleep};
+use crate::cluster::{StartError, wire};
 use crate::metrics::Metrics;
 use crate::store::{
-    Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, Ticket, answer, settled,
+    Command, Failure, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, Ticket, answer, settled,
 };
 
 /// The stream that holds every node's frames.
@@ -78,7 +79,7 @@ pub struct Setup {
 
 /// Sets up the stream, reports the store ready (or why not) and serves it until every
 /// command sender is gone.
-pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, String>>) {
+pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, StartError>>) {
     let js = jetstream::ContextBuilder::new()
         .timeout(ACK_WAIT)
         .ack_timeout(ACK_WAIT)
@@ -104,7 +105,7 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
     let answers = match setup.client.subscribe(format!("{inbox}.*")).await {
         Ok(sub) => SelectAll::from_iter([sub.boxed()]),
         Err(e) => {
-            let _ = ready.send(Err(format!("cannot subscribe to NATS: {e}")));
+            let _ = ready.send(Err(StartError::Subscribe(e.to_string())));
             return;
         }
     };
@@ -147,7 +148,10 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Stri
     let _ = closed_tx.send(());
 }
 
-async fn ensure_stream(js: &jetstream::Context, setup: &Setup) -> Result<stream::Stream, String> {
+async fn ensure_stream(
+    js: &jetstream::Context,
+    setup: &Setup,
+) -> Result<stream::Stream, StartError> {
     // The servers the node was given or has been told of; the latter may still be
     // incomplete while a new cluster forms.
     let servers = setup
@@ -207,7 +211,12 @@ async fn ensure_stream(js: &jetstream::Context, setup: &Setup) -> Result<stream:
                 log::debug!("stream {STREAM} not ready yet: {e}");
                 sleep(Duration::from_millis(250)).await;
             }
-            Err(e) => return Err(format!("cannot set up JetStream stream {STREAM}: {e}")),
+            Err(e) => {
+                return Err(StartError::Stream {
+                    stream: STREAM,
+                    reason: e.to_string(),
+                });
+            }
         }
     }
 }
@@ -568,12 +577,7 @@ impl Actor {
             else {
                 continue;
             };
-            let outcome = match lines.next() {
-                Some("stored") => Outcome::Stored,
-                Some(line) if line.starts_with("full ") => Outcome::Full(line[5..].to_string()),
-                Some(line) => Outcome::Failed(line.trim_start_matches("failed ").to_string()),
-                None => Outcome::Failed("the receiving node gave no answer".into()),
-            };
+            let outcome = wire::decode_outcome(lines.next());
             self.out.push(Reply::Appended {
                 ticket,
                 seq,
@@ -603,15 +607,7 @@ impl Actor {
         let Some(reply) = self.answering.remove(&token) else {
             return;
         };
-        let mut text = String::new();
-        for outcome in outcomes {
-            match outcome {
-                Outcome::Stored => text.push_str("stored"),
-                Outcome::Full(why) => text.push_str(&format!("full {why}")),
-                Outcome::Failed(why) => text.push_str(&format!("failed {why}")),
-            }
-            text.push('\n');
-        }
+        let text = wire::encode_outcomes(&outcomes);
         if let Err(e) = self.client.publish(reply, text.into()).await {
             log::debug!("answer not sent: {e}");
         }
@@ -662,7 +658,7 @@ impl Actor {
                 self.out.push(Reply::Appended {
                     ticket,
                     seq,
-                    outcome: Outcome::Failed(e.to_string()),
+                    outcome: Outcome::Failed(Failure::Store(e.to_string())),
                     len,
                 });
                 false
@@ -744,7 +740,7 @@ impl Actor {
                             if let Some(m) = &self.metrics {
                                 m.store_failures.inc();
                             }
-                            Outcome::Failed(e)
+                            Outcome::Failed(Failure::Store(e))
                         }
                     }
                 };
@@ -1146,5 +1142,5 @@ async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T
 
 /// The answer to an append that cannot be stored while NATS is unreachable.
 fn failed(cmd: Command) -> Option<Reply> {
-    answer(cmd, Outcome::Failed("NATS is unreachable".into()))
+    answer(cmd, Outcome::Failed(Failure::NatsUnreachable))
 }

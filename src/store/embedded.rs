@@ -37,7 +37,7 @@ use futures::channel::{mpsc, oneshot};
 use futures::task::ArcWake;
 use redb::{Builder, Database, ReadableTable, TableDefinition};
 
-use super::{Command, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, full, settled};
+use super::{Command, Failure, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, full, settled};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 
@@ -62,20 +62,42 @@ struct Usage {
     bytes: u64,
 }
 
+/// Why the embedded store could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data dir {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open {}: {source}", path.display())]
+    Open { path: PathBuf, source: redb::Error },
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: redb::Error },
+    #[error("cannot start store thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// Opens (or creates) `dir/mailbox.redb` and starts the store thread.
 pub fn open(
     dir: &Path,
     limits: Limits,
     metrics: Option<Arc<Metrics>>,
     faults: Option<Arc<Faults>>,
-) -> Result<Store, String> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+) -> Result<Store, OpenError> {
+    std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let path: PathBuf = dir.join("mailbox.redb");
-    let db = open_db(&path, faults.as_ref())
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let (usage, next_seq) =
-        scan(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let db = open_db(&path, faults.as_ref()).map_err(|source| OpenError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let (usage, next_seq) = scan(&db).map_err(|source| OpenError::Read {
+        path: path.clone(),
+        source,
+    })?;
     let (commands, rx) = mpsc::channel(QUEUE);
     // Unbounded, yet bounded in practice: each reply answers a command that had to get
     // through the bounded queue, and the broker drains replies before new events.
@@ -104,7 +126,7 @@ pub fn open(
             worker.run(rx);
             let _ = closed_tx.send(());
         })
-        .map_err(|e| format!("cannot start store thread: {e}"))?;
+        .map_err(OpenError::Thread)?;
     Ok(Store {
         commands,
         replies,
@@ -346,7 +368,7 @@ impl Worker {
     /// While down: appends fail at once, loads and deletes wait for recovery.
     fn refuse(&mut self, batch: &mut Vec<Command>) {
         let reason = self.down.as_ref().map_or("", |d| d.reason.as_str());
-        let failed = format!("store unavailable: {reason}");
+        let failed = Failure::Down(reason.to_string());
         let replies = self.fail_or_hold(batch.drain(..), &failed);
         self.send(replies);
     }
@@ -427,14 +449,19 @@ impl Worker {
                 let staged: Vec<Command> = self.staged.drain(..).filter_map(|s| s.append).collect();
                 // Pages read in a failed transaction may hold its own appends: loads are
                 // answered after recovery instead, deletes redone then.
-                replies.extend(self.fail_or_hold(writes.into_iter().chain(staged), &reason));
+                let failed = Failure::Store(reason);
+                replies.extend(self.fail_or_hold(writes.into_iter().chain(staged), &failed));
                 self.send(replies);
             }
         }
     }
 
     /// Answers appends with `store-failed`; holds loads and deletes for recovery.
-    fn fail_or_hold(&mut self, cmds: impl Iterator<Item = Command>, reason: &str) -> Vec<Reply> {
+    fn fail_or_hold(
+        &mut self,
+        cmds: impl Iterator<Item = Command>,
+        failed: &Failure,
+    ) -> Vec<Reply> {
         let mut replies = Vec::new();
         for cmd in cmds {
             match cmd {
@@ -443,7 +470,7 @@ impl Worker {
                 } => replies.push(Reply::Appended {
                     ticket,
                     seq,
-                    outcome: Outcome::Failed(reason.to_string()),
+                    outcome: Outcome::Failed(failed.clone()),
                     len: wire.len(),
                 }),
                 other => self.held.push(other),

@@ -101,8 +101,35 @@ pub enum Outcome {
     Stored,
     /// The receiver's mailbox is at its limit; the detail says which.
     Full(String),
-    /// The store could not commit; the detail is the error.
-    Failed(String),
+    /// The frame could not be stored (nor delivered in its place); why.
+    Failed(Failure),
+}
+
+/// Why a frame could not be stored. Its text is the detail of the sender's
+/// `store-failed` notice.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The store's own error: a failed write, sync or publish.
+    #[error("{0}")]
+    Store(String),
+    /// The store is down (since the error given) and takes nothing until it recovers.
+    #[error("store unavailable: {0}")]
+    Down(String),
+    /// The store is down and the receiver is not online to take the frame instead.
+    #[error("store unavailable ({reason}) and receiver {receiver} offline")]
+    Unavailable { reason: String, receiver: u32 },
+    /// The store is down and the receiver left before the frame was written to it.
+    #[error("the store is unavailable and the receiver left first")]
+    ReceiverLeft,
+    /// A cluster node without its link to NATS.
+    #[error("NATS is unreachable")]
+    NatsUnreachable,
+    /// The node holding the receiver did not answer for this frame.
+    #[error("the receiving node gave no answer")]
+    NoAnswer,
+    /// The node holding the receiver refused it, in its words.
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// The store's command queue, its reply stream, and what it was opened with.

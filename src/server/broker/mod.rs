@@ -26,7 +26,7 @@ use crate::rt;
 use crate::server::budget::Budget;
 use crate::server::event::{ConnId, Event, Request, Ticket};
 use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
-use crate::store::{Command, Outcome, Reply};
+use crate::store::{Command, Failure, Outcome, Reply};
 use remote::Remote;
 use replies::Replies;
 
@@ -480,7 +480,10 @@ impl Broker {
         }
         if let Some(reason) = &self.store_down {
             // Nothing can be stored: a frame is accepted only by its delivery.
-            let refused = format!("store unavailable ({reason}) and receiver {receiver} offline");
+            let refused = Failure::Unavailable {
+                reason: reason.clone(),
+                receiver,
+            };
             let pushed = live.is_some_and(|outbox| {
                 let item = Outgoing::unstored(frame_wire.clone(), receiver, seq, from, arrived);
                 let ok = outbox.push(item).is_ok();
@@ -805,8 +808,7 @@ impl Broker {
                 ..
             } = item.origin
             {
-                let why = "the store is unavailable and the receiver left first".to_string();
-                self.accepted(sender, seq, Outcome::Failed(why));
+                self.accepted(sender, seq, Outcome::Failed(Failure::ReceiverLeft));
             }
         }
         let Some(c) = self.conns.remove(&conn) else {

@@ -87,6 +87,7 @@ fn answer(echo: &Bytes, outcome: Outcome) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Failure;
 
     fn item(tag: &str) -> Outgoing {
         Outgoing::reply(Bytes::from(tag.to_string()))
@@ -136,8 +137,13 @@ mod tests {
         let sent = settled(&mut r, 1, Outcome::Full("holds 3 frames".into()));
         assert_eq!(sent.len(), 1);
         assert!(sent[0].ends_with(b"mailbox-full: receiver's mailbox holds 3 frames"));
-        let sent = settled(&mut r, 2, Outcome::Failed("disk full".into()));
-        assert!(sent[0].ends_with(b"store-failed: frame not stored: disk full"));
+        let failed = Failure::Store("No space left on device (os error 28)".into());
+        let sent = settled(&mut r, 2, Outcome::Failed(failed));
+        assert!(
+            sent[0].ends_with(
+                b"store-failed: frame not stored: No space left on device (os error 28)"
+            )
+        );
     }
 
     #[test]
