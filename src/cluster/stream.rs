@@ -36,7 +36,7 @@ use crate::cluster::link::{Link, sleep};
 use crate::cluster::{StartError, wire};
 use crate::metrics::Metrics;
 use crate::store::{
-    Command, Failure, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, Ticket, answer, settled,
+    Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, Ticket, answer, settled,
 };
 
 /// The stream that holds every node's frames.
@@ -121,7 +121,7 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Star
         metrics: setup.metrics,
         replies: reply_tx,
         out: Vec::new(),
-        staged: VecDeque::new(),
+        staged: Stage::default(),
         published: HashMap::new(),
         live: HashMap::new(),
         pending: FuturesUnordered::new(),
@@ -221,15 +221,6 @@ async fn ensure_stream(
     }
 }
 
-/// A live append waiting for its delivery (`append` is taken once it is delivered or
-/// published).
-struct Staged {
-    at: Instant,
-    seq: u64,
-    receiver: u32,
-    append: Option<Command>,
-}
-
 /// A live frame this node published: its stream sequence once acknowledged, and
 /// whether it was delivered before that.
 struct Live {
@@ -291,7 +282,7 @@ struct Actor {
     replies: mpsc::UnboundedSender<Vec<Reply>>,
     /// Replies gathered while handling one batch of work.
     out: Vec<Reply>,
-    staged: VecDeque<Staged>,
+    staged: Stage,
     /// Live frames published, by the broker's sequence number.
     published: HashMap<u64, Live>,
     /// Per receiver, the stream sequences of live frames this node published and
@@ -336,7 +327,7 @@ impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, link: mpsc::UnboundedReceiver<Link>) {
         let mut link = link.fuse();
         loop {
-            let due = self.stage_left();
+            let due = self.staged.next_due();
             let mut timer = match due {
                 Some(left) => sleep(left).boxed().fuse(),
                 None => futures::future::pending().boxed().fuse(),
@@ -398,12 +389,6 @@ impl Actor {
         log::debug!("JetStream store closed");
     }
 
-    fn stage_left(&self) -> Option<Duration> {
-        self.staged
-            .front()
-            .map(|s| STAGE_WAIT.saturating_sub(s.at.elapsed()))
-    }
-
     /// Sends the replies gathered so far and the mail for receivers held elsewhere.
     async fn flush(&mut self) {
         if !self.out.is_empty() {
@@ -449,12 +434,7 @@ impl Actor {
                 receiver,
                 live: true,
                 ..
-            } => self.staged.push_back(Staged {
-                at: Instant::now(),
-                seq,
-                receiver,
-                append: Some(cmd),
-            }),
+            } => self.staged.hold(seq, receiver, cmd),
             Command::Append { receiver, .. } if self.holds.contains_key(&receiver) => {
                 // Behind anything this node stages for the same receiver.
                 self.publish_staged(Some(receiver)).await;
@@ -668,30 +648,14 @@ impl Actor {
 
     /// Publishes the staged appends that are due.
     async fn publish_due(&mut self) {
-        while let Some(front) = self.staged.front() {
-            if front.append.is_some() && front.at.elapsed() < STAGE_WAIT {
-                break;
-            }
-            if let Some(cmd) = self.staged.pop_front().and_then(|s| s.append) {
-                self.publish(cmd).await;
-            }
+        for cmd in self.staged.due(false) {
+            self.publish(cmd).await;
         }
     }
 
     /// Publishes what is staged (for one receiver, or all), in order.
     async fn publish_staged(&mut self, receiver: Option<u32>) {
-        let mut due = Vec::new();
-        for s in self.staged.iter_mut() {
-            if receiver.is_none_or(|r| r == s.receiver)
-                && let Some(cmd) = s.append.take()
-            {
-                due.push(cmd);
-            }
-        }
-        while self.staged.front().is_some_and(|s| s.append.is_none()) {
-            self.staged.pop_front();
-        }
-        for cmd in due {
+        for cmd in self.staged.take_for(receiver) {
             self.publish(cmd).await;
         }
     }
@@ -778,9 +742,7 @@ impl Actor {
         if seq & STREAM_SEQ != 0 {
             return self.delete_stream_seq(seq & !STREAM_SEQ);
         }
-        if let Ok(i) = self.staged.binary_search_by_key(&seq, |s| s.seq)
-            && let Some(cmd) = self.staged[i].append.take()
-        {
+        if let Some(cmd) = self.staged.take(seq) {
             self.out.extend(settled(cmd));
             return;
         }
@@ -1090,7 +1052,7 @@ impl Actor {
             since: Instant::now(),
         });
         // Staged frames cannot be stored now; their echoes fail, their pushes go on.
-        let staged: Vec<Command> = self.staged.drain(..).filter_map(|s| s.append).collect();
+        let staged = self.staged.take_for(None);
         self.out.extend(staged.into_iter().filter_map(failed));
         self.out
             .push(Reply::Health(Some(format!("NATS unreachable: {why}"))));

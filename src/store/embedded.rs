@@ -26,7 +26,7 @@
 // redb's error type is large; it is built at most once per failed transaction.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ use futures::channel::{mpsc, oneshot};
 use futures::task::ArcWake;
 use redb::{Builder, Database, ReadableTable, TableDefinition};
 
-use super::{Command, Failure, Limits, Outcome, QUEUE, Reply, STAGE_WAIT, Store, full, settled};
+use super::{Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, full, settled};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 
@@ -114,7 +114,7 @@ pub fn open(
         usage,
         down: None,
         held: Vec::new(),
-        staged: VecDeque::new(),
+        staged: Stage::default(),
         stats: Stats::default(),
         replies: reply_tx,
         live: HashMap::new(),
@@ -253,7 +253,7 @@ struct Worker {
     held: Vec<Command>,
     /// Appends of frames pushed live, not yet written: if their deletes arrive with
     /// the next batch they never touch the disk. Their echoes wait.
-    staged: VecDeque<Staged>,
+    staged: Stage,
     stats: Stats,
     replies: mpsc::UnboundedSender<Vec<Reply>>,
     /// Per receiver, the live frames written since its last first read: the broker
@@ -301,7 +301,7 @@ impl Worker {
             let first = match &self.down {
                 _ if ready.is_some() => ready,
                 None if self.staged.is_empty() => next_within(&mut rx, None).flatten(),
-                None => match next_within(&mut rx, Some(self.stage_left())) {
+                None => match next_within(&mut rx, self.staged.next_due()) {
                     Some(cmd) => cmd,
                     None => {
                         // Nothing new: write what is due.
@@ -341,13 +341,6 @@ impl Worker {
             self.apply(&mut batch, false);
         }
         log::debug!("store closed");
-    }
-
-    /// How long until the oldest staged append is due.
-    fn stage_left(&self) -> Duration {
-        self.staged
-            .front()
-            .map_or(STAGE_WAIT, |s| STAGE_WAIT.saturating_sub(s.at.elapsed()))
     }
 
     /// Sets the mailbox gauges.
@@ -394,24 +387,12 @@ impl Worker {
         let mut replies = Vec::new();
         let mut skipped = Vec::new();
         for &seq in &delivered {
-            // Staged appends are in sequence order.
-            if let Ok(i) = self.staged.binary_search_by_key(&seq, |s| s.seq)
-                && let Some(cmd) = self.staged[i].append.take()
-            {
+            if let Some(cmd) = self.staged.take(seq) {
                 replies.extend(settled(cmd));
                 skipped.push(seq);
             }
         }
-        let mut writes = Vec::new();
-        while let Some(front) = self.staged.front() {
-            if front.append.is_some() && stage && front.at.elapsed() < STAGE_WAIT {
-                break;
-            }
-            if let Some(cmd) = self.staged.pop_front().and_then(|s| s.append) {
-                writes.push(cmd);
-            }
-        }
-        let now = Instant::now();
+        let mut writes = self.staged.due(!stage);
         for cmd in batch.drain(..) {
             match cmd {
                 Command::Append { seq, .. } if delivered.binary_search(&seq).is_ok() => {
@@ -419,12 +400,11 @@ impl Worker {
                     skipped.push(seq);
                 }
                 Command::Append {
-                    seq, live: true, ..
-                } if stage => self.staged.push_back(Staged {
-                    at: now,
                     seq,
-                    append: Some(cmd),
-                }),
+                    receiver,
+                    live: true,
+                    ..
+                } if stage => self.staged.hold(seq, receiver, cmd),
                 other => writes.push(other),
             }
         }
@@ -446,7 +426,7 @@ impl Worker {
                 (self.usage, self.totals) = before;
                 let reason = e.to_string();
                 self.go_down(reason.clone());
-                let staged: Vec<Command> = self.staged.drain(..).filter_map(|s| s.append).collect();
+                let staged = self.staged.take_for(None);
                 // Pages read in a failed transaction may hold its own appends: loads are
                 // answered after recovery instead, deletes redone then.
                 let failed = Failure::Store(reason);
@@ -658,13 +638,6 @@ impl Worker {
         })();
         result.map(|()| replies)
     }
-}
-
-/// A live append waiting for its delivery (`append` is taken once it is delivered).
-struct Staged {
-    at: Instant,
-    seq: u64,
-    append: Option<Command>,
 }
 
 /// Waits on this thread for the next command, for at most `limit`: `None` when the

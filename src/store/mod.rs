@@ -16,11 +16,13 @@
 //! and deletes wait for recovery.
 
 pub mod embedded;
+mod stage;
 
 use bytes::Bytes;
 use futures::channel::{mpsc, oneshot};
 
 pub use embedded::Faults;
+pub(crate) use stage::Stage;
 
 /// Commands waiting beyond this make senders wait: the store's queue is bounded.
 pub(crate) const QUEUE: usize = 8192;
@@ -143,9 +145,6 @@ pub struct Store {
     /// does once every `commands` sender is dropped.
     pub closed: oneshot::Receiver<()>,
 }
-
-/// A live append waiting for its delivery is written after this long anyway.
-pub(crate) const STAGE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The reply to an append with `outcome` (`None` for other commands).
 pub(crate) fn answer(cmd: Command, outcome: Outcome) -> Option<Reply> {
