@@ -106,8 +106,8 @@ fn headers_must_arrive_within_5_seconds() {
         let mut waits = Vec::new();
         for (addr, _) in listeners(&server) {
             waits.push(rt::spawn(async move {
-                let mut s = within(TcpStream::connect(addr)).await.expect("connects");
                 let opened = Instant::now();
+                let mut s = within(TcpStream::connect(addr)).await.expect("connects");
                 within(s.write_all(b"GET /healthz HTTP/1.1\r\nHost:"))
                     .await
                     .expect("writes");
@@ -118,7 +118,7 @@ fn headers_must_arrive_within_5_seconds() {
         for wait in waits {
             let (took, answer) = wait.await;
             assert!(
-                took >= Duration::from_millis(4900) && took < Duration::from_secs(7),
+                took >= Duration::from_secs(5) && took < Duration::from_secs(7),
                 "closed after {took:?}"
             );
             assert!(
@@ -171,8 +171,10 @@ fn a_connection_is_closed_when_its_time_is_up() {
         assert_eq!(HttpLimits::METRICS.connection_time, Duration::from_secs(30));
         assert_eq!(HttpLimits::WEB.connection_time, Duration::from_secs(30));
         for (addr, _) in listeners(&server) {
-            let mut s = within(TcpStream::connect(addr)).await.expect("connects");
+            // Before the connect: the server's clock starts at its accept, which may
+            // come before this task runs again.
             let opened = Instant::now();
+            let mut s = within(TcpStream::connect(addr)).await.expect("connects");
             // One request served on a kept-alive connection, then silence.
             within(s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"))
                 .await

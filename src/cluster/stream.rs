@@ -551,19 +551,10 @@ impl Actor {
         let text = String::from_utf8_lossy(&msg.payload);
         let mut lines = text.lines();
         for cmd in batch {
-            let Command::Append {
-                ticket, seq, wire, ..
-            } = cmd
-            else {
-                continue;
-            };
-            let outcome = wire::decode_outcome(lines.next());
-            self.out.push(Reply::Appended {
-                ticket,
-                seq,
-                outcome,
-                len: wire.len(),
-            });
+            if let Command::Append { .. } = cmd {
+                let outcome = wire::decode_outcome(lines.next());
+                self.out.extend(answer(cmd, outcome));
+            }
         }
         if let Some(route) = self.routes.get_mut(&receiver) {
             route.forwarding = None;

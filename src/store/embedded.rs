@@ -37,7 +37,7 @@ use futures::channel::{mpsc, oneshot};
 use futures::task::ArcWake;
 use redb::{Builder, Database, ReadableTable, TableDefinition};
 
-use super::{Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, full, settled};
+use super::{Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, answer, full, settled};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 
@@ -445,14 +445,9 @@ impl Worker {
         let mut replies = Vec::new();
         for cmd in cmds {
             match cmd {
-                Command::Append {
-                    ticket, seq, wire, ..
-                } => replies.push(Reply::Appended {
-                    ticket,
-                    seq,
-                    outcome: Outcome::Failed(failed.clone()),
-                    len: wire.len(),
-                }),
+                Command::Append { .. } => {
+                    replies.extend(answer(cmd, Outcome::Failed(failed.clone())));
+                }
                 other => self.held.push(other),
             }
         }
