@@ -7,9 +7,14 @@
 //! the receiving connection's writer task; every frame for another id also goes to a
 //! store thread that group-commits it to an embedded database before its echo, and
 //! removes it once delivered (acknowledged, for clients that turn acks on). See
-//! [`server`] for the diagram, [`protocol`] for the wire format, [`store`] for
-//! durability, [`http`] and [`metrics`] for what operators see, and docs/PROTOCOL.md for
-//! the guarantees.
+//! [`node`] for how the server is assembled, [`server`] for the diagram, [`protocol`]
+//! for the wire format, [`store`] for durability, [`cluster`] for several nodes through
+//! NATS, [`http`] and [`metrics`] for what operators see, and docs/PROTOCOL.md for the
+//! guarantees.
+//!
+//! Data flows one way: transport -> reader -> broker -> writer, with the store (or the
+//! cluster's stream) as an actor beside the broker. No module imports the one that
+//! assembles it; types that several share live in [`ids`] and [`server::config`].
 
 pub mod auth;
 pub mod client;
