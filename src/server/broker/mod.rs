@@ -11,6 +11,7 @@
 
 mod remote;
 mod replies;
+mod storage;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -29,11 +30,10 @@ use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
 use crate::store::{Command, Failure, Outcome, Reply};
 use remote::Remote;
 use replies::Replies;
+use storage::Storage;
 
 /// Mailbox pages are at most this large (and at most half the pending limit).
 const PAGE_BYTES: usize = 1024 * 1024;
-/// Bytes of frames the store may have queued before the broker waits for it.
-const STORE_BUDGET: usize = 8 * 1024 * 1024;
 
 struct Conn {
     outbox: Arc<Outbox>,
@@ -86,11 +86,8 @@ pub struct Broker {
     online: HashMap<u32, ConnId>,
     /// Ids whose previous connection's writer has not finished yet, with a count.
     returning: HashMap<u32, usize>,
-    store: mpsc::Sender<Command>,
-    /// Bytes sent to the store and not yet acknowledged; see [`STORE_BUDGET`].
-    storing: usize,
-    /// Why the store is down, while it is.
-    store_down: Option<String>,
+    /// The store's queue, the bytes it holds for us, its health (see [`storage`]).
+    storage: Storage,
     inbound: Arc<Budget>,
     next_seq: u64,
     shutting_down: bool,
@@ -127,13 +124,11 @@ impl Broker {
             remote: Remote::default(),
             answers: Vec::new(),
             max_pending_bytes,
-            storing: 0,
-            store_down: None,
             inbound,
             conns: HashMap::new(),
             online: HashMap::new(),
             returning: HashMap::new(),
-            store,
+            storage: Storage::new(store),
             next_seq,
             shutting_down: false,
         }
@@ -151,7 +146,7 @@ impl Broker {
             if self.shutting_down && self.conns.is_empty() {
                 break;
             }
-            if self.storing > STORE_BUDGET {
+            if self.storage.is_behind() {
                 // The store is behind: only its replies make room, so take no new
                 // frames until they do. Readers wait, and TCP pushes back on clients.
                 match replies.next().await {
@@ -475,13 +470,13 @@ impl Broker {
                 None => {}
             }
         }
-        if self.store_down.is_some() {
+        if self.storage.down().is_some() {
             behind = None;
         }
-        if let Some(reason) = &self.store_down {
+        if let Some(reason) = self.storage.down() {
             // Nothing can be stored: a frame is accepted only by its delivery.
             let refused = Failure::Unavailable {
-                reason: reason.clone(),
+                reason: reason.to_string(),
                 receiver,
             };
             let pushed = live.is_some_and(|outbox| {
@@ -501,7 +496,6 @@ impl Broker {
             return;
         }
         self.wait_for_echo(from, seq, frame_wire.clone());
-        self.storing += frame_wire.len();
         // Stored first, then pushed: the writer's delete for this frame must reach the
         // store after its append.
         self.send_store(Command::Append {
@@ -619,7 +613,7 @@ impl Broker {
                 outcome,
                 len,
             } => {
-                self.storing = self.storing.saturating_sub(len);
+                self.storage.answered(len);
                 self.accepted(ticket, seq, outcome);
             }
             Reply::Page {
@@ -708,7 +702,7 @@ impl Broker {
                 if let Some(m) = &self.metrics {
                     m.set_store_down(down.clone());
                 }
-                self.store_down = down;
+                self.storage.set_down(down);
             }
         }
     }
@@ -841,8 +835,6 @@ impl Broker {
     }
 
     async fn send_store(&mut self, command: Command) {
-        if self.store.send(command).await.is_err() {
-            log::error!("store is gone; frame not stored");
-        }
+        self.storage.send(command).await;
     }
 }
