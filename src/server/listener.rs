@@ -77,7 +77,7 @@ pub async fn run(
         };
         configure(&stream);
         let conn = next_conn(&shared);
-        log::debug!("connection {conn} from {peer}");
+        log::debug!(conn; "accepted from {peer}");
         let shared = shared.clone();
         rt::spawn(async move {
             serve(stream, conn, &shared).await;
@@ -185,12 +185,12 @@ async fn serve_tls(
             connection(read, write, stream, conn, shared).await
         }
         Some(Err(e)) => {
-            log::info!("connection {conn}: TLS handshake failed: {e}");
+            log::info!(conn; "TLS handshake failed: {e}");
             if let Some(m) = &shared.metrics {
                 m.refused(Refusal::tls_failed);
             }
         }
-        None => log::info!("connection {conn}: TLS handshake timed out"),
+        None => log::info!(conn; "TLS handshake timed out"),
     }
 }
 

@@ -131,10 +131,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         }
     };
     match &notice {
-        Some(n) => log::info!(
-            "connection {conn}: {}",
-            String::from_utf8_lossy(&n[SERVER_HEADER_LEN..])
-        ),
+        Some(n) => log::info!(conn; "{}", String::from_utf8_lossy(&n[SERVER_HEADER_LEN..])),
         // The peer is gone: stop writing to it now rather than when the broker gets
         // to the event, so frames routed meanwhile go back to the mailbox instead of
         // into a socket nobody reads.

@@ -71,7 +71,7 @@ pub async fn serve<S>(
         WebSocketStream::from_partially_read(io, already_read, Role::Server, Some(config)).await;
     let (sink, stream) = ws.split();
     let conn = listener::next_conn(&shared);
-    log::debug!("connection {conn}: WebSocket");
+    log::debug!(conn; "WebSocket");
     let source = MessageReader {
         stream,
         current: Bytes::new(),

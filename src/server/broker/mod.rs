@@ -367,7 +367,8 @@ impl Broker {
             Some(bound) => format!("sender {id} is not this connection's id {bound}"),
             None => {
                 c.id = Some(id);
-                log::debug!("id {id} bound to connection {conn}");
+                // docker/cluster-ci.sh finds where an id is bound by this line.
+                log::debug!(conn; "id {id} bound to connection {conn}");
                 if let Some(old) = self.online.insert(id, conn) {
                     log::info!("id {id}: connection {conn} replaces {old}");
                     self.close(
