@@ -143,40 +143,35 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     let mut pos = 0;
     let mut stopped = None;
     while pos < bytes.len() {
-        let write = pin!(sink.write(&bytes[pos..]));
-        let draining = deadline.is_some();
-        let closing = pin!(poll_fn(|cx| outbox.poll_closing(cx, draining)));
-        // The timer is boxed, and only made when closing: inline, it would make every
-        // writer task that much larger.
-        let mut timer =
-            deadline.map(|d| Box::pin(rt::sleep(d.saturating_duration_since(Instant::now()))));
-        let expired = pin!(poll_fn(|cx| match timer.as_mut() {
-            Some(t) => t.as_mut().poll(cx),
-            None => Poll::Pending,
-        }));
-        match select(write, select(closing, expired)).await {
-            Either::Left((Ok(n), _)) if n > 0 => pos += n,
-            Either::Left(_) => {
+        match unless_cut(sink, Io::Write(&bytes[pos..]), outbox, deadline).await {
+            Some(Ok(n)) if n > 0 => pos += n,
+            Some(_) => {
                 stopped = Some(Stopped::Io);
                 break;
             }
-            // A pending write that is dropped has written nothing: write on, now
-            // against the drain deadline.
-            Either::Right((Either::Left((Closing::Drain, _)), _)) => {
-                *deadline = Some(Instant::now() + DRAIN_LIMIT);
-            }
-            Either::Right(_) => {
+            None => {
                 stopped = Some(Stopped::Cut);
                 break;
             }
         }
     }
-    if stopped.is_none() && sink.flush().await.is_err() {
-        let written = Progress {
-            whole: 0,
-            at_boundary: false,
+    if stopped.is_none() {
+        // TLS and WebSocket sinks buffer: the bytes are the client's only once
+        // flushed, and a client that reads nothing can block the flush too. Until then
+        // none of the batch counts as written (it may come again: at least once).
+        let flushed = unless_cut(sink, Io::Flush, outbox, deadline).await;
+        let stopped = match flushed {
+            Some(Ok(_)) => None,
+            Some(Err(_)) => Some(Stopped::Io),
+            None => Some(Stopped::Cut),
         };
-        return (written, Some(Stopped::Io));
+        if stopped.is_some() {
+            let written = Progress {
+                whole: 0,
+                at_boundary: false,
+            };
+            return (written, stopped);
+        }
     }
     let (mut whole, mut end) = (0, 0);
     for item in batch {
@@ -193,6 +188,50 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         },
         stopped,
     )
+}
+
+/// One step of writing.
+#[derive(Clone, Copy)]
+enum Io<'a> {
+    Write(&'a [u8]),
+    Flush,
+}
+
+/// Does `io` on `sink` unless the outbox is abandoned or the drain deadline passes
+/// first (`None`). A close asked for meanwhile starts that deadline (`deadline`), and
+/// the step goes on against it: a step that is still pending has taken nothing, so it
+/// is simply made again.
+async fn unless_cut<W: AsyncWrite + Unpin>(
+    sink: &mut W,
+    io: Io<'_>,
+    outbox: &Outbox,
+    deadline: &mut Option<Instant>,
+) -> Option<std::io::Result<usize>> {
+    loop {
+        let step = pin!(async {
+            match io {
+                Io::Write(bytes) => sink.write(bytes).await,
+                Io::Flush => sink.flush().await.map(|()| 0),
+            }
+        });
+        let draining = deadline.is_some();
+        let closing = pin!(poll_fn(|cx| outbox.poll_closing(cx, draining)));
+        // The timer is boxed, and only made when closing: inline, it would make every
+        // writer task that much larger.
+        let mut timer =
+            deadline.map(|d| Box::pin(rt::sleep(d.saturating_duration_since(Instant::now()))));
+        let expired = pin!(poll_fn(|cx| match timer.as_mut() {
+            Some(t) => t.as_mut().poll(cx),
+            None => Poll::Pending,
+        }));
+        match select(step, select(closing, expired)).await {
+            Either::Left((done, _)) => return Some(done),
+            Either::Right((Either::Left((Closing::Drain, _)), _)) => {
+                *deadline = Some(Instant::now() + DRAIN_LIMIT);
+            }
+            Either::Right(_) => return None,
+        }
+    }
 }
 
 fn concat(batch: &[Outgoing]) -> Vec<u8> {
