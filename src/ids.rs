@@ -11,7 +11,7 @@ pub type ConnId = u64;
 pub enum Ticket {
     /// A connection of this node: its echoes and mailbox pages.
     Conn(ConnId),
-    /// A batch of frames another node forwarded here, by the token the broker gave it:
+    /// A batch of frames another node forwarded here, by the token the cluster link gave it:
     /// the outcomes go back to that node.
     Remote(u64),
 }

@@ -23,7 +23,7 @@ pub use link::Options;
 use link::connect;
 
 /// Connects to NATS and starts the JetStream store on the link's thread. Fails with a
-/// one-line reason when no server answers within [`CONNECT_LIMIT`] or the cluster cannot
+/// one-line reason when no server answers within 10 s or the cluster cannot
 /// hold what this node needs.
 pub fn start(
     options: Options,

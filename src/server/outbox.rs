@@ -161,7 +161,7 @@ struct State {
     /// Set once the client's `AcksOn` notice has been written.
     acks: Option<Acks>,
     close: Option<Close>,
-    /// The writer, waiting for frames or for an abandoning close.
+    /// The writer, waiting for frames, or in a write or flush for a close.
     waker: Option<Waker>,
     /// The reader, waiting for room (see [`Outbox::poll_room`]).
     room_waker: Option<Waker>,

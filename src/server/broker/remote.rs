@@ -11,7 +11,7 @@ use crate::store::Outcome;
 
 #[derive(Debug, Default)]
 pub(super) struct Remote {
-    /// By the token the broker gave each batch: each frame's number and outcome.
+    /// By the token the cluster link gave each batch: each frame's number and outcome.
     batches: HashMap<u64, Vec<(u64, Option<Outcome>)>>,
 }
 
