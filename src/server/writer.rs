@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::Sender;
 use futures::future::{BoxFuture, Either, select};
-use futures::{AsyncWrite, AsyncWriteExt, SinkExt};
+use futures::{AsyncWrite, AsyncWriteExt, FutureExt, SinkExt};
 
 use crate::metrics::{Metrics, Out};
 use crate::protocol::{CONTROL, SERVER_HEADER_LEN};
@@ -143,7 +143,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     let mut pos = 0;
     let mut stopped = None;
     while pos < bytes.len() {
-        match unless_cut(sink, Io::Write(&bytes[pos..]), outbox, deadline).await {
+        match step(sink, Io::Write(&bytes[pos..]), outbox, deadline).await {
             Some(Ok(n)) if n > 0 => pos += n,
             Some(_) => {
                 stopped = Some(Stopped::Io);
@@ -159,7 +159,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         // TLS and WebSocket sinks buffer: the bytes are the client's only once
         // flushed, and a client that reads nothing can block the flush too. Until then
         // none of the batch counts as written (it may come again: at least once).
-        let flushed = unless_cut(sink, Io::Flush, outbox, deadline).await;
+        let flushed = step(sink, Io::Flush, outbox, deadline).await;
         let stopped = match flushed {
             Some(Ok(_)) => None,
             Some(Err(_)) => Some(Stopped::Io),
@@ -195,6 +195,25 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 enum Io<'a> {
     Write(&'a [u8]),
     Flush,
+}
+
+/// Does `io` on `sink`, at once if it can (most writes and flushes can); one that must
+/// wait is raced against the close by [`unless_cut`], boxed, so that every writer task
+/// stays small and the common case allocates nothing.
+async fn step<W: AsyncWrite + Unpin>(
+    sink: &mut W,
+    io: Io<'_>,
+    outbox: &Outbox,
+    deadline: &mut Option<Instant>,
+) -> Option<std::io::Result<usize>> {
+    let now = match io {
+        Io::Write(bytes) => sink.write(bytes).now_or_never(),
+        Io::Flush => sink.flush().now_or_never().map(|done| done.map(|()| 0)),
+    };
+    match now {
+        Some(done) => Some(done),
+        None => Box::pin(unless_cut(sink, io, outbox, deadline)).await,
+    }
 }
 
 /// Does `io` on `sink` unless the outbox is abandoned or the drain deadline passes
