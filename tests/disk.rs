@@ -249,6 +249,16 @@ fn refused_at_start(data_dir: &Path, why: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A server whose store's file takes `faults`, with metrics (for readiness).
+async fn faulty_server(faults: &std::sync::Arc<chat::store::Faults>) -> TestServer {
+    let injected = faults.clone();
+    start_with(|c| {
+        c.store_faults = Some(injected);
+        c.metrics_listen = Some("127.0.0.1:0".into());
+    })
+    .await
+}
+
 /// An I/O error injected through redb's storage backend while `fault` is set: the
 /// frame gets `store-failed`, not an echo; pings and live traffic go on; once the
 /// fault is gone the store reopens by itself, and every frame that was echoed is
@@ -259,13 +269,8 @@ fn an_injected_error_gets_store_failed_and_the_store_recovers(
 ) {
     use std::sync::atomic::Ordering;
     let faults = std::sync::Arc::new(chat::store::Faults::default());
-    let injected = faults.clone();
     rt::block_on(async {
-        let server = start_with(|c| {
-            c.store_faults = Some(injected);
-            c.metrics_listen = Some("127.0.0.1:0".into());
-        })
-        .await;
+        let server = faulty_server(&faults).await;
         let metrics = server.metrics.unwrap();
         let mut a = login(&server, 1).await;
         let mut live = login(&server, 2).await;
@@ -311,13 +316,8 @@ fn a_failed_write_gets_store_failed_and_the_store_recovers() {
 fn a_failed_read_holds_the_mailbox_until_the_store_recovers() {
     use std::sync::atomic::Ordering;
     let faults = std::sync::Arc::new(chat::store::Faults::default());
-    let injected = faults.clone();
     rt::block_on(async {
-        let server = start_with(|c| {
-            c.store_faults = Some(injected);
-            c.metrics_listen = Some("127.0.0.1:0".into());
-        })
-        .await;
+        let server = faulty_server(&faults).await;
         let metrics = server.metrics.unwrap();
         let mut a = login(&server, 1).await;
         // 16 MiB for offline 3: twice the store's page cache, so reading it back
