@@ -13,8 +13,12 @@
 //! guarantees.
 //!
 //! Data flows one way: transport -> reader -> broker -> writer, with the store (or the
-//! cluster's stream) as an actor beside the broker. No module imports the one that
-//! assembles it; types that several share live in [`ids`] and [`server::config`].
+//! cluster's actor) beside the broker, reached through [`server::backend`]. The broker
+//! is built from owned parts (the registry of connections, each connection's mailbox
+//! paging, its ordered replies, forwarded batches, the store's queue), each in its own
+//! file under `server/broker/` with its own tests. No module imports the one that
+//! assembles it; types that several share live in [`ids`], [`server::config`] and
+//! [`cluster::msg`].
 
 pub mod auth;
 pub mod client;

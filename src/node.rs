@@ -14,6 +14,7 @@ use futures::channel::mpsc;
 
 use crate::metrics::Metrics;
 use crate::rt::{self, TcpListener};
+use crate::server::backend::Opened;
 use crate::server::broker::Broker;
 use crate::server::budget::Budget;
 use crate::server::event::Event;
@@ -31,7 +32,7 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(4);
 pub struct Server {
     listener: TcpListener,
     config: Config,
-    store: store::Store,
+    store: Opened,
     /// The HTTP listener for metrics, health and readiness, when asked for.
     http: Option<TcpListener>,
     /// The web client's listener, when asked for.
@@ -43,19 +44,21 @@ impl Server {
     /// Opens the mailbox and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let metrics = config.metrics_listen.as_ref().map(|_| Metrics::new());
-        let store = match &config.nats {
+        let store: Opened = match &config.nats {
             Some(nats) => crate::cluster::start(
                 nats.clone(),
                 config.mailbox,
                 config.max_frame_bytes,
                 metrics.clone(),
-            )?,
+            )?
+            .into(),
             None => store::embedded::open(
                 &config.data_dir,
                 config.mailbox,
                 metrics.clone(),
                 config.store_faults.clone(),
-            )?,
+            )?
+            .into(),
         };
         let listener =
             TcpListener::bind(&config.listen)
@@ -125,7 +128,7 @@ impl Server {
         let shared = Arc::new(Shared {
             config,
             events,
-            store: store.commands,
+            store: store.backend,
             inbound: Arc::new(Budget::new(INBOUND_BUDGET)),
             metrics: metrics.clone(),
             active: AtomicUsize::new(0),

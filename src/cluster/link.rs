@@ -126,6 +126,15 @@ pub(crate) fn sleep(duration: Duration) -> impl Future<Output = ()> {
     tokio::time::sleep(duration)
 }
 
+/// `future`'s output, unless it takes longer than `limit`.
+pub(crate) async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T> {
+    let future = std::pin::pin!(future);
+    match futures::future::select(future, std::pin::pin!(sleep(limit))).await {
+        futures::future::Either::Left((out, _)) => Some(out),
+        futures::future::Either::Right(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact;

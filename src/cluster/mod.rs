@@ -2,16 +2,22 @@
 //! needs lives here, below the server and beside the embedded store:
 //!
 //! - [`link`]: the connection to NATS (credentials, TLS, retries at start, up/down);
-//! - `stream`: the store a cluster uses, a replicated JetStream stream every node
-//!   shares, and the node-to-node traffic (holding ids, takeover, forwarded frames);
-//! - [`wire`]: what nodes say to each other, as typed values with one encoding each.
+//! - `stream`: the cluster's actor and the store it keeps, a replicated JetStream
+//!   stream every node shares; beside it, its two parts for the node-to-node traffic:
+//!   `holds` (the ids this node holds, claiming them and letting them go) and
+//!   `forward` (frames to the node that holds their receiver, and batches from others);
+//! - [`wire`]: what nodes say to each other, as typed values with one encoding each;
+//! - [`msg`]: what the broker and the cluster's actor say to each other.
 //!
 //! async-nats runs on tokio; the server runs on async-std. The link therefore lives on
 //! a thread of its own with a single-threaded tokio runtime inside, the way the
-//! embedded store lives on its own thread, and the broker reaches it only through the
-//! store's channels. [`start`] builds that thread.
+//! embedded store lives on its own thread, and the broker reaches it only through its
+//! two channels ([`msg`]). [`start`] builds that thread.
 
+mod forward;
+mod holds;
 pub mod link;
+pub mod msg;
 pub(crate) mod stream;
 pub mod wire;
 
@@ -21,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::store::{Limits, Store};
 pub use link::Options;
 use link::connect;
+use msg::{FromCluster, ToCluster};
 
 /// Connects to NATS and starts the JetStream store on the link's thread. Fails with a
 /// one-line reason when no server answers within 10 s or the cluster cannot
@@ -30,7 +37,7 @@ pub fn start(
     limits: Limits,
     max_frame_bytes: u32,
     metrics: Option<Arc<Metrics>>,
-) -> Result<Store, StartError> {
+) -> Result<Store<ToCluster, FromCluster>, StartError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("nats".into())

@@ -29,11 +29,15 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::channel::{mpsc, oneshot};
 use futures::future::BoxFuture;
-use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt, select_biased};
 
-use crate::cluster::link::{Link, sleep};
-use crate::cluster::{StartError, wire};
+use crate::cluster::StartError;
+use crate::cluster::forward::{Due, Forwards, Settled};
+use crate::cluster::holds::{Heard, Holds};
+use crate::cluster::link::{Link, sleep, within};
+use crate::cluster::msg::{FromCluster, ToCluster};
+use crate::cluster::wire::{self, Hold, Refused};
 use crate::metrics::Metrics;
 use crate::store::{
     Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, Ticket, answer, settled,
@@ -41,19 +45,9 @@ use crate::store::{
 
 /// The stream that holds every node's frames.
 pub const STREAM: &str = "CHAT_MAILBOX";
-/// Marks a sequence number as the stream's.
-const STREAM_SEQ: u64 = 1 << 63;
-/// How long a node waits for the holder of an id to let it go before binding anyway.
-const CLAIM_WAIT: Duration = Duration::from_secs(5);
 /// How long setting up the stream may take (a new cluster first elects its leaders,
 /// which on a loaded machine can take most of a minute).
 const SETUP_LIMIT: Duration = Duration::from_secs(60);
-/// Mail published while a new holder's interest was still on its way across the
-/// cluster could miss it: the holder looks once more after this long.
-const RECHECK: Duration = Duration::from_millis(500);
-/// How long a node waits for the holder of an id to take frames forwarded to it
-/// before it stores them in the stream itself (they may then arrive twice).
-const FORWARD_WAIT: Duration = Duration::from_secs(5);
 /// A mailbox read that failed is tried again after this long.
 const READ_RETRY: Duration = Duration::from_millis(250);
 /// Frames asked for in one read of a mailbox.
@@ -79,7 +73,10 @@ pub struct Setup {
 
 /// Sets up the stream, reports the store ready (or why not) and serves it until every
 /// command sender is gone.
-pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, StartError>>) {
+pub async fn run(
+    setup: Setup,
+    ready: std::sync::mpsc::Sender<Result<Store<ToCluster, FromCluster>, StartError>>,
+) {
     let js = jetstream::ContextBuilder::new()
         .timeout(ACK_WAIT)
         .ack_timeout(ACK_WAIT)
@@ -102,8 +99,8 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Star
         closed,
     };
     let inbox = setup.client.new_inbox();
-    let answers = match setup.client.subscribe(format!("{inbox}.*")).await {
-        Ok(sub) => SelectAll::from_iter([sub.boxed()]),
+    let answers = match setup.client.subscribe(wire::answers(&inbox)).await {
+        Ok(sub) => sub.boxed(),
         Err(e) => {
             let _ = ready.send(Err(StartError::Subscribe(e.to_string())));
             return;
@@ -116,6 +113,8 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Star
         js,
         client: setup.client,
         stream,
+        holds: Holds::new(setup.node.clone()),
+        forwards: Forwards::new(setup.node.clone(), inbox, answers),
         node: setup.node,
         max_frame: setup.max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN,
         metrics: setup.metrics,
@@ -125,20 +124,8 @@ pub async fn run(setup: Setup, ready: std::sync::mpsc::Sender<Result<Store, Star
         published: HashMap::new(),
         live: HashMap::new(),
         pending: FuturesUnordered::new(),
-        rechecks: FuturesUnordered::new(),
         retries: FuturesUnordered::new(),
-        holds: HashMap::new(),
-        remote: SelectAll::new(),
-        takeovers: HashMap::new(),
         mail: HashSet::new(),
-        routes: HashMap::new(),
-        forwards: HashMap::new(),
-        next_token: 1,
-        inbox,
-        answers,
-        timeouts: FuturesUnordered::new(),
-        kick: Vec::new(),
-        answering: HashMap::new(),
         parked: HashMap::new(),
         high_seq: 0,
         down: None,
@@ -163,7 +150,7 @@ async fn ensure_stream(
     let replicas = setup.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
     let config = stream::Config {
         name: STREAM.into(),
-        subjects: vec!["chat.mb.*".into()],
+        subjects: vec![wire::MAILBOX_SUBJECTS.into()],
         storage: stream::StorageType::File,
         num_replicas: replicas,
         max_messages_per_subject: i64::try_from(setup.limits.max_messages).unwrap_or(i64::MAX),
@@ -221,37 +208,33 @@ async fn ensure_stream(
     }
 }
 
+/// A frame's place in the stream. The broker knows a frame read from the stream by
+/// [`StreamSeq::number`]: the stream's sequence with the top bit set, so it never
+/// meets the numbers the broker gives the frames it appends (which count up from 1 in
+/// one process), and a delete tells at once which of the two it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StreamSeq(u64);
+
+impl StreamSeq {
+    const MARK: u64 = 1 << 63;
+
+    /// The frame the broker numbers `number`, if it was read from the stream.
+    fn of(number: u64) -> Option<StreamSeq> {
+        (number & Self::MARK != 0).then_some(StreamSeq(number & !Self::MARK))
+    }
+
+    /// The number the broker knows this frame by.
+    fn number(self) -> u64 {
+        self.0 | Self::MARK
+    }
+}
+
 /// A live frame this node published: its stream sequence once acknowledged, and
 /// whether it was delivered before that.
 struct Live {
     receiver: u32,
     stream_seq: Option<u64>,
     delivered: bool,
-}
-
-/// Frames waiting to be forwarded to the node holding their receiver. One batch is in
-/// flight at a time, which keeps them in order whichever way each batch goes.
-#[derive(Default)]
-struct Route {
-    queue: Vec<Command>,
-    /// The token of the batch in flight.
-    forwarding: Option<u64>,
-    /// Frames of a batch nobody took, being published to the stream.
-    storing: usize,
-    /// Frames went to the stream since the last batch the holder took: it must read
-    /// its mailbox before the next.
-    behind: bool,
-}
-
-impl Route {
-    fn busy(&self) -> bool {
-        self.forwarding.is_some() || self.storing > 0
-    }
-}
-
-struct Forward {
-    receiver: u32,
-    batch: Vec<Command>,
 }
 
 /// Work in flight on the NATS connection.
@@ -262,7 +245,7 @@ enum Done {
         receiver: u32,
         live: bool,
         len: usize,
-        result: Result<u64, String>,
+        result: Result<u64, Refused>,
     },
     Deleted,
 }
@@ -279,9 +262,9 @@ struct Actor {
     /// The largest frame in its wire encoding.
     max_frame: usize,
     metrics: Option<Arc<Metrics>>,
-    replies: mpsc::UnboundedSender<Vec<Reply>>,
+    replies: mpsc::UnboundedSender<Vec<FromCluster>>,
     /// Replies gathered while handling one batch of work.
-    out: Vec<Reply>,
+    out: Vec<FromCluster>,
     staged: Stage,
     /// Live frames published, by the broker's sequence number.
     published: HashMap<u64, Live>,
@@ -291,40 +274,25 @@ struct Actor {
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
     /// Reads that failed, to be tried again.
     retries: FuturesUnordered<BoxFuture<'static, Command>>,
-    /// Ids to look at once more after they were claimed (see [`RECHECK`]).
-    rechecks: FuturesUnordered<BoxFuture<'static, u32>>,
-    /// Ids bound here; dropping the sender ends the id's subscription.
-    holds: HashMap<u32, oneshot::Sender<()>>,
-    remote: SelectAll<BoxStream<'static, (u32, async_nats::Message)>>,
-    /// Nodes waiting for this one to let an id go, by their reply subjects.
-    takeovers: HashMap<u32, Vec<async_nats::Subject>>,
-    /// Frames for ids bound on other nodes, per receiver, forwarded one batch at a time.
-    routes: HashMap<u32, Route>,
-    /// Batches forwarded and not yet answered, by token.
-    forwards: HashMap<u64, Forward>,
-    next_token: u64,
-    /// Where answers to this node's forwards arrive: `<inbox>.<token>`.
-    inbox: String,
-    answers: SelectAll<BoxStream<'static, async_nats::Message>>,
-    timeouts: FuturesUnordered<BoxFuture<'static, u64>>,
-    /// Routes that may forward their next batch.
-    kick: Vec<u32>,
+    /// The ids this node holds and what it hears for them (see [`crate::cluster::holds`]).
+    holds: Holds,
+    /// Frames for ids held elsewhere, and batches forwarded here (see
+    /// [`crate::cluster::forward`]).
+    forwards: Forwards,
     /// First reads of ids this node is about to hold, waiting until the frames it was
     /// forwarding for them elsewhere are settled (so the read sees them, in order).
     parked: HashMap<u32, Vec<(Command, u64)>>,
     /// The highest frame number appended so far.
     high_seq: u64,
-    /// Batches forwarded to this node, waiting for the broker's outcomes.
-    answering: HashMap<u64, async_nats::Subject>,
     /// Receivers that got frames through the stream since mail was last sent.
     mail: HashSet<u32>,
     down: Option<Down>,
     /// Loads, deletes and releases that arrived while the link was down, in order.
-    held: VecDeque<Command>,
+    held: VecDeque<ToCluster>,
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>, link: mpsc::UnboundedReceiver<Link>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<ToCluster>, link: mpsc::UnboundedReceiver<Link>) {
         let mut link = link.fuse();
         loop {
             let due = self.staged.next_due();
@@ -339,15 +307,18 @@ impl Actor {
                     None => {}
                 },
                 done = self.pending.select_next_some() => self.on_done(done),
-                load = self.retries.select_next_some() => self.on_command(load).await,
-                answer = self.answers.select_next_some() => self.on_answer(answer).await,
-                token = self.timeouts.select_next_some() => self.forward_timed_out(token).await,
-                receiver = self.rechecks.select_next_some() => {
-                    if self.holds.contains_key(&receiver) {
-                        self.out.push(Reply::Mail { receiver });
+                load = self.retries.select_next_some() => self.on_store(load).await,
+                due = self.forwards.next().fuse() => match due {
+                    Due::Answer(msg) => {
+                        let settled = self.forwards.answered(&msg);
+                        self.settled(settled).await;
                     }
-                }
-                msg = self.remote.select_next_some() => self.on_remote(msg.0, msg.1),
+                    Due::Timeout(token) => {
+                        let settled = self.forwards.timed_out(token);
+                        self.settled(settled).await;
+                    }
+                },
+                heard = self.holds.next().fuse() => self.heard(heard),
                 cmd = rx.next() => match cmd {
                     Some(cmd) => {
                         self.on_command(cmd).await;
@@ -362,7 +333,7 @@ impl Actor {
                 },
                 () = timer => self.publish_due().await,
             }
-            for receiver in std::mem::take(&mut self.kick) {
+            for receiver in self.forwards.kicked() {
                 if let Some(loads) = self.parked.remove(&receiver) {
                     for (load, mark) in loads {
                         if let Command::Load {
@@ -395,23 +366,32 @@ impl Actor {
             let _ = self.replies.unbounded_send(std::mem::take(&mut self.out));
         }
         for receiver in std::mem::take(&mut self.mail) {
-            let subject = format!("chat.hold.{receiver}.mail");
+            let subject = wire::hold(receiver, Hold::Mail);
             if let Err(e) = self.client.publish(subject, self.node.clone().into()).await {
                 log::debug!("mail for id {receiver} not sent: {e}");
             }
         }
     }
 
-    async fn on_command(&mut self, cmd: Command) {
-        if let Command::Answer { token, outcomes } = cmd {
-            return self.answer(token, outcomes).await;
+    async fn on_command(&mut self, cmd: ToCluster) {
+        match cmd {
+            ToCluster::Store(cmd) => self.on_store(cmd).await,
+            ToCluster::Answer { token, outcomes } => {
+                self.forwards.answer(&self.client, token, &outcomes).await;
+            }
+            // Behind the loads and deletes held before it.
+            left @ ToCluster::Left { .. } if self.down.is_some() => self.held.push_back(left),
+            ToCluster::Left { receiver } => self.release(receiver).await,
         }
+    }
+
+    async fn on_store(&mut self, cmd: Command) {
         if let Command::Append { seq, .. } = cmd {
             self.high_seq = self.high_seq.max(seq);
         }
         if self.down.is_some() {
             match cmd {
-                Command::Append { .. } => self.out.extend(failed(cmd)),
+                Command::Append { .. } => self.out.extend(failed(cmd).map(FromCluster::Store)),
                 // A connection reading on: nothing more for now, so it stays live;
                 // it reads again once the link is back.
                 Command::Load {
@@ -419,12 +399,12 @@ impl Actor {
                     receiver,
                     after: Some(_),
                     ..
-                } => self.out.push(Reply::Page {
+                } => self.out.push(FromCluster::Store(Reply::Page {
                     ticket,
                     receiver,
                     frames: Vec::new(),
-                }),
-                other => self.held.push_back(other),
+                })),
+                other => self.held.push_back(ToCluster::Store(other)),
             }
             return;
         }
@@ -435,13 +415,13 @@ impl Actor {
                 live: true,
                 ..
             } => self.staged.hold(seq, receiver, cmd),
-            Command::Append { receiver, .. } if self.holds.contains_key(&receiver) => {
+            Command::Append { receiver, .. } if self.holds.holds(receiver) => {
                 // Behind anything this node stages for the same receiver.
                 self.publish_staged(Some(receiver)).await;
                 self.publish(cmd).await;
             }
             Command::Append { receiver, .. } => {
-                self.routes.entry(receiver).or_default().queue.push(cmd);
+                self.forwards.queue(receiver, cmd);
                 self.forward(receiver).await;
             }
             Command::Delete { seqs, .. } => {
@@ -458,63 +438,25 @@ impl Actor {
                 let mark = self.high_seq;
                 self.load(ticket, receiver, after, max_bytes, mark).await;
             }
-            Command::Left { receiver } => self.release(receiver).await,
-            Command::Answer { .. } => {}
         }
     }
 
     /// Sends `receiver`'s queued frames to the node that holds it, unless a batch is
-    /// still on its way.
+    /// still on its way; a batch that could not be sent goes to the stream.
     async fn forward(&mut self, receiver: u32) {
-        let Some(route) = self.routes.get_mut(&receiver) else {
-            return;
-        };
-        if route.busy() {
-            return;
+        if let Some(frames) = self.forwards.forward(&self.client, receiver).await {
+            self.store_batch(receiver, frames).await;
         }
-        if route.queue.is_empty() {
-            self.routes.remove(&receiver);
-            return;
-        }
-        let batch = std::mem::take(&mut route.queue);
-        let mut payload = bytes::BytesMut::new();
-        for cmd in &batch {
-            if let Command::Append { wire, .. } = cmd {
-                payload.extend_from_slice(wire);
+    }
+
+    /// What became of a batch this node forwarded: its outcomes, or nobody took it.
+    async fn settled(&mut self, settled: Settled) {
+        match settled {
+            Settled::Nothing => {}
+            Settled::Answered(replies) => {
+                self.out.extend(replies.into_iter().map(FromCluster::Store));
             }
-        }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Chat-Node", self.node.as_str());
-        if route.behind {
-            headers.insert("Chat-Behind", "1");
-        }
-        let token = self.next_token;
-        self.next_token += 1;
-        route.forwarding = Some(token);
-        let sent = self
-            .client
-            .publish_with_reply_and_headers(
-                format!("chat.hold.{receiver}.frames"),
-                format!("{}.{token}", self.inbox),
-                headers,
-                payload.freeze(),
-            )
-            .await;
-        match sent {
-            Ok(()) => {
-                self.forwards.insert(token, Forward { receiver, batch });
-                self.timeouts.push(
-                    async move {
-                        sleep(FORWARD_WAIT).await;
-                        token
-                    }
-                    .boxed(),
-                );
-            }
-            Err(e) => {
-                log::debug!("id {receiver}: frames not forwarded: {e}");
-                self.store_batch(receiver, batch).await;
-            }
+            Settled::Unclaimed { receiver, frames } => self.store_batch(receiver, frames).await,
         }
     }
 
@@ -527,61 +469,27 @@ impl Actor {
                 queued += 1;
             }
         }
-        if let Some(route) = self.routes.get_mut(&receiver) {
-            route.forwarding = None;
-            route.storing += queued;
-            route.behind = true;
-        }
-        self.kick.push(receiver);
+        self.forwards.storing(receiver, queued);
     }
 
-    async fn on_answer(&mut self, msg: async_nats::Message) {
-        let token = msg
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|t| t.parse::<u64>().ok());
-        let Some(Forward { receiver, batch }) = token.and_then(|t| self.forwards.remove(&t)) else {
-            return;
+    /// What the node heard for an id it holds.
+    fn heard(&mut self, heard: Heard) {
+        let news = match heard {
+            Heard::Frames {
+                receiver,
+                frames,
+                behind,
+                reply,
+            } => FromCluster::Forwarded {
+                token: self.forwards.answering(reply),
+                receiver,
+                frames,
+                behind,
+            },
+            Heard::Mail { receiver } => FromCluster::Mail { receiver },
+            Heard::Take { receiver } => FromCluster::Takeover { receiver },
         };
-        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-            // Nobody holds the id: the frames go to its mailbox.
-            return self.store_batch(receiver, batch).await;
-        }
-        let text = String::from_utf8_lossy(&msg.payload);
-        let mut lines = text.lines();
-        for cmd in batch {
-            if let Command::Append { .. } = cmd {
-                let outcome = wire::decode_outcome(lines.next());
-                self.out.extend(answer(cmd, outcome));
-            }
-        }
-        if let Some(route) = self.routes.get_mut(&receiver) {
-            route.forwarding = None;
-            route.behind = false;
-        }
-        self.kick.push(receiver);
-    }
-
-    async fn forward_timed_out(&mut self, token: u64) {
-        if let Some(Forward { receiver, batch }) = self.forwards.remove(&token) {
-            log::warn!(
-                "id {receiver}: its node did not answer within {FORWARD_WAIT:?}; storing {} frames in the stream (they may arrive twice)",
-                batch.len()
-            );
-            self.store_batch(receiver, batch).await;
-        }
-    }
-
-    /// Tells the node that forwarded a batch what became of its frames.
-    async fn answer(&mut self, token: u64, outcomes: Vec<Outcome>) {
-        let Some(reply) = self.answering.remove(&token) else {
-            return;
-        };
-        let text = wire::encode_outcomes(&outcomes);
-        if let Err(e) = self.client.publish(reply, text.into()).await {
-            log::debug!("answer not sent: {e}");
-        }
+        self.out.push(news);
     }
 
     /// Publishes an append; false if it was refused at once (and answered).
@@ -590,14 +498,14 @@ impl Actor {
             ticket,
             receiver,
             seq,
-            wire,
+            wire: frame,
             live,
         } = cmd
         else {
             return false;
         };
-        let len = wire.len();
-        match self.js.publish(format!("chat.mb.{receiver}"), wire).await {
+        let len = frame.len();
+        match self.js.publish(wire::mailbox(receiver), frame).await {
             Ok(ack) => {
                 if live {
                     self.published.insert(
@@ -611,7 +519,8 @@ impl Actor {
                 }
                 self.pending.push(
                     async move {
-                        let result = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
+                        let result = ack.await.map(|a| a.sequence);
+                        let result = result.map_err(|e| wire::refused(&e));
                         Done::Published {
                             ticket,
                             seq,
@@ -626,12 +535,12 @@ impl Actor {
                 true
             }
             Err(e) => {
-                self.out.push(Reply::Appended {
+                self.out.push(FromCluster::Store(Reply::Appended {
                     ticket,
                     seq,
                     outcome: Outcome::Failed(Failure::Store(e.to_string())),
                     len,
-                });
+                }));
                 false
             }
         }
@@ -668,14 +577,8 @@ impl Actor {
                 len,
                 result,
             } => {
-                if !live
-                    && let Some(route) = self.routes.get_mut(&receiver)
-                    && route.storing > 0
-                {
-                    route.storing -= 1;
-                    if route.storing == 0 {
-                        self.kick.push(receiver);
-                    }
+                if !live {
+                    self.forwards.stored_one(receiver);
                 }
                 let outcome = match result {
                     Ok(stream_seq) => {
@@ -686,25 +589,25 @@ impl Actor {
                         }
                         Outcome::Stored
                     }
-                    Err(e) => {
+                    Err(Refused::Full) => {
                         self.published.remove(&seq);
-                        if e.contains("maximum messages per subject") {
-                            let why = "holds the limit of --mailbox-max-messages".to_string();
-                            Outcome::Full(why)
-                        } else {
-                            if let Some(m) = &self.metrics {
-                                m.store_failures.inc();
-                            }
-                            Outcome::Failed(Failure::Store(e))
+                        let why = "holds the limit of --mailbox-max-messages".to_string();
+                        Outcome::Full(why)
+                    }
+                    Err(Refused::Failed(e)) => {
+                        self.published.remove(&seq);
+                        if let Some(m) = &self.metrics {
+                            m.store_failures.inc();
                         }
+                        Outcome::Failed(Failure::Store(e))
                     }
                 };
-                self.out.push(Reply::Appended {
+                self.out.push(FromCluster::Store(Reply::Appended {
                     ticket,
                     seq,
                     outcome,
                     len,
-                });
+                }));
             }
             Done::Deleted => {}
         }
@@ -730,11 +633,11 @@ impl Actor {
 
     /// A frame was delivered: drop its staged append, or remove it from the stream.
     fn delete(&mut self, seq: u64) {
-        if seq & STREAM_SEQ != 0 {
-            return self.delete_stream_seq(seq & !STREAM_SEQ);
+        if let Some(stream_seq) = StreamSeq::of(seq) {
+            return self.delete_stream_seq(stream_seq.0);
         }
         if let Some(cmd) = self.staged.take(seq) {
-            self.out.extend(settled(cmd));
+            self.out.extend(settled(cmd).map(FromCluster::Store));
             return;
         }
         let Some(live) = self.published.get_mut(&seq) else {
@@ -782,7 +685,7 @@ impl Actor {
         if after.is_none() {
             // Frames this node was sending to the id's previous holder go first: wait
             // for the batch in flight, then store the rest, so the read below has them.
-            if self.routes.get(&receiver).is_some_and(Route::busy) {
+            if self.forwards.busy(receiver) {
                 let load = Command::Load {
                     ticket,
                     receiver,
@@ -792,10 +695,8 @@ impl Actor {
                 self.parked.entry(receiver).or_default().push((load, mark));
                 return;
             }
-            if let Some(route) = self.routes.remove(&receiver) {
-                for cmd in route.queue {
-                    self.publish(cmd).await;
-                }
+            for cmd in self.forwards.take_queue(receiver) {
+                self.publish(cmd).await;
             }
         }
         // A load sees every append and delete sent before it.
@@ -818,9 +719,10 @@ impl Actor {
                     set.remove(&stream_seq);
                 }
             }
-            self.claim(receiver).await;
+            self.holds.claim(&self.client, receiver).await;
         }
-        let start = after.map_or(1, |a| (a & !STREAM_SEQ) + 1);
+        // A page ends with a frame read from the stream; 0 reads from the start.
+        let start = after.and_then(StreamSeq::of).map_or(1, |s| s.0 + 1);
         let frames = match self.read(receiver, start, max_bytes).await {
             Ok(frames) => frames,
             Err(e) => {
@@ -842,11 +744,11 @@ impl Actor {
                 return;
             }
         };
-        self.out.push(Reply::Page {
+        self.out.push(FromCluster::Store(Reply::Page {
             ticket,
             receiver,
             frames,
-        });
+        }));
     }
 
     /// Reads `receiver`'s frames from stream sequence `start` on, up to `max_bytes` (at
@@ -920,7 +822,7 @@ impl Actor {
                     continue;
                 }
                 bytes += msg.payload.len();
-                frames.push((seq | STREAM_SEQ, msg.payload.clone()));
+                frames.push((StreamSeq(seq).number(), msg.payload.clone()));
             }
             // Done when the batch came back short, or a page is made.
             if got < READ_BATCH || !frames.is_empty() {
@@ -929,103 +831,13 @@ impl Actor {
         }
     }
 
-    /// Makes this node the holder of `receiver`: asks the current holder to let go,
-    /// then subscribes to the id's subjects.
-    async fn claim(&mut self, receiver: u32) {
-        if self.holds.contains_key(&receiver) {
-            return;
-        }
-        let request = async_nats::Request::new()
-            .payload(Bytes::from(self.node.clone()))
-            .timeout(Some(CLAIM_WAIT));
-        let take = format!("chat.hold.{receiver}.take");
-        match self.client.send_request(take, request).await {
-            Ok(_) => log::debug!("id {receiver}: released by its previous node"),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
-            Err(e) => log::warn!(
-                "id {receiver}: the node holding it did not let go ({e}); binding anyway"
-            ),
-        }
-        let subscriber = match self
-            .client
-            .subscribe(format!("chat.hold.{receiver}.*"))
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("id {receiver}: cannot subscribe to its mail: {e}");
-                return;
-            }
-        };
-        // Bounded: while the link is down a flush would wait for its return.
-        let _ = within(ACK_WAIT, self.client.flush()).await;
-        let (cancel, cancelled) = oneshot::channel();
-        self.holds.insert(receiver, cancel);
-        self.remote.push(
-            subscriber
-                .map(move |m| (receiver, m))
-                .take_until(cancelled)
-                .boxed(),
-        );
-        self.rechecks.push(
-            async move {
-                sleep(RECHECK).await;
-                receiver
-            }
-            .boxed(),
-        );
-    }
-
     /// This node no longer delivers to `receiver`: write what it stages for it, stop
     /// listening for it, and answer the nodes waiting to take it over.
     async fn release(&mut self, receiver: u32) {
         self.publish_staged(Some(receiver)).await;
         self.settle().await;
-        self.holds.remove(&receiver);
         self.live.remove(&receiver);
-        for reply in self.takeovers.remove(&receiver).unwrap_or_default() {
-            if let Err(e) = self.client.publish(reply, Bytes::new()).await {
-                log::debug!("id {receiver}: release not sent: {e}");
-            }
-        }
-    }
-
-    fn on_remote(&mut self, receiver: u32, msg: async_nats::Message) {
-        if msg.payload[..] == *self.node.as_bytes() {
-            return;
-        }
-        if msg.subject.ends_with(".frames")
-            && let Some(reply) = msg.reply
-        {
-            let behind = msg
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get("Chat-Behind").is_some());
-            let Some(frames) = split_frames(&msg.payload) else {
-                log::warn!("id {receiver}: malformed frames from another node; ignored");
-                return;
-            };
-            let token = self.next_token;
-            self.next_token += 1;
-            self.answering.insert(token, reply);
-            self.out.push(Reply::Forwarded {
-                token,
-                receiver,
-                frames,
-                behind,
-            });
-        } else if msg.subject.ends_with(".mail") {
-            self.out.push(Reply::Mail { receiver });
-        } else if msg.subject.ends_with(".take")
-            && let Some(reply) = msg.reply
-        {
-            log::debug!(
-                "id {receiver}: node {} takes it over",
-                String::from_utf8_lossy(&msg.payload)
-            );
-            self.takeovers.entry(receiver).or_default().push(reply);
-            self.out.push(Reply::Takeover { receiver });
-        }
+        self.holds.release(&self.client, receiver).await;
     }
 
     fn link_down(&mut self, why: &str) {
@@ -1044,9 +856,10 @@ impl Actor {
         });
         // Staged frames cannot be stored now; their echoes fail, their pushes go on.
         let staged = self.staged.take_for(None);
-        self.out.extend(staged.into_iter().filter_map(failed));
-        self.out
-            .push(Reply::Health(Some(format!("NATS unreachable: {why}"))));
+        let failed = staged.into_iter().filter_map(failed);
+        self.out.extend(failed.map(FromCluster::Store));
+        let health = Reply::Health(Some(format!("NATS unreachable: {why}")));
+        self.out.push(FromCluster::Store(health));
     }
 
     async fn link_up(&mut self) {
@@ -1058,42 +871,38 @@ impl Actor {
             self.node,
             down.since.elapsed().as_secs_f64()
         );
-        self.out.push(Reply::Health(None));
+        self.out.push(FromCluster::Store(Reply::Health(None)));
         // Frames may have been stored for them meanwhile.
-        let mail = self.holds.keys().map(|&receiver| Reply::Mail { receiver });
+        let mail = self
+            .holds
+            .ids()
+            .map(|receiver| FromCluster::Mail { receiver });
         self.out.extend(mail);
-        let held: Vec<Command> = self.held.drain(..).collect();
+        let held: Vec<ToCluster> = self.held.drain(..).collect();
         for cmd in held {
             Box::pin(self.on_command(cmd)).await;
         }
     }
 }
 
-/// Cuts a forwarded batch into its server -> client frames.
-fn split_frames(payload: &Bytes) -> Option<Vec<Bytes>> {
-    let header = crate::protocol::SERVER_HEADER_LEN;
-    let mut frames = Vec::new();
-    let mut at = 0;
-    while at < payload.len() {
-        let len = payload.get(at + 5..at + header)?;
-        let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
-        let end = at.checked_add(header)?.checked_add(len)?;
-        frames.push(payload.get(at..end).map(|_| payload.slice(at..end))?);
-        at = end;
-    }
-    Some(frames)
-}
-
-/// `future`'s output, unless it takes longer than `limit`.
-async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T> {
-    let future = std::pin::pin!(future);
-    match futures::future::select(future, std::pin::pin!(sleep(limit))).await {
-        futures::future::Either::Left((out, _)) => Some(out),
-        futures::future::Either::Right(_) => None,
-    }
-}
-
 /// The answer to an append that cannot be stored while NATS is unreachable.
 fn failed(cmd: Command) -> Option<Reply> {
     answer(cmd, Outcome::Failed(Failure::NatsUnreachable))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_numbers_never_meet_the_broker_s() {
+        let read = StreamSeq(5).number();
+        assert_eq!(StreamSeq::of(read), Some(StreamSeq(5)));
+        assert_eq!(StreamSeq::of(5), None, "a number the broker gave");
+        assert_eq!(StreamSeq::of(0), None);
+        assert_eq!(
+            StreamSeq::of(StreamSeq(u64::MAX >> 1).number()).map(|s| s.0),
+            Some(u64::MAX >> 1)
+        );
+    }
 }

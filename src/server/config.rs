@@ -11,9 +11,10 @@ use futures::channel::mpsc;
 
 use crate::auth::Auth;
 use crate::metrics::Metrics;
+use crate::server::backend::Backend;
 use crate::server::budget::Budget;
 use crate::server::event::Event;
-use crate::store::{self, Command, Limits};
+use crate::store::{self, Limits};
 use crate::tls::ServerTls;
 
 /// Everything the server can be told; the binary fills it from flags and env vars.
@@ -77,7 +78,8 @@ impl Config {
 pub struct Shared {
     pub config: Config,
     pub events: mpsc::Sender<Event>,
-    pub store: mpsc::Sender<Command>,
+    /// The store, or a cluster's actor: writers send it what they delivered.
+    pub store: Backend,
     /// Bytes of decoded frames on their way to the broker.
     pub inbound: Arc<Budget>,
     /// Kept only when they are served (`--metrics-listen`).

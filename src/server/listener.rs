@@ -249,7 +249,7 @@ mod tests {
         let shared = Arc::new(Shared {
             config: Config::new("127.0.0.1:0", "unused"),
             events,
-            store,
+            store: crate::server::backend::Backend::One(store),
             inbound: Arc::new(Budget::new(1)),
             metrics: None,
             active: AtomicUsize::new(0),

@@ -6,19 +6,20 @@
 //!  (one each)     +--------+  (bounded) +--------+ (bytes-   +--------+  (one each)
 //!                                          |  ^     bounded)
 //!                                  Command |  | Reply
-//!                                          v  |
-//!                                       +-------+
-//!                                       | store |  (own thread, redb)
-//!                                       +-------+
+//!                                          v  |   (through the backend)
+//!                                +-----------------------+
+//!                                | store, or the cluster |  (own thread)
+//!                                +-----------------------+
 //! ```
 //!
 //! Each module holds one of these: [`listener`] accepts and enforces the connection
-//! limit, [`reader`] decodes, [`broker`] routes, [`writer`] writes, and
-//! [`crate::store`] keeps the mailbox. Sockets reach the reader and writer as byte
+//! limit, [`reader`] decodes, [`broker`] routes, [`writer`] writes, [`backend`] is the
+//! way into storage, and [`crate::store`] (or [`crate::cluster`]) keeps the mailbox. Sockets reach the reader and writer as byte
 //! streams: TCP, TLS, or a WebSocket through the adapters in `websocket` (upgraded by
 //! [`crate::http`]), so every transport shares the same code past the socket. What
 //! they all share is in [`config`]; [`crate::node`] assembles the whole server.
 
+pub mod backend;
 pub mod broker;
 pub(crate) mod budget;
 pub mod config;

@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures::channel::mpsc::Sender;
-use futures::future::{BoxFuture, Either, select};
-use futures::{AsyncWrite, AsyncWriteExt, FutureExt, SinkExt};
+use futures::future::{Either, select};
+use futures::{AsyncWrite, AsyncWriteExt, FutureExt};
 
 use crate::metrics::{Metrics, Out};
 use crate::protocol::{CONTROL, SERVER_HEADER_LEN};
 use crate::rt;
 use crate::server::Shared;
+use crate::server::backend::send_soon;
 use crate::server::event::{ConnId, Event};
 use crate::server::outbox::{Closing, Origin, Outbox, Outgoing, Written};
 use crate::store::Command;
@@ -118,7 +118,7 @@ pub async fn run<W, S>(
     socket.shutdown();
     let undelivered = outbox.take_all();
     let done = Event::WriterDone { conn, undelivered };
-    if let Some(wait) = send(&shared.events, done) {
+    if let Some(wait) = send_soon(&shared.events, done) {
         wait.await;
     }
 }
@@ -302,16 +302,13 @@ fn count_written(m: &Metrics, done: &[Outgoing]) {
 }
 
 /// Tells the store what was delivered and the broker what it waits for.
-///
-/// The channel senders are cloned here, when needed, rather than held: each clone of a
-/// bounded sender is an allocation, and an idle connection should hold none.
 async fn report_written(done: Written, conn: ConnId, shared: &Shared) {
     if let Some(receiver) = done.receiver.filter(|_| !done.delete.is_empty()) {
         let delete = Command::Delete {
             receiver,
             seqs: done.delete,
         };
-        if let Some(wait) = send(&shared.store, delete) {
+        if let Some(wait) = shared.store.send_soon(delete) {
             wait.await;
         }
     }
@@ -321,24 +318,8 @@ async fn report_written(done: Written, conn: ConnId, shared: &Shared) {
             page_end: done.page_end,
             delivered: done.delivered,
         };
-        if let Some(wait) = send(&shared.events, written) {
+        if let Some(wait) = send_soon(&shared.events, written) {
             wait.await;
         }
-    }
-}
-
-/// Sends without waiting when there is room. Only a full channel makes a wait, boxed,
-/// which keeps the send future and its item out of every writer task.
-fn send<T: Send + 'static>(channel: &Sender<T>, item: T) -> Option<BoxFuture<'static, ()>> {
-    let mut channel = channel.clone();
-    match channel.try_send(item) {
-        Err(full) if full.is_full() => {
-            let item = full.into_inner();
-            Some(Box::pin(async move {
-                let _ = channel.send(item).await;
-            }))
-        }
-        // Sent, or the receiver is gone (the server is stopping).
-        _ => None,
     }
 }

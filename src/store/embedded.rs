@@ -613,8 +613,6 @@ impl Worker {
                                 self.usage.remove(receiver);
                             }
                         }
-                        // One node: nobody else delivers, so there is nothing to hand over.
-                        Command::Left { .. } | Command::Answer { .. } => {}
                     }
                 }
             }

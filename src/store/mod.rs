@@ -1,12 +1,14 @@
 //! The store: every frame for another id, from its acceptance until its delivery.
 //!
 //! The broker talks to the store through one bounded command queue and one reply
-//! stream, and does not know which implementation answers:
+//! stream, in the [`Command`]s and [`Reply`]s below, whichever implementation answers:
 //!
 //! - [`embedded`]: one node; frames in a redb file under `--data-dir`, on a thread of
 //!   its own.
 //! - a cluster's: frames in a replicated JetStream stream shared by every node, reached
-//!   through the NATS link's thread ([`crate::cluster`]).
+//!   through the NATS link's thread ([`crate::cluster`]). Its queue also carries what
+//!   only a cluster needs (releasing ids, forwarded frames), in types of the cluster's
+//!   own ([`crate::cluster::msg`]), so nothing here is meant for one of them only.
 //!
 //! Both keep the same promises: commands are applied in the order they were sent (a
 //! load sees every append sent before it); an `Appended` reply with
@@ -57,13 +59,6 @@ pub enum Command {
     },
     /// Remove frames that have been delivered.
     Delete { receiver: u32, seqs: Vec<u64> },
-    /// This node no longer delivers to `receiver`: its last connection has finished
-    /// writing, and no other connection for it is waiting here. In a cluster this
-    /// releases the id to whichever node binds it next.
-    Left { receiver: u32 },
-    /// The outcomes of frames another node forwarded here (`Reply::Forwarded`), in
-    /// their order.
-    Answer { token: u64, outcomes: Vec<Outcome> },
 }
 
 #[derive(Debug)]
@@ -82,19 +77,6 @@ pub enum Reply {
     },
     /// The store went down (with the reason) or came back (`None`).
     Health(Option<String>),
-    /// Another node stored frames for `receiver`, which is bound here: read them.
-    Mail { receiver: u32 },
-    /// Another node bound `receiver`: close its connection here, then send `Left`.
-    Takeover { receiver: u32 },
-    /// Frames from another node for `receiver`, which is bound here: route them as if
-    /// they came from a local sender, then `Answer` with their outcomes. `behind`: the
-    /// mailbox holds earlier frames of theirs, to be read first.
-    Forwarded {
-        token: u64,
-        receiver: u32,
-        frames: Vec<Bytes>,
-        behind: bool,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,11 +116,13 @@ pub enum Failure {
     Remote(String),
 }
 
-/// The store's command queue, its reply stream, and what it was opened with.
-pub struct Store {
-    pub commands: mpsc::Sender<Command>,
+/// The store's command queue, its reply stream, and what it was opened with. A
+/// cluster's actor is a store with more to say: `Store<ToCluster, FromCluster>`
+/// ([`crate::cluster::msg`]).
+pub struct Store<C = Command, R = Reply> {
+    pub commands: mpsc::Sender<C>,
     /// Replies come in batches, one per transaction, to wake the broker once for all.
-    pub replies: mpsc::UnboundedReceiver<Vec<Reply>>,
+    pub replies: mpsc::UnboundedReceiver<Vec<R>>,
     /// The next unused sequence number: higher than any stored.
     pub next_seq: u64,
     /// Completes when the store thread has committed everything and exited, which it

@@ -9,11 +9,12 @@
 //! receiver whose outbox passes `--max-pending-bytes` is disconnected. The only thing it
 //! awaits is room in the store's queue, which the store thread empties on its own.
 
+mod conns;
+mod mailbox;
 mod remote;
 mod replies;
 mod storage;
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,71 +22,25 @@ use bytes::Bytes;
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt, select_biased};
 
+use crate::cluster::msg::{FromCluster, ToCluster};
 use crate::metrics::Metrics;
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
 use crate::rt;
+use crate::server::backend::{Backend, Batch, Replies};
 use crate::server::budget::Budget;
 use crate::server::event::{ConnId, Event, Request, Ticket};
 use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
 use crate::store::{Command, Failure, Outcome, Reply};
+use conns::{Bind, Finished, Registry};
+use mailbox::{Admit, Page, page_bytes};
 use remote::Remote;
-use replies::Replies;
 use storage::Storage;
-
-/// Mailbox pages are at most this large (and at most half the pending limit).
-const PAGE_BYTES: usize = 1024 * 1024;
-
-struct Conn {
-    outbox: Arc<Outbox>,
-    id: Option<u32>,
-    closing: bool,
-    /// Replies in the order their frames arrived (see [`replies`]).
-    replies: Replies,
-    mailbox: Mailbox,
-    /// The last stored frame pushed to this connection from its mailbox: frames stored
-    /// later (by another node) are read after it.
-    paged: Option<u64>,
-    /// Frames that arrived while the mailbox was being read, in order: pushed once it
-    /// has been, so they follow it. They are stored as live frames, which mailbox
-    /// reads after the first leave out.
-    backlog: VecDeque<Outgoing>,
-    backlog_bytes: usize,
-}
-
-/// Where a bound connection is in delivering its stored frames. Until it is `Live`,
-/// frames for it go to the store, behind what is already there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mailbox {
-    Live,
-    /// Waiting for an earlier connection with the same id to finish writing.
-    Waiting,
-    /// A page read is in flight; `stored` says frames were stored since it was asked.
-    Loading {
-        after: Option<u64>,
-        stored: bool,
-    },
-    /// A page is being written; the next one starts after `after`.
-    Writing {
-        after: u64,
-    },
-    /// A page was written, and the next waits until acks make room for it; `stall`
-    /// tells this wait from a later one when its timer fires.
-    AwaitingAcks {
-        after: u64,
-        stall: u64,
-    },
-}
 
 pub struct Broker {
     /// `--max-pending-bytes`: a receiver with more waiting is cut off.
     max_pending_bytes: usize,
-    /// Boxed: the map keeps spare room for growth, and a spare place costs the size of
-    /// a value; a pointer there instead of a whole `Conn` saves each idle connection
-    /// about 90 bytes.
-    conns: HashMap<ConnId, Box<Conn>>,
-    online: HashMap<u32, ConnId>,
-    /// Ids whose previous connection's writer has not finished yet, with a count.
-    returning: HashMap<u32, usize>,
+    /// Every connection, its id, and which ids are online here (see [`conns`]).
+    conns: Registry,
     /// The store's queue, the bytes it holds for us, its health (see [`storage`]).
     storage: Storage,
     inbound: Arc<Budget>,
@@ -102,14 +57,14 @@ pub struct Broker {
     /// Batches forwarded by other nodes, until each is answered.
     remote: Remote,
     /// Answers to forwarded batches, sent once the current event is handled.
-    answers: Vec<Command>,
+    answers: Vec<ToCluster>,
 }
 
 impl Broker {
     pub fn new(
         max_pending_bytes: usize,
         ack_timeout: Duration,
-        store: mpsc::Sender<Command>,
+        store: Backend,
         events: mpsc::Sender<Event>,
         inbound: Arc<Budget>,
         next_seq: u64,
@@ -125,9 +80,7 @@ impl Broker {
             answers: Vec::new(),
             max_pending_bytes,
             inbound,
-            conns: HashMap::new(),
-            online: HashMap::new(),
-            returning: HashMap::new(),
+            conns: Registry::default(),
             storage: Storage::new(store),
             next_seq,
             shutting_down: false,
@@ -135,11 +88,7 @@ impl Broker {
     }
 
     /// Runs until shutdown has closed every connection.
-    pub async fn run(
-        mut self,
-        events: mpsc::Receiver<Event>,
-        replies: mpsc::UnboundedReceiver<Vec<Reply>>,
-    ) {
+    pub async fn run(mut self, events: mpsc::Receiver<Event>, replies: Replies) {
         // Fused, so a finished stream drops out of the select instead of spinning.
         let (mut events, mut replies) = (events.fuse(), replies.fuse());
         loop {
@@ -186,19 +135,7 @@ impl Broker {
                         drain: false,
                     });
                 }
-                self.conns.insert(
-                    conn,
-                    Box::new(Conn {
-                        outbox,
-                        id: None,
-                        closing: self.shutting_down,
-                        replies: Replies::default(),
-                        mailbox: Mailbox::Live,
-                        paged: None,
-                        backlog: VecDeque::new(),
-                        backlog_bytes: 0,
-                    }),
-                );
+                self.conns.insert(conn, outbox, self.shutting_down);
             }
             Event::Requests {
                 conn,
@@ -206,7 +143,7 @@ impl Broker {
                 bytes,
             } => {
                 for request in requests {
-                    if self.conns.get(&conn).is_none_or(|c| c.closing) {
+                    if self.conns.live(conn).is_none() {
                         break;
                     }
                     self.on_request(conn, request).await;
@@ -225,17 +162,15 @@ impl Broker {
                 for (sender, seq) in delivered {
                     self.accepted(sender, seq, Outcome::Stored);
                 }
-                let mailbox = self.live_conn(conn).map(|c| c.mailbox);
-                if let (true, Some(Mailbox::Writing { after })) = (page_end, mailbox) {
+                let written = self.conns.live(conn).and_then(|c| c.mailbox.written());
+                if let (true, Some(after)) = (page_end, written) {
                     self.next_page(conn, after).await;
                 }
             }
             Event::WriterDone { conn, undelivered } => self.on_writer_done(conn, undelivered).await,
             Event::AckTimeout { conn, stall } => {
-                let waiting = self.live_conn(conn).map(|c| (c.mailbox, c.id));
-                if let Some((Mailbox::AwaitingAcks { stall: s, .. }, Some(id))) = waiting
-                    && s == stall
-                {
+                let stalled = self.conns.live(conn).filter(|c| c.mailbox.stalled(stall));
+                if let Some(id) = stalled.and_then(|c| c.id) {
                     self.cut_slow_consumer(conn, id);
                 }
             }
@@ -249,8 +184,7 @@ impl Broker {
         }
         log::info!("closing {} connections", self.conns.len());
         self.shutting_down = true;
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
-        for conn in ids {
+        for conn in self.conns.all() {
             let notice = Some(notice(Code::ShuttingDown, "server is stopping"));
             self.close(
                 conn,
@@ -268,13 +202,6 @@ impl Broker {
         }
     }
 
-    fn live_conn(&mut self, conn: ConnId) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(&conn)
-            .map(|c| &mut **c)
-            .filter(|c| !c.closing)
-    }
-
     async fn on_request(&mut self, conn: ConnId, request: Request) {
         match request {
             Request::Ping => self.reply(conn, notice(Code::Pong, "server is up")),
@@ -290,7 +217,7 @@ impl Broker {
     }
 
     async fn hello(&mut self, conn: ConnId, id: u32, acks: bool) {
-        let was_bound = self.conns.get(&conn).is_some_and(|c| c.id.is_some());
+        let was_bound = self.conns.get(conn).is_some_and(|c| c.id.is_some());
         if !acks {
             if self.bind(conn, id).await {
                 let welcome = notice(Code::Welcome, format_args!("bound to id {id}"));
@@ -302,7 +229,7 @@ impl Broker {
             // Acks go on before anything is delivered: the welcome is queued at once,
             // ahead of the first mailbox page, which bind() has only asked for. An
             // unbound connection has no echo waiting that it could overtake.
-            let Some(c) = self.live_conn(conn) else {
+            let Some(c) = self.conns.live(conn) else {
                 return;
             };
             let outbox = c.outbox.clone();
@@ -332,7 +259,7 @@ impl Broker {
     /// The client has handled `h` data frames since acks went on: what that covers is
     /// delivered and leaves the store.
     async fn ack(&mut self, conn: ConnId, h: u32) {
-        let Some(c) = self.live_conn(conn) else {
+        let Some(c) = self.conns.live(conn) else {
             return;
         };
         let (Some(id), result) = (c.id, c.outbox.ack(h)) else {
@@ -345,9 +272,7 @@ impl Broker {
                     self.send_store(Command::Delete { receiver: id, seqs })
                         .await;
                 }
-                if let Some(Mailbox::AwaitingAcks { after, .. }) =
-                    self.live_conn(conn).map(|c| c.mailbox)
-                {
+                if let Some(after) = self.conns.live(conn).and_then(|c| c.mailbox.acked()) {
                     self.next_page(conn, after).await;
                 }
             }
@@ -358,38 +283,27 @@ impl Broker {
     /// Binds `conn` to `id` on its first frame; afterwards, checks that frames carry the
     /// bound id. Refusals get a `bad-sender` notice and go nowhere.
     async fn bind(&mut self, conn: ConnId, id: u32) -> bool {
-        let Some(c) = self.live_conn(conn) else {
+        if self.conns.live(conn).is_none() {
             return false;
-        };
-        let refusal = match c.id {
-            _ if id == SERVER_ID => format!("sender {SERVER_ID} is reserved for the server"),
-            Some(bound) if bound == id => return true,
-            Some(bound) => format!("sender {id} is not this connection's id {bound}"),
-            None => {
-                c.id = Some(id);
-                // docker/cluster-ci.sh finds where an id is bound by this line.
-                log::debug!(conn; "id {id} bound to connection {conn}");
-                if let Some(old) = self.online.insert(id, conn) {
-                    log::info!("id {id}: connection {conn} replaces {old}");
-                    self.close(
-                        old,
-                        Close {
-                            notice: Some(notice(
-                                Code::Replaced,
-                                format_args!("id {id} connected elsewhere"),
-                            )),
-                            drain: false,
-                        },
-                    );
-                }
-                if self.returning.contains_key(&id) {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        c.mailbox = Mailbox::Waiting;
+        }
+        let refusal = if id == SERVER_ID {
+            format!("sender {SERVER_ID} is reserved for the server")
+        } else {
+            match self.conns.bind(conn, id) {
+                Bind::Gone => return false,
+                Bind::Same => return true,
+                Bind::Other { bound } => format!("sender {id} is not this connection's id {bound}"),
+                Bind::New { replaced, wait } => {
+                    // docker/cluster-ci.sh finds where an id is bound by this line.
+                    log::debug!(conn; "id {id} bound to connection {conn}");
+                    if let Some(old) = replaced {
+                        log::info!("id {id}: connection {conn} replaces {old}");
                     }
-                } else {
-                    self.load_page(conn, None).await;
+                    if !wait {
+                        self.load_page(conn, None).await;
+                    }
+                    return true;
                 }
-                return true;
             }
         };
         self.reply(conn, notice(Code::BadSender, refusal));
@@ -414,19 +328,7 @@ impl Broker {
         if behind {
             // Older frames of the same senders are in the mailbox: read them first;
             // these wait behind them.
-            let conn = self.online.get(&receiver).copied();
-            if let Some(c) = conn.and_then(|conn| self.live_conn(conn)) {
-                match &mut c.mailbox {
-                    Mailbox::Live => {
-                        let after = c.paged.unwrap_or(0);
-                        if let Some(conn) = conn {
-                            self.load_page(conn, Some(after)).await;
-                        }
-                    }
-                    Mailbox::Loading { stored, .. } => *stored = true,
-                    _ => {}
-                }
-            }
+            self.stored_elsewhere(receiver).await;
         }
         self.remote.open(token);
         for wire in frames {
@@ -444,31 +346,18 @@ impl Broker {
         let arrived = Instant::now();
         let mut live = None;
         let mut behind = None;
-        if let Some(&rc) = self.online.get(&receiver) {
-            let limit = self.max_pending_bytes;
-            let len = frame_wire.len();
-            match self.conns.get_mut(&rc).filter(|c| !c.closing) {
-                Some(c) if c.mailbox == Mailbox::Live => {
-                    // An empty outbox takes any frame, however large the frame.
-                    let pending = c.outbox.pending_bytes();
-                    if pending == 0 || pending + len <= limit {
-                        live = Some(c.outbox.clone());
-                    } else {
-                        self.cut_slow_consumer(rc, receiver);
-                    }
-                }
-                // Before its first read the connection's mailbox may still hold this
-                // frame's predecessors: the store keeps it.
-                Some(c) if c.mailbox == Mailbox::Waiting => {}
-                Some(c) => {
-                    let waiting = c.outbox.pending_bytes() + c.backlog_bytes;
-                    if waiting == 0 || waiting + len <= limit {
-                        behind = Some(rc);
-                    } else {
-                        self.cut_slow_consumer(rc, receiver);
-                    }
-                }
-                None => {}
+        if let Some(rc) = self.conns.online(receiver)
+            && let Some(c) = self.conns.live(rc)
+        {
+            let pending = c.outbox.pending_bytes();
+            match c
+                .mailbox
+                .admit(frame_wire.len(), pending, self.max_pending_bytes)
+            {
+                Admit::Live => live = Some(c.outbox.clone()),
+                Admit::Behind => behind = Some(rc),
+                Admit::Stored => {}
+                Admit::Cut => self.cut_slow_consumer(rc, receiver),
             }
         }
         if self.storage.down().is_some() {
@@ -507,10 +396,9 @@ impl Broker {
             live: live.is_some() || behind.is_some(),
         })
         .await;
-        if let Some(c) = behind.and_then(|rc| self.conns.get_mut(&rc)) {
-            c.backlog_bytes += frame_wire.len();
-            c.backlog
-                .push_back(Outgoing::live(frame_wire, receiver, seq, arrived));
+        if let Some(c) = behind.and_then(|rc| self.conns.get_mut(rc)) {
+            c.mailbox
+                .hold(Outgoing::live(frame_wire, receiver, seq, arrived));
             return;
         }
         if let Some(outbox) = live {
@@ -525,7 +413,7 @@ impl Broker {
         match from {
             Ticket::Remote(token) => self.remote.wait(token, seq),
             Ticket::Conn(conn) => {
-                if let Some(c) = self.conns.get_mut(&conn) {
+                if let Some(c) = self.conns.get_mut(conn) {
                     c.replies.wait_for_echo(seq, echo);
                 }
             }
@@ -558,7 +446,7 @@ impl Broker {
     }
 
     fn reply_item(&mut self, conn: ConnId, item: Outgoing) {
-        if let Some(c) = self.conns.get_mut(&conn)
+        if let Some(c) = self.conns.get_mut(conn)
             && let Some(item) = c.replies.reply(item)
         {
             let _ = c.outbox.push(item);
@@ -576,7 +464,7 @@ impl Broker {
                 return self.answer_if_done(token);
             }
         };
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         let outbox = &c.outbox;
@@ -590,19 +478,59 @@ impl Broker {
     /// Answers a forwarded batch once every frame in it has its outcome.
     fn answer_if_done(&mut self, token: u64) {
         if let Some(outcomes) = self.remote.take_if_done(token) {
-            self.answers.push(Command::Answer { token, outcomes });
+            self.answers.push(ToCluster::Answer { token, outcomes });
         }
     }
 
     async fn send_answers(&mut self) {
         for answer in std::mem::take(&mut self.answers) {
-            self.send_store(answer).await;
+            self.storage.send_cluster(answer).await;
         }
     }
 
-    async fn on_store(&mut self, batch: Vec<Reply>) {
-        for reply in batch {
-            self.on_reply(reply).await;
+    async fn on_store(&mut self, batch: Batch) {
+        match batch {
+            Batch::One(replies) => {
+                for reply in replies {
+                    self.on_reply(reply).await;
+                }
+            }
+            Batch::Cluster(replies) => {
+                for reply in replies {
+                    self.on_cluster(reply).await;
+                }
+            }
+        }
+    }
+
+    /// What a cluster's actor said: a store's reply, or the cluster's own news.
+    async fn on_cluster(&mut self, reply: FromCluster) {
+        match reply {
+            FromCluster::Store(reply) => self.on_reply(reply).await,
+            FromCluster::Mail { receiver } => self.stored_elsewhere(receiver).await,
+            FromCluster::Forwarded {
+                token,
+                receiver,
+                frames,
+                behind,
+            } => self.forwarded(token, receiver, frames, behind).await,
+            FromCluster::Takeover { receiver } => match self.conns.online(receiver) {
+                Some(conn) => {
+                    log::info!("id {receiver}: bound on another node; closing here");
+                    let detail = format_args!("id {receiver} connected on another node");
+                    let notice = Some(notice(Code::Replaced, detail));
+                    let drain = false;
+                    // Its writer's finish sends `Left`, which hands the id over.
+                    self.close(conn, Close { notice, drain });
+                }
+                None if !self.conns.is_returning(receiver) => {
+                    self.storage
+                        .send_cluster(ToCluster::Left { receiver })
+                        .await;
+                }
+                // A closing connection's writer is still busy: `Left` follows it.
+                None => {}
+            },
         }
     }
 
@@ -626,79 +554,33 @@ impl Broker {
                 let Ticket::Conn(conn) = ticket else {
                     return;
                 };
-                let Some(c) = self.conns.get_mut(&conn).filter(|c| !c.closing) else {
+                let Some(c) = self.conns.live(conn) else {
                     return;
                 };
-                let Mailbox::Loading { after, stored } = c.mailbox else {
-                    return;
-                };
-                let Some(&(last, _)) = frames.last() else {
-                    if stored {
-                        // Frames were stored after this read was asked for: read again.
-                        self.load_page(conn, after).await;
-                    } else {
-                        c.mailbox = Mailbox::Live;
-                        c.backlog_bytes = 0;
-                        if !c.backlog.is_empty() {
-                            for item in c.backlog.drain(..) {
+                let last = frames.last().map(|&(seq, _)| seq);
+                match c.mailbox.page(last) {
+                    Page::Ignore => {}
+                    Page::ReadAgain { after } => self.load_page(conn, after).await,
+                    Page::CaughtUp(held) => {
+                        if !held.is_empty() {
+                            for item in held {
                                 // If the connection is gone the frames are in the store.
                                 let _ = c.outbox.push(item);
                             }
                             self.pushed.push(c.outbox.clone());
                         }
                     }
-                    return;
-                };
-                log::debug!("id {receiver}: delivering {} stored frames", frames.len());
-                for (seq, wire) in frames {
-                    // If the connection is gone the frames are still in the store.
-                    let _ = c
-                        .outbox
-                        .push(Outgoing::stored(wire, receiver, seq, seq == last));
-                }
-                c.mailbox = Mailbox::Writing { after: last };
-                c.paged = Some(last);
-                self.pushed.push(c.outbox.clone());
-            }
-            Reply::Mail { receiver } => {
-                let Some(&conn) = self.online.get(&receiver) else {
-                    return;
-                };
-                let Some(c) = self.live_conn(conn) else {
-                    return;
-                };
-                match &mut c.mailbox {
-                    Mailbox::Live => {
-                        let after = c.paged.unwrap_or(0);
-                        self.load_page(conn, Some(after)).await;
+                    Page::Deliver { last } => {
+                        log::debug!("id {receiver}: delivering {} stored frames", frames.len());
+                        for (seq, wire) in frames {
+                            // If the connection is gone the frames are still in the store.
+                            let item = Outgoing::stored(wire, receiver, seq, seq == last);
+                            let _ = c.outbox.push(item);
+                        }
+                        self.pushed.push(c.outbox.clone());
                     }
-                    Mailbox::Loading { stored, .. } => *stored = true,
-                    // A page is on its way, and the pages go on until one comes back
-                    // empty; or the first read has not been asked for yet.
-                    _ => {}
                 }
             }
-            Reply::Forwarded {
-                token,
-                receiver,
-                frames,
-                behind,
-            } => self.forwarded(token, receiver, frames, behind).await,
-            Reply::Takeover { receiver } => match self.online.get(&receiver) {
-                Some(&conn) => {
-                    log::info!("id {receiver}: bound on another node; closing here");
-                    let detail = format_args!("id {receiver} connected on another node");
-                    let notice = Some(notice(Code::Replaced, detail));
-                    let drain = false;
-                    // Its writer's finish sends `Left`, which hands the id over.
-                    self.close(conn, Close { notice, drain });
-                }
-                None if !self.returning.contains_key(&receiver) => {
-                    self.send_store(Command::Left { receiver }).await;
-                }
-                // A closing connection's writer is still busy: `Left` follows it.
-                None => {}
-            },
             Reply::Health(down) => {
                 if let Some(m) = &self.metrics {
                     m.set_store_down(down.clone());
@@ -714,19 +596,20 @@ impl Broker {
     /// A client that leaves that much unacknowledged for `--frame-timeout` is cut off as
     /// a slow consumer.
     async fn next_page(&mut self, conn: ConnId, after: u64) {
-        let room = self.max_pending_bytes.saturating_sub(self.page_bytes());
+        let room = self
+            .max_pending_bytes
+            .saturating_sub(page_bytes(self.max_pending_bytes));
         let stall = self.stalls + 1;
-        let Some(c) = self.live_conn(conn) else {
+        let Some(c) = self.conns.live(conn) else {
             return;
         };
         if c.outbox.pending_bytes() <= room {
             return self.load_page(conn, Some(after)).await;
         }
-        if matches!(c.mailbox, Mailbox::AwaitingAcks { .. }) {
+        if !c.mailbox.await_acks(after, stall) {
             // Still waiting: the timer set when the wait began runs on.
             return;
         }
-        c.mailbox = Mailbox::AwaitingAcks { after, stall };
         self.stalls = stall;
         let mut events = self.events.clone();
         let limit = self.ack_timeout;
@@ -736,23 +619,16 @@ impl Broker {
         });
     }
 
-    fn page_bytes(&self) -> usize {
-        PAGE_BYTES.min(self.max_pending_bytes / 2)
-    }
-
     /// Asks the store for the next page of `conn`'s mailbox.
     async fn load_page(&mut self, conn: ConnId, after: Option<u64>) {
-        let max_bytes = self.page_bytes();
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let max_bytes = page_bytes(self.max_pending_bytes);
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         let Some(receiver) = c.id else {
             return;
         };
-        c.mailbox = Mailbox::Loading {
-            after,
-            stored: false,
-        };
+        c.mailbox.loading(after);
         self.send_store(Command::Load {
             ticket: Ticket::Conn(conn),
             receiver,
@@ -762,22 +638,24 @@ impl Broker {
         .await;
     }
 
-    /// Starts closing a connection and takes it offline. It stays in `conns` until its
-    /// writer has finished.
+    /// Starts closing a connection and takes it offline. It stays in the registry
+    /// until its writer has finished.
     fn close(&mut self, conn: ConnId, close: Close) {
-        let Some(c) = self.conns.get_mut(&conn) else {
+        self.conns.close(conn, close);
+    }
+
+    /// Frames for `receiver` were stored where this node did not see them (by another
+    /// node, or forwarded behind stored ones): its connection here reads them.
+    async fn stored_elsewhere(&mut self, receiver: u32) {
+        let Some(conn) = self.conns.online(receiver) else {
             return;
         };
-        c.outbox.close(close);
-        if c.closing {
-            return;
-        }
-        c.closing = true;
-        if let Some(id) = c.id {
-            if self.online.get(&id) == Some(&conn) {
-                self.online.remove(&id);
-            }
-            *self.returning.entry(id).or_default() += 1;
+        let after = self
+            .conns
+            .live(conn)
+            .and_then(|c| c.mailbox.stored_elsewhere());
+        if let Some(after) = after {
+            self.load_page(conn, Some(after)).await;
         }
     }
 
@@ -806,32 +684,13 @@ impl Broker {
                 self.accepted(sender, seq, Outcome::Failed(Failure::ReceiverLeft));
             }
         }
-        let Some(c) = self.conns.remove(&conn) else {
-            return;
-        };
-        let Some(id) = c.id else {
-            return;
-        };
-        let Some(count) = self.returning.get_mut(&id) else {
-            return;
-        };
-        *count -= 1;
-        if *count > 0 {
-            return;
-        }
-        self.returning.remove(&id);
-        let waiting = self.online.get(&id).copied().filter(|next| {
-            self.conns
-                .get(next)
-                .is_some_and(|c| c.mailbox == Mailbox::Waiting)
-        });
-        match waiting {
-            Some(next) => self.load_page(next, None).await,
-            None if !self.online.contains_key(&id) => {
-                self.send_store(Command::Left { receiver: id }).await;
+        match self.conns.writer_done(conn) {
+            Finished::Resume(next) => self.load_page(next, None).await,
+            Finished::Left(receiver) => {
+                let left = ToCluster::Left { receiver };
+                self.storage.send_cluster(left).await;
             }
-            // Bound again here and not waiting: it has already read its mailbox.
-            None => {}
+            Finished::Nothing => {}
         }
     }
 

@@ -5,16 +5,15 @@
 //! `--max-frame-bytes`: the broker also counts the bytes it has handed over, and past
 //! [`STORE_BUDGET`] it takes no new frames until the store's answers make room.
 
-use futures::SinkExt;
-use futures::channel::mpsc;
-
+use crate::cluster::msg::ToCluster;
+use crate::server::backend::Backend;
 use crate::store::Command;
 
 /// Bytes of frames the store may have queued before the broker waits for it.
 pub(super) const STORE_BUDGET: usize = 8 * 1024 * 1024;
 
 pub(super) struct Storage {
-    commands: mpsc::Sender<Command>,
+    commands: Backend,
     /// Bytes of appends sent and not yet answered.
     storing: usize,
     /// Why the store is down, while it is.
@@ -22,7 +21,7 @@ pub(super) struct Storage {
 }
 
 impl Storage {
-    pub fn new(commands: mpsc::Sender<Command>) -> Storage {
+    pub fn new(commands: Backend) -> Storage {
         Storage {
             commands,
             storing: 0,
@@ -37,6 +36,13 @@ impl Storage {
         }
         if self.commands.send(command).await.is_err() {
             log::error!("store is gone; frame not stored");
+        }
+    }
+
+    /// Sends what only a cluster needs (on one node, nothing).
+    pub async fn send_cluster(&mut self, command: ToCluster) {
+        if self.commands.send_cluster(command).await.is_err() {
+            log::error!("the cluster's link is gone");
         }
     }
 
@@ -67,6 +73,7 @@ mod tests {
     use crate::ids::Ticket;
     use bytes::Bytes;
     use futures::StreamExt;
+    use futures::channel::mpsc;
 
     fn append(len: usize) -> Command {
         Command::Append {
@@ -82,12 +89,16 @@ mod tests {
     fn appends_count_until_answered_and_past_the_budget_the_broker_waits() {
         crate::rt::block_on(async {
             let (tx, mut rx) = mpsc::channel(16);
-            let mut s = Storage::new(tx);
+            let mut s = Storage::new(Backend::One(tx));
             s.send(append(STORE_BUDGET)).await;
             assert!(!s.is_behind(), "at the budget, not past it");
             s.send(append(1)).await;
             assert!(s.is_behind());
-            s.send(Command::Left { receiver: 2 }).await;
+            s.send(Command::Delete {
+                receiver: 2,
+                seqs: vec![1],
+            })
+            .await;
             s.answered(1);
             assert!(!s.is_behind());
             s.answered(usize::MAX);
@@ -103,7 +114,7 @@ mod tests {
     #[test]
     fn health_is_what_the_store_last_said() {
         let (tx, _rx) = mpsc::channel(1);
-        let mut s = Storage::new(tx);
+        let mut s = Storage::new(Backend::One(tx));
         assert_eq!(s.down(), None);
         s.set_down(Some("No space left on device".into()));
         assert_eq!(s.down(), Some("No space left on device"));

@@ -1,0 +1,243 @@
+//! Which ids this node holds, and what it hears for them.
+//!
+//! A node that binds an id *holds* it: it subscribes to the id's holder subjects
+//! ([`wire::holds`]). Before that it asks the current holder to let go
+//! ([`Hold::Take`], request/reply); the holder closes its connection (`replaced`),
+//! writes what it still stages for the id, and answers once the broker has released
+//! the id. "No responders" means nobody held it. Once it holds the id, the node hears
+//! the mail other nodes send when they store frames for it, and the frames they
+//! forward to it.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::task::Poll;
+use std::time::Duration;
+
+use async_nats::{Client, Message, Subject};
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
+use futures::{FutureExt, StreamExt};
+
+use crate::cluster::link::{sleep, within};
+use crate::cluster::wire::{self, Hold};
+
+/// How long a node waits for the holder of an id to let it go before binding anyway.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+/// Mail published while a new holder's interest was still on its way across the
+/// cluster could miss it: the holder looks once more after this long.
+const RECHECK: Duration = Duration::from_millis(500);
+/// A bounded flush: while the link is down a flush would wait for its return.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// What a holder heard, or its own reminder.
+#[derive(Debug)]
+pub(super) enum Heard {
+    /// Another node forwarded these frames for `receiver` and waits on `reply` for
+    /// their outcomes; `behind`: the mailbox holds earlier frames of their senders.
+    Frames {
+        receiver: u32,
+        frames: Vec<Bytes>,
+        behind: bool,
+        reply: Subject,
+    },
+    /// Frames for `receiver` were stored: read them (also [`RECHECK`]'s reminder).
+    Mail { receiver: u32 },
+    /// Another node binds `receiver`; it is answered once the id is released here.
+    Take { receiver: u32 },
+}
+
+pub(super) struct Holds {
+    /// This node's name: what it says itself is not heard.
+    node: String,
+    /// Ids held here; dropping the sender ends the id's subscription.
+    held: HashMap<u32, oneshot::Sender<()>>,
+    heard: SelectAll<BoxStream<'static, (u32, Message)>>,
+    /// Nodes waiting for this one to let an id go, by their reply subjects.
+    takeovers: HashMap<u32, Vec<Subject>>,
+    /// Ids to look at once more after they were claimed (see [`RECHECK`]).
+    rechecks: FuturesUnordered<BoxFuture<'static, u32>>,
+}
+
+impl Holds {
+    pub fn new(node: String) -> Holds {
+        Holds {
+            node,
+            held: HashMap::new(),
+            heard: SelectAll::new(),
+            takeovers: HashMap::new(),
+            rechecks: FuturesUnordered::new(),
+        }
+    }
+
+    pub fn holds(&self, receiver: u32) -> bool {
+        self.held.contains_key(&receiver)
+    }
+
+    /// Every id held here.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.held.keys().copied()
+    }
+
+    /// Makes this node the holder of `receiver`: asks the current holder to let go,
+    /// then subscribes to the id's subjects.
+    pub async fn claim(&mut self, client: &Client, receiver: u32) {
+        if self.holds(receiver) {
+            return;
+        }
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(self.node.clone()))
+            .timeout(Some(CLAIM_WAIT));
+        match client
+            .send_request(wire::hold(receiver, Hold::Take), request)
+            .await
+        {
+            Ok(_) => log::debug!("id {receiver}: released by its previous node"),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Err(e) => log::warn!(
+                "id {receiver}: the node holding it did not let go ({e}); binding anyway"
+            ),
+        }
+        let subscriber = match client.subscribe(wire::holds(receiver)).await {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("id {receiver}: cannot subscribe to its mail: {e}");
+                return;
+            }
+        };
+        let _ = within(FLUSH_WAIT, client.flush()).await;
+        let (cancel, cancelled) = oneshot::channel();
+        self.held.insert(receiver, cancel);
+        self.heard.push(
+            subscriber
+                .map(move |m| (receiver, m))
+                .take_until(cancelled)
+                .boxed(),
+        );
+        self.rechecks.push(
+            async move {
+                sleep(RECHECK).await;
+                receiver
+            }
+            .boxed(),
+        );
+    }
+
+    /// Stops holding `receiver` and answers the nodes waiting to take it over.
+    pub async fn release(&mut self, client: &Client, receiver: u32) {
+        self.held.remove(&receiver);
+        for reply in self.takeovers.remove(&receiver).unwrap_or_default() {
+            if let Err(e) = client.publish(reply, Bytes::new()).await {
+                log::debug!("id {receiver}: release not sent: {e}");
+            }
+        }
+    }
+
+    /// The next thing heard for an id held here (or a reminder to look once more).
+    pub fn next(&mut self) -> impl Future<Output = Heard> + '_ {
+        poll_fn(move |cx| {
+            loop {
+                if let Poll::Ready(Some(receiver)) = self.rechecks.poll_next_unpin(cx) {
+                    if self.holds(receiver) {
+                        return Poll::Ready(Heard::Mail { receiver });
+                    }
+                    continue;
+                }
+                let Poll::Ready(Some((receiver, msg))) = self.heard.poll_next_unpin(cx) else {
+                    return Poll::Pending;
+                };
+                if let Some(heard) = self.hear(receiver, msg) {
+                    return Poll::Ready(heard);
+                }
+            }
+        })
+    }
+
+    /// What `msg` on `receiver`'s subjects says, unless it is this node's own or
+    /// malformed.
+    fn hear(&mut self, receiver: u32, msg: Message) -> Option<Heard> {
+        if msg.payload[..] == *self.node.as_bytes() {
+            return None;
+        }
+        match (wire::held(&msg.subject), msg.reply) {
+            (Some(Hold::Frames), Some(reply)) => {
+                let behind = msg
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(wire::BEHIND_HEADER).is_some());
+                let Some(frames) = wire::split_frames(&msg.payload) else {
+                    log::warn!("id {receiver}: malformed frames from another node; ignored");
+                    return None;
+                };
+                Some(Heard::Frames {
+                    receiver,
+                    frames,
+                    behind,
+                    reply,
+                })
+            }
+            (Some(Hold::Mail), _) => Some(Heard::Mail { receiver }),
+            (Some(Hold::Take), Some(reply)) => {
+                log::debug!(
+                    "id {receiver}: node {} takes it over",
+                    String::from_utf8_lossy(&msg.payload)
+                );
+                self.takeovers.entry(receiver).or_default().push(reply);
+                Some(Heard::Take { receiver })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(subject: String, payload: &[u8], reply: Option<&str>) -> Message {
+        Message {
+            subject: subject.into(),
+            reply: reply.map(Subject::from),
+            payload: Bytes::copy_from_slice(payload),
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn a_holder_hears_takes_mail_and_frames_but_not_its_own_words() {
+        let mut h = Holds::new("node-a".into());
+        let take = msg(wire::hold(7, Hold::Take), b"node-b", Some("_INBOX.x"));
+        assert!(matches!(h.hear(7, take), Some(Heard::Take { receiver: 7 })));
+        assert_eq!(
+            h.takeovers.get(&7).map(Vec::len),
+            Some(1),
+            "answered on release"
+        );
+        let own = msg(wire::hold(7, Hold::Mail), b"node-a", None);
+        assert!(h.hear(7, own).is_none());
+        let mail = msg(wire::hold(7, Hold::Mail), b"node-b", None);
+        assert!(matches!(h.hear(7, mail), Some(Heard::Mail { receiver: 7 })));
+        let frame = crate::protocol::notice(crate::protocol::Code::Pong, "x");
+        let frames = msg(wire::hold(7, Hold::Frames), &frame, Some("_INBOX.y.3"));
+        let Some(Heard::Frames {
+            frames,
+            behind,
+            reply,
+            ..
+        }) = h.hear(7, frames)
+        else {
+            panic!("frames");
+        };
+        assert_eq!(frames, vec![frame.clone()]);
+        assert!(!behind);
+        assert_eq!(reply.as_str(), "_INBOX.y.3");
+        let cut = msg(wire::hold(7, Hold::Frames), &frame[..4], Some("_INBOX.y.4"));
+        assert!(h.hear(7, cut).is_none(), "malformed: ignored");
+        let no_reply = msg(wire::hold(7, Hold::Frames), &frame, None);
+        assert!(h.hear(7, no_reply).is_none());
+    }
+}
