@@ -1,93 +1,19 @@
-//! `chat-client`: talk to a chat server from a terminal or a script.
-//!
-//! On a terminal, each line typed is sent and everything received is printed. With
-//! stdin from a pipe or file, every line is sent, each one's echo is awaited, and the
-//! exit code says whether all were accepted.
-//!
-//! On a terminal and with `--receive`, a dropped connection is opened again (with
-//! backoff and jitter): the id is bound again, acks turned on again, and the frames whose
-//! echoes had not come are sent again, so a frame can arrive twice (at least once).
+//! The link to the server: a bound connection, opened again when it drops (with
+//! backoff and jitter), and the two ways a run uses it.
 
-use std::io::{BufRead, IsTerminal};
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::io::BufRead;
 use std::time::Duration;
 
-use bytes::Bytes;
-use clap::Parser;
 use futures::channel::mpsc;
 use futures::future::{Either, select};
 use futures::{SinkExt, StreamExt};
 
 use chat::client::{Acker, Client, Receiver, Sender};
-use chat::protocol::{ClientFrame, Code, ServerFrame, TEXT, parse_type, type_name};
+use chat::protocol::{ClientFrame, Code, TEXT};
 use chat::rt;
 
-#[derive(Parser, Debug)]
-#[command(version, about = "Send and receive chat frames")]
-struct Args {
-    /// Server address.
-    #[arg(long, env = "CHAT_SERVER", default_value = "127.0.0.1:8888")]
-    server: String,
-
-    /// Your id (any number but 0).
-    #[arg(long, env = "CHAT_ID", required_unless_present = "probe", value_parser = parse_id)]
-    id: Option<u32>,
-
-    /// Who to send to; 0 (the default) only echoes.
-    #[arg(long, default_value_t = 0)]
-    to: u32,
-
-    /// Type of what --file sends: text, picture, voice, video or a number 1-255.
-    #[arg(long = "type", default_value = "text", value_parser = parse_kind)]
-    kind: u8,
-
-    /// Send this file's bytes as one frame instead of reading stdin.
-    #[arg(long)]
-    file: Option<PathBuf>,
-
-    /// Write the bodies of non-text frames received into this directory.
-    #[arg(long)]
-    save_dir: Option<PathBuf>,
-
-    /// After sending, wait for this many frames from other clients, then exit.
-    #[arg(long, default_value_t = 0)]
-    receive: usize,
-
-    /// Seconds to wait for a connection, an echo, or frames asked for with --receive.
-    #[arg(long, default_value_t = 10.0)]
-    timeout: f64,
-
-    /// Token for servers that require auth.
-    #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-
-    /// Connect with TLS.
-    #[arg(long, env = "CHAT_TLS")]
-    tls: bool,
-
-    /// Trust the certificates in this PEM file (for example a self-signed server's)
-    /// instead of the public web roots.
-    #[arg(long, env = "CHAT_CA", requires = "tls")]
-    ca: Option<PathBuf>,
-
-    /// Name to verify the server's certificate against (default: the host of --server).
-    #[arg(long, requires = "tls")]
-    tls_name: Option<String>,
-
-    /// Only check that the server answers (exit 0) or not (exit 1).
-    #[arg(long)]
-    probe: bool,
-
-    /// Do not turn acknowledged delivery on. With acks (the default) a frame leaves
-    /// the server only once this client has printed or saved it and said so.
-    #[arg(long)]
-    no_acks: bool,
-
-    /// On a terminal and with --receive, do not reconnect when the connection drops.
-    #[arg(long)]
-    no_reconnect: bool,
-}
+use crate::Args;
+use crate::printer::Printer;
 
 /// How a session with the server ended, when it did not finish its work.
 enum Ended {
@@ -101,104 +27,9 @@ enum Ended {
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// An id: any u32 but 0, which is the server's.
-fn parse_id(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(0) => Err("0 is the server's id; yours is 1-4294967295".into()),
-        Ok(id) => Ok(id),
-        Err(e) => Err(format!("not an id: {e}")),
-    }
-}
-
-fn parse_kind(s: &str) -> Result<u8, String> {
-    match parse_type(s) {
-        Some(0) | None => Err(format!(
-            "`{s}` is not a data type (text, picture, voice, video, 1-255)"
-        )),
-        Some(k) => Ok(k),
-    }
-}
-
-fn main() -> ExitCode {
-    let args = Args::parse();
-    match rt::block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("chat-client: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(args: Args) -> Result<(), String> {
-    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
-        return Err("--timeout must be a positive number of seconds".into());
-    }
-    let limit = Duration::from_secs_f64(args.timeout);
-    let server = &args.server;
-    let mut client = rt::timeout(limit, connect(&args))
-        .await
-        .ok_or_else(|| format!("no answer from {server} within {limit:?}"))?
-        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
-    if args.probe {
-        return rt::timeout(limit, client.ping())
-            .await
-            .ok_or_else(|| format!("{server} did not answer a ping within {limit:?}"))?
-            .map_err(|e| format!("{server}: {e}"));
-    }
-    let id = args
-        .id
-        .filter(|&id| id != 0)
-        .ok_or("--id must be a number from 1 to 4294967295")?;
-    let mut printer = Printer {
-        id,
-        save_dir: args.save_dir.clone(),
-        saved: 0,
-        from_others: 0,
-        acker: None,
-    };
-    let session = welcome(&args, client, &mut printer, limit).await?;
-    let interactive = args.file.is_none() && std::io::stdin().is_terminal();
-    let reconnect = !args.no_reconnect && (interactive || args.receive > 0);
-    let mut link = Link {
-        args: &args,
-        limit,
-        reconnect,
-    };
-    if let Some(path) = &args.file {
-        let body = read_body(path)?;
-        let frames = vec![ClientFrame {
-            sender: id,
-            receiver: args.to,
-            kind: args.kind,
-            body: body.into(),
-        }];
-        return send_and_confirm(&mut link, session, frames, &mut printer).await;
-    }
-    if interactive {
-        eprintln!(
-            "connected to {server} as {id}; type a line to send it to {}, Ctrl-D to quit",
-            args.to
-        );
-        return interactive_session(&mut link, session, &mut printer).await;
-    }
-    let mut frames = Vec::new();
-    for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
-        let body = Bytes::from(line.into_bytes());
-        frames.push(ClientFrame {
-            sender: id,
-            receiver: args.to,
-            kind: TEXT,
-            body,
-        });
-    }
-    send_and_confirm(&mut link, session, frames, &mut printer).await
-}
-
 /// Binds the id on a new connection (with acks unless --no-acks) and prints what came
 /// before the welcome.
-async fn welcome(
+pub async fn welcome(
     args: &Args,
     mut client: Client,
     printer: &mut Printer,
@@ -229,13 +60,22 @@ async fn welcome(
 }
 
 /// What reconnecting needs.
-struct Link<'a> {
+pub struct Link<'a> {
     args: &'a Args,
     limit: Duration,
     reconnect: bool,
 }
 
-impl Link<'_> {
+impl<'a> Link<'a> {
+    /// `reconnect`: open the connection again when it drops.
+    pub fn new(args: &'a Args, limit: Duration, reconnect: bool) -> Link<'a> {
+        Link {
+            args,
+            limit,
+            reconnect,
+        }
+    }
+
     /// After `ended`, a new bound connection, or why there is none.
     async fn again(
         &mut self,
@@ -281,7 +121,7 @@ fn jitter(wait: Duration) -> Duration {
     Duration::from_millis(spread / 2 + offset)
 }
 
-async fn connect(args: &Args) -> std::io::Result<Client> {
+pub async fn connect(args: &Args) -> std::io::Result<Client> {
     if !args.tls {
         return Client::connect(&args.server).await;
     }
@@ -296,24 +136,10 @@ async fn connect(args: &Args) -> std::io::Result<Client> {
     Client::connect_tls(&args.server, name, config).await
 }
 
-/// A file's bytes, if they fit in one frame (the length field is 32 bits).
-fn read_body(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-    let size = std::fs::metadata(path).map_err(cannot)?.len();
-    if size > u64::from(u32::MAX) {
-        return Err(format!(
-            "{} is {size} bytes; one frame holds at most {} bytes",
-            path.display(),
-            u32::MAX
-        ));
-    }
-    std::fs::read(path).map_err(cannot)
-}
-
 /// Sends `frames` while reading replies, until each has its echo and `--receive`
 /// frames from others have arrived; after a reconnect, sends again those whose echoes
 /// had not come. Any refusal makes the whole run fail.
-async fn send_and_confirm(
+pub async fn send_and_confirm(
     link: &mut Link<'_>,
     mut session: (Sender, Receiver),
     frames: Vec<ClientFrame>,
@@ -413,7 +239,7 @@ async fn confirm(
     None
 }
 
-async fn interactive_session(
+pub async fn interactive_session(
     link: &mut Link<'_>,
     session: (Sender, Receiver),
     printer: &mut Printer,
@@ -478,54 +304,5 @@ async fn interactive_session(
                 break;
             }
         }
-    }
-}
-
-struct Printer {
-    id: u32,
-    save_dir: Option<PathBuf>,
-    saved: usize,
-    from_others: usize,
-    /// Present when acks are on.
-    acker: Option<Acker>,
-}
-
-impl Printer {
-    /// Prints (or saves) a frame; returns the ack to send once it is handled.
-    fn show(&mut self, frame: &ServerFrame) -> Result<Option<ClientFrame>, String> {
-        self.print(frame)?;
-        Ok(self.acker.as_mut().and_then(|a| {
-            a.handled(frame);
-            a.ack()
-        }))
-    }
-
-    fn print(&mut self, frame: &ServerFrame) -> Result<(), String> {
-        if let Some(n) = frame.notice() {
-            eprintln!("[server] {n}");
-            return Ok(());
-        }
-        if frame.sender != self.id {
-            self.from_others += 1;
-        }
-        let kind = type_name(frame.kind);
-        if frame.kind == TEXT {
-            println!(
-                "[{}] {kind}: {}",
-                frame.sender,
-                String::from_utf8_lossy(&frame.body)
-            );
-            return Ok(());
-        }
-        let mut line = format!("[{}] {kind}: {} bytes", frame.sender, frame.body.len());
-        if let (Some(dir), true) = (&self.save_dir, frame.sender != self.id) {
-            self.saved += 1;
-            let path = dir.join(format!("{}-{}-{}.bin", frame.sender, kind, self.saved));
-            std::fs::write(&path, &frame.body)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            line += &format!(" saved to {}", path.display());
-        }
-        println!("{line}");
-        Ok(())
     }
 }
