@@ -52,6 +52,20 @@ if ("pair", "before") in by:
                                       ("this build, again", "pipelined-again", "pair-again", "chat-server")):
         e, p = rate(echo, server), rate(pair, server)
         print(f"| {label} | {e:,.0f} | {p:,.0f} | {p / e:.2f} | {by[(pair, server)]['p99_us']:,.0f} µs |")
+ab = sorted({r["name"].rsplit("-", 1)[0][3:] for r in rows if r["name"].startswith("ab-")},
+            key=lambda n: [r["name"] for r in rows].index(f"ab-{n}-1"))
+if ab:
+    print("\nAlternating rounds (this build, then the old one, per round): medians over the rounds, "
+          "with the lowest and highest round; 'noise' is this build's own spread, (max - min) / median.")
+    print("| workload | this build msg/s | before msg/s | this / before | noise (this build) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ab:
+        mine = sorted(r["msgs_per_sec"] for r in rows if r["name"].startswith(f"ab-{name}-") and r["server"] == "chat-server")
+        old = sorted(r["msgs_per_sec"] for r in rows if r["name"].startswith(f"ab-{name}-") and r["server"] == "before")
+        med = lambda v: v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+        m, o = med(mine), med(old)
+        print(f"| {name} | {m:,.0f} ({mine[0]:,.0f}-{mine[-1]:,.0f}) | {o:,.0f} ({old[0]:,.0f}-{old[-1]:,.0f}) "
+              f"| {m / o:.2f} | {(mine[-1] - mine[0]) / m:.0%} |")
 idle = by.get(("idle", "chat-server"))
 if idle:
     print(f"\nIdle: {idle['conns']} bound idle connections add {idle['bytes_per_conn'] / 1024:.2f} KiB of server RSS each "

@@ -7,7 +7,8 @@
 # nats-pair), the fastest router to compare forwarding with.
 #   bash bench/run.sh            # about 4 minutes
 #   SECS=2 bash bench/run.sh     # shorter
-#   BEFORE=/path/to/old/chat-server bash bench/run.sh   # also an older build, same run
+#   BEFORE=/path/to/old/chat-server bash bench/run.sh   # also an older build, same run,
+#                                                        # in ROUNDS (3) alternating rounds
 # Results: bench/results/latest.jsonl, chart: bench/chart.svg (bench/chart.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,6 +95,20 @@ if [ -n "$before_pid" ]; then
   # And this build once more, right after, so the two are side by side in time.
   bench pipelined-again chat-server --conns 50 --window 32 --size 64
   bench pair-again chat-server --conns 50 --window 32 --size 64 --mode pair
+  # Alternating rounds, workload by workload: this build, then the older one, ROUNDS
+  # times, so a drift in the machine's speed falls on both alike. The spread of one
+  # build's rounds is the noise a difference between the two must pass.
+  for round in $(seq 1 "${ROUNDS:-3}"); do
+    for spec in "pipelined --window 32 --size 64" "reqresp --window 1 --size 64" \
+      "pair --window 32 --size 64 --mode pair" "pair-w1 --window 1 --size 64 --mode pair" \
+      "pair-acks --window 32 --size 64 --mode pair --acks" "large --window 8 --size 4096"; do
+      set -- $spec
+      name=$1
+      shift
+      bench "ab-$name-$round" chat-server --conns 50 "$@"
+      bench "ab-$name-$round" before --conns 50 "$@"
+    done
+  done
 fi
 both large --conns 50 --window 8 --size 4096
 for w in 1 4 16 64; do both "window-$w" --conns 50 --window $w --size 64; done

@@ -1,7 +1,7 @@
 //! What the broker and a cluster's actor say to each other.
 //!
-//! On one node the broker talks to the embedded store in [`store::Command`]s and
-//! [`store::Reply`]s only. In a cluster the actor on the NATS link's thread is both the
+//! On one node the broker talks to the embedded store in [`Command`]s and
+//! [`Reply`]s only. In a cluster the actor on the NATS link's thread is both the
 //! store (the mailbox in JetStream) and the node's voice in the cluster (holding ids,
 //! taking them over, forwarding frames to the node that holds their receiver), so its
 //! queue carries the store's commands and the cluster's own, and its replies likewise.

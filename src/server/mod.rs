@@ -12,12 +12,13 @@
 //!                                +-----------------------+
 //! ```
 //!
-//! Each module holds one of these: [`listener`] accepts and enforces the connection
-//! limit, [`reader`] decodes, [`broker`] routes, [`writer`] writes, [`backend`] is the
-//! way into storage, and [`crate::store`] (or [`crate::cluster`]) keeps the mailbox. Sockets reach the reader and writer as byte
-//! streams: TCP, TLS, or a WebSocket through the adapters in `websocket` (upgraded by
-//! [`crate::http`]), so every transport shares the same code past the socket. What
-//! they all share is in [`config`]; [`crate::node`] assembles the whole server.
+//! Each module holds one of these: `listener` accepts and enforces the connection
+//! limit, `reader` decodes, [`broker`] routes, [`writer`] writes, [`backend`] is the
+//! way into storage, and [`crate::store`] (or [`crate::cluster`]) keeps the mailbox.
+//! Sockets reach the reader and writer as byte streams: TCP, TLS, or a WebSocket
+//! through the adapters in `websocket` (upgraded by [`crate::http`]), so every
+//! transport shares the same code past the socket. What they all share is in
+//! [`config`]; [`crate::node`] assembles the whole server.
 
 pub mod backend;
 pub mod broker;

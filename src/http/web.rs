@@ -1,33 +1,11 @@
-//! HTTP: metrics, health and readiness for operators; the web client and its
-//! WebSocket for browsers.
-//!
-//! hyper 1 (HTTP/1.1 only) on async-std sockets through smol-hyper's adapter: no
-//! hand-written HTTP parsing. Two listeners, both off by default, so metrics can stay
-//! on a private interface while the web client faces users. Clients are bounded like
-//! chat clients: a few HTTP connections at a time, headers within a time and size
-//! limit, each connection within a total time.
-//!
-//! `--metrics-listen`:
-//! - `GET /metrics`: the Prometheus (OpenMetrics) text exposition
-//! - `GET /healthz`: 200 while the process serves
-//! - `GET /readyz`: 200 when the store is open, 503 with a one-line reason otherwise
-//!
-//! `--web-listen` (HTTPS and WSS when the server has `--tls-cert`):
-//! - `GET /`, `/app.js`, `/app.css`: the web client, embedded in the binary
-//! - `GET /config.json`: what the client needs to know (frame limit, auth on or off)
-//! - `GET /ws`: the protocol over WebSocket ([`crate::server::websocket`]); a WebSocket
-//!   counts against `--max-connections` and lives as long as the chat connection, not
-//!   under the HTTP limits above
-//!
-//! Anything else is a 404.
+//! The web client's listener (`--web-listen`): the page's assets, what the page needs
+//! to know, and the upgrade of `/ws` to the chat protocol over WebSocket, with the
+//! Origin check that keeps other sites' pages from opening it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::{Either, select};
 use futures::{AsyncRead, AsyncWrite};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -36,76 +14,26 @@ use hyper::header::{
     ORIGIN, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
     X_CONTENT_TYPE_OPTIONS,
 };
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use smol_hyper::rt::{FuturesIo, SmolTimer};
+use smol_hyper::rt::FuturesIo;
 
-use crate::metrics::{Metrics, Refusal};
+use super::serve::{accept, builder, text};
+use crate::metrics::Refusal;
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::config::{HttpLimits, Origins, Shared};
 use crate::server::websocket;
 use crate::tls::TlsAcceptor;
 
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
 /// The web client: plain HTML, CSS and JavaScript, no build step.
-const INDEX_HTML: &str = include_str!("web/index.html");
-const APP_JS: &str = include_str!("web/app.js");
-const APP_CSS: &str = include_str!("web/app.css");
+const INDEX_HTML: &str = include_str!("../web/index.html");
+const APP_JS: &str = include_str!("../web/app.js");
+const APP_CSS: &str = include_str!("../web/app.css");
 /// Scripts, styles and sockets from this origin only; pictures and media also from the
 /// blob: URLs the client makes of received frames.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
     connect-src 'self'; img-src 'self' blob:; media-src 'self' blob:; \
     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-/// Serves metrics, health and readiness until `stop` completes.
-pub async fn run(
-    listener: TcpListener,
-    limits: HttpLimits,
-    metrics: Arc<Metrics>,
-    stop: impl Future<Output = ()>,
-) {
-    if let Ok(addr) = listener.local_addr() {
-        log::info!("metrics, health and readiness on http://{addr}/metrics, /healthz, /readyz");
-    }
-    accept(listener, limits.max_connections, stop, move |stream| {
-        let metrics = metrics.clone();
-        async move {
-            let service = service_fn(move |req| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
-            });
-            let conn = builder(&limits).serve_connection(FuturesIo::new(stream), service);
-            if let Some(Err(e)) = rt::timeout(limits.connection_time, conn).await {
-                log::debug!("metrics connection: {e}");
-            }
-        }
-    })
-    .await
-}
-
-/// Whether `origins` let this upgrade through. Browsers always send Origin on a WebSocket upgrade; other clients (chat
-/// libraries, tests) need not, and are not what cross-site hijacking abuses.
-fn allowed(origins: &Origins, headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(ORIGIN) else {
-        return true;
-    };
-    let Ok(origin) = origin.to_str() else {
-        return false;
-    };
-    if origins.allowed.is_empty() {
-        let host = headers.get(HOST).and_then(|h| h.to_str().ok());
-        let origin_host = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"));
-        return host.is_some() && origin_host == host;
-    }
-    origins
-        .allowed
-        .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
-}
 
 /// Serves the web client and the WebSocket until `stop` completes.
 pub async fn run_web(
@@ -142,46 +70,26 @@ pub async fn run_web(
     .await
 }
 
-/// Accepts until `stop`, serving each connection with `serve` while fewer than `max`
-/// are being served; beyond that, a connection is closed at once.
-async fn accept<F, Fut>(listener: TcpListener, max: usize, stop: impl Future<Output = ()>, serve: F)
-where
-    F: Fn(TcpStream) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let open = Arc::new(AtomicUsize::new(0));
-    let mut stop = std::pin::pin!(stop);
-    loop {
-        let accept = std::pin::pin!(listener.accept());
-        let stream = match select(accept, stop.as_mut()).await {
-            Either::Left((Ok((stream, _)), _)) => stream,
-            Either::Left((Err(e), _)) => {
-                log::debug!("http accept: {e}");
-                rt::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            Either::Right(_) => break,
-        };
-        if open.fetch_add(1, Ordering::AcqRel) >= max {
-            open.fetch_sub(1, Ordering::AcqRel);
-            continue;
-        }
-        let served = serve(stream);
-        let open = open.clone();
-        rt::spawn(async move {
-            served.await;
-            open.fetch_sub(1, Ordering::AcqRel);
-        });
+/// Whether `origins` let this upgrade through. Browsers always send Origin on a WebSocket upgrade; other clients (chat
+/// libraries, tests) need not, and are not what cross-site hijacking abuses.
+fn allowed(origins: &Origins, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if origins.allowed.is_empty() {
+        let host = headers.get(HOST).and_then(|h| h.to_str().ok());
+        let origin_host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        return host.is_some() && origin_host == host;
     }
-}
-
-fn builder(limits: &HttpLimits) -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(SmolTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_head);
-    builder
+    origins
+        .allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
 }
 
 /// One HTTP connection of the web listener (`io` plain or TLS over `socket`). An
@@ -349,36 +257,5 @@ fn asset_response(body: Bytes) -> Response<Full<Bytes>> {
     // The assets change with the binary; a reload after an upgrade gets the new ones.
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    response
-}
-
-fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
-    }
-    match req.uri().path() {
-        "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
-            response
-        }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match metrics.not_ready() {
-            None => text(StatusCode::OK, "ready\n".into()),
-            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-        },
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
-    }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     response
 }
