@@ -55,13 +55,14 @@ if ("pair", "before") in by:
 ab = sorted({r["name"].rsplit("-", 1)[0][3:] for r in rows if r["name"].startswith("ab-")},
             key=lambda n: [r["name"] for r in rows].index(f"ab-{n}-1"))
 if ab:
-    print("\nAlternating rounds (this build, then the old one, per round): medians over the rounds, "
+    print("\nAlternating rounds (this build and the old one, both started afresh for them, in turn first): medians over the rounds, "
           "with the lowest and highest round; 'noise' is this build's own spread, (max - min) / median.")
     print("| workload | this build msg/s | before msg/s | this / before | noise (this build) |")
     print("|---|---:|---:|---:|---:|")
     for name in ab:
-        mine = sorted(r["msgs_per_sec"] for r in rows if r["name"].startswith(f"ab-{name}-") and r["server"] == "chat-server")
-        old = sorted(r["msgs_per_sec"] for r in rows if r["name"].startswith(f"ab-{name}-") and r["server"] == "before")
+        runs = [r for r in rows if r["name"].rsplit("-", 1)[0] == f"ab-{name}"]
+        mine = sorted(r["msgs_per_sec"] for r in runs if r["server"] == "after")
+        old = sorted(r["msgs_per_sec"] for r in runs if r["server"] == "before")
         med = lambda v: v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
         m, o = med(mine), med(old)
         print(f"| {name} | {m:,.0f} ({mine[0]:,.0f}-{mine[-1]:,.0f}) | {o:,.0f} ({old[0]:,.0f}-{old[-1]:,.0f}) "

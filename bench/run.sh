@@ -42,13 +42,19 @@ else
   echo "nats-server not installed: no NATS comparison (apt-get install nats-server)" >&2
 fi
 BEFORE_ADDR=127.0.0.1:17003
+# For the alternating rounds, this build is started afresh beside the old one, so the
+# two compared have both run nothing else.
+AFTER_ADDR=127.0.0.1:17006
 before_pid=
+after_pid=
 if [ -n "${BEFORE:-}" ]; then
-  mkdir -p "$data/before"
+  mkdir -p "$data/before" "$data/after"
   "$BEFORE" --listen $BEFORE_ADDR --data-dir "$data/before" --log-level warn >/dev/null &
   before_pid=$!
+  target/release/chat-server --listen $AFTER_ADDR --data-dir "$data/after" --log-level warn >/dev/null &
+  after_pid=$!
 fi
-trap 'kill $chat_pid $ceil_pid $tokio_pid $nats_pid $before_pid 2>/dev/null; rm -rf "$data" "$store_log"' EXIT
+trap 'kill $chat_pid $ceil_pid $tokio_pid $nats_pid $before_pid $after_pid 2>/dev/null; rm -rf "$data" "$store_log"' EXIT
 for addr in $CHAT $CEIL $TOKIO ${nats_pid:+$NATS}; do
   for _ in $(seq 1 50); do
     target/release/chat-client --server $addr --probe --timeout 1 2>/dev/null && break
@@ -66,6 +72,7 @@ bench() {
   [ "$server" = ceiling-tokio ] && { addr=$TOKIO; extra=(--no-hello); }
   [ "$server" = nats ] && { addr=$NATS; extra=(--mode nats-pair); }
   [ "$server" = before ] && addr=$BEFORE_ADDR
+  [ "$server" = after ] && addr=$AFTER_ADDR
   local line
   line=$(target/release/chat-bench --server $addr --secs "$SECS" --warmup "$WARMUP" --json "${extra[@]}" "$@")
   echo "{\"name\":\"$name\",\"server\":\"$server\",${line#\{}" | tee -a "$out" >&2
@@ -86,16 +93,18 @@ bench pair-acks chat-server --conns 50 --window 32 --size 64 --mode pair --acks
 # What one commit carries while pairs forward with acks (store lines logged each second).
 grep -a '"store: ' "$store_log" | tail -3 | sed 's/.*"msg":"store: /store under pair+acks: /; s/"}$//' >&2
 if [ -n "$before_pid" ]; then
-  for _ in $(seq 1 50); do
-    target/release/chat-client --server $BEFORE_ADDR --probe --timeout 1 --no-acks 2>/dev/null && break
-    sleep 0.1
+  for addr in $BEFORE_ADDR $AFTER_ADDR; do
+    for _ in $(seq 1 50); do
+      target/release/chat-client --server $addr --probe --timeout 1 --no-acks 2>/dev/null && break
+      sleep 0.1
+    done
   done
   bench pipelined before --conns 50 --window 32 --size 64
   bench pair before --conns 50 --window 32 --size 64 --mode pair
   # And this build once more, right after, so the two are side by side in time.
   bench pipelined-again chat-server --conns 50 --window 32 --size 64
   bench pair-again chat-server --conns 50 --window 32 --size 64 --mode pair
-  # Alternating rounds, workload by workload: this build, then the older one, ROUNDS
+  # Alternating rounds, workload by workload, this build and the older one, ROUNDS
   # times, so a drift in the machine's speed falls on both alike. The spread of one
   # build's rounds is the noise a difference between the two must pass.
   for round in $(seq 1 "${ROUNDS:-3}"); do
@@ -105,8 +114,14 @@ if [ -n "$before_pid" ]; then
       set -- $spec
       name=$1
       shift
-      bench "ab-$name-$round" chat-server --conns 50 "$@"
-      bench "ab-$name-$round" before --conns 50 "$@"
+      # Odd rounds this build first, even rounds the old one: neither always goes first.
+      if [ $((round % 2)) = 1 ]; then
+        bench "ab-$name-$round" after --conns 50 "$@"
+        bench "ab-$name-$round" before --conns 50 "$@"
+      else
+        bench "ab-$name-$round" before --conns 50 "$@"
+        bench "ab-$name-$round" after --conns 50 "$@"
+      fi
     done
   done
 fi

@@ -207,14 +207,16 @@ impl Forwards {
         }
     }
 
-    /// The next answer to a batch, or a batch that waited too long.
+    /// The next answer to a batch, or a batch that waited too long. Answers first: an
+    /// answer that is in when its batch's time is also up settles the batch (stored by
+    /// its holder, not published again).
     pub fn next(&mut self) -> impl Future<Output = Due> + '_ {
         poll_fn(move |cx| {
-            if let Poll::Ready(Some(token)) = self.timeouts.poll_next_unpin(cx) {
-                return Poll::Ready(Due::Timeout(token));
+            if let Poll::Ready(Some(msg)) = self.answers.poll_next_unpin(cx) {
+                return Poll::Ready(Due::Answer(msg));
             }
-            match self.answers.poll_next_unpin(cx) {
-                Poll::Ready(Some(msg)) => Poll::Ready(Due::Answer(msg)),
+            match self.timeouts.poll_next_unpin(cx) {
+                Poll::Ready(Some(token)) => Poll::Ready(Due::Timeout(token)),
                 _ => Poll::Pending,
             }
         })

@@ -1,0 +1,366 @@
+//! The checker: what the recorded history says about the server's promises.
+//!
+//! Every frame is named by its sender and its number (senders number their frames 0,
+//! 1, 2, ...; each sender writes to one receiver). The history holds every send (a
+//! resend after a reconnect is a second send of the same frame), every answer the
+//! sender got (its echo, or a refusal notice, by code), every delivery (with the
+//! receiving connection), and the fault windows. The promises checked:
+//!
+//! - every echoed frame is delivered to its receiver, at least once (lost otherwise);
+//! - nothing is delivered that was not sent (phantom);
+//! - per (sender, receiver) and per receiving connection, frames first seen on that
+//!   connection come in increasing order; what comes again (a frame seen before, or a
+//!   resent one) is a repeat, which at-least-once allows, not a reorder;
+//! - every frame sent got an answer in the end (unanswered otherwise);
+//! - outside the fault windows (plus a grace time after each, for re-elections), no
+//!   answer took longer than the bound.
+
+use std::collections::{HashMap, HashSet};
+
+/// A sender and the number it gave a frame.
+pub type Key = (u32, u64);
+
+/// What a sender heard for a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Echo,
+    /// A refusal notice's code (`mailbox-full`, `store-failed`).
+    Refused(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// `sender` wrote frame `n` (for `receiver`) at `at` seconds.
+    Sent {
+        sender: u32,
+        receiver: u32,
+        n: u64,
+        at: f64,
+    },
+    Answered {
+        sender: u32,
+        n: u64,
+        answer: Answer,
+        at: f64,
+    },
+    /// `receiver` got frame `n` of `sender` on its connection `conn`.
+    Delivered {
+        receiver: u32,
+        sender: u32,
+        n: u64,
+        conn: u64,
+        at: f64,
+    },
+    /// A client waited `waited` seconds with frames unanswered and nothing heard, and
+    /// gave the connection up.
+    Silence {
+        waited: f64,
+    },
+    Fault {
+        what: String,
+        start: f64,
+        end: f64,
+    },
+}
+
+/// What the history shows.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub sent: usize,
+    pub resent: usize,
+    pub echoed: usize,
+    pub refused: HashMap<String, usize>,
+    pub unanswered: usize,
+    pub delivered: usize,
+    pub repeats: usize,
+    pub lost: Vec<Key>,
+    pub phantoms: Vec<Key>,
+    pub out_of_order: Vec<(u32, Key)>,
+    pub silences: usize,
+    /// The longest a client waited, unanswered, before it gave a connection up.
+    pub longest_silence: f64,
+    pub faults: usize,
+    /// Faults by kind (the first word of each).
+    pub fault_kinds: HashMap<String, usize>,
+    /// When the last delivery came, in seconds from the start.
+    pub last_delivery: f64,
+    /// The slowest answer outside the fault windows, and when it was sent.
+    pub slowest_calm: f64,
+    pub slowest_calm_at: f64,
+    /// The slowest answer of all.
+    pub slowest: f64,
+    /// Answers outside the fault windows slower than the bound.
+    pub slow_calm: usize,
+}
+
+impl Report {
+    /// The violations, one line each; empty when every promise held.
+    pub fn violations(&self, bound: f64) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.lost.is_empty() {
+            v.push(format!(
+                "{} echoed frames never delivered, first {:?}",
+                self.lost.len(),
+                &self.lost[..self.lost.len().min(5)]
+            ));
+        }
+        if !self.phantoms.is_empty() {
+            v.push(format!(
+                "{} frames delivered that were never sent, first {:?}",
+                self.phantoms.len(),
+                &self.phantoms[..self.phantoms.len().min(5)]
+            ));
+        }
+        if !self.out_of_order.is_empty() {
+            v.push(format!(
+                "{} frames out of order, first (receiver, (sender, n)) {:?}",
+                self.out_of_order.len(),
+                &self.out_of_order[..self.out_of_order.len().min(5)]
+            ));
+        }
+        if self.unanswered > 0 {
+            v.push(format!("{} frames sent never answered", self.unanswered));
+        }
+        if self.slow_calm > 0 {
+            v.push(format!(
+                "{} answers outside fault windows took longer than {bound} s (slowest {:.2} s, sent at {:.1} s)",
+                self.slow_calm, self.slowest_calm, self.slowest_calm_at
+            ));
+        }
+        v
+    }
+}
+
+/// Checks `events`. `bound`: the longest an answer may take outside a fault window;
+/// `grace`: how long after a fault ends it still counts as one.
+pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
+    let mut r = Report::default();
+    let mut windows = Vec::new();
+    // Per frame: its receiver, when it was last (re)sent and not yet answered, and
+    // whether it was echoed.
+    let mut receiver_of: HashMap<Key, u32> = HashMap::new();
+    let mut sends: HashMap<Key, usize> = HashMap::new();
+    let mut waiting: HashMap<Key, f64> = HashMap::new();
+    let mut echoed: HashSet<Key> = HashSet::new();
+    let mut answered: HashSet<Key> = HashSet::new();
+    let mut waits: Vec<(f64, f64)> = Vec::new();
+    for e in events {
+        match e {
+            Event::Sent {
+                sender,
+                receiver,
+                n,
+                at,
+            } => {
+                let key = (*sender, *n);
+                receiver_of.insert(key, *receiver);
+                *sends.entry(key).or_default() += 1;
+                waiting.entry(key).or_insert(*at);
+            }
+            Event::Answered {
+                sender,
+                n,
+                answer,
+                at,
+            } => {
+                let key = (*sender, *n);
+                if let Some(sent) = waiting.remove(&key) {
+                    waits.push((sent, at - sent));
+                }
+                answered.insert(key);
+                match answer {
+                    Answer::Echo => {
+                        echoed.insert(key);
+                    }
+                    Answer::Refused(code) => *r.refused.entry(code.clone()).or_default() += 1,
+                }
+            }
+            Event::Fault { what, start, end } => {
+                r.faults += 1;
+                let kind = what.split(' ').next().unwrap_or_default().to_string();
+                *r.fault_kinds.entry(kind).or_default() += 1;
+                windows.push((*start, *end + grace));
+            }
+            Event::Silence { waited, .. } => {
+                r.silences += 1;
+                r.longest_silence = r.longest_silence.max(*waited);
+            }
+            Event::Delivered { .. } => {}
+        }
+    }
+    r.sent = sends.len();
+    r.resent = sends.values().map(|n| n - 1).sum();
+    r.echoed = echoed.len();
+    r.unanswered = sends.keys().filter(|k| !answered.contains(k)).count();
+    for (sent, took) in waits {
+        r.slowest = r.slowest.max(took);
+        let end = sent + took;
+        let calm = !windows.iter().any(|&(a, b)| sent < b && end > a);
+        if calm {
+            if took > r.slowest_calm {
+                r.slowest_calm = took;
+                r.slowest_calm_at = sent;
+            }
+            if took > bound {
+                r.slow_calm += 1;
+            }
+        }
+    }
+    // Deliveries: per receiver connection and sender, the highest new number so far.
+    let mut seen: HashSet<Key> = HashSet::new();
+    let mut high: HashMap<(u64, u32), u64> = HashMap::new();
+    for e in events {
+        let Event::Delivered {
+            receiver,
+            sender,
+            n,
+            conn,
+            at,
+        } = e
+        else {
+            continue;
+        };
+        r.last_delivery = r.last_delivery.max(*at);
+        let key = (*sender, *n);
+        if receiver_of.get(&key) != Some(receiver) {
+            r.phantoms.push(key);
+            continue;
+        }
+        r.delivered += 1;
+        if !seen.insert(key) {
+            r.repeats += 1;
+            continue;
+        }
+        let top = high.entry((*conn, *sender)).or_insert(*n);
+        if *n < *top {
+            r.out_of_order.push((*receiver, key));
+        }
+        *top = (*top).max(*n);
+    }
+    r.delivered -= r.repeats;
+    let mut lost: Vec<Key> = echoed
+        .iter()
+        .filter(|k| !seen.contains(k))
+        .copied()
+        .collect();
+    lost.sort_unstable();
+    r.lost = lost;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(sender: u32, n: u64, at: f64) -> Event {
+        Event::Sent {
+            sender,
+            receiver: sender + 1,
+            n,
+            at,
+        }
+    }
+
+    fn echo(sender: u32, n: u64, at: f64) -> Event {
+        Event::Answered {
+            sender,
+            n,
+            answer: Answer::Echo,
+            at,
+        }
+    }
+
+    fn got(sender: u32, n: u64, conn: u64) -> Event {
+        Event::Delivered {
+            receiver: sender + 1,
+            sender,
+            n,
+            conn,
+            at: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        let h = vec![
+            sent(1, 0, 0.0),
+            sent(1, 1, 0.0),
+            echo(1, 0, 0.1),
+            echo(1, 1, 0.2),
+            got(1, 0, 7),
+            got(1, 1, 7),
+        ];
+        let r = check(&h, 2.0, 1.0);
+        assert!(r.violations(2.0).is_empty(), "{:?}", r.violations(2.0));
+        assert_eq!((r.sent, r.echoed, r.delivered, r.repeats), (2, 2, 2, 0));
+    }
+
+    #[test]
+    fn a_lost_frame_a_phantom_and_a_reorder_are_caught() {
+        let h = vec![
+            sent(1, 0, 0.0),
+            sent(1, 1, 0.0),
+            sent(1, 2, 0.0),
+            echo(1, 0, 0.1),
+            echo(1, 1, 0.1),
+            echo(1, 2, 0.1),
+            got(1, 1, 7),
+            got(1, 0, 7),
+            got(1, 9, 7),
+        ];
+        let r = check(&h, 2.0, 1.0);
+        assert_eq!(r.lost, vec![(1, 2)]);
+        assert_eq!(r.phantoms, vec![(1, 9)]);
+        assert_eq!(r.out_of_order, vec![(2, (1, 0))]);
+        assert_eq!(r.violations(2.0).len(), 3);
+    }
+
+    #[test]
+    fn repeats_are_allowed_and_a_new_connection_may_start_over() {
+        let h = vec![
+            sent(1, 0, 0.0),
+            sent(1, 1, 0.0),
+            sent(1, 1, 0.5),
+            echo(1, 0, 0.1),
+            echo(1, 1, 0.6),
+            got(1, 0, 7),
+            got(1, 1, 7),
+            got(1, 1, 7),
+            got(1, 0, 8),
+            got(1, 1, 8),
+        ];
+        let r = check(&h, 2.0, 1.0);
+        assert!(r.violations(2.0).is_empty(), "{:?}", r.violations(2.0));
+        assert_eq!((r.resent, r.repeats, r.delivered), (1, 3, 2));
+    }
+
+    #[test]
+    fn slow_answers_count_only_outside_fault_windows() {
+        let h = vec![
+            sent(1, 0, 0.0),
+            echo(1, 0, 3.0),
+            sent(1, 1, 10.0),
+            echo(1, 1, 14.0),
+            Event::Fault {
+                what: "kill".into(),
+                start: 11.0,
+                end: 12.0,
+            },
+            sent(1, 2, 20.0),
+            Event::Answered {
+                sender: 1,
+                n: 2,
+                answer: Answer::Refused("store-failed".into()),
+                at: 20.5,
+            },
+            sent(1, 3, 30.0),
+        ];
+        let r = check(&h, 2.0, 1.0);
+        assert_eq!(r.slow_calm, 1, "the first, 3 s with no fault");
+        assert_eq!(r.slowest_calm, 3.0);
+        assert_eq!(r.slowest, 4.0);
+        assert_eq!(r.refused.get("store-failed"), Some(&1));
+        assert_eq!(r.unanswered, 1);
+        assert_eq!(r.violations(2.0).len(), 2);
+    }
+}

@@ -1,0 +1,226 @@
+//! The processes under test: nats-server instances forming a JetStream cluster, and
+//! chat nodes, on loopback ports of the run's own, in a directory of the run's own.
+//! Each can be killed (`kill -9`) and started again, or paused (SIGSTOP) and resumed.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on now.
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `port` on loopback takes connections.
+fn wait_for_port(port: u16, limit: Duration) -> bool {
+    let started = Instant::now();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while started.elapsed() < limit {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// One process: how to start it, and the running child.
+pub struct Proc {
+    pub name: String,
+    pub port: u16,
+    command: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+impl Proc {
+    fn new(name: String, port: u16, command: Vec<String>, dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        Proc {
+            name,
+            port,
+            command,
+            log,
+            child: None,
+            paused: false,
+        }
+    }
+
+    /// Starts it and waits up to `limit` for its port.
+    pub fn start(&mut self, limit: Duration) -> Result<(), String> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
+        let (program, args) = self
+            .command
+            .split_first()
+            .ok_or_else(|| format!("{}: no command", self.name))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {program}: {e}"))?;
+        self.child = Some(child);
+        self.paused = false;
+        if wait_for_port(self.port, limit) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} did not listen on {} within {limit:?} (see {})",
+                self.name,
+                self.port,
+                self.log.display()
+            ))
+        }
+    }
+
+    /// `kill -9`, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child
+            && let Ok(pid) = i32::try_from(child.id())
+        {
+            // SAFETY: kill(2) on a child this process started and has not reaped.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
+    /// SIGSTOP: the process stays, its sockets accept, nothing answers.
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+        self.paused = true;
+    }
+
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.paused = false;
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.paused {
+            self.resume();
+        }
+        self.kill();
+    }
+}
+
+/// Everything a run starts.
+pub struct Cluster {
+    pub nats: Vec<Proc>,
+    pub nodes: Vec<Proc>,
+}
+
+impl Cluster {
+    /// `nats` servers (0: one chat node with its embedded store) and `nodes` chat
+    /// nodes, everything under `dir`.
+    pub fn start(server: &Path, nats: usize, nodes: usize, dir: &Path) -> Result<Cluster, String> {
+        let mut c = Cluster {
+            nats: Vec::new(),
+            nodes: Vec::new(),
+        };
+        let port = |what: &str| free_port().map_err(|e| format!("no port for {what}: {e}"));
+        let mut clients = Vec::new();
+        let mut routes = Vec::new();
+        for _ in 0..nats {
+            clients.push(port("NATS")?);
+            routes.push(port("NATS routes")?);
+        }
+        let route_list: Vec<String> = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        for i in 0..nats {
+            let store = dir.join(format!("js{i}"));
+            let cluster = if nats > 1 {
+                format!(
+                    "cluster {{ name: chaos, listen: 127.0.0.1:{}, routes: [{}] }}",
+                    routes[i],
+                    route_list.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            let conf = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 10MB\njetstream {{ store_dir: \"{}\", max_mem: 64MB, max_file: 2GB }}\n{cluster}\n",
+                clients[i],
+                store.display()
+            );
+            let path = dir.join(format!("nats{i}.conf"));
+            fs::write(&path, conf).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            let command = vec![
+                "nats-server".to_string(),
+                "-c".to_string(),
+                path.display().to_string(),
+            ];
+            c.nats
+                .push(Proc::new(format!("nats{i}"), clients[i], command, dir));
+        }
+        for p in &mut c.nats {
+            p.start(Duration::from_secs(10))?;
+        }
+        let urls: Vec<String> = clients
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        for i in 0..nodes {
+            let listen = port("a chat node")?;
+            let mut command = vec![
+                server.display().to_string(),
+                "--listen".to_string(),
+                format!("127.0.0.1:{listen}"),
+                "--log-level".to_string(),
+                "info".to_string(),
+            ];
+            if nats > 0 {
+                command.extend([
+                    "--nats".to_string(),
+                    urls.join(","),
+                    "--node-name".to_string(),
+                    format!("chat{i}"),
+                ]);
+            } else {
+                command.extend([
+                    "--data-dir".to_string(),
+                    dir.join(format!("data{i}")).display().to_string(),
+                ]);
+            }
+            c.nodes
+                .push(Proc::new(format!("chat{i}"), listen, command, dir));
+        }
+        for p in &mut c.nodes {
+            // A new cluster elects its leaders first; a node waits for its stream.
+            p.start(Duration::from_secs(60))?;
+        }
+        Ok(c)
+    }
+
+    /// The chat nodes' addresses.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(Proc::addr).collect()
+    }
+}
