@@ -354,6 +354,8 @@ mod tests {
                 at: 20.5,
             },
             sent(1, 3, 30.0),
+            got(1, 0, 7),
+            got(1, 1, 7),
         ];
         let r = check(&h, 2.0, 1.0);
         assert_eq!(r.slow_calm, 1, "the first, 3 s with no fault");
@@ -361,6 +363,7 @@ mod tests {
         assert_eq!(r.slowest, 4.0);
         assert_eq!(r.refused.get("store-failed"), Some(&1));
         assert_eq!(r.unanswered, 1);
+        assert!(r.lost.is_empty(), "a refused frame need not arrive");
         assert_eq!(r.violations(2.0).len(), 2);
     }
 }
