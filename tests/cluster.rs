@@ -297,6 +297,48 @@ fn binding_on_another_node_replaces_the_connection_there() {
     });
 }
 
+#[test]
+fn a_claim_waiting_for_a_frozen_holder_holds_up_no_other_id() {
+    if !nats_available() {
+        return;
+    }
+    let _slot = slot();
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats, "a", dir.path(), &[]);
+    let b = node(&nats, "b", dir.path(), &[]);
+    chat::rt::block_on(async {
+        // Node a holds 5 (a frame from node b reached it), node b holds 9.
+        let mut first = login_at(&a.addr, 5).await;
+        let mut nine = login_at(&b.addr, 9).await;
+        let mut eight = login_at(&b.addr, 8).await;
+        let hello = text(8, 5, "are you on node a?");
+        send_confirmed(&mut eight, &hello).await;
+        assert_eq!(data_frames(&mut first, 1).await, vec![delivered(&hello)]);
+        let warm = text(8, 9, "before");
+        send_confirmed(&mut eight, &warm).await;
+        assert_eq!(data_frames(&mut nine, 1).await, vec![delivered(&warm)]);
+        // Node a freezes: node b's claim of 5 waits for it (up to 5 s).
+        a.signal(libc::SIGSTOP);
+        let mut second = login_at(&b.addr, 5).await;
+        let started = Instant::now();
+        let f = text(8, 9, "while node b claims 5");
+        send_confirmed(&mut eight, &f).await;
+        let echoed = started.elapsed();
+        assert_eq!(data_frames(&mut nine, 1).await, vec![delivered(&f)]);
+        a.signal(libc::SIGCONT);
+        assert!(
+            echoed < Duration::from_millis(2500),
+            "an echo between two other ids on node b waited {echoed:?} for the claim"
+        );
+        // The claim ends, and frames for 5 reach its new connection.
+        let g = text(8, 5, "to the new connection");
+        send_confirmed(&mut eight, &g).await;
+        assert_eq!(data_frames(&mut second, 1).await, vec![delivered(&g)]);
+        drop(first);
+    });
+}
+
 /// Receives with acks on: acknowledges each data frame as it comes, and returns the
 /// numbers received until `stop` (a number) arrives or the connection ends.
 async fn receive_acking(

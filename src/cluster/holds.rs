@@ -7,13 +7,19 @@
 //! the id. "No responders" means nobody held it. Once it holds the id, the node hears
 //! the mail other nodes send when they store frames for it, and the frames they
 //! forward to it.
+//!
+//! A claim runs beside the actor, not in its way: the holder's answer may take up to
+//! [`CLAIM_WAIT`], and a node that waited for it in line would answer nothing else
+//! meanwhile, its own take requests from other nodes included. Two nodes claiming
+//! each from the other then each waited out the other's limit, again and again (the
+//! chaos run found it). [`Heard::Claimed`] says when a claim is done.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
 use std::task::Poll;
 use std::time::Duration;
 
-use async_nats::{Client, Message, Subject};
+use async_nats::{Client, Message, Subject, Subscriber};
 use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::BoxFuture;
@@ -24,7 +30,7 @@ use crate::cluster::link::{sleep, within};
 use crate::cluster::wire::{self, Hold};
 
 /// How long a node waits for the holder of an id to let it go before binding anyway.
-const CLAIM_WAIT: Duration = Duration::from_secs(5);
+pub(super) const CLAIM_WAIT: Duration = Duration::from_secs(5);
 /// Mail published while a new holder's interest was still on its way across the
 /// cluster could miss it: the holder looks once more after this long.
 const RECHECK: Duration = Duration::from_millis(500);
@@ -46,6 +52,9 @@ pub(super) enum Heard {
     Mail { receiver: u32 },
     /// Another node binds `receiver`; it is answered once the id is released here.
     Take { receiver: u32 },
+    /// This node's claim of `receiver` is done: it holds the id now (or could not
+    /// subscribe, which was logged, and goes on without).
+    Claimed { receiver: u32 },
 }
 
 pub(super) struct Holds {
@@ -58,6 +67,9 @@ pub(super) struct Holds {
     takeovers: HashMap<u32, Vec<Subject>>,
     /// Ids to look at once more after they were claimed (see [`RECHECK`]).
     rechecks: FuturesUnordered<BoxFuture<'static, u32>>,
+    /// Claims in flight: the take request, then the subscription.
+    claims: FuturesUnordered<BoxFuture<'static, (u32, Option<Subscriber>)>>,
+    claiming: HashSet<u32>,
 }
 
 impl Holds {
@@ -68,6 +80,8 @@ impl Holds {
             heard: SelectAll::new(),
             takeovers: HashMap::new(),
             rechecks: FuturesUnordered::new(),
+            claims: FuturesUnordered::new(),
+            claiming: HashSet::new(),
         }
     }
 
@@ -80,33 +94,51 @@ impl Holds {
         self.held.keys().copied()
     }
 
-    /// Makes this node the holder of `receiver`: asks the current holder to let go,
-    /// then subscribes to the id's subjects.
-    pub async fn claim(&mut self, client: &Client, receiver: u32) {
-        if self.holds(receiver) {
-            return;
+    /// Starts making this node the holder of `receiver`: asks the current holder to
+    /// let go, then subscribes to the id's subjects; [`Heard::Claimed`] follows. False
+    /// if the id is held here already, or being claimed.
+    pub fn claim(&mut self, client: &Client, receiver: u32) -> bool {
+        if self.holds(receiver) || !self.claiming.insert(receiver) {
+            return false;
         }
-        let request = async_nats::Request::new()
-            .payload(Bytes::from(self.node.clone()))
-            .timeout(Some(CLAIM_WAIT));
-        match client
-            .send_request(wire::hold(receiver, Hold::Take), request)
-            .await
-        {
-            Ok(_) => log::debug!("id {receiver}: released by its previous node"),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
-            Err(e) => log::warn!(
-                "id {receiver}: the node holding it did not let go ({e}); binding anyway"
-            ),
-        }
-        let subscriber = match client.subscribe(wire::holds(receiver)).await {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("id {receiver}: cannot subscribe to its mail: {e}");
-                return;
+        let client = client.clone();
+        let node = Bytes::from(self.node.clone());
+        self.claims.push(
+            async move {
+                let request = async_nats::Request::new()
+                    .payload(node)
+                    .timeout(Some(CLAIM_WAIT));
+                match client
+                    .send_request(wire::hold(receiver, Hold::Take), request)
+                    .await
+                {
+                    Ok(_) => log::debug!("id {receiver}: released by its previous node"),
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+                    Err(e) => log::warn!(
+                        "id {receiver}: the node holding it did not let go ({e}); binding anyway"
+                    ),
+                }
+                let subscriber = match client.subscribe(wire::holds(receiver)).await {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        log::warn!("id {receiver}: cannot subscribe to its mail: {e}");
+                        None
+                    }
+                };
+                let _ = within(FLUSH_WAIT, client.flush()).await;
+                (receiver, subscriber)
             }
+            .boxed(),
+        );
+        true
+    }
+
+    /// A claim is done: hold the id, and look once more after [`RECHECK`].
+    fn claimed(&mut self, receiver: u32, subscriber: Option<Subscriber>) {
+        self.claiming.remove(&receiver);
+        let Some(subscriber) = subscriber else {
+            return;
         };
-        let _ = within(FLUSH_WAIT, client.flush()).await;
         let (cancel, cancelled) = oneshot::channel();
         self.held.insert(receiver, cancel);
         self.heard.push(
@@ -138,6 +170,10 @@ impl Holds {
     pub fn next(&mut self) -> impl Future<Output = Heard> + '_ {
         poll_fn(move |cx| {
             loop {
+                if let Poll::Ready(Some((receiver, subscriber))) = self.claims.poll_next_unpin(cx) {
+                    self.claimed(receiver, subscriber);
+                    return Poll::Ready(Heard::Claimed { receiver });
+                }
                 if let Poll::Ready(Some(receiver)) = self.rechecks.poll_next_unpin(cx) {
                     if self.holds(receiver) {
                         return Poll::Ready(Heard::Mail { receiver });

@@ -34,7 +34,7 @@ use futures::{FutureExt, StreamExt, select_biased};
 
 use crate::cluster::StartError;
 use crate::cluster::forward::{Due, Forwards, Settled};
-use crate::cluster::holds::{Heard, Holds};
+use crate::cluster::holds::{CLAIM_WAIT, Heard, Holds};
 use crate::cluster::link::{Link, sleep, within};
 use crate::cluster::msg::{FromCluster, ToCluster};
 use crate::cluster::wire::{self, Hold, Refused};
@@ -50,8 +50,11 @@ pub const STREAM: &str = "CHAT_MAILBOX";
 const SETUP_LIMIT: Duration = Duration::from_secs(60);
 /// A mailbox read that failed is tried again after this long.
 const READ_RETRY: Duration = Duration::from_millis(250);
-/// Frames asked for in one read of a mailbox.
+/// Frames in one page of a mailbox, at most.
 const READ_BATCH: usize = 256;
+/// How long one read of a frame may take before the page is read again: short, since
+/// a leader that does not answer is being replaced.
+const READ_WAIT: Duration = Duration::from_secs(1);
 /// How long JetStream may take to confirm a frame before its sender is told
 /// `store-failed` (it may still have been stored: a resend can repeat it).
 const ACK_WAIT: Duration = Duration::from_secs(5);
@@ -88,6 +91,23 @@ pub async fn run(
             return;
         }
     };
+    // Mailbox reads wait less than publishes (see [`READ_WAIT`]).
+    let reads = jetstream::ContextBuilder::new()
+        .timeout(READ_WAIT)
+        .build(setup.client.clone())
+        .get_stream_no_info(STREAM)
+        .await;
+    let reads = match reads {
+        Ok(reads) => reads,
+        Err(e) => {
+            let reason = e.to_string();
+            let _ = ready.send(Err(StartError::Stream {
+                stream: STREAM,
+                reason,
+            }));
+            return;
+        }
+    };
     let (commands, rx) = mpsc::channel(QUEUE);
     let (reply_tx, replies) = mpsc::unbounded();
     let (closed_tx, closed) = oneshot::channel();
@@ -113,6 +133,7 @@ pub async fn run(
         js,
         client: setup.client,
         stream,
+        reads,
         holds: Holds::new(setup.node.clone()),
         forwards: Forwards::new(setup.node.clone(), inbox, answers),
         node: setup.node,
@@ -130,6 +151,7 @@ pub async fn run(
         high_seq: 0,
         down: None,
         held: VecDeque::new(),
+        claiming: HashMap::new(),
     };
     actor.run(rx, setup.link).await;
     let _ = closed_tx.send(());
@@ -258,6 +280,8 @@ struct Actor {
     js: jetstream::Context,
     client: async_nats::Client,
     stream: stream::Stream,
+    /// The same stream, for mailbox reads, which wait [`READ_WAIT`] at most.
+    reads: stream::Stream<()>,
     node: String,
     /// The largest frame in its wire encoding.
     max_frame: usize,
@@ -289,6 +313,29 @@ struct Actor {
     down: Option<Down>,
     /// Loads, deletes and releases that arrived while the link was down, in order.
     held: VecDeque<ToCluster>,
+    /// Ids this node is claiming: the first read that started the claim, and the
+    /// commands for the id that came meanwhile, in order. They go on once the claim is
+    /// done; commands for other ids go on at once.
+    claiming: HashMap<u32, (FirstRead, VecDeque<ToCluster>)>,
+}
+
+/// A first read of an id's mailbox, waiting for this node's claim of the id.
+struct FirstRead {
+    ticket: Ticket,
+    max_bytes: usize,
+}
+
+/// The id a command is about, if it is about one.
+fn concerns(cmd: &ToCluster) -> Option<u32> {
+    match cmd {
+        ToCluster::Store(
+            Command::Append { receiver, .. }
+            | Command::Load { receiver, .. }
+            | Command::Delete { receiver, .. },
+        )
+        | ToCluster::Left { receiver } => Some(*receiver),
+        ToCluster::Answer { .. } => None,
+    }
 }
 
 impl Actor {
@@ -307,7 +354,9 @@ impl Actor {
                     None => {}
                 },
                 done = self.pending.select_next_some() => self.on_done(done),
-                load = self.retries.select_next_some() => self.on_store(load).await,
+                load = self.retries.select_next_some() => {
+                    self.on_command(ToCluster::Store(load)).await;
+                }
                 due = self.forwards.next().fuse() => match due {
                     Due::Answer(msg) => {
                         let settled = self.forwards.answered(&msg);
@@ -318,7 +367,7 @@ impl Actor {
                         self.settled(settled).await;
                     }
                 },
-                heard = self.holds.next().fuse() => self.heard(heard),
+                heard = self.holds.next().fuse() => self.heard(heard).await,
                 cmd = rx.next() => match cmd {
                     Some(cmd) => {
                         self.on_command(cmd).await;
@@ -352,7 +401,14 @@ impl Actor {
             }
             self.flush().await;
         }
-        // Every sender is gone: write what is staged and finish what is in flight.
+        // Every sender is gone: finish the claims (what waits for them goes on), write
+        // what is staged and finish what is in flight.
+        while !self.claiming.is_empty() {
+            match within(CLAIM_WAIT * 2, self.holds.next()).await {
+                Some(heard) => self.heard(heard).await,
+                None => break,
+            }
+        }
         self.publish_staged(None).await;
         self.settle().await;
         self.flush().await;
@@ -374,6 +430,12 @@ impl Actor {
     }
 
     async fn on_command(&mut self, cmd: ToCluster) {
+        if let Some(receiver) = concerns(&cmd)
+            && let Some((_, waiting)) = self.claiming.get_mut(&receiver)
+        {
+            waiting.push_back(cmd);
+            return;
+        }
         match cmd {
             ToCluster::Store(cmd) => self.on_store(cmd).await,
             ToCluster::Answer { token, outcomes } => {
@@ -472,9 +534,10 @@ impl Actor {
         self.forwards.storing(receiver, queued);
     }
 
-    /// What the node heard for an id it holds.
-    fn heard(&mut self, heard: Heard) {
+    /// What the node heard for an id it holds, or that its claim of one is done.
+    async fn heard(&mut self, heard: Heard) {
         let news = match heard {
+            Heard::Claimed { receiver } => return self.claimed(receiver).await,
             Heard::Frames {
                 receiver,
                 frames,
@@ -672,7 +735,7 @@ impl Actor {
     }
 
     /// Reads a page of `receiver`'s mailbox. The first read of a connection claims the
-    /// id for this node.
+    /// id for this node, and waits for the claim (commands for other ids do not).
     /// `mark`: the highest frame number appended before this load was asked for.
     async fn load(
         &mut self,
@@ -682,6 +745,17 @@ impl Actor {
         max_bytes: usize,
         mark: u64,
     ) {
+        if let Some((_, waiting)) = self.claiming.get_mut(&receiver) {
+            // A parked read's turn came while the id is being claimed: behind the claim.
+            let load = Command::Load {
+                ticket,
+                receiver,
+                after,
+                max_bytes,
+            };
+            waiting.push_back(ToCluster::Store(load));
+            return;
+        }
         if after.is_none() {
             // Frames this node was sending to the id's previous holder go first: wait
             // for the batch in flight, then store the rest, so the read below has them.
@@ -719,8 +793,37 @@ impl Actor {
                     set.remove(&stream_seq);
                 }
             }
-            self.holds.claim(&self.client, receiver).await;
+            if self.holds.claim(&self.client, receiver) {
+                // The read waits for the claim, and so does what comes for the id.
+                let first = FirstRead { ticket, max_bytes };
+                self.claiming.insert(receiver, (first, VecDeque::new()));
+                return;
+            }
         }
+        self.read_page(ticket, receiver, after, max_bytes).await;
+    }
+
+    /// This node holds `receiver` now: the first read goes on, then what waited.
+    async fn claimed(&mut self, receiver: u32) {
+        let Some((first, waiting)) = self.claiming.remove(&receiver) else {
+            return;
+        };
+        self.read_page(first.ticket, receiver, None, first.max_bytes)
+            .await;
+        for cmd in waiting {
+            Box::pin(self.on_command(cmd)).await;
+        }
+    }
+
+    /// Reads the page after `after` and answers with it; a read that fails is tried
+    /// again shortly.
+    async fn read_page(
+        &mut self,
+        ticket: Ticket,
+        receiver: u32,
+        after: Option<u64>,
+        max_bytes: usize,
+    ) {
         // A page ends with a frame read from the stream; 0 reads from the start.
         let start = after.and_then(StreamSeq::of).map_or(1, |s| s.0 + 1);
         let frames = match self.read(receiver, start, max_bytes).await {
@@ -752,83 +855,50 @@ impl Actor {
     }
 
     /// Reads `receiver`'s frames from stream sequence `start` on, up to `max_bytes` (at
-    /// least one frame), leaving out the live frames this node pushed itself. JetStream
-    /// 2.9 has no batched read by subject: a short-lived consumer filtered on the id's
-    /// subject reads the page in one batch and is deleted.
+    /// least one frame) and [`READ_BATCH`] frames, leaving out the live frames this
+    /// node pushed itself.
+    ///
+    /// Each frame is asked of the stream's leader by subject and first sequence
+    /// (`STREAM.MSG.GET` with `next_by_subj`), which sees every frame JetStream has
+    /// acknowledged. A consumer, as used before, reads from whichever replica it is
+    /// placed on: one that lagged behind left out a frame another node had just stored
+    /// (the chaos run saw a frame delivered after later ones), and one placed on a
+    /// server that was down made reads time out for as long as it stayed down.
     async fn read(
         &mut self,
         receiver: u32,
         start: u64,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Bytes)>, String> {
-        use jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-        let config = pull::Config {
-            filter_subject: format!("chat.mb.{receiver}"),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            },
-            ack_policy: AckPolicy::None,
-            memory_storage: true,
-            num_replicas: 1,
-            // Removed by the server too, should this node die before deleting it.
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        };
-        let consumer = self
-            .stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| e.to_string())?;
-        let name = consumer.cached_info().name.clone();
-        let result = self.fetch(&consumer, receiver, max_bytes).await;
-        let stream = self.stream.clone();
-        self.pending.push(
-            async move {
-                if let Err(e) = stream.delete_consumer(&name).await {
-                    log::debug!("reader {name} not deleted (it expires): {e}");
-                }
-                Done::Deleted
-            }
-            .boxed(),
-        );
-        result
-    }
-
-    async fn fetch(
-        &self,
-        consumer: &jetstream::consumer::PullConsumer,
-        receiver: u32,
-        max_bytes: usize,
-    ) -> Result<Vec<(u64, Bytes)>, String> {
-        let skip = self.live.get(&receiver);
+        use jetstream::stream::RawMessageErrorKind;
+        let subject = wire::mailbox(receiver);
         // Room for the largest frame, so that a page is never empty while frames wait.
         let room = max_bytes.max(self.max_frame);
         let mut frames = Vec::new();
         let mut bytes = 0;
-        loop {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(READ_BATCH)
-                .max_bytes(room.saturating_sub(bytes).max(self.max_frame))
-                .messages()
+        let mut next = start;
+        while bytes < room && frames.len() < READ_BATCH {
+            let msg = match self
+                .reads
+                .get_first_raw_message_by_subject(&subject, next)
                 .await
-                .map_err(|e| e.to_string())?;
-            let mut got = 0;
-            while let Some(msg) = batch.next().await {
-                let msg = msg.map_err(|e| e.to_string())?;
-                got += 1;
-                let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
-                if skip.is_some_and(|s| s.contains(&seq)) {
-                    continue;
-                }
-                bytes += msg.payload.len();
-                frames.push((StreamSeq(seq).number(), msg.payload.clone()));
+            {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(e.to_string()),
+            };
+            next = msg.sequence + 1;
+            if self
+                .live
+                .get(&receiver)
+                .is_some_and(|s| s.contains(&msg.sequence))
+            {
+                continue;
             }
-            // Done when the batch came back short, or a page is made.
-            if got < READ_BATCH || !frames.is_empty() {
-                return Ok(frames);
-            }
+            bytes += msg.payload.len();
+            frames.push((StreamSeq(msg.sequence).number(), msg.payload));
         }
+        Ok(frames)
     }
 
     /// This node no longer delivers to `receiver`: write what it stages for it, stop

@@ -181,7 +181,7 @@ fn run(args: Args) -> Result<bool, String> {
         Duration::from_secs(10),
         args.pairs as usize,
     );
-    let cluster = Arc::new(Mutex::new(cluster));
+    let cluster = Arc::new(cluster);
     let mut rng = Rng::new(seed);
 
     // The clients.
@@ -267,7 +267,7 @@ fn run(args: Args) -> Result<bool, String> {
 /// Injects faults for `secs` seconds, up to `overlap` at once; returns how many.
 fn inject(
     world: &Arc<World>,
-    cluster: &Arc<Mutex<Cluster>>,
+    cluster: &Arc<Cluster>,
     faults: &[Fault],
     secs: u64,
     overlap: usize,
@@ -287,12 +287,9 @@ fn inject(
             continue;
         }
         let fault = faults[rng.below(faults.len() as u64) as usize];
-        let (group, size) = {
-            let c = cluster.lock().unwrap_or_else(|e| e.into_inner());
-            match fault {
-                Fault::Kill | Fault::Pause => ("chat", c.nodes.len()),
-                Fault::NatsKill | Fault::NatsPause => ("nats", c.nats.len()),
-            }
+        let (group, size) = match fault {
+            Fault::Kill | Fault::Pause => ("chat", cluster.nodes.len()),
+            Fault::NatsKill | Fault::NatsPause => ("nats", cluster.nats.len()),
         };
         let target = rng.below(size as u64) as usize;
         {
@@ -336,12 +333,12 @@ fn inject(
 }
 
 /// Starts (`on`) or ends a fault; returns the target's name.
-fn apply(cluster: &Mutex<Cluster>, fault: Fault, target: usize, on: bool) -> String {
-    let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
-    let proc = match fault {
-        Fault::Kill | Fault::Pause => &mut c.nodes[target],
-        Fault::NatsKill | Fault::NatsPause => &mut c.nats[target],
+fn apply(cluster: &Cluster, fault: Fault, target: usize, on: bool) -> String {
+    let procs = match fault {
+        Fault::Kill | Fault::Pause => &cluster.nodes,
+        Fault::NatsKill | Fault::NatsPause => &cluster.nats,
     };
+    let mut proc = procs[target].lock().unwrap_or_else(|e| e.into_inner());
     let name = proc.name.clone();
     match (fault, on) {
         (Fault::Kill | Fault::NatsKill, true) => proc.kill(),

@@ -6,6 +6,7 @@ use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A port nobody listens on now.
@@ -129,20 +130,19 @@ impl Drop for Proc {
     }
 }
 
-/// Everything a run starts.
+/// Everything a run starts. Each process has a lock of its own: restarting one (which
+/// may take seconds) holds up no fault on another.
 pub struct Cluster {
-    pub nats: Vec<Proc>,
-    pub nodes: Vec<Proc>,
+    pub nats: Vec<Mutex<Proc>>,
+    pub nodes: Vec<Mutex<Proc>>,
 }
 
 impl Cluster {
     /// `nats` servers (0: one chat node with its embedded store) and `nodes` chat
     /// nodes, everything under `dir`.
     pub fn start(server: &Path, nats: usize, nodes: usize, dir: &Path) -> Result<Cluster, String> {
-        let mut c = Cluster {
-            nats: Vec::new(),
-            nodes: Vec::new(),
-        };
+        let mut nats_procs = Vec::new();
+        let mut node_procs = Vec::new();
         let port = |what: &str| free_port().map_err(|e| format!("no port for {what}: {e}"));
         let mut clients = Vec::new();
         let mut routes = Vec::new();
@@ -177,10 +177,9 @@ impl Cluster {
                 "-c".to_string(),
                 path.display().to_string(),
             ];
-            c.nats
-                .push(Proc::new(format!("nats{i}"), clients[i], command, dir));
+            nats_procs.push(Proc::new(format!("nats{i}"), clients[i], command, dir));
         }
-        for p in &mut c.nats {
+        for p in &mut nats_procs {
             p.start(Duration::from_secs(10))?;
         }
         let urls: Vec<String> = clients
@@ -209,18 +208,24 @@ impl Cluster {
                     dir.join(format!("data{i}")).display().to_string(),
                 ]);
             }
-            c.nodes
-                .push(Proc::new(format!("chat{i}"), listen, command, dir));
+            node_procs.push(Proc::new(format!("chat{i}"), listen, command, dir));
         }
-        for p in &mut c.nodes {
+        for p in &mut node_procs {
             // A new cluster elects its leaders first; a node waits for its stream.
             p.start(Duration::from_secs(60))?;
         }
-        Ok(c)
+        let locked = |v: Vec<Proc>| v.into_iter().map(Mutex::new).collect();
+        Ok(Cluster {
+            nats: locked(nats_procs),
+            nodes: locked(node_procs),
+        })
     }
 
     /// The chat nodes' addresses.
     pub fn addrs(&self) -> Vec<String> {
-        self.nodes.iter().map(Proc::addr).collect()
+        self.nodes
+            .iter()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).addr())
+            .collect()
     }
 }
