@@ -40,34 +40,100 @@ fn browser() -> Option<(PathBuf, PathBuf)> {
     found
 }
 
-/// A chromedriver process on a free loopback port, killed when dropped.
+/// A chromedriver process on a free loopback port, killed when dropped; its log is
+/// kept, to say why when a session cannot be had.
 struct Driver {
     child: Child,
     url: String,
+    log: PathBuf,
 }
 
 impl Driver {
+    /// Starts chromedriver on a free port and waits until chromedriver itself answers
+    /// there. A port found free can be taken before chromedriver binds it (the tests
+    /// start servers on ephemeral ports at the same time), and chromedriver then still
+    /// runs on the IPv6 side of it while the IPv4 one is another server's: its first
+    /// request was reset about one run in five. So the port is checked to be
+    /// chromedriver's (`GET /status`), and another one tried if it is not.
     fn start(path: &Path) -> Driver {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(path)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
-        let driver = Driver {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not listen");
-            std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+            std::fs::create_dir_all(&dir).expect("a directory for the logs");
+            let log = dir.join(format!("chromedriver-{port}.log"));
+            let child = Command::new(path)
+                .arg(format!("--port={port}"))
+                .arg(format!("--log-path={}", log.display()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver starts");
+            let mut driver = Driver {
+                child,
+                url: format!("http://127.0.0.1:{port}"),
+                log,
+            };
+            let deadline = Instant::now() + WAIT;
+            while Instant::now() < deadline {
+                match status(port) {
+                    Status::Chromedriver => return driver,
+                    Status::Someone => break,
+                    Status::Nobody => {}
+                }
+                if driver.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = driver.child.kill();
+            let _ = driver.child.wait();
         }
-        driver
+        panic!("chromedriver did not answer on any of five ports");
+    }
+}
+
+/// Who answers `GET /status` on a loopback port.
+enum Status {
+    Nobody,
+    Chromedriver,
+    Someone,
+}
+
+fn status(port: u16) -> Status {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return Status::Nobody;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request =
+        format!("GET /status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return Status::Someone;
+    }
+    // Read until chromedriver's answer is in (it may keep the connection open), the
+    // stream ends, or it times out.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let is_chromedriver = |a: &[u8]| {
+        let a = String::from_utf8_lossy(a);
+        a.contains("ChromeDriver") && a.contains("\"ready\"")
+    };
+    while !is_chromedriver(&answer) {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    if is_chromedriver(&answer) {
+        Status::Chromedriver
+    } else if answer.is_empty() {
+        // Listening, not answering yet (or not HTTP): look again.
+        Status::Nobody
+    } else {
+        Status::Someone
     }
 }
 
@@ -75,6 +141,10 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The log is for a failure; a passing test leaves none.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
@@ -95,11 +165,23 @@ async fn session(driver: &Driver, chromium: &Path, width: u32, height: u32) -> C
     let mut caps = serde_json::Map::new();
     caps.insert("browserName".into(), json!("chrome"));
     caps.insert("goog:chromeOptions".into(), options);
-    ClientBuilder::new(HttpConnector::new())
+    match ClientBuilder::new(HttpConnector::new())
         .capabilities(caps)
         .connect(&driver.url)
         .await
-        .expect("a browser session")
+    {
+        Ok(client) => client,
+        Err(e) => {
+            let log = std::fs::read_to_string(&driver.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "a browser session: {e}; chromedriver's log ({}) ends:\n{}",
+                driver.log.display(),
+                tail.join("\n")
+            );
+        }
+    }
 }
 
 async fn find(browser: &Client, css: &str) -> fantoccini::elements::Element {

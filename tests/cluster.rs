@@ -181,6 +181,35 @@ impl Drop for Slot {
     }
 }
 
+/// Three NATS servers and two chat nodes, `a` and `b`, for a test that needs no more
+/// (`None`, after one line, without nats-server). Bound in this order, they stop in
+/// the reverse one: nodes first, then NATS, then the files, then the slot.
+struct TwoNodes {
+    _slot: Slot,
+    nats: Nats,
+    dir: tempfile::TempDir,
+    a: ServerProcess,
+    b: ServerProcess,
+}
+
+fn two_nodes() -> Option<TwoNodes> {
+    if !nats_available() {
+        return None;
+    }
+    let _slot = slot();
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats, "a", dir.path(), &[]);
+    let b = node(&nats, "b", dir.path(), &[]);
+    Some(TwoNodes {
+        _slot,
+        nats,
+        dir,
+        a,
+        b,
+    })
+}
+
 async fn login_at(addr: &str, id: u32) -> Client {
     let mut c = within(Client::connect(addr)).await.expect("connects");
     let early = within(c.hello(id, None)).await.expect("welcome");
@@ -213,14 +242,16 @@ fn number(f: &ServerFrame) -> usize {
 
 #[test]
 fn frames_cross_nodes_both_ways_and_are_echoed() {
-    if !nats_available() {
+    let Some(TwoNodes {
+        _slot,
+        nats: _nats,
+        dir: _dir,
+        a,
+        b,
+    }) = two_nodes()
+    else {
         return;
-    }
-    let _slot = slot();
-    let nats = Nats::start(3, "");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats, "a", dir.path(), &[]);
-    let b = node(&nats, "b", dir.path(), &[]);
+    };
     chat::rt::block_on(async {
         let mut one = login_at(&a.addr, 1).await;
         let mut two = login_at(&b.addr, 2).await;
@@ -235,14 +266,16 @@ fn frames_cross_nodes_both_ways_and_are_echoed() {
 
 #[test]
 fn the_mailbox_is_shared_and_delivered_once() {
-    if !nats_available() {
+    let Some(TwoNodes {
+        _slot,
+        nats: _nats,
+        dir: _dir,
+        a,
+        b,
+    }) = two_nodes()
+    else {
         return;
-    }
-    let _slot = slot();
-    let nats = Nats::start(3, "");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats, "a", dir.path(), &[]);
-    let b = node(&nats, "b", dir.path(), &[]);
+    };
     chat::rt::block_on(async {
         let mut one = login_at(&a.addr, 1).await;
         let frames: Vec<ClientFrame> = (0..20).map(|i| numbered(1, 3, i)).collect();
@@ -266,14 +299,16 @@ fn the_mailbox_is_shared_and_delivered_once() {
 
 #[test]
 fn binding_on_another_node_replaces_the_connection_there() {
-    if !nats_available() {
+    let Some(TwoNodes {
+        _slot,
+        nats: _nats,
+        dir: _dir,
+        a,
+        b,
+    }) = two_nodes()
+    else {
         return;
-    }
-    let _slot = slot();
-    let nats = Nats::start(3, "");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats, "a", dir.path(), &[]);
-    let b = node(&nats, "b", dir.path(), &[]);
+    };
     chat::rt::block_on(async {
         let mut first = login_at(&a.addr, 5).await;
         // The welcome precedes the node's claim on the id; a frame from the other node
@@ -299,14 +334,16 @@ fn binding_on_another_node_replaces_the_connection_there() {
 
 #[test]
 fn a_claim_waiting_for_a_frozen_holder_holds_up_no_other_id() {
-    if !nats_available() {
+    let Some(TwoNodes {
+        _slot,
+        nats: _nats,
+        dir: _dir,
+        a,
+        b,
+    }) = two_nodes()
+    else {
         return;
-    }
-    let _slot = slot();
-    let nats = Nats::start(3, "");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats, "a", dir.path(), &[]);
-    let b = node(&nats, "b", dir.path(), &[]);
+    };
     chat::rt::block_on(async {
         // Node a holds 5 (a frame from node b reached it), node b holds 9.
         let mut first = login_at(&a.addr, 5).await;
@@ -405,14 +442,16 @@ fn the_order_check_fails_on_a_gap_a_reorder_or_a_frame_reappearing() {
 
 #[test]
 fn order_holds_while_the_receiver_moves_between_nodes() {
-    if !nats_available() {
+    let Some(TwoNodes {
+        _slot,
+        nats: _nats,
+        dir: _dir,
+        a,
+        b,
+    }) = two_nodes()
+    else {
         return;
-    }
-    let _slot = slot();
-    let nats = Nats::start(3, "");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats, "a", dir.path(), &[]);
-    let b = node(&nats, "b", dir.path(), &[]);
+    };
     const TOTAL: usize = 300;
     chat::rt::block_on(async {
         let sender = login_at(&a.addr, 1).await;
@@ -460,14 +499,16 @@ fn order_holds_while_the_receiver_moves_between_nodes() {
 
 #[test]
 fn a_killed_node_loses_nothing_it_echoed() {
-    if !nats_available() {
+    let Some(TwoNodes {
+        _slot,
+        nats: _nats,
+        dir: _dir,
+        mut a,
+        b,
+    }) = two_nodes()
+    else {
         return;
-    }
-    let _slot = slot();
-    let nats = Nats::start(3, "");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut a = node(&nats, "a", dir.path(), &[]);
-    let b = node(&nats, "b", dir.path(), &[]);
+    };
     const TOTAL: usize = 200;
     chat::rt::block_on(async {
         // The receiver sits on node a with acks on and never acknowledges; one sender
@@ -512,14 +553,16 @@ fn a_killed_node_loses_nothing_it_echoed() {
 
 #[test]
 fn losing_one_nats_server_loses_nothing() {
-    if !nats_available() {
+    let Some(TwoNodes {
+        _slot,
+        mut nats,
+        dir: _dir,
+        a,
+        b,
+    }) = two_nodes()
+    else {
         return;
-    }
-    let _slot = slot();
-    let mut nats = Nats::start(3, "");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats, "a", dir.path(), &[]);
-    let b = node(&nats, "b", dir.path(), &[]);
+    };
     chat::rt::block_on(async {
         let mut one = login_at(&a.addr, 1).await;
         let mut accepted = Vec::new();

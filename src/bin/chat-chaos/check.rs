@@ -35,6 +35,8 @@ pub enum Event {
         sender: u32,
         receiver: u32,
         n: u64,
+        /// The sender's connection.
+        conn: u64,
         at: f64,
     },
     Answered {
@@ -49,6 +51,13 @@ pub enum Event {
         sender: u32,
         n: u64,
         conn: u64,
+        at: f64,
+    },
+    /// Client `id` opened connection `conn` to chat node `node` (its index).
+    Connected {
+        id: u32,
+        conn: u64,
+        node: usize,
         at: f64,
     },
     /// A client waited `waited` seconds with frames unanswered and nothing heard, and
@@ -151,6 +160,7 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
                 receiver,
                 n,
                 at,
+                ..
             } => {
                 let key = (*sender, *n);
                 receiver_of.insert(key, *receiver);
@@ -185,7 +195,7 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
                 r.silences += 1;
                 r.longest_silence = r.longest_silence.max(*waited);
             }
-            Event::Delivered { .. } => {}
+            Event::Delivered { .. } | Event::Connected { .. } => {}
         }
     }
     r.sent = sends.len();
@@ -248,6 +258,76 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
     r
 }
 
+/// The story of a frame out of order: the connections (and their nodes) that sent and
+/// received its neighbours, with the times, one line each.
+pub fn story(events: &[Event], receiver: u32, key: Key) -> Vec<String> {
+    let (sender, n) = key;
+    let near = |m: u64| m + 10 >= n && m <= n + 10;
+    let mut nodes: HashMap<u64, usize> = HashMap::new();
+    let mut lines: Vec<(f64, String)> = Vec::new();
+    for e in events {
+        if let Event::Connected { conn, node, .. } = e {
+            nodes.insert(*conn, *node);
+        }
+    }
+    let node = |conn: &u64| {
+        nodes
+            .get(conn)
+            .map_or("?".to_string(), |n| format!("chat{n}"))
+    };
+    for e in events {
+        match e {
+            Event::Sent {
+                sender: s,
+                n: m,
+                conn,
+                at,
+                ..
+            } if *s == sender && near(*m) => {
+                lines.push((
+                    *at,
+                    format!("{at:8.3} s  sent {m} on conn {conn} ({})", node(conn)),
+                ));
+            }
+            Event::Answered {
+                sender: s,
+                n: m,
+                answer,
+                at,
+            } if *s == sender && near(*m) => {
+                lines.push((*at, format!("{at:8.3} s  answered {m}: {answer:?}")));
+            }
+            Event::Delivered {
+                receiver: r,
+                sender: s,
+                n: m,
+                conn,
+                at,
+            } if *r == receiver && *s == sender && near(*m) => {
+                lines.push((
+                    *at,
+                    format!("{at:8.3} s  delivered {m} on conn {conn} ({})", node(conn)),
+                ));
+            }
+            Event::Connected { id, conn, node, at } if *id == sender || *id == receiver => {
+                lines.push((
+                    *at,
+                    format!("{at:8.3} s  id {id} opened conn {conn} on chat{node}"),
+                ));
+            }
+            Event::Fault { what, start, end } => {
+                lines.push((
+                    *start,
+                    format!("{start:8.3} s  fault {what} until {end:.3} s"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    lines.into_iter().map(|(_, line)| line).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +337,7 @@ mod tests {
             sender,
             receiver: sender + 1,
             n,
+            conn: 1,
             at,
         }
     }

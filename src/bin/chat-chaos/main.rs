@@ -256,6 +256,14 @@ fn run(args: Args) -> Result<bool, String> {
     for v in &violations {
         eprintln!("chat-chaos: VIOLATION: {v}");
     }
+    if let Some(&(receiver, key)) = report.out_of_order.first() {
+        eprintln!(
+            "chat-chaos: the first frame out of order, {key:?} for {receiver}, and its neighbours:"
+        );
+        for line in check::story(&history, receiver, key) {
+            eprintln!("  {line}");
+        }
+    }
     if violations.is_empty() && !keep {
         let _ = std::fs::remove_dir_all(&dir);
     } else {

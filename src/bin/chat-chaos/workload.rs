@@ -118,13 +118,14 @@ impl World {
     }
 
     /// Connects to a random node and binds `id` (with acks when asked), trying nodes
-    /// until one welcomes it.
-    async fn connect(&self, id: u32, acks: bool, rng: &mut Rng) -> Option<Client> {
+    /// until one welcomes it; the connection's number is recorded with its node.
+    async fn connect(&self, id: u32, acks: bool, rng: &mut Rng) -> Option<(Client, u64)> {
         loop {
             if self.stop_receiving.load(Ordering::Relaxed) {
                 return None;
             }
-            let addr = &self.addrs[rng.below(self.addrs.len() as u64) as usize];
+            let node = rng.below(self.addrs.len() as u64) as usize;
+            let addr = &self.addrs[node];
             let attempt = rt::timeout(Duration::from_secs(3), async {
                 let mut c = Client::connect(addr).await?;
                 if acks {
@@ -136,7 +137,16 @@ impl World {
             })
             .await;
             match attempt {
-                Some(Ok(c)) => return Some(c),
+                Some(Ok(c)) => {
+                    let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                    self.record(Event::Connected {
+                        id,
+                        conn,
+                        node,
+                        at: self.now(),
+                    });
+                    return Some((c, conn));
+                }
                 _ => rt::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -187,21 +197,32 @@ async fn send_all(world: &Arc<World>, plan: SenderPlan, mut rng: Rng) {
         if world.stop_sending.load(Ordering::Relaxed) && unanswered.is_empty() {
             return;
         }
-        let Some(client) = world.connect(plan.id, false, &mut rng).await else {
+        let Some((client, conn)) = world.connect(plan.id, false, &mut rng).await else {
             return;
         };
         let (mut tx, mut rx) = client.split();
-        if !resend(world, &plan, &mut tx, &unanswered).await {
+        if !resend(world, &plan, conn, &mut tx, &unanswered).await {
             continue;
         }
-        let ended = converse(world, &plan, &mut tx, &mut rx, &mut next, &mut unanswered).await;
+        let link = Link {
+            conn,
+            tx: &mut tx,
+            rx: &mut rx,
+        };
+        let ended = converse(world, &plan, link, &mut next, &mut unanswered).await;
         if ended {
             return;
         }
     }
 }
 
-async fn resend(world: &World, plan: &SenderPlan, tx: &mut Sender, frames: &VecDeque<u64>) -> bool {
+async fn resend(
+    world: &World,
+    plan: &SenderPlan,
+    conn: u64,
+    tx: &mut Sender,
+    frames: &VecDeque<u64>,
+) -> bool {
     for &n in frames {
         if tx.send(&frame(plan, n)).await.is_err() {
             return false;
@@ -210,21 +231,29 @@ async fn resend(world: &World, plan: &SenderPlan, tx: &mut Sender, frames: &VecD
             sender: plan.id,
             receiver: plan.to,
             n,
+            conn,
             at: world.now(),
         });
     }
     true
 }
 
+/// A sender's connection: its number and its halves.
+struct Link<'a> {
+    conn: u64,
+    tx: &'a mut Sender,
+    rx: &'a mut Receiver,
+}
+
 /// One connection's part: true when the sender is done.
 async fn converse(
     world: &World,
     plan: &SenderPlan,
-    tx: &mut Sender,
-    rx: &mut Receiver,
+    link: Link<'_>,
     next: &mut u64,
     unanswered: &mut VecDeque<u64>,
 ) -> bool {
+    let Link { conn, tx, rx } = link;
     let mut heard = Instant::now();
     let mut due = Instant::now();
     loop {
@@ -244,6 +273,7 @@ async fn converse(
                 sender: plan.id,
                 receiver: plan.to,
                 n,
+                conn,
                 at: world.now(),
             });
             // Behind by more than a second (a long wait): no burst to catch up.
@@ -320,14 +350,13 @@ pub async fn receiver(world: Arc<World>, plan: ReceiverPlan, mut rng: Rng) {
         if world.stop_receiving.load(Ordering::Relaxed) {
             return;
         }
-        let c = match client.take() {
+        let (c, conn) = match client.take() {
             Some(c) => c,
             None => match world.connect(plan.id, true, &mut rng).await {
                 Some(c) => c,
                 None => return,
             },
         };
-        let conn = world.next_conn.fetch_add(1, Ordering::Relaxed);
         let online = if plan.wanders && !world.stop_sending.load(Ordering::Relaxed) {
             Some(rng.between(Duration::from_secs(2), Duration::from_secs(8)))
         } else {
