@@ -8,9 +8,11 @@
 //!
 //! - every echoed frame is delivered to its receiver, at least once (lost otherwise);
 //! - nothing is delivered that was not sent (phantom);
-//! - per (sender, receiver) and per receiving connection, frames first seen on that
-//!   connection come in increasing order; what comes again (a frame seen before, or a
-//!   resent one) is a repeat, which at-least-once allows, not a reorder;
+//! - per (sender, receiver) and per receiving connection, echoed frames first seen on
+//!   that connection come in increasing order; what comes again (a frame seen before,
+//!   or a resent one) is a repeat, which at-least-once allows, not a reorder. A frame
+//!   refused with `store-failed` may still have been stored (docs/CLUSTER.md): it is
+//!   counted when it arrives anyway, and has no place in the order;
 //! - every frame sent got an answer in the end (unanswered otherwise);
 //! - outside the fault windows (plus a grace time after each, for re-elections), no
 //!   answer took longer than the bound.
@@ -82,6 +84,8 @@ pub struct Report {
     pub unanswered: usize,
     pub delivered: usize,
     pub repeats: usize,
+    /// Frames refused (`store-failed`) that arrived anyway.
+    pub refused_delivered: usize,
     pub lost: Vec<Key>,
     pub phantoms: Vec<Key>,
     pub out_of_order: Vec<(u32, Key)>,
@@ -239,6 +243,12 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
         r.delivered += 1;
         if !seen.insert(key) {
             r.repeats += 1;
+            continue;
+        }
+        if !echoed.contains(&key) {
+            if answered.contains(&key) {
+                r.refused_delivered += 1;
+            }
             continue;
         }
         let top = high.entry((*conn, *sender)).or_insert(*n);
@@ -413,6 +423,39 @@ mod tests {
         let r = check(&h, 2.0, 1.0);
         assert!(r.violations(2.0).is_empty(), "{:?}", r.violations(2.0));
         assert_eq!((r.resent, r.repeats, r.delivered), (1, 3, 2));
+    }
+
+    #[test]
+    fn a_refused_frame_that_arrives_anyway_has_no_place_in_the_order() {
+        let h = vec![
+            sent(1, 0, 0.0),
+            sent(1, 1, 0.0),
+            sent(1, 2, 0.0),
+            Event::Answered {
+                sender: 1,
+                n: 0,
+                answer: Answer::Refused("store-failed".into()),
+                at: 5.0,
+            },
+            echo(1, 1, 5.1),
+            echo(1, 2, 5.2),
+            got(1, 1, 7),
+            got(1, 2, 7),
+            got(1, 0, 7),
+        ];
+        let r = check(&h, 10.0, 1.0);
+        assert!(r.violations(10.0).is_empty(), "{:?}", r.violations(10.0));
+        assert_eq!(r.refused_delivered, 1);
+        // An echoed one out of place still is a reorder.
+        let h = vec![
+            sent(1, 0, 0.0),
+            sent(1, 1, 0.0),
+            echo(1, 0, 0.1),
+            echo(1, 1, 0.2),
+            got(1, 1, 7),
+            got(1, 0, 7),
+        ];
+        assert_eq!(check(&h, 2.0, 1.0).out_of_order, vec![(2, (1, 0))]);
     }
 
     #[test]

@@ -389,9 +389,10 @@ fn print(r: &check::Report, seed: u64, bound: f64) {
         r.unanswered
     );
     println!(
-        "delivered {} (repeats {}); lost {}; phantom {}; out of order {}",
+        "delivered {} (repeats {}, refused but delivered {}); lost {}; phantom {}; out of order {}",
         r.delivered,
         r.repeats,
+        r.refused_delivered,
         r.lost.len(),
         r.phantoms.len(),
         r.out_of_order.len()
