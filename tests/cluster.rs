@@ -181,18 +181,17 @@ impl Drop for Slot {
     }
 }
 
-/// Three NATS servers and two chat nodes, `a` and `b`, for a test that needs no more
-/// (`None`, after one line, without nats-server). Bound in this order, they stop in
-/// the reverse one: nodes first, then NATS, then the files, then the slot.
-struct TwoNodes {
-    _slot: Slot,
+/// What a two-node test holds besides its nodes: the NATS servers, the files and the
+/// slot. Its fields drop in this order, after the nodes (bound after it).
+struct Cluster {
     nats: Nats,
-    dir: tempfile::TempDir,
-    a: ServerProcess,
-    b: ServerProcess,
+    _dir: tempfile::TempDir,
+    _slot: Slot,
 }
 
-fn two_nodes() -> Option<TwoNodes> {
+/// Three NATS servers and two chat nodes, `a` and `b`, for a test that needs no more
+/// (`None`, after one line, without nats-server).
+fn two_nodes() -> Option<(Cluster, ServerProcess, ServerProcess)> {
     if !nats_available() {
         return None;
     }
@@ -201,13 +200,12 @@ fn two_nodes() -> Option<TwoNodes> {
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats, "a", dir.path(), &[]);
     let b = node(&nats, "b", dir.path(), &[]);
-    Some(TwoNodes {
-        _slot,
+    let cluster = Cluster {
         nats,
-        dir,
-        a,
-        b,
-    })
+        _dir: dir,
+        _slot,
+    };
+    Some((cluster, a, b))
 }
 
 async fn login_at(addr: &str, id: u32) -> Client {
@@ -242,14 +240,7 @@ fn number(f: &ServerFrame) -> usize {
 
 #[test]
 fn frames_cross_nodes_both_ways_and_are_echoed() {
-    let Some(TwoNodes {
-        _slot,
-        nats: _nats,
-        dir: _dir,
-        a,
-        b,
-    }) = two_nodes()
-    else {
+    let Some((_cluster, a, b)) = two_nodes() else {
         return;
     };
     chat::rt::block_on(async {
@@ -266,14 +257,7 @@ fn frames_cross_nodes_both_ways_and_are_echoed() {
 
 #[test]
 fn the_mailbox_is_shared_and_delivered_once() {
-    let Some(TwoNodes {
-        _slot,
-        nats: _nats,
-        dir: _dir,
-        a,
-        b,
-    }) = two_nodes()
-    else {
+    let Some((_cluster, a, b)) = two_nodes() else {
         return;
     };
     chat::rt::block_on(async {
@@ -299,14 +283,7 @@ fn the_mailbox_is_shared_and_delivered_once() {
 
 #[test]
 fn binding_on_another_node_replaces_the_connection_there() {
-    let Some(TwoNodes {
-        _slot,
-        nats: _nats,
-        dir: _dir,
-        a,
-        b,
-    }) = two_nodes()
-    else {
+    let Some((_cluster, a, b)) = two_nodes() else {
         return;
     };
     chat::rt::block_on(async {
@@ -334,14 +311,7 @@ fn binding_on_another_node_replaces_the_connection_there() {
 
 #[test]
 fn a_claim_waiting_for_a_frozen_holder_holds_up_no_other_id() {
-    let Some(TwoNodes {
-        _slot,
-        nats: _nats,
-        dir: _dir,
-        a,
-        b,
-    }) = two_nodes()
-    else {
+    let Some((_cluster, a, b)) = two_nodes() else {
         return;
     };
     chat::rt::block_on(async {
@@ -442,14 +412,7 @@ fn the_order_check_fails_on_a_gap_a_reorder_or_a_frame_reappearing() {
 
 #[test]
 fn order_holds_while_the_receiver_moves_between_nodes() {
-    let Some(TwoNodes {
-        _slot,
-        nats: _nats,
-        dir: _dir,
-        a,
-        b,
-    }) = two_nodes()
-    else {
+    let Some((_cluster, a, b)) = two_nodes() else {
         return;
     };
     const TOTAL: usize = 300;
@@ -499,14 +462,7 @@ fn order_holds_while_the_receiver_moves_between_nodes() {
 
 #[test]
 fn a_killed_node_loses_nothing_it_echoed() {
-    let Some(TwoNodes {
-        _slot,
-        nats: _nats,
-        dir: _dir,
-        mut a,
-        b,
-    }) = two_nodes()
-    else {
+    let Some((_cluster, mut a, b)) = two_nodes() else {
         return;
     };
     const TOTAL: usize = 200;
@@ -553,14 +509,7 @@ fn a_killed_node_loses_nothing_it_echoed() {
 
 #[test]
 fn losing_one_nats_server_loses_nothing() {
-    let Some(TwoNodes {
-        _slot,
-        mut nats,
-        dir: _dir,
-        a,
-        b,
-    }) = two_nodes()
-    else {
+    let Some((mut cluster, a, b)) = two_nodes() else {
         return;
     };
     chat::rt::block_on(async {
@@ -572,7 +521,7 @@ fn losing_one_nats_server_loses_nothing() {
             accepted.push(delivered(&f));
         }
         // One of the three goes (the one node a is on, or a stream replica).
-        nats.kill(0);
+        cluster.nats.kill(0);
         // The service goes on: frames are accepted again once the link has moved to
         // another server (until then they may be refused with store-failed).
         let start = Instant::now();
