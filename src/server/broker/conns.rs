@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::ids::ConnId;
-use crate::protocol::{Code, notice};
+use crate::protocol::{Code, SERVER_ID, notice};
 use crate::server::outbox::{Close, Outbox};
 
 use super::mailbox::Mailbox;
@@ -37,6 +37,8 @@ pub(super) enum Bind {
     Same,
     /// Bound to another id, which it keeps.
     Other { bound: u32 },
+    /// The id is the server's own ([`SERVER_ID`]): nobody binds it.
+    Reserved,
     /// Newly bound. `replaced` was the id's connection until now, and is closing with
     /// a `replaced` notice; `wait` says an earlier connection's writer (that one's, or
     /// another's) is still finishing, so the new one must not read the mailbox yet.
@@ -128,6 +130,7 @@ impl Registry {
             return Bind::Gone;
         };
         match c.id {
+            _ if id == SERVER_ID => Bind::Reserved,
             Some(bound) if bound == id => Bind::Same,
             Some(bound) => Bind::Other { bound },
             None => {
@@ -228,8 +231,17 @@ mod tests {
         assert_eq!(r.online(7), Some(1));
         assert_eq!(r.bind(1, 7), Bind::Same);
         assert_eq!(r.bind(1, 8), Bind::Other { bound: 7 });
+        assert_eq!(r.bind(1, SERVER_ID), Bind::Reserved);
         assert_eq!(r.online(8), None, "a refused id is not bound");
         assert_eq!(r.bind(2, 7), Bind::Gone, "unknown connection");
+        assert_eq!(r.bind(2, SERVER_ID), Bind::Gone, "unknown first");
+        let mut fresh = registry(&[3]);
+        assert_eq!(fresh.bind(3, SERVER_ID), Bind::Reserved);
+        assert_eq!(
+            fresh.online(SERVER_ID),
+            None,
+            "the reserved id is not bound"
+        );
     }
 
     #[test]

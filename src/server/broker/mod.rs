@@ -283,27 +283,21 @@ impl Broker {
     /// Binds `conn` to `id` on its first frame; afterwards, checks that frames carry the
     /// bound id. Refusals get a `bad-sender` notice and go nowhere.
     async fn bind(&mut self, conn: ConnId, id: u32) -> bool {
-        if self.conns.live(conn).is_none() {
-            return false;
-        }
-        let refusal = if id == SERVER_ID {
-            format!("sender {SERVER_ID} is reserved for the server")
-        } else {
-            match self.conns.bind(conn, id) {
-                Bind::Gone => return false,
-                Bind::Same => return true,
-                Bind::Other { bound } => format!("sender {id} is not this connection's id {bound}"),
-                Bind::New { replaced, wait } => {
-                    // docker/cluster-ci.sh finds where an id is bound by this line.
-                    log::debug!(conn; "id {id} bound to connection {conn}");
-                    if let Some(old) = replaced {
-                        log::info!("id {id}: connection {conn} replaces {old}");
-                    }
-                    if !wait {
-                        self.load_page(conn, None).await;
-                    }
-                    return true;
+        let refusal = match self.conns.bind(conn, id) {
+            Bind::Gone => return false,
+            Bind::Same => return true,
+            Bind::Reserved => format!("sender {SERVER_ID} is reserved for the server"),
+            Bind::Other { bound } => format!("sender {id} is not this connection's id {bound}"),
+            Bind::New { replaced, wait } => {
+                // docker/cluster-ci.sh finds where an id is bound by this line.
+                log::debug!(conn; "id {id} bound to connection {conn}");
+                if let Some(old) = replaced {
+                    log::info!("id {id}: connection {conn} replaces {old}");
                 }
+                if !wait {
+                    self.load_page(conn, None).await;
+                }
+                return true;
             }
         };
         self.reply(conn, notice(Code::BadSender, refusal));
