@@ -346,6 +346,53 @@ fn a_claim_waiting_for_a_frozen_holder_holds_up_no_other_id() {
     });
 }
 
+#[test]
+fn frames_sent_while_a_batch_waits_for_a_frozen_holder_keep_their_order() {
+    let Some((_cluster, a, mut b)) = two_nodes() else {
+        return;
+    };
+    chat::rt::block_on(async {
+        // 3 is held on node b; 1 sends to it from node a, and 4 (on node a too) sees
+        // which of 1's frames node a has taken in.
+        let mut one = login_at(&a.addr, 1).await;
+        let mut four = login_at(&a.addr, 4).await;
+        let mut three = login_at(&b.addr, 3).await;
+        let f0 = numbered(1, 3, 0);
+        send_confirmed(&mut one, &f0).await;
+        assert_eq!(data_frames(&mut three, 1).await, vec![delivered(&f0)]);
+        // Node b freezes: f1's batch waits for it (up to 5 s), f2 queues behind it.
+        b.signal(libc::SIGSTOP);
+        let (f1, f2, f3) = (numbered(1, 3, 1), numbered(1, 3, 2), numbered(1, 3, 3));
+        for f in [&f1, &f2] {
+            within(one.send(f)).await.expect("send");
+        }
+        let taken = text(1, 4, "node a has taken f1 and f2");
+        within(one.send(&taken)).await.expect("send");
+        assert_eq!(data_frames(&mut four, 1).await, vec![delivered(&taken)]);
+        // 3 binds on node a meanwhile (its first read waits for f1's batch), and f3,
+        // sent now, is for a connection of node a's own; it leaves before reading.
+        let here = login_at(&a.addr, 3).await;
+        within(one.send(&f3)).await.expect("send");
+        let taken_too = text(1, 4, "node a has taken f3");
+        within(one.send(&taken_too)).await.expect("send");
+        assert_eq!(data_frames(&mut four, 1).await, vec![delivered(&taken_too)]);
+        drop(here);
+        // Node b is gone for good: f1's batch is stored after its wait, with f2.
+        b.signal(libc::SIGKILL);
+        b.wait();
+        drop(three);
+        // Echoes keep frame order.
+        for f in [&f1, &f2, &taken, &f3, &taken_too] {
+            assert_eq!(recv(&mut one).await, delivered(f));
+        }
+        // The mailbox holds them in the order they were sent (f3 reached the stream
+        // first when it was staged apart from the frames queued before it).
+        let (_three, got) = mailbox_of(&a.addr, 3, 3).await;
+        let got: Vec<usize> = got.iter().map(number).collect();
+        assert_eq!(got, [1, 2, 3], "the mailbox's order");
+    });
+}
+
 /// Receives with acks on: acknowledges each data frame as it comes, and returns the
 /// numbers received until `stop` (a number) arrives or the connection ends.
 async fn receive_acking(

@@ -117,6 +117,25 @@ impl Forwards {
         self.routes.get(&receiver).is_some_and(Route::busy)
     }
 
+    /// Frames for `receiver` are still on their way (in flight, being stored, or
+    /// queued): a later frame for it must go behind them.
+    pub fn pending(&self, receiver: u32) -> bool {
+        self.routes
+            .get(&receiver)
+            .is_some_and(|r| r.busy() || !r.queue.is_empty())
+    }
+
+    /// Takes the queued append of frame `seq` for `receiver` out of its queue: it was
+    /// delivered before it was sent on.
+    pub fn unqueue(&mut self, receiver: u32, seq: u64) -> Option<Command> {
+        let route = self.routes.get_mut(&receiver)?;
+        let i = route
+            .queue
+            .iter()
+            .position(|c| matches!(c, Command::Append { seq: s, .. } if *s == seq))?;
+        Some(route.queue.remove(i))
+    }
+
     /// This node is to hold `receiver` now: what it still had queued for another
     /// holder, to publish in order.
     pub fn take_queue(&mut self, receiver: u32) -> Vec<Command> {
@@ -397,6 +416,35 @@ mod tests {
         in_flight(&mut f, 5, &[11]);
         assert!(matches!(f.timed_out(5), Settled::Unclaimed { .. }));
         assert!(matches!(f.timed_out(5), Settled::Nothing));
+    }
+
+    #[test]
+    fn frames_are_pending_until_the_route_is_free_and_empty_and_a_delivered_one_leaves_the_queue() {
+        let mut f = forwards();
+        assert!(!f.pending(7), "no route");
+        f.queue(7, append(10));
+        assert!(f.pending(7) && !f.busy(7), "queued, not yet sent");
+        in_flight(&mut f, 6, &[9]);
+        f.queue(7, append(11));
+        assert!(f.pending(7));
+        assert!(
+            f.unqueue(7, 10).is_some(),
+            "a delivered frame leaves the queue"
+        );
+        assert!(f.unqueue(7, 10).is_none(), "once");
+        assert!(f.unqueue(8, 11).is_none(), "another receiver's route");
+        assert!(matches!(f.timed_out(6), Settled::Unclaimed { .. }));
+        f.storing(7, 0);
+        let queued: Vec<u64> = f
+            .take_queue(7)
+            .iter()
+            .filter_map(|c| match c {
+                Command::Append { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(queued, [11]);
+        assert!(!f.pending(7), "taken");
     }
 
     #[test]

@@ -471,6 +471,15 @@ impl Actor {
             return;
         }
         match cmd {
+            // Older frames for the receiver are still on their way to its previous
+            // holder, or to the stream: this one goes behind them, whichever way they
+            // go (staged, it could reach the stream first, and a later reader would
+            // get it before them).
+            Command::Append {
+                receiver,
+                live: true,
+                ..
+            } if self.forwards.pending(receiver) => self.forwards.queue(receiver, cmd),
             Command::Append {
                 seq,
                 receiver,
@@ -486,9 +495,9 @@ impl Actor {
                 self.forwards.queue(receiver, cmd);
                 self.forward(receiver).await;
             }
-            Command::Delete { seqs, .. } => {
+            Command::Delete { seqs, receiver } => {
                 for seq in seqs {
-                    self.delete(seq);
+                    self.delete(receiver, seq);
                 }
             }
             Command::Load {
@@ -527,7 +536,10 @@ impl Actor {
     async fn store_batch(&mut self, receiver: u32, batch: Vec<Command>) {
         let mut queued = 0;
         for cmd in batch {
-            if self.publish(cmd).await {
+            // Only these are counted back when they land (see `on_done`); a live
+            // frame queued behind them keeps its place by being published after them.
+            let counted = matches!(cmd, Command::Append { live: false, .. });
+            if self.publish(cmd).await && counted {
                 queued += 1;
             }
         }
@@ -694,12 +706,17 @@ impl Actor {
         }
     }
 
-    /// A frame was delivered: drop its staged append, or remove it from the stream.
-    fn delete(&mut self, seq: u64) {
+    /// A frame for `receiver` was delivered: drop its staged or queued append, or
+    /// remove it from the stream.
+    fn delete(&mut self, receiver: u32, seq: u64) {
         if let Some(stream_seq) = StreamSeq::of(seq) {
             return self.delete_stream_seq(stream_seq.0);
         }
-        if let Some(cmd) = self.staged.take(seq) {
+        if let Some(cmd) = self
+            .staged
+            .take(seq)
+            .or_else(|| self.forwards.unqueue(receiver, seq))
+        {
             self.out.extend(settled(cmd).map(FromCluster::Store));
             return;
         }
