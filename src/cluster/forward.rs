@@ -38,6 +38,8 @@ struct Route {
     /// Frames went to the stream since the last batch the holder took: it must read
     /// its mailbox before the next.
     behind: bool,
+    /// A frame of the batch being stored could not be stored.
+    gap: bool,
 }
 
 impl Route {
@@ -205,24 +207,47 @@ impl Forwards {
 
     /// `queued` frames of a batch nobody took are being published to the stream: the
     /// next batch for `receiver` waits for them and tells the holder to read first.
-    pub fn storing(&mut self, receiver: u32, queued: usize) {
-        if let Some(route) = self.routes.get_mut(&receiver) {
-            route.forwarding = None;
-            route.storing += queued;
-            route.behind = true;
-        }
+    /// `gap`: some of the batch could not even be published; if none of it is in
+    /// flight, the frames queued behind it come back at once, to be refused (see
+    /// [`Forwards::stored_one`]).
+    pub fn storing(&mut self, receiver: u32, queued: usize, gap: bool) -> Vec<Command> {
         self.kicked.push(receiver);
+        let Some(route) = self.routes.get_mut(&receiver) else {
+            return Vec::new();
+        };
+        route.forwarding = None;
+        route.storing += queued;
+        route.behind = true;
+        route.gap |= gap;
+        if route.storing == 0 && std::mem::take(&mut route.gap) {
+            std::mem::take(&mut route.queue)
+        } else {
+            Vec::new()
+        }
     }
 
-    /// One frame of an unclaimed batch for `receiver` reached the stream (or failed).
-    pub fn stored_one(&mut self, receiver: u32) {
-        if let Some(route) = self.routes.get_mut(&receiver)
-            && route.storing > 0
-        {
-            route.storing -= 1;
-            if route.storing == 0 {
-                self.kicked.push(receiver);
-            }
+    /// One frame of an unclaimed batch for `receiver` reached the stream, or (not
+    /// `stored`) could not be stored. Once the batch is done, if one of its frames
+    /// could not be stored, the frames queued behind it come back to be refused: stored
+    /// after the gap, a frame of the same sender would reach the receiver before the
+    /// frame it follows, which its sender sends again.
+    pub fn stored_one(&mut self, receiver: u32, stored: bool) -> Vec<Command> {
+        let Some(route) = self.routes.get_mut(&receiver) else {
+            return Vec::new();
+        };
+        if route.storing == 0 {
+            return Vec::new();
+        }
+        route.storing -= 1;
+        route.gap |= !stored;
+        if route.storing > 0 {
+            return Vec::new();
+        }
+        self.kicked.push(receiver);
+        if std::mem::take(&mut route.gap) {
+            std::mem::take(&mut route.queue)
+        } else {
+            Vec::new()
         }
     }
 
@@ -401,12 +426,13 @@ mod tests {
             panic!("unclaimed");
         };
         assert_eq!((receiver, frames.len()), (7, 1));
-        f.storing(7, 2);
+        assert!(f.storing(7, 2, false).is_empty());
         assert!(f.busy(7), "storing");
-        f.stored_one(7);
+        assert!(f.stored_one(7, true).is_empty());
         assert!(f.busy(7));
         assert_eq!(f.kicked(), [7]);
-        f.stored_one(7);
+        f.queue(7, append(12));
+        assert!(f.stored_one(7, true).is_empty(), "nothing to refuse");
         assert!(!f.busy(7));
         assert_eq!(f.kicked(), [7], "stored: the route may go on");
         assert!(
@@ -434,7 +460,7 @@ mod tests {
         assert!(f.unqueue(7, 10).is_none(), "once");
         assert!(f.unqueue(8, 11).is_none(), "another receiver's route");
         assert!(matches!(f.timed_out(6), Settled::Unclaimed { .. }));
-        f.storing(7, 0);
+        assert!(f.storing(7, 0, false).is_empty());
         let queued: Vec<u64> = f
             .take_queue(7)
             .iter()
@@ -445,6 +471,37 @@ mod tests {
             .collect();
         assert_eq!(queued, [11]);
         assert!(!f.pending(7), "taken");
+    }
+
+    #[test]
+    fn a_frame_that_could_not_be_stored_turns_back_the_frames_queued_behind_it() {
+        let mut f = forwards();
+        in_flight(&mut f, 4, &[10, 11]);
+        assert!(matches!(f.timed_out(4), Settled::Unclaimed { .. }));
+        assert!(f.storing(7, 2, false).is_empty());
+        f.queue(7, append(12));
+        assert!(f.stored_one(7, false).is_empty(), "the batch is not done");
+        f.queue(7, append(13));
+        let back: Vec<u64> = f
+            .stored_one(7, true)
+            .iter()
+            .filter_map(|c| match c {
+                Command::Append { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(back, [12, 13], "both queued behind the gap");
+        in_flight(&mut f, 5, &[15]);
+        assert!(matches!(f.timed_out(5), Settled::Unclaimed { .. }));
+        f.queue(7, append(16));
+        assert_eq!(
+            f.storing(7, 0, true).len(),
+            1,
+            "nothing of the batch in flight: what is queued comes back at once"
+        );
+        assert!(!f.pending(7));
+        f.queue(7, append(14));
+        assert!(f.pending(7), "a frame after them goes on");
     }
 
     #[test]

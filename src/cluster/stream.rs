@@ -534,16 +534,19 @@ impl Actor {
     /// Publishes a batch nobody took to the stream, in order; the next batch for the
     /// receiver waits until these are stored, and tells the holder to read them first.
     async fn store_batch(&mut self, receiver: u32, batch: Vec<Command>) {
-        let mut queued = 0;
+        let (mut queued, mut gap) = (0, false);
         for cmd in batch {
             // Only these are counted back when they land (see `on_done`); a live
             // frame queued behind them keeps its place by being published after them.
             let counted = matches!(cmd, Command::Append { live: false, .. });
-            if self.publish(cmd).await && counted {
-                queued += 1;
+            match self.publish(cmd).await {
+                true if counted => queued += 1,
+                false => gap = true,
+                true => {}
             }
         }
-        self.forwards.storing(receiver, queued);
+        let behind = self.forwards.storing(receiver, queued, gap);
+        self.refuse_behind_gap(receiver, behind);
     }
 
     /// What the node heard for an id it holds, or that its claim of one is done.
@@ -653,7 +656,8 @@ impl Actor {
                 result,
             } => {
                 if !live {
-                    self.forwards.stored_one(receiver);
+                    let behind = self.forwards.stored_one(receiver, result.is_ok());
+                    self.refuse_behind_gap(receiver, behind);
                 }
                 let outcome = match result {
                     Ok(stream_seq) => {
@@ -686,6 +690,24 @@ impl Actor {
             }
             Done::Deleted => {}
         }
+    }
+
+    /// Refuses the frames that were queued for `receiver` behind one that could not
+    /// be stored (see [`Forwards::stored_one`]): their senders send them again, in
+    /// order.
+    fn refuse_behind_gap(&mut self, receiver: u32, behind: Vec<Command>) {
+        if behind.is_empty() {
+            return;
+        }
+        log::warn!(
+            "id {receiver}: a frame for it could not be stored; refusing the {} frames queued behind it, so none arrives before it",
+            behind.len()
+        );
+        let why = "an earlier frame for this receiver could not be stored";
+        let refused = behind
+            .into_iter()
+            .filter_map(|cmd| answer(cmd, Outcome::Failed(Failure::Store(why.into()))));
+        self.out.extend(refused.map(FromCluster::Store));
     }
 
     /// A live frame reached the stream: remember it, or remove it again if it was

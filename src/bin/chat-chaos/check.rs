@@ -104,6 +104,12 @@ pub struct Report {
     pub slowest: f64,
     /// Answers outside the fault windows slower than the bound.
     pub slow_calm: usize,
+    /// The slowest answer to a sender whose own chat node was not faulted meanwhile,
+    /// by the kind of each fault around it: what a fault elsewhere costs the clients of
+    /// a healthy node.
+    pub slowest_elsewhere: HashMap<String, f64>,
+    /// The slowest answer to a sender whose own node was killed or frozen meanwhile.
+    pub slowest_own: f64,
 }
 
 impl Report {
@@ -153,10 +159,11 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
     // whether it was echoed.
     let mut receiver_of: HashMap<Key, u32> = HashMap::new();
     let mut sends: HashMap<Key, usize> = HashMap::new();
-    let mut waiting: HashMap<Key, f64> = HashMap::new();
+    let mut waiting: HashMap<Key, (f64, u64)> = HashMap::new();
+    let mut nodes: HashMap<u64, usize> = HashMap::new();
     let mut echoed: HashSet<Key> = HashSet::new();
     let mut answered: HashSet<Key> = HashSet::new();
-    let mut waits: Vec<(f64, f64)> = Vec::new();
+    let mut waits: Vec<(f64, f64, u64)> = Vec::new();
     for e in events {
         match e {
             Event::Sent {
@@ -164,12 +171,12 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
                 receiver,
                 n,
                 at,
-                ..
+                conn,
             } => {
                 let key = (*sender, *n);
                 receiver_of.insert(key, *receiver);
                 *sends.entry(key).or_default() += 1;
-                waiting.entry(key).or_insert(*at);
+                waiting.entry(key).or_insert((*at, *conn));
             }
             Event::Answered {
                 sender,
@@ -178,8 +185,8 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
                 at,
             } => {
                 let key = (*sender, *n);
-                if let Some(sent) = waiting.remove(&key) {
-                    waits.push((sent, at - sent));
+                if let Some((sent, conn)) = waiting.remove(&key) {
+                    waits.push((sent, at - sent, conn));
                 }
                 answered.insert(key);
                 match answer {
@@ -191,25 +198,43 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
             }
             Event::Fault { what, start, end } => {
                 r.faults += 1;
-                let kind = what.split(' ').next().unwrap_or_default().to_string();
-                *r.fault_kinds.entry(kind).or_default() += 1;
-                windows.push((*start, *end + grace));
+                let mut words = what.split(' ');
+                let kind = words.next().unwrap_or_default().to_string();
+                let target = words.next().unwrap_or_default().to_string();
+                *r.fault_kinds.entry(kind.clone()).or_default() += 1;
+                windows.push((*start, *end + grace, kind, target));
             }
             Event::Silence { waited, .. } => {
                 r.silences += 1;
                 r.longest_silence = r.longest_silence.max(*waited);
             }
-            Event::Delivered { .. } | Event::Connected { .. } => {}
+            Event::Connected { conn, node, .. } => {
+                nodes.insert(*conn, *node);
+            }
+            Event::Delivered { .. } => {}
         }
     }
     r.sent = sends.len();
     r.resent = sends.values().map(|n| n - 1).sum();
     r.echoed = echoed.len();
     r.unanswered = sends.keys().filter(|k| !answered.contains(k)).count();
-    for (sent, took) in waits {
+    for (sent, took, conn) in waits {
         r.slowest = r.slowest.max(took);
         let end = sent + took;
-        let calm = !windows.iter().any(|&(a, b)| sent < b && end > a);
+        let around: Vec<_> = windows
+            .iter()
+            .filter(|(a, b, ..)| sent < *b && end > *a)
+            .collect();
+        let own = nodes.get(&conn).map(|n| format!("chat{n}"));
+        if around.iter().any(|w| Some(&w.3) == own.as_ref()) {
+            r.slowest_own = r.slowest_own.max(took);
+        } else {
+            for (.., kind, _) in &around {
+                let slowest = r.slowest_elsewhere.entry(kind.clone()).or_default();
+                *slowest = slowest.max(took);
+            }
+        }
+        let calm = around.is_empty();
         if calm {
             if took > r.slowest_calm {
                 r.slowest_calm = took;
@@ -489,5 +514,49 @@ mod tests {
         assert_eq!(r.unanswered, 1);
         assert!(r.lost.is_empty(), "a refused frame need not arrive");
         assert_eq!(r.violations(2.0).len(), 2);
+    }
+
+    #[test]
+    fn a_slow_answer_is_put_on_the_faults_around_it_unless_its_own_node_was_faulted() {
+        let on = |conn: u64, node: usize| Event::Connected {
+            id: 1,
+            conn,
+            node,
+            at: 0.0,
+        };
+        let fault = |what: &str, start: f64, end: f64| Event::Fault {
+            what: what.into(),
+            start,
+            end,
+        };
+        let sent_on = |n: u64, conn: u64, at: f64| Event::Sent {
+            sender: 1,
+            receiver: 2,
+            n,
+            conn,
+            at,
+        };
+        let h = vec![
+            on(1, 0),
+            on(2, 1),
+            fault("Pause chat1", 10.0, 13.0),
+            fault("NatsKill nats0", 20.0, 21.0),
+            // On chat0 while chat1 is frozen: the pause's cost to others.
+            sent_on(0, 1, 10.5),
+            echo(1, 0, 15.5),
+            // On chat1 itself: its own.
+            sent_on(1, 2, 11.0),
+            echo(1, 1, 20.0),
+            sent_on(2, 1, 20.0),
+            echo(1, 2, 21.5),
+        ];
+        let r = check(&h, 2.0, 0.0);
+        assert_eq!(r.slowest_elsewhere.get("Pause"), Some(&5.0));
+        assert_eq!(
+            r.slowest_elsewhere.get("NatsKill"),
+            Some(&1.5),
+            "not the 9 s on the frozen node, whose window also overlaps"
+        );
+        assert_eq!(r.slowest_own, 9.0);
     }
 }

@@ -264,6 +264,11 @@ fn run(args: Args) -> Result<bool, String> {
             eprintln!("  {line}");
         }
     }
+    if !report.lost.is_empty() {
+        for line in stream_resets(&dir) {
+            eprintln!("chat-chaos: {line}");
+        }
+    }
     if violations.is_empty() && !keep {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
@@ -361,6 +366,33 @@ fn apply(cluster: &Cluster, fault: Fault, target: usize, on: bool) -> String {
     name
 }
 
+/// The NATS servers' own word that they threw away a replica of the stream and
+/// rebuilt it (`Resetting stream cluster state`): nats-server 2.9 does this after a
+/// `last sequence mismatch` on restart (nats-io/nats-server#3644), and the stream can
+/// answer nothing for minutes after. Frames lost in such a run may be the stream's.
+fn stream_resets(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("nats") && name.ends_with(".log")) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines().filter(|l| l.contains("Resetting stream")) {
+            found.push(format!(
+                "{name}: {line} (nats-server reset its copy of the stream: see docs/RELIABILITY.md)"
+            ));
+        }
+    }
+    found.sort();
+    found
+}
+
 fn write_history(path: &std::path::Path, history: &[Event]) -> Result<(), String> {
     use std::io::Write;
     let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -400,5 +432,20 @@ fn print(r: &check::Report, seed: u64, bound: f64) {
     println!(
         "slowest answer {:.2} s; outside fault windows {:.2} s ({} over {bound} s); silences {} (longest {:.1} s); last delivery at {:.1} s",
         r.slowest, r.slowest_calm, r.slow_calm, r.silences, r.longest_silence, r.last_delivery
+    );
+    let mut elsewhere: Vec<String> = r
+        .slowest_elsewhere
+        .iter()
+        .map(|(kind, s)| format!("{kind} {s:.2} s"))
+        .collect();
+    elsewhere.sort();
+    println!(
+        "slowest answer on a node not faulted itself, by the faults around it: {}; on a node killed or frozen meanwhile: {:.2} s",
+        if elsewhere.is_empty() {
+            "none".to_string()
+        } else {
+            elsewhere.join(", ")
+        },
+        r.slowest_own
     );
 }
