@@ -5,7 +5,9 @@
 //! (numbered frames from resending senders to acking receivers that go offline, move
 //! between nodes and take over their own connections, some frames 64 KiB), and
 //! meanwhile injects faults at random from a seed it prints: `kill -9` and restart of
-//! chat nodes and of NATS servers, and SIGSTOP/SIGCONT pauses. Then the faults stop,
+//! chat nodes and of NATS servers, SIGSTOP/SIGCONT pauses, and network partitions (a
+//! NATS server cut from the other servers, a chat node cut from NATS: `cut.rs`; as
+//! root, else left out with one line). Then the faults stop,
 //! everything is healed, the senders get their last answers, the receivers drain their
 //! mailboxes, and the checker (`check.rs`) says what the history shows. The exit code
 //! is 1 when a promise was broken, 2 when the run could not be set up.
@@ -17,6 +19,7 @@
 //! ```
 
 mod check;
+mod cut;
 mod procs;
 mod workload;
 
@@ -57,8 +60,13 @@ struct Args {
     /// Frames per second per sender.
     #[arg(long, default_value_t = 100)]
     rate: u32,
-    /// The faults to draw from (comma-separated): kill, pause, nats-kill, nats-pause.
-    #[arg(long, default_value = "kill,pause,nats-kill,nats-pause")]
+    /// The faults to draw from (comma-separated): kill, pause, nats-kill, nats-pause,
+    /// nats-cut (a NATS server cut from the others), node-cut (a chat node cut from
+    /// NATS). The cuts need root; without it they are left out.
+    #[arg(
+        long,
+        default_value = "kill,pause,nats-kill,nats-pause,nats-cut,node-cut"
+    )]
     faults: String,
     /// Faults at the same time, at most.
     #[arg(long, default_value_t = 2)]
@@ -105,6 +113,21 @@ enum Fault {
     Pause,
     NatsKill,
     NatsPause,
+    /// A NATS server cut from the other NATS servers; its clients still reach it.
+    NatsCut,
+    /// A chat node cut from every NATS server; its clients still reach it.
+    NodeCut,
+}
+
+impl Fault {
+    fn is_cut(self) -> bool {
+        matches!(self, Fault::NatsCut | Fault::NodeCut)
+    }
+
+    /// Whether it strikes a chat node (else a NATS server).
+    fn on_node(self) -> bool {
+        matches!(self, Fault::Kill | Fault::Pause | Fault::NodeCut)
+    }
 }
 
 fn parse_faults(list: &str, nats: usize) -> Result<Vec<Fault>, String> {
@@ -115,14 +138,22 @@ fn parse_faults(list: &str, nats: usize) -> Result<Vec<Fault>, String> {
             "pause" => Fault::Pause,
             "nats-kill" => Fault::NatsKill,
             "nats-pause" => Fault::NatsPause,
+            "nats-cut" => Fault::NatsCut,
+            "node-cut" => Fault::NodeCut,
             other => {
                 return Err(format!(
-                    "--faults: `{other}` is not one of kill, pause, nats-kill, nats-pause"
+                    "--faults: `{other}` is not one of kill, pause, nats-kill, nats-pause, nats-cut, node-cut"
                 ));
             }
         };
-        // Without NATS there is no NATS server to fault.
-        if nats > 0 || matches!(fault, Fault::Kill | Fault::Pause) {
+        // Without NATS there is no NATS server to fault, nor a link to cut; a NATS
+        // server alone has nobody to be cut from.
+        let pointless = match fault {
+            Fault::Kill | Fault::Pause => false,
+            Fault::NatsCut => nats < 2,
+            _ => nats == 0,
+        };
+        if !pointless {
             faults.push(fault);
         }
     }
@@ -136,7 +167,7 @@ fn run(args: Args) -> Result<bool, String> {
     if args.pairs == 0 || args.rate == 0 {
         return Err("--pairs and --rate must be at least 1".into());
     }
-    let faults = parse_faults(&args.faults, args.nats)?;
+    let mut faults = parse_faults(&args.faults, args.nats)?;
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -175,7 +206,19 @@ fn run(args: Args) -> Result<bool, String> {
         args.secs,
         dir.display()
     );
-    let cluster = Cluster::start(&server, args.nats, args.nodes, &dir)?;
+    let firewall = if faults.iter().any(|f| f.is_cut()) {
+        match cut::Firewall::new() {
+            Ok(firewall) => Some(firewall),
+            Err(why) => {
+                eprintln!("chat-chaos: {why}; leaving out nats-cut and node-cut");
+                faults.retain(|f| !f.is_cut());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let cluster = Cluster::start(&server, args.nats, args.nodes, &dir, firewall)?;
     let world = World::new(
         cluster.addrs(),
         Duration::from_secs(10),
@@ -300,9 +343,10 @@ fn inject(
             continue;
         }
         let fault = faults[rng.below(faults.len() as u64) as usize];
-        let (group, size) = match fault {
-            Fault::Kill | Fault::Pause => ("chat", cluster.nodes.len()),
-            Fault::NatsKill | Fault::NatsPause => ("nats", cluster.nats.len()),
+        let (group, size) = if fault.on_node() {
+            ("chat", cluster.nodes.len())
+        } else {
+            ("nats", cluster.nats.len())
         };
         let target = rng.below(size as u64) as usize;
         {
@@ -347,12 +391,25 @@ fn inject(
 
 /// Starts (`on`) or ends a fault; returns the target's name.
 fn apply(cluster: &Cluster, fault: Fault, target: usize, on: bool) -> String {
-    let procs = match fault {
-        Fault::Kill | Fault::Pause => &cluster.nodes,
-        Fault::NatsKill | Fault::NatsPause => &cluster.nats,
+    let procs = if fault.on_node() {
+        &cluster.nodes
+    } else {
+        &cluster.nats
     };
     let mut proc = procs[target].lock().unwrap_or_else(|e| e.into_inner());
     let name = proc.name.clone();
+    if fault.is_cut() {
+        let rules = cut_rules(cluster, fault, target, proc.uid);
+        let done = match (&cluster.firewall, on) {
+            (Some(firewall), true) => firewall.add(&rules),
+            (Some(firewall), false) => firewall.remove(&rules),
+            (None, _) => Ok(()),
+        };
+        if let Err(e) = done {
+            eprintln!("chat-chaos: {e}");
+        }
+        return name;
+    }
     match (fault, on) {
         (Fault::Kill | Fault::NatsKill, true) => proc.kill(),
         (Fault::Kill | Fault::NatsKill, false) => {
@@ -362,8 +419,28 @@ fn apply(cluster: &Cluster, fault: Fault, target: usize, on: bool) -> String {
         }
         (Fault::Pause | Fault::NatsPause, true) => proc.pause(),
         (Fault::Pause | Fault::NatsPause, false) => proc.resume(),
+        (Fault::NatsCut | Fault::NodeCut, _) => {}
     }
     name
+}
+
+/// The rules of a cut of `target` (running as `uid`): a NATS server from the other
+/// servers' route ports, or a chat node from every NATS server's client port.
+fn cut_rules(cluster: &Cluster, fault: Fault, target: usize, uid: Option<u32>) -> Vec<cut::Rule> {
+    let Some(uid) = uid else {
+        return Vec::new();
+    };
+    match fault {
+        Fault::NatsCut => {
+            let others: Vec<u16> = (0..cluster.routes.len())
+                .filter(|&i| i != target)
+                .map(|i| cluster.routes[i])
+                .collect();
+            let mark = 0x4300 + target as u32;
+            cut::cut(uid, &others, Some(cluster.routes[target]), mark)
+        }
+        _ => cut::cut(uid, &cluster.clients, None, 0x4400 + target as u32),
+    }
 }
 
 /// The NATS servers' own word that they threw away a replica of the stream and

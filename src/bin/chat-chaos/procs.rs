@@ -1,6 +1,7 @@
 //! The processes under test: nats-server instances forming a JetStream cluster, and
 //! chat nodes, on loopback ports of the run's own, in a directory of the run's own.
-//! Each can be killed (`kill -9`) and started again, or paused (SIGSTOP) and resumed.
+//! Each can be killed (`kill -9`) and started again, or paused (SIGSTOP) and resumed;
+//! with partitions on, each runs as a user of its own (see [`crate::cut`]).
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -31,19 +32,30 @@ fn wait_for_port(port: u16, limit: Duration) -> bool {
 pub struct Proc {
     pub name: String,
     pub port: u16,
+    /// The uid it runs as (partitions on), so firewall rules can tell its packets.
+    pub uid: Option<u32>,
     command: Vec<String>,
+    dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
     paused: bool,
 }
 
 impl Proc {
-    fn new(name: String, port: u16, command: Vec<String>, dir: &Path) -> Proc {
+    fn new(
+        name: String,
+        port: u16,
+        uid: Option<u32>,
+        command: Vec<String>,
+        dir: &Path,
+    ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         Proc {
             name,
             port,
+            uid,
             command,
+            dir: dir.to_path_buf(),
             log,
             child: None,
             paused: false,
@@ -64,8 +76,14 @@ impl Proc {
             .command
             .split_first()
             .ok_or_else(|| format!("{}: no command", self.name))?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(uid);
+        }
+        let child = command
             .args(args)
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -135,12 +153,37 @@ impl Drop for Proc {
 pub struct Cluster {
     pub nats: Vec<Mutex<Proc>>,
     pub nodes: Vec<Mutex<Proc>>,
+    /// The NATS servers' client ports and route (cluster) ports, by server.
+    pub clients: Vec<u16>,
+    pub routes: Vec<u16>,
+    /// The run's firewall chain, when partitions are on.
+    pub firewall: Option<crate::cut::Firewall>,
 }
+
+/// The uids processes run as with partitions on: NATS servers from the first, chat
+/// nodes from the second (bare numbers; no account is needed).
+const NATS_UIDS: u32 = 61_000;
+const NODE_UIDS: u32 = 61_100;
 
 impl Cluster {
     /// `nats` servers (0: one chat node with its embedded store) and `nodes` chat
-    /// nodes, everything under `dir`.
-    pub fn start(server: &Path, nats: usize, nodes: usize, dir: &Path) -> Result<Cluster, String> {
+    /// nodes, everything under `dir`; with `firewall`, each process as a user of its
+    /// own, for partitions.
+    pub fn start(
+        server: &Path,
+        nats: usize,
+        nodes: usize,
+        dir: &Path,
+        firewall: Option<crate::cut::Firewall>,
+    ) -> Result<Cluster, String> {
+        let own_users = firewall.is_some();
+        if own_users {
+            // Every process's user writes its files here.
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o1777))
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let uid = |base: u32, i: usize| own_users.then(|| base + i as u32);
         let mut nats_procs = Vec::new();
         let mut node_procs = Vec::new();
         let port = |what: &str| free_port().map_err(|e| format!("no port for {what}: {e}"));
@@ -177,7 +220,13 @@ impl Cluster {
                 "-c".to_string(),
                 path.display().to_string(),
             ];
-            nats_procs.push(Proc::new(format!("nats{i}"), clients[i], command, dir));
+            nats_procs.push(Proc::new(
+                format!("nats{i}"),
+                clients[i],
+                uid(NATS_UIDS, i),
+                command,
+                dir,
+            ));
         }
         for p in &mut nats_procs {
             p.start(Duration::from_secs(10))?;
@@ -208,7 +257,13 @@ impl Cluster {
                     dir.join(format!("data{i}")).display().to_string(),
                 ]);
             }
-            node_procs.push(Proc::new(format!("chat{i}"), listen, command, dir));
+            node_procs.push(Proc::new(
+                format!("chat{i}"),
+                listen,
+                uid(NODE_UIDS, i),
+                command,
+                dir,
+            ));
         }
         for p in &mut node_procs {
             // A new cluster elects its leaders first; a node waits for its stream.
@@ -218,6 +273,9 @@ impl Cluster {
         Ok(Cluster {
             nats: locked(nats_procs),
             nodes: locked(node_procs),
+            clients,
+            routes,
+            firewall,
         })
     }
 
