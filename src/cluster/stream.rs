@@ -293,8 +293,9 @@ struct Actor {
     /// Live frames published, by the broker's sequence number.
     published: HashMap<u64, Live>,
     /// Per receiver, the stream sequences of live frames this node published and
-    /// pushed: a mailbox read after the last page skips them.
-    live: HashMap<u32, HashSet<u64>>,
+    /// pushed (or holds, to push once a read is done), with the broker's numbers for
+    /// them: a mailbox read after the last page skips them.
+    live: HashMap<u32, HashMap<u64, u64>>,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
     /// Reads that failed, to be tried again.
     retries: FuturesUnordered<BoxFuture<'static, Command>>,
@@ -464,6 +465,7 @@ impl Actor {
                 } => self.out.push(FromCluster::Store(Reply::Page {
                     ticket,
                     receiver,
+                    held: Vec::new(),
                     frames: Vec::new(),
                 })),
                 other => self.held.push_back(ToCluster::Store(other)),
@@ -724,7 +726,7 @@ impl Actor {
             self.live
                 .entry(live.receiver)
                 .or_default()
-                .insert(stream_seq);
+                .insert(stream_seq, seq);
         }
     }
 
@@ -865,8 +867,8 @@ impl Actor {
     ) {
         // A page ends with a frame read from the stream; 0 reads from the start.
         let start = after.and_then(StreamSeq::of).map_or(1, |s| s.0 + 1);
-        let frames = match self.read(receiver, start, max_bytes).await {
-            Ok(frames) => frames,
+        let (held, frames) = match self.read(receiver, start, max_bytes).await {
+            Ok(page) => page,
             Err(e) => {
                 // Read the page again shortly (JetStream may be electing a leader).
                 log::warn!("id {receiver}: mailbox read failed, trying again: {e}");
@@ -889,6 +891,7 @@ impl Actor {
         self.out.push(FromCluster::Store(Reply::Page {
             ticket,
             receiver,
+            held,
             frames,
         }));
     }
@@ -896,6 +899,12 @@ impl Actor {
     /// Reads `receiver`'s frames from stream sequence `start` on, up to `max_bytes` (at
     /// least one frame) and [`READ_BATCH`] frames, leaving out the live frames this
     /// node pushed itself.
+    ///
+    /// Its live frames that come in the stream before the page's first frame are named
+    /// apart (the broker's numbers), so that a connection that holds them back while it
+    /// reads pushes them first: a frame another node stored after them (a batch nobody
+    /// took in time) must not pass them. A page ends before such frames further on;
+    /// the next read starts with them.
     ///
     /// Each frame is asked of the stream's leader by subject and first sequence
     /// (`STREAM.MSG.GET` with `next_by_subj`), which sees every frame JetStream has
@@ -908,11 +917,12 @@ impl Actor {
         receiver: u32,
         start: u64,
         max_bytes: usize,
-    ) -> Result<Vec<(u64, Bytes)>, String> {
+    ) -> Result<(Vec<u64>, Vec<(u64, Bytes)>), String> {
         use jetstream::stream::RawMessageErrorKind;
         let subject = wire::mailbox(receiver);
         // Room for the largest frame, so that a page is never empty while frames wait.
         let room = max_bytes.max(self.max_frame);
+        let mut held = Vec::new();
         let mut frames = Vec::new();
         let mut bytes = 0;
         let mut next = start;
@@ -927,17 +937,22 @@ impl Actor {
                 Err(e) => return Err(e.to_string()),
             };
             next = msg.sequence + 1;
-            if self
-                .live
-                .get(&receiver)
-                .is_some_and(|s| s.contains(&msg.sequence))
-            {
+            if let Some(&seq) = self.live.get(&receiver).and_then(|l| l.get(&msg.sequence)) {
+                if !frames.is_empty() {
+                    // Ahead of what may follow: the next page starts with it.
+                    break;
+                }
+                held.push(seq);
                 continue;
             }
             bytes += msg.payload.len();
             frames.push((StreamSeq(msg.sequence).number(), msg.payload));
         }
-        Ok(frames)
+        if frames.is_empty() {
+            // Nothing after them: they keep their place behind what was read.
+            held.clear();
+        }
+        Ok((held, frames))
     }
 
     /// This node no longer delivers to `receiver`: write what it stages for it, stop

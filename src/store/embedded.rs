@@ -585,6 +585,7 @@ impl Worker {
                             replies.push(Reply::Page {
                                 ticket: *ticket,
                                 receiver: *receiver,
+                                held: Vec::new(),
                                 frames,
                             });
                         }

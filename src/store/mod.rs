@@ -73,6 +73,10 @@ pub enum Reply {
     Page {
         ticket: Ticket,
         receiver: u32,
+        /// Frames this connection holds back to push once its mailbox is read (the
+        /// broker's numbers) that are in the store ahead of `frames`: pushed first.
+        /// Only a cluster's stream, which other nodes write to, has any.
+        held: Vec<u64>,
         frames: Vec<(u64, Bytes)>,
     },
     /// The store went down (with the reason) or came back (`None`).

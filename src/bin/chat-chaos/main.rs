@@ -179,6 +179,9 @@ fn run(args: Args) -> Result<bool, String> {
             .map_err(|e| format!("cannot find chat-server: {e}"))?
             .with_file_name("chat-server"),
     };
+    // The processes run in the run's directory.
+    let server = std::fs::canonicalize(&server)
+        .map_err(|e| format!("cannot find {}: {e}", server.display()))?;
     // A run starts from nothing: frames a former run left in a directory would be
     // delivered as if sent in this one.
     let (dir, keep) = match &args.dir {

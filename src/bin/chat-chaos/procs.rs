@@ -42,13 +42,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn new(
-        name: String,
-        port: u16,
-        uid: Option<u32>,
-        command: Vec<String>,
-        dir: &Path,
-    ) -> Proc {
+    fn new(name: String, port: u16, uid: Option<u32>, command: Vec<String>, dir: &Path) -> Proc {
         let log = dir.join(format!("{name}.log"));
         Proc {
             name,

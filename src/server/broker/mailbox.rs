@@ -122,6 +122,17 @@ impl Mailbox {
         self.backlog.push_back(item);
     }
 
+    /// Takes frame `seq` out of what is held back, to be pushed now (a page found it
+    /// in the store ahead of others); `None` if it is not held (pushed already).
+    pub fn take_held(&mut self, seq: u64) -> Option<Outgoing> {
+        let i = self.backlog.iter().position(|item| {
+            matches!(item.origin, crate::server::outbox::Origin::Data { seq: s, .. } if s == seq)
+        })?;
+        let item = self.backlog.remove(i)?;
+        self.backlog_bytes = self.backlog_bytes.saturating_sub(item.wire.len());
+        Some(item)
+    }
+
     /// The store read a page whose last frame is `last` (`None`: empty).
     pub fn page(&mut self, last: Option<u64>) -> Page {
         let State::Loading { after, stored } = self.state else {
@@ -295,5 +306,31 @@ mod tests {
         assert_eq!(m.acked(), None);
         assert_eq!(page_bytes(64 << 20), PAGE_BYTES);
         assert_eq!(page_bytes(1000), 500);
+    }
+
+    #[test]
+    fn a_held_frame_found_ahead_in_the_store_leaves_the_backlog_and_the_rest_stay_in_order() {
+        let mut m = Mailbox::default();
+        m.loading(None);
+        for seq in [1, 2, 3] {
+            m.hold(frame(10, seq));
+        }
+        let seq_of = |item: &Outgoing| match item.origin {
+            crate::server::outbox::Origin::Data { seq, .. } => seq,
+            _ => 0,
+        };
+        assert_eq!(m.take_held(2).as_ref().map(seq_of), Some(2));
+        assert!(m.take_held(2).is_none(), "once");
+        assert!(m.take_held(9).is_none(), "pushed already, or never held");
+        assert_eq!(m.admit(10, 0, 40), Admit::Behind);
+        assert_eq!(
+            m.admit(20, 0, 40),
+            Admit::Behind,
+            "20 bytes held now, not 30"
+        );
+        let Page::CaughtUp(rest) = m.page(None) else {
+            panic!("caught up");
+        };
+        assert_eq!(rest.iter().map(seq_of).collect::<Vec<_>>(), [1, 3]);
     }
 }

@@ -542,6 +542,7 @@ impl Broker {
             Reply::Page {
                 ticket,
                 receiver,
+                held,
                 frames,
             } => {
                 // Pages are only ever asked for a connection.
@@ -552,6 +553,15 @@ impl Broker {
                     return;
                 };
                 let last = frames.last().map(|&(seq, _)| seq);
+                // Held frames ahead of the page's in the store go first (what is not
+                // held any more was pushed already, in its place).
+                let held: Vec<Outgoing> = match last {
+                    Some(_) => held
+                        .iter()
+                        .filter_map(|&s| c.mailbox.take_held(s))
+                        .collect(),
+                    None => Vec::new(),
+                };
                 match c.mailbox.page(last) {
                     Page::Ignore => {}
                     Page::ReadAgain { after } => self.load_page(conn, after).await,
@@ -566,6 +576,9 @@ impl Broker {
                     }
                     Page::Deliver { last } => {
                         log::debug!("id {receiver}: delivering {} stored frames", frames.len());
+                        for item in held {
+                            let _ = c.outbox.push(item);
+                        }
                         for (seq, wire) in frames {
                             // If the connection is gone the frames are still in the store.
                             let item = Outgoing::stored(wire, receiver, seq, seq == last);
