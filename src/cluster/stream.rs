@@ -297,8 +297,8 @@ struct Actor {
     /// them: a mailbox read after the last page skips them.
     live: HashMap<u32, HashMap<u64, u64>>,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
-    /// Reads that failed, to be tried again.
-    retries: FuturesUnordered<BoxFuture<'static, Command>>,
+    /// Reads that failed, to be tried again, with the mark of their first attempt.
+    retries: FuturesUnordered<BoxFuture<'static, (Command, u64)>>,
     /// The ids this node holds and what it hears for them (see [`crate::cluster::holds`]).
     holds: Holds,
     /// Frames for ids held elsewhere, and batches forwarded here (see
@@ -324,6 +324,8 @@ struct Actor {
 struct FirstRead {
     ticket: Ticket,
     max_bytes: usize,
+    /// The highest frame number appended before it was asked for.
+    mark: u64,
 }
 
 /// The id a command is about, if it is about one.
@@ -355,9 +357,7 @@ impl Actor {
                     None => {}
                 },
                 done = self.pending.select_next_some() => self.on_done(done),
-                load = self.retries.select_next_some() => {
-                    self.on_command(ToCluster::Store(load)).await;
-                }
+                (load, mark) = self.retries.select_next_some() => self.retry(load, mark).await,
                 due = self.forwards.next().fuse() => match due {
                     Due::Answer(msg) => {
                         let settled = self.forwards.answered(&msg);
@@ -697,7 +697,17 @@ impl Actor {
     /// Refuses the frames that were queued for `receiver` behind one that could not
     /// be stored (see [`Forwards::stored_one`]): their senders send them again, in
     /// order.
+    ///
+    /// A live frame among them keeps its place in the queue instead: the connection
+    /// here that holds it delivers it whatever its append's outcome, so refusing it
+    /// would only make its sender send it again, behind its own copy.
     fn refuse_behind_gap(&mut self, receiver: u32, behind: Vec<Command>) {
+        let (live, behind): (Vec<Command>, Vec<Command>) = behind
+            .into_iter()
+            .partition(|cmd| matches!(cmd, Command::Append { live: true, .. }));
+        for cmd in live {
+            self.forwards.queue(receiver, cmd);
+        }
         if behind.is_empty() {
             return;
         }
@@ -836,12 +846,37 @@ impl Actor {
             }
             if self.holds.claim(&self.client, receiver) {
                 // The read waits for the claim, and so does what comes for the id.
-                let first = FirstRead { ticket, max_bytes };
+                let first = FirstRead {
+                    ticket,
+                    max_bytes,
+                    mark,
+                };
                 self.claiming.insert(receiver, (first, VecDeque::new()));
                 return;
             }
         }
-        self.read_page(ticket, receiver, after, max_bytes).await;
+        self.read_page(ticket, receiver, after, max_bytes, mark)
+            .await;
+    }
+
+    /// A read that failed, again. It keeps its first attempt's mark: a first read
+    /// asked for again with a later one would take this connection's own live frames,
+    /// come since, for stored ones, and deliver them twice. Behind a claim, or while
+    /// the link is down, it waits like any command.
+    async fn retry(&mut self, load: Command, mark: u64) {
+        let Command::Load {
+            ticket,
+            receiver,
+            after,
+            max_bytes,
+        } = load
+        else {
+            return;
+        };
+        if self.down.is_some() || self.claiming.contains_key(&receiver) {
+            return self.on_command(ToCluster::Store(load)).await;
+        }
+        self.load(ticket, receiver, after, max_bytes, mark).await;
     }
 
     /// This node holds `receiver` now: the first read goes on, then what waited.
@@ -849,7 +884,7 @@ impl Actor {
         let Some((first, waiting)) = self.claiming.remove(&receiver) else {
             return;
         };
-        self.read_page(first.ticket, receiver, None, first.max_bytes)
+        self.read_page(first.ticket, receiver, None, first.max_bytes, first.mark)
             .await;
         for cmd in waiting {
             Box::pin(self.on_command(cmd)).await;
@@ -857,13 +892,14 @@ impl Actor {
     }
 
     /// Reads the page after `after` and answers with it; a read that fails is tried
-    /// again shortly.
+    /// again shortly, with the same `mark` (see [`Actor::load`]).
     async fn read_page(
         &mut self,
         ticket: Ticket,
         receiver: u32,
         after: Option<u64>,
         max_bytes: usize,
+        mark: u64,
     ) {
         // A page ends with a frame read from the stream; 0 reads from the start.
         let start = after.and_then(StreamSeq::of).map_or(1, |s| s.0 + 1);
@@ -881,7 +917,7 @@ impl Actor {
                 self.retries.push(
                     async move {
                         sleep(READ_RETRY).await;
-                        load
+                        (load, mark)
                     }
                     .boxed(),
                 );

@@ -122,15 +122,20 @@ impl Mailbox {
         self.backlog.push_back(item);
     }
 
-    /// Takes frame `seq` out of what is held back, to be pushed now (a page found it
-    /// in the store ahead of others); `None` if it is not held (pushed already).
-    pub fn take_held(&mut self, seq: u64) -> Option<Outgoing> {
-        let i = self.backlog.iter().position(|item| {
+    /// Takes frame `seq` out of what is held back, with every frame held before it,
+    /// in order, to be pushed now (a page found it in the store ahead of others);
+    /// nothing if it is not held (pushed already). The frames before it go too, so
+    /// what is held keeps its order even when one of them never reached the store.
+    pub fn take_held(&mut self, seq: u64) -> Vec<Outgoing> {
+        let Some(i) = self.backlog.iter().position(|item| {
             matches!(item.origin, crate::server::outbox::Origin::Data { seq: s, .. } if s == seq)
-        })?;
-        let item = self.backlog.remove(i)?;
-        self.backlog_bytes = self.backlog_bytes.saturating_sub(item.wire.len());
-        Some(item)
+        }) else {
+            return Vec::new();
+        };
+        let taken: Vec<Outgoing> = self.backlog.drain(..=i).collect();
+        let bytes: usize = taken.iter().map(|item| item.wire.len()).sum();
+        self.backlog_bytes = self.backlog_bytes.saturating_sub(bytes);
+        taken
     }
 
     /// The store read a page whose last frame is `last` (`None`: empty).
@@ -309,7 +314,7 @@ mod tests {
     }
 
     #[test]
-    fn a_held_frame_found_ahead_in_the_store_leaves_the_backlog_and_the_rest_stay_in_order() {
+    fn a_held_frame_found_ahead_in_the_store_leaves_the_backlog_with_those_before_it() {
         let mut m = Mailbox::default();
         m.loading(None);
         for seq in [1, 2, 3] {
@@ -319,18 +324,23 @@ mod tests {
             crate::server::outbox::Origin::Data { seq, .. } => seq,
             _ => 0,
         };
-        assert_eq!(m.take_held(2).as_ref().map(seq_of), Some(2));
-        assert!(m.take_held(2).is_none(), "once");
-        assert!(m.take_held(9).is_none(), "pushed already, or never held");
-        assert_eq!(m.admit(10, 0, 40), Admit::Behind);
+        let seqs = |items: Vec<Outgoing>| items.iter().map(seq_of).collect::<Vec<_>>();
         assert_eq!(
-            m.admit(20, 0, 40),
-            Admit::Behind,
-            "20 bytes held now, not 30"
+            seqs(m.take_held(2)),
+            [1, 2],
+            "with the frame held before it"
         );
+        assert!(m.take_held(2).is_empty(), "once");
+        assert!(m.take_held(9).is_empty(), "pushed already, or never held");
+        assert_eq!(
+            m.admit(30, 0, 40),
+            Admit::Behind,
+            "10 bytes held now, not 30"
+        );
+        assert_eq!(m.admit(31, 0, 40), Admit::Cut);
         let Page::CaughtUp(rest) = m.page(None) else {
             panic!("caught up");
         };
-        assert_eq!(rest.iter().map(seq_of).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(seqs(rest.into()), [3]);
     }
 }

@@ -553,15 +553,6 @@ impl Broker {
                     return;
                 };
                 let last = frames.last().map(|&(seq, _)| seq);
-                // Held frames ahead of the page's in the store go first (what is not
-                // held any more was pushed already, in its place).
-                let held: Vec<Outgoing> = match last {
-                    Some(_) => held
-                        .iter()
-                        .filter_map(|&s| c.mailbox.take_held(s))
-                        .collect(),
-                    None => Vec::new(),
-                };
                 match c.mailbox.page(last) {
                     Page::Ignore => {}
                     Page::ReadAgain { after } => self.load_page(conn, after).await,
@@ -576,8 +567,12 @@ impl Broker {
                     }
                     Page::Deliver { last } => {
                         log::debug!("id {receiver}: delivering {} stored frames", frames.len());
-                        for item in held {
-                            let _ = c.outbox.push(item);
+                        // Held frames ahead of the page's in the store go first (what is
+                        // not held any more was pushed already, in its place).
+                        for seq in held {
+                            for item in c.mailbox.take_held(seq) {
+                                let _ = c.outbox.push(item);
+                            }
                         }
                         for (seq, wire) in frames {
                             // If the connection is gone the frames are still in the store.
