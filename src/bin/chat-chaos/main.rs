@@ -212,6 +212,9 @@ fn run(args: Args) -> Result<bool, String> {
     let firewall = if faults.iter().any(|f| f.is_cut()) {
         match cut::Firewall::new() {
             Ok(firewall) => Some(firewall),
+            Err(why) if std::env::var_os("CHAT_REQUIRE_PARTITIONS").is_some() => {
+                return Err(format!("{why} (CHAT_REQUIRE_PARTITIONS is set)"));
+            }
             Err(why) => {
                 eprintln!("chat-chaos: {why}; leaving out nats-cut and node-cut");
                 faults.retain(|f| !f.is_cut());
