@@ -386,8 +386,15 @@ fn frames_sent_while_a_batch_waits_for_a_frozen_holder_keep_their_order() {
             assert_eq!(recv(&mut one).await, delivered(f));
         }
         // The mailbox holds them in the order they were sent (f3 reached the stream
-        // first when it was staged apart from the frames queued before it).
-        let (_three, got) = mailbox_of(&a.addr, 3, 3).await;
+        // first when it was staged apart from the frames queued before it). f0 may
+        // come again first: node b delivered it just before it froze, and its copy in
+        // the stream may not have been removed yet (at least once across a node's
+        // death, docs/CLUSTER.md).
+        let (mut three, mut got) = mailbox_of(&a.addr, 3, 3).await;
+        if got.first().map(number) == Some(0) {
+            got.remove(0);
+            got.push(recv(&mut three).await);
+        }
         let got: Vec<usize> = got.iter().map(number).collect();
         assert_eq!(got, [1, 2, 3], "the mailbox's order");
     });
