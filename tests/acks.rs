@@ -308,8 +308,10 @@ fn a_client_that_never_acks_its_mailbox_is_cut_off_after_the_frame_timeout() {
         let mut a = login(&server, 1).await;
         let sent: Vec<_> = (0..40u8).map(|i| data(1, 2, 3, &[i; 4096])).collect();
         send_all(&mut a, &sent).await;
-        let mut b = login_acks(&server.addr(), 2).await;
+        // Timed from before the connect: the server's wait can begin as soon as it
+        // has sent the first page, before this side has read the welcome.
         let bound = std::time::Instant::now();
+        let mut b = login_acks(&server.addr(), 2).await;
         let mut read = 0;
         let detail = loop {
             let f = recv(&mut b).await;
