@@ -9,6 +9,7 @@ use futures_rustls::rustls::pki_types::ServerName;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::protocol::session::{Device, Received, Record, What};
 use crate::protocol::{ClientFrame, Code, FrameBuf, Notice, ServerFrame};
 use crate::rt::TcpStream;
 use crate::tls::TlsConnector;
@@ -157,6 +158,40 @@ impl Client {
         }
     }
 
+    /// Opens a session as `device` of `id` (control operation 4; acks, carbons and
+    /// envelopes on) and waits for its `welcome` and `sync` record, which it returns.
+    /// What the device missed follows, then the `synced` record, then live frames:
+    /// read them with [`Client::recv_session`].
+    pub async fn session(
+        &mut self,
+        id: u32,
+        device: &Device,
+        token: Option<&str>,
+    ) -> io::Result<Record> {
+        let token = token.unwrap_or_default().as_bytes();
+        self.send(&ClientFrame::session(id, device, token)).await?;
+        match self.recv_session().await?.ok_or_else(closed)? {
+            Received::Notice(n) if n.is(Code::Welcome) => {}
+            Received::Notice(n) => return Err(refused(&n)),
+            other => return Err(unexpected("the welcome", &other)),
+        }
+        match self.recv_session().await?.ok_or_else(closed)? {
+            Received::Record(sync @ Record::Sync { .. }) => Ok(sync),
+            other => Err(unexpected("the sync record", &other)),
+        }
+    }
+
+    /// Reads the next frame of a session: a message with its envelope, a notice or a
+    /// record.
+    pub async fn recv_session(&mut self) -> io::Result<Option<Received>> {
+        let Some(frame) = self.recv().await? else {
+            return Ok(None);
+        };
+        Received::read(frame)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
     /// Sends a ping and waits for the `pong` notice.
     pub async fn ping(&mut self) -> io::Result<()> {
         self.send(&ClientFrame::ping()).await?;
@@ -205,6 +240,16 @@ impl Acker {
         counts
     }
 
+    /// Counts a session's message if acks count it (deliveries and copies from the
+    /// id's other devices; not echoes nor pages). Returns whether it counted.
+    pub fn handled_what(&mut self, what: What) -> bool {
+        let counts = what.counted();
+        if counts {
+            self.handled = self.handled.wrapping_add(1);
+        }
+        counts
+    }
+
     /// The ack for everything handled so far, unless it was already sent.
     pub fn ack(&mut self) -> Option<ClientFrame> {
         if self.handled == self.acked {
@@ -213,6 +258,13 @@ impl Acker {
         self.acked = self.handled;
         Some(ClientFrame::ack(self.id, self.handled))
     }
+}
+
+fn unexpected(wanted: &str, got: &Received) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("expected {wanted}, got {got:?}"),
+    )
 }
 
 fn closed() -> io::Error {

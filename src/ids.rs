@@ -15,3 +15,21 @@ pub enum Ticket {
     /// the outcomes go back to that node.
     Remote(u64),
 }
+
+/// One place an id receives frames: the id and one of its devices. Device 0 is the
+/// default device, every connection's that opened no session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub id: u32,
+    pub device: u16,
+}
+
+impl Endpoint {
+    /// The default device of `id`.
+    pub fn default_of(id: u32) -> Endpoint {
+        Endpoint { id, device: 0 }
+    }
+}
+
+/// A device number no device has: marks a stored frame whose sender had no session.
+pub const NO_DEVICE: u16 = u16::MAX;

@@ -84,6 +84,9 @@ pub struct Metrics {
     notices: Vec<(Code, Counter)>,
     pub mailbox_frames: Gauge,
     pub mailbox_bytes: Gauge,
+    pub history_frames: Gauge,
+    pub history_bytes: Gauge,
+    pub history_pruned: Counter,
     pub commit_seconds: Histogram,
     pub frames_per_commit: Histogram,
     pub delivery_seconds: Histogram,
@@ -183,6 +186,24 @@ impl Metrics {
             "Bytes of frames in the store",
             mailbox_bytes.clone(),
         );
+        let history_frames = Gauge::default();
+        registry.register(
+            "history_frames",
+            "Entries in the ids' logs (history and frames still to deliver)",
+            history_frames.clone(),
+        );
+        let history_bytes = Gauge::default();
+        registry.register(
+            "history_bytes",
+            "Bytes of the entries in the ids' logs",
+            history_bytes.clone(),
+        );
+        let history_pruned = Counter::default();
+        registry.register(
+            "history_missed",
+            "Frames a device never got: dropped from its inbox at its limit while another device took them",
+            history_pruned.clone(),
+        );
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register(
             "store_commit_seconds",
@@ -225,6 +246,9 @@ impl Metrics {
             notices,
             mailbox_frames,
             mailbox_bytes,
+            history_frames,
+            history_bytes,
+            history_pruned,
             commit_seconds,
             frames_per_commit,
             delivery_seconds,

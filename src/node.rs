@@ -55,6 +55,7 @@ impl Server {
             None => store::embedded::open(
                 &config.data_dir,
                 config.mailbox,
+                config.history,
                 metrics.clone(),
                 config.store_faults.clone(),
             )?
@@ -135,12 +136,12 @@ impl Server {
             next_conn: AtomicU64::new(1),
         });
         let broker = Broker::new(
-            shared.config.max_pending_bytes,
-            shared.config.frame_timeout,
+            &shared.config,
             shared.store.clone(),
             shared.events.clone(),
             shared.inbound.clone(),
             store.next_seq,
+            store.devices,
             metrics.clone(),
         );
         let broker = rt::spawn(broker.run(events_rx, store.replies));

@@ -15,7 +15,7 @@ use chat::auth::{Auth, Keys, Secret};
 use chat::node::Server;
 use chat::rt;
 use chat::server::Config;
-use chat::store::Limits;
+use chat::store::{History, Limits};
 use chat::tls::ServerTls;
 
 #[derive(Parser, Debug)]
@@ -58,6 +58,27 @@ struct Args {
     /// Bytes one receiver's offline mailbox may hold.
     #[arg(long, env = "CHAT_MAILBOX_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     mailbox_max_bytes: u64,
+
+    /// How long each id's conversation is kept after delivery, for sessions' history
+    /// queries: 30d, 12h, 90m, 45s (or seconds); 0 turns history off (a frame is
+    /// removed once every device of its receiver has it).
+    #[arg(long, env = "CHAT_HISTORY_MAX_AGE", default_value = "30d", value_parser = parse_age)]
+    history_max_age: Duration,
+
+    /// Entries one id's history may hold; the oldest delivered ones go first.
+    #[arg(long, env = "CHAT_HISTORY_MAX_MESSAGES", default_value_t = 50_000)]
+    history_max_messages: u64,
+
+    /// Bytes one id's history may hold; the oldest delivered entries go first.
+    #[arg(long, env = "CHAT_HISTORY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    history_max_bytes: u64,
+
+    /// Named devices (sessions) one id may have; a new one past it replaces the one
+    /// seen longest ago that is offline. Clients without a session are the id's
+    /// default device, which does not count.
+    #[arg(long, env = "CHAT_MAX_DEVICES", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    max_devices: u16,
 
     /// Require hello tokens made with this secret (prefer --auth-secret-file).
     #[arg(
@@ -153,6 +174,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// A duration as `30d`, `12h`, `90m`, `45s` or plain seconds.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30d, 12h, 90m or 45s"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use s, m, h or d"
+            ));
+        }
+    };
+    n.checked_mul(unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
 fn run(args: Args) -> Result<(), String> {
     let keys = keys(&args)?;
     if let Some(Command::Token { id, ttl }) = args.command {
@@ -173,6 +219,12 @@ fn run(args: Args) -> Result<(), String> {
             max_messages: args.mailbox_max_messages,
             max_bytes: args.mailbox_max_bytes,
         },
+        history: History {
+            max_age: args.history_max_age,
+            max_messages: args.history_max_messages,
+            max_bytes: args.history_max_bytes,
+        },
+        max_devices: usize::from(args.max_devices),
         auth: keys.map(|k| Auth::new(k, args.auth_require_expiry)),
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(ServerTls::new(chat::tls::server_config(cert, key)?)),

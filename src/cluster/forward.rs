@@ -344,6 +344,8 @@ mod tests {
             seq,
             wire: Bytes::from_static(b"frame"),
             live: false,
+            time: 0,
+            fanout: None,
         }
     }
 

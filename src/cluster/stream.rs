@@ -116,6 +116,8 @@ pub async fn run(
         replies,
         // The broker's numbers need only be unique within this process.
         next_seq: 1,
+        // Sessions are not offered in a cluster yet: no devices to know.
+        devices: Vec::new(),
         closed,
     };
     let inbox = setup.client.new_inbox();
@@ -337,7 +339,8 @@ fn concerns(cmd: &ToCluster) -> Option<u32> {
             | Command::Delete { receiver, .. },
         )
         | ToCluster::Left { receiver } => Some(*receiver),
-        ToCluster::Answer { .. } => None,
+        ToCluster::Store(Command::Device { .. } | Command::Query { .. })
+        | ToCluster::Answer { .. } => None,
     }
 }
 
@@ -391,6 +394,7 @@ impl Actor {
                             receiver,
                             after,
                             max_bytes,
+                            ..
                         } = load
                         {
                             self.load(ticket, receiver, after, max_bytes, mark).await;
@@ -467,6 +471,7 @@ impl Actor {
                     receiver,
                     held: Vec::new(),
                     frames: Vec::new(),
+                    sync: None,
                 })),
                 other => self.held.push_back(ToCluster::Store(other)),
             }
@@ -497,7 +502,7 @@ impl Actor {
                 self.forwards.queue(receiver, cmd);
                 self.forward(receiver).await;
             }
-            Command::Delete { seqs, receiver } => {
+            Command::Delete { seqs, receiver, .. } => {
                 for seq in seqs {
                     self.delete(receiver, seq);
                 }
@@ -507,9 +512,23 @@ impl Actor {
                 receiver,
                 after,
                 max_bytes,
+                ..
             } => {
                 let mark = self.high_seq;
                 self.load(ticket, receiver, after, max_bytes, mark).await;
+            }
+            // The broker opens no sessions in a cluster yet, so it asks nothing of
+            // devices or history; answer rather than leave a query hanging.
+            Command::Device { .. } => {}
+            Command::Query { ticket, query, .. } => {
+                let failed = crate::protocol::session::Record::QueryFailed {
+                    request: query.request(),
+                    why: "history is not kept in a cluster yet".into(),
+                };
+                self.out.push(FromCluster::Store(Reply::Answer {
+                    ticket,
+                    frames: vec![failed.encode()],
+                }));
             }
         }
     }
@@ -580,6 +599,7 @@ impl Actor {
             seq,
             wire: frame,
             live,
+            ..
         } = cmd
         else {
             return false;
@@ -801,8 +821,10 @@ impl Actor {
             let load = Command::Load {
                 ticket,
                 receiver,
+                device: 0,
                 after,
                 max_bytes,
+                reading: crate::store::Reading::Plain,
             };
             waiting.push_back(ToCluster::Store(load));
             return;
@@ -814,8 +836,10 @@ impl Actor {
                 let load = Command::Load {
                     ticket,
                     receiver,
+                    device: 0,
                     after,
                     max_bytes,
+                    reading: crate::store::Reading::Plain,
                 };
                 self.parked.entry(receiver).or_default().push((load, mark));
                 return;
@@ -869,6 +893,7 @@ impl Actor {
             receiver,
             after,
             max_bytes,
+            ..
         } = load
         else {
             return;
@@ -911,8 +936,10 @@ impl Actor {
                 let load = Command::Load {
                     ticket,
                     receiver,
+                    device: 0,
                     after,
                     max_bytes,
+                    reading: crate::store::Reading::Plain,
                 };
                 self.retries.push(
                     async move {
@@ -929,6 +956,7 @@ impl Actor {
             receiver,
             held,
             frames,
+            sync: None,
         }));
     }
 

@@ -104,6 +104,8 @@ pub struct Opened {
     pub replies: Replies,
     /// The next unused sequence number: higher than any stored.
     pub next_seq: u64,
+    /// The devices the store knows.
+    pub devices: Vec<crate::store::KnownDevice>,
     /// Completes when the store has committed everything and exited.
     pub closed: futures::channel::oneshot::Receiver<()>,
 }
@@ -114,6 +116,7 @@ impl From<Store> for Opened {
             backend: Backend::One(s.commands),
             replies: Replies::One(s.replies),
             next_seq: s.next_seq,
+            devices: s.devices,
             closed: s.closed,
         }
     }
@@ -125,6 +128,7 @@ impl From<Store<ToCluster, FromCluster>> for Opened {
             backend: Backend::Cluster(s.commands),
             replies: Replies::Cluster(s.replies),
             next_seq: s.next_seq,
+            devices: s.devices,
             closed: s.closed,
         }
     }
@@ -142,6 +146,7 @@ mod tests {
             let mut one = Backend::One(tx);
             let delete = || Command::Delete {
                 receiver: 2,
+                device: 0,
                 seqs: vec![1],
             };
             assert!(one.send(delete()).await.is_ok());

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::server::backend::Backend;
 use crate::server::budget::Budget;
 use crate::server::event::Event;
-use crate::store::{self, Limits};
+use crate::store::{self, History, Limits};
 use crate::tls::ServerTls;
 
 /// Everything the server can be told; the binary fills it from flags and env vars.
@@ -27,6 +27,10 @@ pub struct Config {
     pub max_connections: usize,
     pub max_pending_bytes: usize,
     pub mailbox: Limits,
+    /// How long and how much of each id's conversation is kept after delivery.
+    pub history: History,
+    /// `--max-devices`: named devices per id (sessions), the default device apart.
+    pub max_devices: usize,
     /// Tokens required (and the keys that check them), when set.
     pub auth: Option<Arc<Auth>>,
     /// Serve TLS instead of plain TCP.
@@ -61,6 +65,8 @@ impl Config {
                 max_messages: 10_000,
                 max_bytes: 64 * 1024 * 1024,
             },
+            history: History::default(),
+            max_devices: 8,
             auth: None,
             tls: None,
             metrics_listen: None,

@@ -7,6 +7,7 @@ use bytes::Bytes;
 
 pub use crate::ids::{ConnId, Ticket};
 use crate::protocol::Inbound;
+use crate::protocol::session::{Device, Query};
 use crate::server::outbox::{Outbox, Outgoing};
 
 #[derive(Debug)]
@@ -47,6 +48,20 @@ pub enum Request {
     Hello {
         id: u32,
         acks: bool,
+    },
+    /// Bind the connection to one of `id`'s named devices, with acks on (control
+    /// operation 4; already authenticated, when auth is on).
+    Session {
+        id: u32,
+        device: Device,
+    },
+    /// A session's question about its id's history (control operations 5-7).
+    Query(Query),
+    /// A query whose body is wrong: answered with a `query-failed` record naming
+    /// `request` (or `bad-control` without a session).
+    BadQuery {
+        request: u32,
+        why: String,
     },
     Ping,
     /// The client's running count of data frames handled (control operation 2).

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::ids::Ticket;
+use crate::ids::{Endpoint, Ticket};
 
 /// Frames up to this size are copied into the batch buffer; larger ones are written
 /// straight from their own allocation.
@@ -39,7 +39,7 @@ pub enum Origin {
     /// `arrived` is when a live frame reached the broker (for the delivery-time
     /// metric); a frame from the mailbox has none.
     Data {
-        receiver: u32,
+        receiver: Endpoint,
         seq: u64,
         page_end: bool,
         echo_to: Option<Ticket>,
@@ -64,7 +64,7 @@ impl Outgoing {
 
     /// A live frame for `receiver`, stored (or being stored) under `seq`, that reached
     /// the broker at `arrived`.
-    pub fn live(wire: Bytes, receiver: u32, seq: u64, arrived: Instant) -> Outgoing {
+    pub fn live(wire: Bytes, receiver: Endpoint, seq: u64, arrived: Instant) -> Outgoing {
         Outgoing {
             wire,
             origin: Origin::Data {
@@ -78,11 +78,27 @@ impl Outgoing {
         }
     }
 
+    /// A live frame whose write to a client without acks settles `echo_to`'s echo (it
+    /// is delivered, whether or not the store has committed it yet).
+    pub fn live_echoing(
+        wire: Bytes,
+        receiver: Endpoint,
+        seq: u64,
+        arrived: Instant,
+        echo_to: Ticket,
+    ) -> Outgoing {
+        let mut item = Outgoing::live(wire, receiver, seq, arrived);
+        if let Origin::Data { echo_to: e, .. } = &mut item.origin {
+            *e = Some(echo_to);
+        }
+        item
+    }
+
     /// A live frame that could not be stored (the store is down): its delivery alone
     /// accepts it, and then `echo_to`'s echo goes.
     pub fn unstored(
         wire: Bytes,
-        receiver: u32,
+        receiver: Endpoint,
         seq: u64,
         echo_to: Ticket,
         arrived: Instant,
@@ -101,7 +117,7 @@ impl Outgoing {
     }
 
     /// A frame read from the mailbox; `page_end` on the last of its page.
-    pub fn stored(wire: Bytes, receiver: u32, seq: u64, page_end: bool) -> Outgoing {
+    pub fn stored(wire: Bytes, receiver: Endpoint, seq: u64, page_end: bool) -> Outgoing {
         Outgoing {
             wire,
             origin: Origin::Data {
@@ -137,8 +153,8 @@ pub enum Closing {
 /// What a written batch means for the store and the broker.
 #[derive(Debug, Default)]
 pub struct Written {
-    /// The receiver whose frames `delete` names (every data frame here is for one id).
-    pub receiver: Option<u32>,
+    /// The device whose frames `delete` names (every data frame here is for one).
+    pub receiver: Option<Endpoint>,
     /// Frames delivered: remove them from the store.
     pub delete: Vec<u64>,
     /// The last frame of a mailbox page was written.
@@ -393,10 +409,13 @@ impl Outbox {
                 } => {
                     out.receiver = Some(receiver);
                     out.page_end |= page_end;
-                    let stored = stored.then_some(seq);
-                    if let Some(sender) = echo_to {
+                    // Written is delivered for a frame that could not be stored, and
+                    // for a client without acks; with acks it waits for the count.
+                    let counting = s.acks.as_ref().is_some_and(|a| a.counting);
+                    if let Some(sender) = echo_to.filter(|_| !stored || !counting) {
                         out.delivered.push((sender, seq));
                     }
+                    let stored = stored.then_some(seq);
                     match &mut s.acks {
                         Some(acks) if acks.counting && acks.owed > 0 => {
                             acks.owed -= 1;
@@ -444,7 +463,7 @@ mod tests {
         Outgoing {
             wire: Bytes::from(vec![0u8; 10]),
             origin: Origin::Data {
-                receiver: 7,
+                receiver: Endpoint::default_of(7),
                 seq,
                 page_end: false,
                 echo_to: None,

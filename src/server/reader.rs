@@ -15,6 +15,9 @@ use futures::{AsyncRead, AsyncReadExt, SinkExt};
 use byteorder::{BigEndian, ByteOrder};
 
 use crate::metrics::Refusal;
+use crate::protocol::session::{
+    OP_CONVERSATIONS, OP_HISTORY, OP_READ, OP_SESSION, Query, SessionHello,
+};
 use crate::protocol::{
     CONTROL, Code, FrameBuf, Inbound, OP_ACK, OP_HELLO, OP_HELLO_ACKS, OP_PING, SERVER_HEADER_LEN,
     notice,
@@ -224,6 +227,41 @@ fn classify(frame: Inbound, auth: &mut Auth, shared: &Shared) -> Result<Request,
             }
             Ok(Request::Hello { id, acks })
         }
+        OP_SESSION => {
+            let hello = match SessionHello::parse(&frame.wire.slice(SERVER_HEADER_LEN..)) {
+                Ok(hello) => hello,
+                Err(why) => {
+                    return Ok(Request::BadControl {
+                        detail: why.to_string(),
+                    });
+                }
+            };
+            if let Some(keys) = &shared.config.auth {
+                if let Err(why) = keys.check(id, &hello.token) {
+                    let detail = why.detail(id);
+                    log::warn!("refused a session: {detail}");
+                    if let Some(m) = &shared.metrics {
+                        m.refused(Refusal::auth_failed);
+                    }
+                    return Err(notice(Code::AuthFailed, detail));
+                }
+                *auth = Auth::As(id);
+            }
+            Ok(Request::Session {
+                id,
+                device: hello.device,
+            })
+        }
+        op @ (OP_HISTORY | OP_CONVERSATIONS | OP_READ) => match Query::parse(op, frame.body()) {
+            Some(Ok(query)) => Ok(Request::Query(query)),
+            Some(Err(why)) => Ok(Request::BadQuery {
+                request: Query::request_of(frame.body()),
+                why: why.to_string(),
+            }),
+            None => Ok(Request::BadControl {
+                detail: format!("unknown control operation {op}"),
+            }),
+        },
         OP_ACK => match <[u8; 4]>::try_from(frame.body()) {
             Ok(h) => Ok(Request::Ack {
                 h: BigEndian::read_u32(&h),

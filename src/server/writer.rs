@@ -305,7 +305,8 @@ fn count_written(m: &Metrics, done: &[Outgoing]) {
 async fn report_written(done: Written, conn: ConnId, shared: &Shared) {
     if let Some(receiver) = done.receiver.filter(|_| !done.delete.is_empty()) {
         let delete = Command::Delete {
-            receiver,
+            receiver: receiver.id,
+            device: receiver.device,
             seqs: done.delete,
         };
         if let Some(wait) = shared.store.send_soon(delete) {

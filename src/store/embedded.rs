@@ -3,15 +3,18 @@
 //! Frames are kept in [redb], an embedded, crash-safe (copy-on-write, checksummed, fsync
 //! on commit) key-value store written in Rust: no C library, no server, one file under
 //! `--data-dir`. A frame for an online receiver is stored too, alongside its live push,
-//! and removed once delivered, so that a crash can only delay it: the store is a
-//! write-ahead log for live traffic and the mailbox for offline ids at once.
+//! and leaves its device's inbox once delivered, so that a crash can only delay it:
+//! the store is a write-ahead log for live traffic, the mailbox of every device that
+//! is away, and (with `--history-max-age`) each id's history. The tables and what each
+//! command does to them are in [`super::tables`] and [`super::log`].
 //!
 //! All storage runs on one dedicated thread, so blocking file I/O never occupies the
 //! async executor. The thread drains every command that is waiting, applies them in one
 //! write transaction and commits once (group commit): under load, one fsync covers
 //! hundreds of frames. The append of a frame pushed live is staged for up to
-//! `STAGE_WAIT` (5 ms): if its delete (its delivery) arrives first, neither touches the disk,
-//! so a receiver that keeps up costs the store almost nothing. Replies are sent only
+//! `STAGE_WAIT` (5 ms): if its delete (its delivery) arrives first, it is written
+//! without an inbox row (with history) or not at all (without), so a receiver that
+//! keeps up costs the store one row per frame, or nothing. Replies are sent only
 //! after the commit, so an `Appended` reply means the frame survives `kill -9` (or was
 //! already delivered).
 //! Commands are applied in the order they were sent, which is what lets the broker order
@@ -26,28 +29,30 @@
 // redb's error type is large; it is built at most once per failed transaction.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
 use futures::task::ArcWake;
-use redb::{Builder, Database, ReadableTable, TableDefinition};
+use redb::{Builder, Database};
 
-use super::{Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, answer, full, settled};
+use super::log::{Answer, Appending, Log, Tables};
+use super::tables::{Entry, PROBE};
+use super::{
+    Command, DeviceChange, Endpoint, Failure, History, KnownDevice, Limits, Outcome, QUEUE,
+    Reading, Reply, Stage, Store, Target, answer, settled, upgrade,
+};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 
-/// (receiver, sequence number) -> frame in its server -> client encoding.
-const MAILBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("mailbox");
-/// One row written to prove that writes work again after a fault.
-const PROBE: TableDefinition<&str, u64> = TableDefinition::new("probe");
-
 /// At most this many commands go into one transaction.
 const BATCH: usize = 8192;
+/// How often history is pruned by age, and how many frames one pass looks at.
+const AGE_EVERY: Duration = Duration::from_secs(1);
+const AGE_BATCH: usize = 4096;
 
 /// Memory redb may use to cache pages.
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
@@ -55,12 +60,6 @@ const CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// Reopening a failed database starts after this long and backs off to the maximum.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Usage {
-    messages: u64,
-    bytes: u64,
-}
 
 /// Why the embedded store could not open.
 #[derive(Debug, thiserror::Error)]
@@ -78,10 +77,12 @@ pub enum OpenError {
     Thread(std::io::Error),
 }
 
-/// Opens (or creates) `dir/mailbox.redb` and starts the store thread.
+/// Opens (or creates) `dir/mailbox.redb`, takes over what the previous release stored
+/// there, and starts the store thread.
 pub fn open(
     dir: &Path,
     limits: Limits,
+    history: History,
     metrics: Option<Arc<Metrics>>,
     faults: Option<Arc<Faults>>,
 ) -> Result<Store, OpenError> {
@@ -94,24 +95,29 @@ pub fn open(
         path: path.clone(),
         source,
     })?;
-    let (usage, next_seq) = scan(&db).map_err(|source| OpenError::Read {
+    let read = |source| OpenError::Read {
         path: path.clone(),
         source,
-    })?;
+    };
+    let mut log = scan(&db).map_err(read)?;
+    upgrade::run(&db, &mut log, &history, now_ms()).map_err(read)?;
+    let devices = known_devices(&db).map_err(read)?;
+    let next_seq = log.next_seq(now_micros());
     let (commands, rx) = mpsc::channel(QUEUE);
     // Unbounded, yet bounded in practice: each reply answers a command that had to get
     // through the bounded queue, and the broker drains replies before new events.
     let (reply_tx, replies) = mpsc::unbounded();
     let (closed_tx, closed) = oneshot::channel();
-    let totals = sum(&usage);
     let worker = Worker {
         faults,
-        totals,
         metrics,
         db: Some(db),
         path,
         limits,
-        usage,
+        history,
+        log,
+        aged_at: Instant::now(),
+        buf: Vec::new(),
         down: None,
         held: Vec::new(),
         staged: Stage::default(),
@@ -131,15 +137,45 @@ pub fn open(
         commands,
         replies,
         next_seq,
+        devices,
         closed,
     })
 }
 
-fn sum(usage: &HashMap<u32, Usage>) -> Usage {
-    usage.values().fold(Usage::default(), |t, u| Usage {
-        messages: t.messages + u.messages,
-        bytes: t.bytes + u.bytes,
-    })
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Every device the file knows, for the broker.
+fn known_devices(db: &Database) -> Result<Vec<KnownDevice>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = match txn.open_table(super::tables::DEVICES) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut devices = Vec::new();
+    for row in redb::ReadableTable::iter(&table)? {
+        let (key, value) = row?;
+        let (id, device) = key.value();
+        if let Some(row) = super::tables::DeviceRow::decode(value.value()) {
+            devices.push(KnownDevice {
+                endpoint: Endpoint { id, device },
+                name: row.name,
+                last_seen: row.last_seen,
+            });
+        }
+    }
+    Ok(devices)
 }
 
 /// Faults a test can switch on in the store's file: redb reads and writes through a
@@ -210,24 +246,8 @@ fn open_db(path: &Path, faults: Option<&Arc<Faults>>) -> Result<Database, redb::
     Ok(builder.create_with_backend(FaultyFile { file, faults })?)
 }
 
-fn scan(db: &Database) -> Result<(HashMap<u32, Usage>, u64), redb::Error> {
-    let mut usage: HashMap<u32, Usage> = HashMap::new();
-    let mut next_seq = 1;
-    let txn = db.begin_read()?;
-    let table = match txn.open_table(MAILBOX) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((usage, next_seq)),
-        Err(e) => return Err(e.into()),
-    };
-    for entry in table.iter()? {
-        let (key, value) = entry?;
-        let (receiver, seq) = key.value();
-        let u = usage.entry(receiver).or_default();
-        u.messages += 1;
-        u.bytes += value.value().len() as u64;
-        next_seq = next_seq.max(seq + 1);
-    }
-    Ok((usage, next_seq))
+fn scan(db: &Database) -> Result<Log, redb::Error> {
+    Log::scan(&db.begin_read()?)
 }
 
 /// Why the store is down, and when it tries again.
@@ -245,9 +265,13 @@ struct Worker {
     db: Option<Database>,
     path: PathBuf,
     limits: Limits,
-    usage: HashMap<u32, Usage>,
-    /// The sum of `usage`, for the mailbox gauges.
-    totals: Usage,
+    history: History,
+    /// What the file holds, in counts (see [`Log`]).
+    log: Log,
+    /// When history was last pruned by age.
+    aged_at: Instant,
+    /// Room to encode a frame's row in.
+    buf: Vec<u8>,
     down: Option<Down>,
     /// Loads and deletes that arrived while the store was down, in order.
     held: Vec<Command>,
@@ -256,9 +280,9 @@ struct Worker {
     staged: Stage,
     stats: Stats,
     replies: mpsc::UnboundedSender<Vec<Reply>>,
-    /// Per receiver, the live frames written since its last first read: the broker
+    /// Per device, the live frames written since its last first read: the broker
     /// delivers those itself, so later reads leave them out.
-    live: HashMap<u32, std::collections::HashSet<u64>>,
+    live: HashMap<Endpoint, HashSet<u64>>,
 }
 
 /// What the store did since it last logged it (at debug level, once a second).
@@ -300,7 +324,13 @@ impl Worker {
             let ready = rx.try_recv().ok();
             let first = match &self.down {
                 _ if ready.is_some() => ready,
-                None if self.staged.is_empty() => next_within(&mut rx, None).flatten(),
+                None if self.staged.is_empty() => match next_within(&mut rx, self.age_due()) {
+                    Some(cmd) => cmd,
+                    None => {
+                        self.age();
+                        continue;
+                    }
+                },
                 None => match next_within(&mut rx, self.staged.next_due()) {
                     Some(cmd) => cmd,
                     None => {
@@ -332,6 +362,9 @@ impl Worker {
                 self.refuse(&mut batch);
             } else {
                 self.apply(&mut batch, true);
+                if self.age_due().is_some_and(|d| d.is_zero()) {
+                    self.age();
+                }
             }
         }
         if self.down.is_some() {
@@ -343,11 +376,55 @@ impl Worker {
         log::debug!("store closed");
     }
 
-    /// Sets the mailbox gauges.
+    /// Sets the mailbox and history gauges.
     fn publish(&self) {
         if let Some(m) = &self.metrics {
-            m.mailbox_frames.set(self.totals.messages as i64);
-            m.mailbox_bytes.set(self.totals.bytes as i64);
+            m.mailbox_frames.set(self.log.waiting.messages as i64);
+            m.mailbox_bytes.set(self.log.waiting.bytes as i64);
+            m.history_frames.set(self.log.kept.messages as i64);
+            m.history_bytes.set(self.log.kept.bytes as i64);
+            let pruned = self.log.pruned.saturating_sub(m.history_pruned.get());
+            m.history_pruned.inc_by(pruned);
+        }
+    }
+
+    /// How long until history is next pruned by age; `None` without history.
+    fn age_due(&self) -> Option<Duration> {
+        self.history
+            .on()
+            .then(|| AGE_EVERY.saturating_sub(self.aged_at.elapsed()))
+    }
+
+    /// Prunes history by age, a batch at a time, each its own transaction.
+    fn age(&mut self) {
+        self.aged_at = Instant::now();
+        let (Some(cutoff), Some(db)) = (self.history.cutoff(now_ms()), &self.db) else {
+            return;
+        };
+        let before = self.log.clone();
+        let result = (|| -> Result<(), redb::Error> {
+            loop {
+                let txn = db.begin_write()?;
+                let looked = {
+                    let mut t = Tables::open(&txn)?;
+                    self.log.age(&mut t, cutoff, AGE_BATCH)?
+                };
+                if looked == 0 {
+                    txn.abort()?;
+                    return Ok(());
+                }
+                txn.commit()?;
+                if looked < AGE_BATCH {
+                    return Ok(());
+                }
+            }
+        })();
+        match result {
+            Ok(()) => self.publish(),
+            Err(e) => {
+                self.log = before;
+                self.go_down(e.to_string());
+            }
         }
     }
 
@@ -386,36 +463,51 @@ impl Worker {
         delivered.sort_unstable();
         let mut replies = Vec::new();
         let mut skipped = Vec::new();
+        // With history a delivered frame is still written, to the log only.
+        let mut logged = Vec::new();
         for &seq in &delivered {
             if let Some(cmd) = self.staged.take(seq) {
-                replies.extend(settled(cmd));
+                replies.extend(self.settle(cmd, &mut logged));
                 skipped.push(seq);
             }
         }
         let mut writes = self.staged.due(!stage);
         for cmd in batch.drain(..) {
             match cmd {
-                Command::Append { seq, .. } if delivered.binary_search(&seq).is_ok() => {
-                    replies.extend(settled(cmd));
+                // Only a frame for one device can be settled by one delivery.
+                Command::Append {
+                    seq,
+                    receiver,
+                    ref wire,
+                    fanout: None,
+                    ..
+                } if delivered.binary_search(&seq).is_ok()
+                    && self.log.single(receiver, Entry::author_of(wire)) =>
+                {
+                    replies.extend(self.settle(cmd, &mut logged));
                     skipped.push(seq);
                 }
                 Command::Append {
                     seq,
                     receiver,
+                    ref wire,
                     live: true,
+                    fanout: None,
                     ..
-                } if stage => self.staged.hold(seq, receiver, cmd),
+                } if stage && self.log.single(receiver, Entry::author_of(wire)) => {
+                    self.staged.hold(seq, receiver, cmd)
+                }
                 other => writes.push(other),
             }
         }
         self.stats.skipped += skipped.len() as u64;
         skipped.sort_unstable();
-        if writes.is_empty() {
+        if writes.is_empty() && logged.is_empty() {
             self.send(replies);
             return;
         }
-        let before = (self.usage.clone(), self.totals);
-        match self.transact(&writes, &skipped) {
+        let before = self.log.clone();
+        match self.transact(&writes, &skipped, &logged) {
             Ok(more) => {
                 self.stats.tick();
                 self.publish();
@@ -423,7 +515,7 @@ impl Worker {
                 self.send(replies);
             }
             Err(e) => {
-                (self.usage, self.totals) = before;
+                self.log = before;
                 let reason = e.to_string();
                 self.go_down(reason.clone());
                 let staged = self.staged.take_for(None);
@@ -434,6 +526,28 @@ impl Worker {
                 self.send(replies);
             }
         }
+    }
+
+    /// The reply to an append delivered before it was written; with history on, the
+    /// frame still goes into the log (`logged`), without an inbox row.
+    fn settle(&self, cmd: Command, logged: &mut Vec<Command>) -> Option<Reply> {
+        let reply = match &cmd {
+            Command::Append {
+                ticket, seq, wire, ..
+            } => Some(Reply::Appended {
+                ticket: *ticket,
+                seq: *seq,
+                outcome: Outcome::Stored,
+                len: wire.len(),
+            }),
+            _ => None,
+        };
+        if self.history.on() {
+            logged.push(cmd);
+        } else {
+            drop(settled(cmd));
+        }
+        reply
     }
 
     /// Answers appends with `store-failed`; holds loads and deletes for recovery.
@@ -477,14 +591,16 @@ impl Worker {
         let Some(down) = &mut self.down else { return };
         let result = reopen(&self.path, self.faults.as_ref());
         match result {
-            Ok((db, usage)) => {
+            Ok((db, log)) => {
                 log::info!(
                     "store recovered after {:.1} s",
                     down.since.elapsed().as_secs_f64()
                 );
                 self.db = Some(db);
-                self.totals = sum(&usage);
-                self.usage = usage;
+                let (pruned, aged) = (self.log.pruned, self.log.aged);
+                self.log = log;
+                self.log.pruned = pruned;
+                self.log.aged = aged;
                 self.publish();
                 self.down = None;
                 self.send(vec![Reply::Health(None)]);
@@ -501,136 +617,224 @@ impl Worker {
         }
     }
 
-    /// Writes `writes` in one transaction, in order; deletes of `skipped` (sorted)
-    /// frames, which never reached the disk, are no-ops.
-    fn transact(&mut self, writes: &[Command], skipped: &[u64]) -> Result<Vec<Reply>, redb::Error> {
+    /// Writes `writes` in one transaction, in order, and `logged` (appends delivered
+    /// before they were written) into the log without inbox rows; deletes of `skipped`
+    /// (sorted) frames, which never reached the disk, are no-ops.
+    fn transact(
+        &mut self,
+        writes: &[Command],
+        skipped: &[u64],
+        logged: &[Command],
+    ) -> Result<Vec<Reply>, redb::Error> {
         let mut replies = Vec::new();
         let Some(db) = &self.db else {
             return Err(redb::Error::Io(std::io::Error::other("store is closed")));
         };
-        let result = (|| -> Result<(), redb::Error> {
-            let txn = db.begin_write()?;
-            // A batch that only reads needs no commit, and so no fsync.
-            let mut dirty = false;
-            let mut written = 0u32;
-            {
-                let mut table = txn.open_table(MAILBOX)?;
-                for cmd in writes {
-                    match cmd {
-                        Command::Append {
-                            ticket,
-                            receiver,
-                            seq,
+        let txn = db.begin_write()?;
+        // A batch that only reads needs no commit, and so no fsync.
+        let mut dirty = false;
+        let mut written = 0u32;
+        {
+            let mut t = Tables::open(&txn)?;
+            for cmd in logged {
+                if let Command::Append {
+                    receiver,
+                    seq,
+                    wire,
+                    time,
+                    ..
+                } = cmd
+                {
+                    let targets = [Target {
+                        endpoint: Endpoint::default_of(*receiver),
+                        live: true,
+                    }];
+                    let a = Appending {
+                        receiver: *receiver,
+                        seq: *seq,
+                        time: *time,
+                        wire,
+                        origin: None,
+                        targets: &targets,
+                        inbox: false,
+                    };
+                    let _ =
+                        self.log
+                            .append(&mut t, &a, &self.limits, &self.history, &mut self.buf)?;
+                    written += 1;
+                    dirty = true;
+                }
+            }
+            for cmd in writes {
+                match cmd {
+                    Command::Append {
+                        ticket,
+                        receiver,
+                        seq,
+                        wire,
+                        live,
+                        time,
+                        fanout,
+                    } => {
+                        let (live_named, origin) = match fanout {
+                            Some(f) => (&f.live[..], f.origin),
+                            None => (&[][..], None),
+                        };
+                        let sender = super::tables::Entry::author_of(wire);
+                        let targets = self
+                            .log
+                            .targets(*receiver, sender, origin, *live, live_named);
+                        let a = Appending {
+                            receiver: *receiver,
+                            seq: *seq,
+                            time: *time,
                             wire,
-                            live,
-                        } => {
-                            let usage = self.usage.entry(*receiver).or_default();
-                            let outcome = if let Some(why) =
-                                full(&self.limits, usage.messages, usage.bytes, wire.len())
-                                    .filter(|_| !live)
-                            {
-                                Outcome::Full(why)
-                            } else {
-                                table.insert((*receiver, *seq), &wire[..])?;
-                                if *live {
-                                    self.live.entry(*receiver).or_default().insert(*seq);
+                            origin,
+                            targets: &targets,
+                            inbox: true,
+                        };
+                        let outcome = match self.log.append(
+                            &mut t,
+                            &a,
+                            &self.limits,
+                            &self.history,
+                            &mut self.buf,
+                        )? {
+                            Err(why) => Outcome::Full(why),
+                            Ok(()) => {
+                                for target in targets.iter().filter(|t| t.live) {
+                                    self.live.entry(target.endpoint).or_default().insert(*seq);
                                 }
                                 self.stats.written += 1;
                                 written += 1;
                                 dirty = true;
-                                usage.messages += 1;
-                                usage.bytes += wire.len() as u64;
-                                self.totals.messages += 1;
-                                self.totals.bytes += wire.len() as u64;
                                 Outcome::Stored
-                            };
-                            replies.push(Reply::Appended {
-                                ticket: *ticket,
-                                seq: *seq,
-                                outcome,
-                                len: wire.len(),
-                            });
+                            }
+                        };
+                        replies.push(Reply::Appended {
+                            ticket: *ticket,
+                            seq: *seq,
+                            outcome,
+                            len: wire.len(),
+                        });
+                    }
+                    Command::Load {
+                        ticket,
+                        receiver,
+                        device,
+                        after,
+                        max_bytes,
+                        reading,
+                    } => {
+                        let e = Endpoint {
+                            id: *receiver,
+                            device: *device,
+                        };
+                        if after.is_none() {
+                            // A new connection: everything stored is for it.
+                            self.live.remove(&e);
                         }
-                        Command::Load {
-                            ticket,
-                            receiver,
-                            after,
-                            max_bytes,
-                        } => {
-                            let start = after.map_or(0, |s| s.saturating_add(1));
-                            if after.is_none() {
-                                // A new connection: everything stored is for it.
-                                self.live.remove(receiver);
+                        let session = *reading != Reading::Plain;
+                        let frames =
+                            self.log
+                                .page(&t, e, *after, *max_bytes, session, self.live.get(&e))?;
+                        let sync = match reading {
+                            Reading::SessionStart { new } => {
+                                dirty = true;
+                                Some(self.log.sync(&mut t, e, *new)?.encode())
                             }
-                            let skip = self.live.get(receiver);
-                            let mut frames = Vec::new();
-                            let mut bytes = 0;
-                            // Most connections have no mail: answer those from memory.
-                            let stored = self.usage.get(receiver).is_some_and(|u| u.messages > 0);
-                            let range = (*receiver, start)..=(*receiver, u64::MAX);
-                            if stored {
-                                for entry in table.range(range)? {
-                                    let (key, value) = entry?;
-                                    if skip.is_some_and(|s| s.contains(&key.value().1)) {
-                                        continue;
-                                    }
-                                    let value = value.value();
-                                    if !frames.is_empty() && bytes + value.len() > *max_bytes {
-                                        break;
-                                    }
-                                    bytes += value.len();
-                                    frames.push((key.value().1, Bytes::copy_from_slice(value)));
-                                }
-                            }
-                            replies.push(Reply::Page {
-                                ticket: *ticket,
-                                receiver: *receiver,
-                                held: Vec::new(),
-                                frames,
-                            });
-                        }
-                        Command::Delete { receiver, seqs } => {
-                            if let Some(live) = self.live.get_mut(receiver) {
-                                for seq in seqs {
-                                    live.remove(seq);
-                                }
-                            }
+                            _ => None,
+                        };
+                        replies.push(Reply::Page {
+                            ticket: *ticket,
+                            receiver: *receiver,
+                            held: Vec::new(),
+                            frames,
+                            sync,
+                        });
+                    }
+                    Command::Delete {
+                        receiver,
+                        device,
+                        seqs,
+                    } => {
+                        let e = Endpoint {
+                            id: *receiver,
+                            device: *device,
+                        };
+                        if let Some(live) = self.live.get_mut(&e) {
                             for seq in seqs {
-                                if skipped.binary_search(seq).is_ok() {
-                                    continue;
-                                }
-                                if let Some(old) = table.remove((*receiver, *seq))? {
-                                    self.stats.removed += 1;
-                                    dirty = true;
-                                    let len = old.value().len() as u64;
-                                    let usage = self.usage.entry(*receiver).or_default();
-                                    usage.messages = usage.messages.saturating_sub(1);
-                                    usage.bytes = usage.bytes.saturating_sub(len);
-                                    self.totals.messages = self.totals.messages.saturating_sub(1);
-                                    self.totals.bytes = self.totals.bytes.saturating_sub(len);
-                                }
+                                live.remove(seq);
                             }
-                            if self.usage.get(receiver).is_some_and(|u| u.messages == 0) {
-                                self.usage.remove(receiver);
+                        }
+                        for seq in seqs {
+                            if skipped.binary_search(seq).is_ok() {
+                                continue;
+                            }
+                            if self.log.delivered(&mut t, e, *seq, &self.history)? {
+                                self.stats.removed += 1;
+                                dirty = true;
+                            }
+                        }
+                    }
+                    Command::Device { endpoint, change } => {
+                        dirty = true;
+                        match change {
+                            DeviceChange::Seen { name, now } => {
+                                self.log.register(&mut t, *endpoint, name, *now)?
+                            }
+                            DeviceChange::Forget => {
+                                self.live.remove(endpoint);
+                                self.log.forget(&mut t, *endpoint, &self.history)?
+                            }
+                        }
+                    }
+                    Command::Query { ticket, id, query } => {
+                        if !self.history.on() {
+                            let why = "history is off on this server (--history-max-age 0)";
+                            let failed = crate::protocol::session::Record::QueryFailed {
+                                request: query.request(),
+                                why: why.into(),
+                            };
+                            replies.push(Reply::Answer {
+                                ticket: *ticket,
+                                frames: vec![failed.encode()],
+                            });
+                            continue;
+                        }
+                        match self.log.query(&mut t, *id, query)? {
+                            Answer::Frames(frames) => replies.push(Reply::Answer {
+                                ticket: *ticket,
+                                frames,
+                            }),
+                            Answer::Read(record) => {
+                                dirty = true;
+                                replies.push(Reply::Read {
+                                    id: *id,
+                                    record: record.encode(),
+                                })
                             }
                         }
                     }
                 }
             }
             if dirty {
-                let started = Instant::now();
-                txn.commit()?;
-                self.stats.commits += 1;
-                if let Some(m) = &self.metrics {
-                    m.commit_seconds.observe(started.elapsed().as_secs_f64());
-                    m.frames_per_commit.observe(written as f64);
-                }
-            } else {
-                txn.abort()?;
+                t.flush()?;
+                self.log.save_seq(&mut t)?;
             }
-            Ok(())
-        })();
-        result.map(|()| replies)
+        }
+        if dirty {
+            let started = Instant::now();
+            txn.commit()?;
+            self.stats.commits += 1;
+            if let Some(m) = &self.metrics {
+                m.commit_seconds.observe(started.elapsed().as_secs_f64());
+                m.frames_per_commit.observe(written as f64);
+            }
+        } else {
+            txn.abort()?;
+        }
+        Ok(replies)
     }
 }
 
@@ -671,12 +875,9 @@ fn next_within(
 }
 
 /// Opens the database again, rescans it and proves it writable with a probe commit.
-fn reopen(
-    path: &Path,
-    faults: Option<&Arc<Faults>>,
-) -> Result<(Database, HashMap<u32, Usage>), redb::Error> {
+fn reopen(path: &Path, faults: Option<&Arc<Faults>>) -> Result<(Database, Log), redb::Error> {
     let db = open_db(path, faults)?;
-    let (usage, _) = scan(&db)?;
+    let log = scan(&db)?;
     let txn = db.begin_write()?;
     {
         let mut probe = txn.open_table(PROBE)?;
@@ -686,5 +887,5 @@ fn reopen(
         probe.insert("last-recovery", now)?;
     }
     txn.commit()?;
-    Ok((db, usage))
+    Ok((db, log))
 }

@@ -18,11 +18,18 @@
 //! and deletes wait for recovery.
 
 pub mod embedded;
+mod log;
 mod stage;
+mod tables;
+mod upgrade;
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::channel::{mpsc, oneshot};
 
+pub use crate::ids::Endpoint;
+use crate::protocol::session::Query;
 pub use embedded::Faults;
 pub(crate) use stage::Stage;
 
@@ -38,27 +45,113 @@ pub struct Limits {
     pub max_bytes: u64,
 }
 
+/// How long what was delivered is kept, and how much of it per id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    /// `--history-max-age`; zero turns history off (a frame goes once delivered).
+    pub max_age: Duration,
+    /// `--history-max-messages`: entries per id's log.
+    pub max_messages: u64,
+    /// `--history-max-bytes`: bytes per id's log.
+    pub max_bytes: u64,
+}
+
+impl History {
+    pub fn on(&self) -> bool {
+        !self.max_age.is_zero()
+    }
+
+    /// History off: today's delete-on-delivery.
+    pub fn off() -> History {
+        History {
+            max_age: Duration::ZERO,
+            ..History::default()
+        }
+    }
+}
+
+/// A device a frame is for; `live` when it is being pushed to it now (its outbox
+/// bounds it, so the mailbox limits do not refuse it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub endpoint: Endpoint,
+    pub live: bool,
+}
+
+/// What the broker adds about a frame when its sender or receiver opened sessions:
+/// the named devices it pushed the frame to live, and the sender's device. The store
+/// knows every device of an id (it fans the frame out to those that are away).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fanout {
+    pub live: Vec<Endpoint>,
+    /// The sender's device that sent it.
+    pub origin: Option<u16>,
+}
+
+/// How a connection reads its stored frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// As the seed's frames.
+    Plain,
+    /// As a session: with envelopes.
+    Session,
+    /// As a session starting: its `sync` record first (`new`: a device the server did
+    /// not know).
+    SessionStart { new: bool },
+}
+
+/// A change to an id's devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceChange {
+    /// The device connected (for the first time, or again), at `now` (ms).
+    Seen { name: String, now: u64 },
+    /// The device is forgotten, with everything waiting for it.
+    Forget,
+}
+
 #[derive(Debug)]
 pub enum Command {
     /// Store a frame for `receiver`; an `Appended` reply follows the commit. A `live`
     /// frame is also being pushed to its connected receiver, whose outbox bounds it, so
     /// the mailbox limits do not apply to it (they still count it while it is stored).
+    /// `time` is when the broker accepted it (ms since the epoch). Without a `fanout`
+    /// the frame is for the receiver's default device only.
     Append {
         ticket: Ticket,
         receiver: u32,
         seq: u64,
         wire: Bytes,
         live: bool,
+        time: u64,
+        fanout: Option<Box<Fanout>>,
     },
-    /// Read up to `max_bytes` of `receiver`'s mailbox after sequence `after`.
+    /// Read up to `max_bytes` of what `receiver`'s `device` waits for, after sequence
+    /// `after`.
     Load {
         ticket: Ticket,
         receiver: u32,
+        device: u16,
         after: Option<u64>,
         max_bytes: usize,
+        reading: Reading,
     },
-    /// Remove frames that have been delivered.
-    Delete { receiver: u32, seqs: Vec<u64> },
+    /// Remove frames that have been delivered to `receiver`'s `device`.
+    Delete {
+        receiver: u32,
+        device: u16,
+        seqs: Vec<u64>,
+    },
+    /// Record a change to a device of an id.
+    Device {
+        endpoint: Endpoint,
+        change: DeviceChange,
+    },
+    /// Answer a session's query about `id`'s history.
+    Query {
+        ticket: Ticket,
+        id: u32,
+        query: Query,
+    },
 }
 
 #[derive(Debug)]
@@ -78,7 +171,14 @@ pub enum Reply {
         /// Only a cluster's stream, which other nodes write to, has any.
         held: Vec<u64>,
         frames: Vec<(u64, Bytes)>,
+        /// A session's `sync` record, to push before the frames (first reads of
+        /// sessions only).
+        sync: Option<Bytes>,
     },
+    /// The answer to a query, for the asking connection.
+    Answer { ticket: Ticket, frames: Vec<Bytes> },
+    /// A read marker of `id` moved: every session of the id gets the record.
+    Read { id: u32, record: Bytes },
     /// The store went down (with the reason) or came back (`None`).
     Health(Option<String>),
 }
@@ -129,10 +229,28 @@ pub struct Store<C = Command, R = Reply> {
     pub replies: mpsc::UnboundedReceiver<Vec<R>>,
     /// The next unused sequence number: higher than any stored.
     pub next_seq: u64,
+    /// Every device the store knows (none in a cluster, for now).
+    pub devices: Vec<KnownDevice>,
     /// Completes when the store thread has committed everything and exited, which it
     /// does once every `commands` sender is dropped.
     pub closed: oneshot::Receiver<()>,
 }
+
+/// A device an id has used, as the store remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownDevice {
+    pub endpoint: Endpoint,
+    pub name: String,
+    /// ms since the Unix epoch.
+    pub last_seen: u64,
+}
+
+/// The sender of a frame in the server -> client encoding.
+pub fn author_of(wire: &[u8]) -> u32 {
+    tables::Entry::author_of(wire)
+}
+
+pub use embedded::now_ms;
 
 /// The reply to an append with `outcome` (`None` for other commands).
 pub(crate) fn answer(cmd: Command, outcome: Outcome) -> Option<Reply> {

@@ -104,6 +104,8 @@ mod tests {
             seq,
             wire: bytes::Bytes::new(),
             live: true,
+            time: 0,
+            fanout: None,
         }
     }
 

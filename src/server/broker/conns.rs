@@ -1,17 +1,21 @@
 //! The registry: every connection the broker knows, which id each is bound to, and
 //! which ids are online here.
 //!
-//! A connection binds an id with its first frame (or hello) and keeps it. Binding an id
-//! that is already online replaces the older connection. A closing connection leaves
-//! the id at once (frames for it go to the mailbox from then on) but stays in the
-//! registry until its writer has finished: only then may the id's next connection read
-//! its mailbox, or may the id be released to another node, because the finished
-//! writer's deletes must reach the store first. `returning` counts those writers.
+//! A connection binds an id with its first frame (or hello) and keeps it: as the id's
+//! default device, or, with a session, as one of its named devices. Each device of an
+//! id is online at most once: binding a device that is already online replaces the
+//! older connection, and only that one (a phone's session does not sign out the
+//! laptop's). A closing connection leaves its device at once (frames for it go to the
+//! store from then on) but stays in the registry until its writer has finished: only
+//! then may the device's next connection read what waits for it, or may the id be
+//! released to another node, because the finished writer's deletes must reach the
+//! store first. `returning` counts those writers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::ids::ConnId;
+use crate::ids::{ConnId, Endpoint};
+use crate::protocol::session::Device;
 use crate::protocol::{Code, SERVER_ID, notice};
 use crate::server::outbox::{Close, Outbox};
 
@@ -22,6 +26,14 @@ use super::replies::Replies;
 pub(super) struct Conn {
     pub outbox: Arc<Outbox>,
     pub id: Option<u32>,
+    /// Its device of the id: 0, the default device, unless it opened a session.
+    pub device: u16,
+    /// The device's name, when the connection opened a session (boxed: most
+    /// connections have none, and it then costs a pointer's room).
+    pub session: Option<Box<Device>>,
+    /// A session whose first read is still to be asked for: `Some(new)`, where `new`
+    /// says the server did not know the device (its `sync` record says so).
+    pub start: Option<bool>,
     /// Closing: its writer is finishing; it takes nothing new.
     pub closing: bool,
     /// Replies in the order their frames arrived (see [`super::replies`]).
@@ -68,9 +80,11 @@ pub(super) struct Registry {
     /// a value; a pointer there instead of a whole `Conn` saves each idle connection
     /// about 90 bytes.
     conns: HashMap<ConnId, Box<Conn>>,
-    online: HashMap<u32, ConnId>,
-    /// Ids whose previous connection's writer has not finished yet, with a count.
-    returning: HashMap<u32, usize>,
+    online: HashMap<Endpoint, ConnId>,
+    /// The named devices online of each id that has any.
+    sessions: HashMap<u32, Vec<u16>>,
+    /// Devices whose previous connection's writer has not finished yet, with a count.
+    returning: HashMap<Endpoint, usize>,
 }
 
 impl Registry {
@@ -79,6 +93,9 @@ impl Registry {
         let c = Conn {
             outbox,
             id: None,
+            device: 0,
+            session: None,
+            start: None,
             closing,
             replies: Replies::default(),
             mailbox: Mailbox::default(),
@@ -114,35 +131,75 @@ impl Registry {
         self.get_mut(conn).filter(|c| !c.closing)
     }
 
-    /// The connection `id` is bound to here, if it is online.
+    /// The connection of `id`'s default device, if it is online here.
     pub fn online(&self, id: u32) -> Option<ConnId> {
-        self.online.get(&id).copied()
+        self.online.get(&Endpoint::default_of(id)).copied()
     }
 
-    /// An earlier connection of `id` is still finishing its writes.
+    /// The connection of a device, if it is online here.
+    pub fn online_at(&self, e: Endpoint) -> Option<ConnId> {
+        self.online.get(&e).copied()
+    }
+
+    /// The named devices of `id` that are online, with their connections.
+    pub fn sessions_of(&self, id: u32) -> Vec<(u16, ConnId)> {
+        let Some(devices) = self.sessions.get(&id) else {
+            return Vec::new();
+        };
+        devices
+            .iter()
+            .filter_map(|&d| Some((d, self.online_at(Endpoint { id, device: d })?)))
+            .collect()
+    }
+
+    /// Whether `id` has a named device online here.
+    pub fn has_sessions(&self, id: u32) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
+    /// An earlier connection of `id`'s default device is still finishing its writes.
     pub fn is_returning(&self, id: u32) -> bool {
-        self.returning.contains_key(&id)
+        self.returning.contains_key(&Endpoint::default_of(id))
     }
 
-    /// Binds `conn` to `id` unless it is bound already.
+    /// Binds `conn` to `id`'s default device unless it is bound already (then says
+    /// whether `id` is the one it has, whatever its device).
     pub fn bind(&mut self, conn: ConnId, id: u32) -> Bind {
+        self.bind_at(conn, Endpoint::default_of(id), None)
+    }
+
+    /// Binds `conn` to one of `e.id`'s devices, a named one with `session`, unless it
+    /// is bound already. Only a connection of the same device is replaced.
+    pub fn bind_at(&mut self, conn: ConnId, e: Endpoint, session: Option<Device>) -> Bind {
         let Some(c) = self.conns.get_mut(&conn).filter(|c| !c.closing) else {
             return Bind::Gone;
         };
+        let id = e.id;
         match c.id {
             _ if id == SERVER_ID => Bind::Reserved,
             Some(bound) if bound == id => Bind::Same,
             Some(bound) => Bind::Other { bound },
             None => {
                 c.id = Some(id);
-                let replaced = self.online.insert(id, conn);
+                c.device = e.device;
+                let detail = match &session {
+                    Some(name) => format!("device {name} of id {id} connected elsewhere"),
+                    None => format!("id {id} connected elsewhere"),
+                };
+                c.session = session.map(Box::new);
+                let replaced = self.online.insert(e, conn);
+                if e.device != 0 {
+                    let online = self.sessions.entry(id).or_default();
+                    if !online.contains(&e.device) {
+                        online.push(e.device);
+                    }
+                }
                 if let Some(old) = replaced {
-                    let detail = format_args!("id {id} connected elsewhere");
                     let notice = Some(notice(Code::Replaced, detail));
                     let drain = false;
                     self.close(old, Close { notice, drain });
                 }
-                let wait = self.returning.contains_key(&id);
+                let wait = self.returning.contains_key(&e);
                 if wait && let Some(c) = self.conns.get_mut(&conn) {
                     c.mailbox.wait();
                 }
@@ -163,10 +220,20 @@ impl Registry {
         }
         c.closing = true;
         if let Some(id) = c.id {
-            if self.online.get(&id) == Some(&conn) {
-                self.online.remove(&id);
+            let e = Endpoint {
+                id,
+                device: c.device,
+            };
+            if self.online.get(&e) == Some(&conn) {
+                self.online.remove(&e);
+                if let Some(online) = self.sessions.get_mut(&id) {
+                    online.retain(|&d| d != e.device);
+                    if online.is_empty() {
+                        self.sessions.remove(&id);
+                    }
+                }
             }
-            *self.returning.entry(id).or_default() += 1;
+            *self.returning.entry(e).or_default() += 1;
         }
         true
     }
@@ -174,18 +241,23 @@ impl Registry {
     /// Forgets a connection whose writer has finished (it must have been closed) and
     /// says what that means for its id.
     pub fn writer_done(&mut self, conn: ConnId) -> Finished {
-        let Some(id) = self.conns.remove(&conn).and_then(|c| c.id) else {
+        let Some(e) = self.conns.remove(&conn).and_then(|c| {
+            Some(Endpoint {
+                id: c.id?,
+                device: c.device,
+            })
+        }) else {
             return Finished::Nothing;
         };
-        let Some(count) = self.returning.get_mut(&id) else {
+        let Some(count) = self.returning.get_mut(&e) else {
             return Finished::Nothing;
         };
         *count -= 1;
         if *count > 0 {
             return Finished::Nothing;
         }
-        self.returning.remove(&id);
-        match self.online.get(&id) {
+        self.returning.remove(&e);
+        match self.online.get(&e) {
             Some(&next)
                 if self
                     .conns
@@ -196,7 +268,9 @@ impl Registry {
             }
             // Bound again here and not waiting: it has already read its mailbox.
             Some(_) => Finished::Nothing,
-            None => Finished::Left(id),
+            // Only a cluster holds ids, and only for their default devices.
+            None if e.device == 0 => Finished::Left(e.id),
+            None => Finished::Nothing,
         }
     }
 }
@@ -327,6 +401,50 @@ mod tests {
         r.close(4, quiet());
         assert_eq!(r.writer_done(4), Finished::Nothing);
         assert_eq!(r.writer_done(4), Finished::Nothing, "gone already");
+    }
+
+    #[test]
+    fn devices_of_one_id_are_online_together_and_replace_only_themselves() {
+        let mut r = registry(&[1, 2, 3, 4]);
+        let laptop = Endpoint { id: 7, device: 1 };
+        let phone = Endpoint { id: 7, device: 2 };
+        let name = |n: &str| Some(Device::new(n).expect("a name"));
+        let new = Bind::New {
+            replaced: None,
+            wait: false,
+        };
+        assert_eq!(r.bind(1, 7), new, "the default device");
+        assert_eq!(r.bind_at(2, laptop, name("laptop")), new);
+        assert_eq!(r.bind_at(3, phone, name("phone")), new);
+        assert_eq!(r.online(7), Some(1));
+        assert_eq!(r.sessions_of(7), vec![(1, 2), (2, 3)]);
+        assert_eq!(r.bind(2, 7), Bind::Same, "a session's frames carry its id");
+        // The laptop again: only the old laptop is replaced.
+        assert_eq!(
+            r.bind_at(4, laptop, name("laptop")),
+            Bind::New {
+                replaced: Some(2),
+                wait: true
+            }
+        );
+        let told = r.get_mut(2).and_then(|c| c.outbox.close_requested());
+        let told = told.and_then(|c| c.notice).expect("a notice");
+        assert!(
+            told.ends_with(b"replaced: device laptop of id 7 connected elsewhere"),
+            "{told:?}"
+        );
+        assert!(r.live(1).is_some() && r.live(3).is_some());
+        assert_eq!(r.sessions_of(7), vec![(1, 4), (2, 3)]);
+        assert_eq!(r.writer_done(2), Finished::Resume(4));
+        r.close(3, quiet());
+        assert_eq!(r.sessions_of(7), vec![(1, 4)]);
+        assert_eq!(
+            r.writer_done(3),
+            Finished::Nothing,
+            "a session releases nothing"
+        );
+        r.close(4, quiet());
+        assert!(!r.has_sessions(7));
     }
 
     #[test]

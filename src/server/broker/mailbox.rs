@@ -85,6 +85,11 @@ impl Mailbox {
         self.state
     }
 
+    /// The last stored frame pushed from the mailbox, if any.
+    pub fn paged(&self) -> Option<u64> {
+        self.paged
+    }
+
     pub fn is_waiting(&self) -> bool {
         self.state == State::Waiting
     }
@@ -211,7 +216,12 @@ mod tests {
     use std::time::Instant;
 
     fn frame(len: usize, seq: u64) -> Outgoing {
-        Outgoing::live(Bytes::from(vec![0; len]), 7, seq, Instant::now())
+        Outgoing::live(
+            Bytes::from(vec![0; len]),
+            crate::ids::Endpoint::default_of(7),
+            seq,
+            Instant::now(),
+        )
     }
 
     #[test]

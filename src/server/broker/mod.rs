@@ -10,6 +10,7 @@
 //! awaits is room in the store's queue, which the store thread empties on its own.
 
 mod conns;
+mod devices;
 mod mailbox;
 mod remote;
 mod replies;
@@ -23,15 +24,21 @@ use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt, select_biased};
 
 use crate::cluster::msg::{FromCluster, ToCluster};
+use crate::ids::Endpoint;
 use crate::metrics::Metrics;
+use crate::protocol::session::{Device, Envelope, Query, Record, What};
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
 use crate::rt;
 use crate::server::backend::{Backend, Batch, Replies};
 use crate::server::budget::Budget;
+use crate::server::config::Config;
 use crate::server::event::{ConnId, Event, Request, Ticket};
 use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
-use crate::store::{Command, Failure, Outcome, Reply};
+use crate::store::{
+    Command, DeviceChange, Failure, Fanout, KnownDevice, Outcome, Reading, Reply, now_ms,
+};
 use conns::{Bind, Finished, Registry};
+use devices::{Assigned, Devices};
 use mailbox::{Admit, Page, page_bytes};
 use remote::Remote;
 use storage::Storage;
@@ -58,21 +65,28 @@ pub struct Broker {
     remote: Remote,
     /// Answers to forwarded batches, sent once the current event is handled.
     answers: Vec<ToCluster>,
+    /// The named devices of each id that has any (see [`devices`]).
+    devices: Devices,
+    /// Whether sessions are offered: on one node (a cluster keeps no history yet).
+    sessions: bool,
 }
 
 impl Broker {
     pub fn new(
-        max_pending_bytes: usize,
-        ack_timeout: Duration,
+        config: &Config,
         store: Backend,
         events: mpsc::Sender<Event>,
         inbound: Arc<Budget>,
         next_seq: u64,
+        devices: Vec<KnownDevice>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
+        let max_pending_bytes = config.max_pending_bytes;
         Broker {
             metrics,
-            ack_timeout,
+            ack_timeout: config.frame_timeout,
+            devices: Devices::new(devices, config.max_devices),
+            sessions: config.nats.is_none(),
             events,
             stalls: 0,
             pushed: Vec::new(),
@@ -207,6 +221,16 @@ impl Broker {
             Request::Ping => self.reply(conn, notice(Code::Pong, "server is up")),
             Request::BadControl { detail } => self.reply(conn, notice(Code::BadControl, detail)),
             Request::Hello { id, acks } => self.hello(conn, id, acks).await,
+            Request::Session { id, device } => self.session(conn, id, device).await,
+            Request::Query(query) => self.query(conn, query).await,
+            Request::BadQuery { request, why } => {
+                if self.is_session(conn) {
+                    let failed = Record::QueryFailed { request, why };
+                    self.reply(conn, failed.encode());
+                } else {
+                    self.reply(conn, notice(Code::BadControl, why));
+                }
+            }
             Request::Ack { h } => self.ack(conn, h).await,
             Request::Data(frame) => {
                 if self.bind(conn, frame.sender()).await {
@@ -256,12 +280,109 @@ impl Broker {
         }
     }
 
+    fn is_session(&self, conn: ConnId) -> bool {
+        self.conns.get(conn).is_some_and(|c| c.session.is_some())
+    }
+
+    /// Binds a connection to one of `id`'s named devices, with acks on: the device's
+    /// `sync` record, then what waits for it, then live frames, each with its envelope.
+    async fn session(&mut self, conn: ConnId, id: u32, name: Device) {
+        if !self.sessions {
+            let detail = "sessions (control operation 4) are not offered with --nats yet; \
+                          use hello with acks (operation 3)";
+            return self.reply(conn, notice(Code::BadControl, detail));
+        }
+        let Some(c) = self.conns.live(conn) else {
+            return;
+        };
+        if let Some(bound) = c.id {
+            let detail = format!("this connection is bound to id {bound} already");
+            return self.reply(conn, notice(Code::BadControl, detail));
+        }
+        if id == SERVER_ID {
+            let detail = format!("sender {SERVER_ID} is reserved for the server");
+            return self.reply(conn, notice(Code::BadSender, detail));
+        }
+        let outbox = c.outbox.clone();
+        let now = now_ms();
+        let registry = &self.conns;
+        let online = |device| registry.online_at(Endpoint { id, device }).is_some();
+        let (device, new) = match self.devices.assign(id, &name, now, online) {
+            Assigned::Known(device) => (device, false),
+            Assigned::New { device, forgotten } => {
+                if let Some((old, old_name)) = forgotten {
+                    log::info!(
+                        "id {id}: forgetting device {old_name}, seen longest ago, for {name}"
+                    );
+                    let endpoint = Endpoint { id, device: old };
+                    let change = DeviceChange::Forget;
+                    self.send_store(Command::Device { endpoint, change }).await;
+                }
+                (device, true)
+            }
+            Assigned::Full { max } => {
+                let detail =
+                    format!("id {id} has {max} devices online (--max-devices); sign one out first");
+                let notice = Some(notice(Code::TooManyDevices, detail));
+                return self.close(
+                    conn,
+                    Close {
+                        notice,
+                        drain: true,
+                    },
+                );
+            }
+        };
+        let endpoint = Endpoint { id, device };
+        let change = DeviceChange::Seen {
+            name: name.to_string(),
+            now,
+        };
+        self.send_store(Command::Device { endpoint, change }).await;
+        let welcome = format!("bound to id {id} as device {name}, acks on");
+        match self.conns.bind_at(conn, endpoint, Some(name)) {
+            Bind::New { replaced, wait } => {
+                log::debug!(conn; "id {id} device {device} bound to connection {conn}");
+                if let Some(old) = replaced {
+                    log::info!("id {id}: connection {conn} replaces {old} on device {device}");
+                }
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.start = Some(new);
+                }
+                // Acks go on before anything is delivered, as for hello with acks.
+                let _ = outbox.push(Outgoing {
+                    wire: notice(Code::Welcome, welcome),
+                    origin: Origin::AcksOn,
+                });
+                self.pushed.push(outbox);
+                if !wait {
+                    self.load_page(conn, None).await;
+                }
+            }
+            Bind::Reserved | Bind::Other { .. } | Bind::Same | Bind::Gone => {}
+        }
+    }
+
+    /// A session's question about its id's history: the store answers.
+    async fn query(&mut self, conn: ConnId, query: Query) {
+        let Some(c) = self.conns.live(conn) else {
+            return;
+        };
+        let (Some(id), Some(_)) = (c.id, &c.session) else {
+            let detail = "queries need a session (control operation 4)";
+            return self.reply(conn, notice(Code::BadControl, detail));
+        };
+        let ticket = Ticket::Conn(conn);
+        self.send_store(Command::Query { ticket, id, query }).await;
+    }
+
     /// The client has handled `h` data frames since acks went on: what that covers is
     /// delivered and leaves the store.
     async fn ack(&mut self, conn: ConnId, h: u32) {
         let Some(c) = self.conns.live(conn) else {
             return;
         };
+        let device = c.device;
         let (Some(id), result) = (c.id, c.outbox.ack(h)) else {
             let detail = "acks are not on; turn them on with control operation 3";
             return self.reply(conn, notice(Code::BadControl, detail));
@@ -269,8 +390,12 @@ impl Broker {
         match result {
             Ok(seqs) => {
                 if !seqs.is_empty() {
-                    self.send_store(Command::Delete { receiver: id, seqs })
-                        .await;
+                    self.send_store(Command::Delete {
+                        receiver: id,
+                        device,
+                        seqs,
+                    })
+                    .await;
                 }
                 if let Some(after) = self.conns.live(conn).and_then(|c| c.mailbox.acked()) {
                     self.next_page(conn, after).await;
@@ -294,6 +419,16 @@ impl Broker {
                 if let Some(old) = replaced {
                     log::info!("id {id}: connection {conn} replaces {old}");
                 }
+                if self.sessions {
+                    // The store learns that the id uses its default device, so that
+                    // frames wait for it once the id also has named devices.
+                    let endpoint = Endpoint::default_of(id);
+                    let change = DeviceChange::Seen {
+                        name: String::new(),
+                        now: now_ms(),
+                    };
+                    self.send_store(Command::Device { endpoint, change }).await;
+                }
                 if !wait {
                     self.load_page(conn, None).await;
                 }
@@ -310,7 +445,12 @@ impl Broker {
         let sender = frame.sender();
         let receiver = frame.receiver;
         if receiver == SERVER_ID || receiver == sender {
-            return self.reply(conn, frame.wire);
+            // Only echoed, never kept: a session's echo says so with offset 0.
+            let echo = match self.is_session(conn) {
+                true => envelope(What::Echo, 0, now_ms(), receiver).wrap(&frame.wire),
+                false => frame.wire,
+            };
+            return self.reply(conn, echo);
         }
         self.route_wire(Ticket::Conn(conn), receiver, frame.wire)
             .await;
@@ -331,13 +471,25 @@ impl Broker {
         self.answer_if_done(token);
     }
 
-    /// Stores a frame for `receiver` and pushes it live if it can; `from` is the local
-    /// connection it came from, or a batch another node forwarded.
+    /// Stores a frame for `receiver` and pushes it live where it can: to the
+    /// receiver's default device and its named ones, and, as their copy, to the
+    /// sender's other named devices. `from` is the local connection it came from, or a
+    /// batch another node forwarded.
     async fn route_wire(&mut self, from: Ticket, receiver: u32, wire: Bytes) {
         let frame_wire = wire;
         let seq = self.next_seq;
         self.next_seq += 1;
         let arrived = Instant::now();
+        let time = now_ms();
+        let sender = crate::store::author_of(&frame_wire);
+        let origin = match from {
+            Ticket::Conn(conn) => self
+                .conns
+                .get(conn)
+                .filter(|c| c.session.is_some())
+                .map(|c| c.device),
+            Ticket::Remote(_) => None,
+        };
         let mut live = None;
         let mut behind = None;
         if let Some(rc) = self.conns.online(receiver)
@@ -354,32 +506,93 @@ impl Broker {
                 Admit::Cut => self.cut_slow_consumer(rc, receiver),
             }
         }
+        // The named devices that take it now: the receiver's, and the sender's others.
+        let mut named = Vec::new();
+        if self.conns.has_sessions(receiver) || self.conns.has_sessions(sender) {
+            let mut devices: Vec<(Endpoint, ConnId, What, u32)> = Vec::new();
+            for (device, rc) in self.conns.sessions_of(receiver) {
+                let e = Endpoint {
+                    id: receiver,
+                    device,
+                };
+                devices.push((e, rc, What::Delivery, sender));
+            }
+            for (device, rc) in self.conns.sessions_of(sender) {
+                if Some(device) != origin {
+                    let e = Endpoint { id: sender, device };
+                    devices.push((e, rc, What::Carbon, receiver));
+                }
+            }
+            for (e, rc, what, conversation) in devices {
+                let wrapped = envelope(what, seq, time, conversation).wrap(&frame_wire);
+                let Some(c) = self.conns.live(rc) else {
+                    continue;
+                };
+                let pending = c.outbox.pending_bytes();
+                match c
+                    .mailbox
+                    .admit(wrapped.len(), pending, self.max_pending_bytes)
+                {
+                    Admit::Live => named.push((e, rc, wrapped, false)),
+                    Admit::Behind => named.push((e, rc, wrapped, true)),
+                    Admit::Stored => {}
+                    Admit::Cut => self.cut_slow_consumer(rc, e.id),
+                }
+            }
+        }
+        let echo = match origin {
+            Some(_) => envelope(What::Echo, seq, time, receiver).wrap(&frame_wire),
+            None => frame_wire.clone(),
+        };
         if self.storage.down().is_some() {
             behind = None;
+            named.retain(|(_, _, _, held)| !held);
         }
         if let Some(reason) = self.storage.down() {
-            // Nothing can be stored: a frame is accepted only by its delivery.
+            // Nothing can be stored: a frame is accepted only by its delivery, and its
+            // echo waits for the first of them.
             let refused = Failure::Unavailable {
                 reason: reason.to_string(),
                 receiver,
             };
-            let pushed = live.is_some_and(|outbox| {
-                let item = Outgoing::unstored(frame_wire.clone(), receiver, seq, from, arrived);
-                let ok = outbox.push(item).is_ok();
+            let mut carrier = true;
+            let mut pushed = false;
+            let first = Endpoint::default_of(receiver);
+            let targets = live
+                .map(|outbox| (first, outbox, frame_wire.clone()))
+                .into_iter()
+                .chain(named.into_iter().filter_map(|(e, rc, wrapped, _)| {
+                    Some((e, self.conns.get(rc)?.outbox.clone(), wrapped))
+                }))
+                .collect::<Vec<_>>();
+            for (e, outbox, wire) in targets {
+                let item = match carrier {
+                    true => Outgoing::unstored(wire, e, seq, from, arrived),
+                    false => Outgoing::live(wire, e, seq, arrived),
+                };
+                if outbox.push(item).is_ok() {
+                    pushed |= carrier;
+                    carrier = false;
+                }
                 self.pushed.push(outbox);
-                ok
-            });
+            }
             match from {
-                _ if pushed => self.wait_for_echo(from, seq, frame_wire),
+                _ if pushed => self.wait_for_echo(from, seq, echo),
                 Ticket::Remote(_) => {
-                    self.wait_for_echo(from, seq, frame_wire);
+                    self.wait_for_echo(from, seq, echo);
                     self.accepted(from, seq, Outcome::Failed(refused));
                 }
                 Ticket::Conn(conn) => self.reply(conn, notice(Code::StoreFailed, refused)),
             }
             return;
         }
-        self.wait_for_echo(from, seq, frame_wire.clone());
+        self.wait_for_echo(from, seq, echo);
+        let fanout = (origin.is_some() || !named.is_empty()).then(|| {
+            Box::new(Fanout {
+                live: named.iter().map(|(e, ..)| *e).collect(),
+                origin,
+            })
+        });
         // Stored first, then pushed: the writer's delete for this frame must reach the
         // store after its append.
         self.send_store(Command::Append {
@@ -388,17 +601,41 @@ impl Broker {
             seq,
             wire: frame_wire.clone(),
             live: live.is_some() || behind.is_some(),
+            time,
+            fanout,
         })
         .await;
+        // On one node the echo of a frame written to a receiver without acks goes at
+        // that write, without waiting for the store: the frame is delivered (and is
+        // being stored all the same). A cluster's store settles it instead.
+        let echo_to = match from {
+            Ticket::Conn(_) if self.sessions => Some(from),
+            _ => None,
+        };
+        let item = |wire, e| match echo_to {
+            Some(to) => Outgoing::live_echoing(wire, e, seq, arrived, to),
+            None => Outgoing::live(wire, e, seq, arrived),
+        };
+        for (e, rc, wrapped, held) in named {
+            let Some(c) = self.conns.get_mut(rc) else {
+                continue;
+            };
+            if held {
+                c.mailbox.hold(item(wrapped, e));
+            } else {
+                let _ = c.outbox.push(item(wrapped, e));
+                self.pushed.push(c.outbox.clone());
+            }
+        }
+        let first = Endpoint::default_of(receiver);
         if let Some(c) = behind.and_then(|rc| self.conns.get_mut(rc)) {
-            c.mailbox
-                .hold(Outgoing::live(frame_wire, receiver, seq, arrived));
+            c.mailbox.hold(item(frame_wire, first));
             return;
         }
         if let Some(outbox) = live {
             // If its writer has just finished, the frame stays in the store for the
             // receiver's next connection.
-            let _ = outbox.push(Outgoing::live(frame_wire, receiver, seq, arrived));
+            let _ = outbox.push(item(frame_wire, first));
             self.pushed.push(outbox);
         }
     }
@@ -544,6 +781,7 @@ impl Broker {
                 receiver,
                 held,
                 frames,
+                sync,
             } => {
                 // Pages are only ever asked for a connection.
                 let Ticket::Conn(conn) = ticket else {
@@ -552,11 +790,27 @@ impl Broker {
                 let Some(c) = self.conns.live(conn) else {
                     return;
                 };
+                if let Some(sync) = sync {
+                    let _ = c.outbox.push(Outgoing::reply(sync));
+                    self.pushed.push(c.outbox.clone());
+                }
+                let endpoint = Endpoint {
+                    id: receiver,
+                    device: c.device,
+                };
+                let session = c.session.is_some();
                 let last = frames.last().map(|&(seq, _)| seq);
                 match c.mailbox.page(last) {
                     Page::Ignore => {}
                     Page::ReadAgain { after } => self.load_page(conn, after).await,
                     Page::CaughtUp(held) => {
+                        if session {
+                            let head = c.mailbox.paged().unwrap_or(0);
+                            let _ = c
+                                .outbox
+                                .push(Outgoing::reply(Record::Synced { head }.encode()));
+                            self.pushed.push(c.outbox.clone());
+                        }
                         if !held.is_empty() {
                             for item in held {
                                 // If the connection is gone the frames are in the store.
@@ -576,11 +830,23 @@ impl Broker {
                         }
                         for (seq, wire) in frames {
                             // If the connection is gone the frames are still in the store.
-                            let item = Outgoing::stored(wire, receiver, seq, seq == last);
+                            let item = Outgoing::stored(wire, endpoint, seq, seq == last);
                             let _ = c.outbox.push(item);
                         }
                         self.pushed.push(c.outbox.clone());
                     }
+                }
+            }
+            Reply::Answer { ticket, frames } => {
+                if let Ticket::Conn(conn) = ticket {
+                    for frame in frames {
+                        self.reply(conn, frame);
+                    }
+                }
+            }
+            Reply::Read { id, record } => {
+                for (_, conn) in self.conns.sessions_of(id) {
+                    self.reply(conn, record.clone());
                 }
             }
             Reply::Health(down) => {
@@ -630,12 +896,23 @@ impl Broker {
         let Some(receiver) = c.id else {
             return;
         };
+        let reading = match (&c.session, after) {
+            (None, _) => Reading::Plain,
+            (Some(_), None) => match c.start.take() {
+                Some(new) => Reading::SessionStart { new },
+                None => Reading::Session,
+            },
+            (Some(_), Some(_)) => Reading::Session,
+        };
         c.mailbox.loading(after);
+        let device = c.device;
         self.send_store(Command::Load {
             ticket: Ticket::Conn(conn),
             receiver,
+            device,
             after,
             max_bytes,
+            reading,
         })
         .await;
     }
@@ -698,5 +975,17 @@ impl Broker {
 
     async fn send_store(&mut self, command: Command) {
         self.storage.send(command).await;
+    }
+}
+
+/// A session's envelope for frame `seq`, accepted at `time`, in the conversation with
+/// `conversation`.
+fn envelope(what: What, seq: u64, time: u64, conversation: u32) -> Envelope {
+    Envelope {
+        what,
+        offset: seq,
+        time,
+        conversation,
+        request: 0,
     }
 }

@@ -82,6 +82,8 @@ mod tests {
             seq: 1,
             wire: Bytes::from(vec![0; len]),
             live: false,
+            time: 0,
+            fanout: None,
         }
     }
 
@@ -96,6 +98,7 @@ mod tests {
             assert!(s.is_behind());
             s.send(Command::Delete {
                 receiver: 2,
+                device: 0,
                 seqs: vec![1],
             })
             .await;

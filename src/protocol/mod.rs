@@ -10,6 +10,8 @@
 //! Type 0 is reserved for control frames; types 1-255 carry opaque data. Sender 0 is the
 //! server itself: its notices are `0 | 0 | length | "code: detail"`.
 
+pub mod session;
+
 use std::fmt;
 
 use byteorder::{BigEndian, ByteOrder};
@@ -214,10 +216,11 @@ pub enum Code {
     AuthFailed,
     ShuttingDown,
     BadMessage,
+    TooManyDevices,
 }
 
 impl Code {
-    pub const ALL: [Code; 15] = [
+    pub const ALL: [Code; 16] = [
         Code::Welcome,
         Code::AcksOn,
         Code::Pong,
@@ -233,6 +236,7 @@ impl Code {
         Code::AuthFailed,
         Code::ShuttingDown,
         Code::BadMessage,
+        Code::TooManyDevices,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -252,6 +256,7 @@ impl Code {
             Code::AuthFailed => "auth-failed",
             Code::ShuttingDown => "shutting-down",
             Code::BadMessage => "bad-message",
+            Code::TooManyDevices => "too-many-devices",
         }
     }
 }
@@ -614,7 +619,7 @@ mod tests {
     /// Every code the server can send is documented for client authors.
     #[test]
     fn every_notice_code_is_in_the_protocol_doc() {
-        let doc = include_str!("../docs/PROTOCOL.md");
+        let doc = include_str!("../../docs/PROTOCOL.md");
         for code in Code::ALL {
             assert!(
                 doc.contains(&format!("| `{code}` |")),

@@ -1,0 +1,95 @@
+//! Taking over what the previous release stored.
+//!
+//! The previous release kept one table, `mailbox` (receiver, seq) -> frame: the frames
+//! each id had not received yet. Each of them becomes a frame in the receiver's log,
+//! waiting in its default device's inbox, so every one is delivered after the upgrade,
+//! in the same order. The rows move in batches, each one transaction that writes the
+//! new rows and deletes the old ones, so a crash in the middle leaves every frame in
+//! exactly one of the two tables, and the next start finishes the move.
+
+// redb's error type is large; it is built at most once per failed transaction.
+#![allow(clippy::result_large_err)]
+
+use std::time::Instant;
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableHandle};
+
+use super::History;
+use super::log::{Appending, Log, Tables};
+use super::tables::MAILBOX;
+use super::{Endpoint, Limits, Target};
+
+/// Rows moved per transaction.
+const BATCH: usize = 4096;
+
+/// Moves every row of the previous release's table into the log; returns how many
+/// there were. `now` (ms since the epoch) stands for their acceptance time, which the
+/// old table did not keep.
+pub fn run(db: &Database, log: &mut Log, history: &History, now: u64) -> Result<u64, redb::Error> {
+    let exists = db
+        .begin_read()?
+        .list_tables()?
+        .any(|t| t.name() == MAILBOX.name());
+    if !exists {
+        return Ok(0);
+    }
+    let started = Instant::now();
+    let mut moved = 0u64;
+    // The old rows are delivered as they were, whatever the limits say now.
+    let unlimited = Limits {
+        max_messages: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+    let mut buf = Vec::new();
+    loop {
+        let txn = db.begin_write()?;
+        let done = {
+            let mut old = txn.open_table(MAILBOX)?;
+            if old.is_empty()? {
+                true
+            } else {
+                let mut rows = Vec::with_capacity(BATCH);
+                for row in old.iter()?.take(BATCH) {
+                    let (key, value) = row?;
+                    rows.push((key.value(), value.value().to_vec()));
+                }
+                let mut t = Tables::open(&txn)?;
+                for ((receiver, seq), wire) in &rows {
+                    let targets = [Target {
+                        endpoint: Endpoint::default_of(*receiver),
+                        live: false,
+                    }];
+                    let a = Appending {
+                        receiver: *receiver,
+                        seq: *seq,
+                        time: now,
+                        wire,
+                        origin: None,
+                        targets: &targets,
+                        inbox: true,
+                    };
+                    // Never refused: the limits are lifted.
+                    let _ = log.append(&mut t, &a, &unlimited, history, &mut buf)?;
+                    old.remove((*receiver, *seq))?;
+                }
+                t.flush()?;
+                log.save_seq(&mut t)?;
+                moved += rows.len() as u64;
+                false
+            }
+        };
+        if done {
+            txn.delete_table(MAILBOX)?;
+            txn.commit()?;
+            break;
+        }
+        txn.commit()?;
+    }
+    if moved > 0 {
+        log::info!(
+            "upgrade: moved {moved} stored frames from the previous release's mailbox into the history log in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(moved)
+}
