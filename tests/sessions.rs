@@ -687,3 +687,73 @@ fn a_device_past_the_mailbox_limit_is_told_how_much_it_missed() {
         assert_eq!(bodies, [Bytes::from("f0"), Bytes::from("f1")]);
     });
 }
+
+/// Past `--history-max-messages` (and a 64th) a conversation loses its oldest blocks of
+/// 256 and keeps the newest; another conversation keeps everything.
+#[test]
+fn a_conversation_past_its_bound_loses_its_oldest_blocks() {
+    rt::block_on(async {
+        let server = start_with(|c| c.history.max_messages = 300).await;
+        let mut five = login(&server, 5).await;
+        let mut seven = login(&server, 7).await;
+        let mut nine = login(&server, 9).await;
+        // 600 frames from 7 in pipelined batches, then 3 from 9.
+        for batch in 0..6 {
+            let frames: Vec<_> = (0..100)
+                .map(|i| text(7, 5, &format!("m{}", batch * 100 + i)))
+                .collect();
+            for f in &frames {
+                within(seven.send(f)).await.expect("send");
+            }
+            for f in &frames {
+                assert_eq!(recv(&mut seven).await, delivered(f));
+                assert_eq!(recv(&mut five).await, delivered(f));
+            }
+        }
+        for i in 0..3 {
+            send_confirmed(&mut nine, &text(9, 5, &format!("n{i}"))).await;
+            recv(&mut five).await;
+        }
+        let (mut s, _) = open(&server, 5, "pc").await;
+        assert!(backlog(&mut s).await.is_empty());
+        let sevens = whole(&mut s, 5, 7).await;
+        // Within the bound and a block of it, and the newest always there.
+        assert!(
+            (300 - 256..=300 + 300 / 64 + 1).contains(&sevens.len()),
+            "{} kept",
+            sevens.len()
+        );
+        assert_eq!(sevens.first().map(String::as_str), Some("m599"));
+        let newest_first: Vec<String> = (600 - sevens.len()..600)
+            .rev()
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert_eq!(sevens, newest_first, "the oldest went, in order");
+        assert_eq!(whole(&mut s, 5, 9).await, ["n2", "n1", "n0"]);
+    });
+}
+
+/// Every message of `id`'s conversation with `conversation` that history keeps, newest
+/// first, page by page.
+async fn whole(s: &mut Client, id: u32, conversation: u32) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut before = Before::Newest;
+    for request in 1.. {
+        let q = Query::History {
+            request,
+            conversation,
+            before,
+            limit: 100,
+        };
+        within(s.send(&q.frame(id))).await.expect("send");
+        let (items, end) = answer(s).await;
+        seen.extend(payloads(&items));
+        match end {
+            Record::PageEnd {
+                more: true, next, ..
+            } => before = Before::Offset(next),
+            _ => break,
+        }
+    }
+    seen
+}

@@ -59,17 +59,17 @@ struct Args {
     #[arg(long, env = "CHAT_MAILBOX_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     mailbox_max_bytes: u64,
 
-    /// How long each id's conversation is kept after delivery, for sessions' history
-    /// queries: 30d, 12h, 90m, 45s (or seconds); 0 turns history off (a frame is
-    /// removed once every device of its receiver has it).
+    /// How long conversations are kept after delivery, for sessions' history queries:
+    /// 30d, 12h, 90m, 45s (or seconds); 0 turns history off (a frame is removed once
+    /// every device of its receiver has it).
     #[arg(long, env = "CHAT_HISTORY_MAX_AGE", default_value = "30d", value_parser = parse_age)]
     history_max_age: Duration,
 
-    /// Entries one id's history may hold; the oldest delivered ones go first.
+    /// Messages one conversation's history may hold; the oldest go first.
     #[arg(long, env = "CHAT_HISTORY_MAX_MESSAGES", default_value_t = 50_000)]
     history_max_messages: u64,
 
-    /// Bytes one id's history may hold; the oldest delivered entries go first.
+    /// Bytes one conversation's history may hold; the oldest go first.
     #[arg(long, env = "CHAT_HISTORY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     history_max_bytes: u64,
 

@@ -39,11 +39,12 @@ use futures::channel::{mpsc, oneshot};
 use futures::task::ArcWake;
 use redb::{Builder, Database};
 
-use super::log::{Answer, Appending, Log, Tables};
+use super::history::{Answer, Kept};
+use super::log::{Appending, Log, Tables};
 use super::tables::{Entry, PROBE};
 use super::{
     Command, DeviceChange, Endpoint, Failure, History, KnownDevice, Limits, Outcome, QUEUE,
-    Reading, Reply, Stage, Store, Target, answer, settled, upgrade,
+    Reading, Reply, Stage, Store, answer, settled, upgrade,
 };
 use crate::metrics::Metrics;
 use std::sync::Arc;
@@ -99,8 +100,8 @@ pub fn open(
         path: path.clone(),
         source,
     };
-    let mut log = scan(&db).map_err(read)?;
-    upgrade::run(&db, &mut log, &history, now_ms()).map_err(read)?;
+    let (mut log, mut kept) = scan(&db).map_err(read)?;
+    upgrade::run(&db, &mut log, &mut kept, &history, now_ms()).map_err(read)?;
     let devices = known_devices(&db).map_err(read)?;
     let next_seq = log.next_seq(now_micros());
     let (commands, rx) = mpsc::channel(QUEUE);
@@ -116,6 +117,7 @@ pub fn open(
         limits,
         history,
         log,
+        kept,
         aged_at: Instant::now(),
         buf: Vec::new(),
         down: None,
@@ -246,8 +248,9 @@ fn open_db(path: &Path, faults: Option<&Arc<Faults>>) -> Result<Database, redb::
     Ok(builder.create_with_backend(FaultyFile { file, faults })?)
 }
 
-fn scan(db: &Database) -> Result<Log, redb::Error> {
-    Log::scan(&db.begin_read()?)
+fn scan(db: &Database) -> Result<(Log, Kept), redb::Error> {
+    let txn = db.begin_read()?;
+    Ok((Log::scan(&txn)?, Kept::scan(&txn)?))
 }
 
 /// Why the store is down, and when it tries again.
@@ -266,8 +269,10 @@ struct Worker {
     path: PathBuf,
     limits: Limits,
     history: History,
-    /// What the file holds, in counts (see [`Log`]).
+    /// What the file holds for delivery, in counts (see [`Log`]).
     log: Log,
+    /// History's counts, and what it took since the last commit (see [`Kept`]).
+    kept: Kept,
     /// When history was last pruned by age.
     aged_at: Instant,
     /// Room to encode a frame's row in.
@@ -381,8 +386,8 @@ impl Worker {
         if let Some(m) = &self.metrics {
             m.mailbox_frames.set(self.log.waiting.messages as i64);
             m.mailbox_bytes.set(self.log.waiting.bytes as i64);
-            m.history_frames.set(self.log.kept.messages as i64);
-            m.history_bytes.set(self.log.kept.bytes as i64);
+            m.history_frames.set(self.kept.total.messages as i64);
+            m.history_bytes.set(self.kept.total.bytes as i64);
             let pruned = self.log.pruned.saturating_sub(m.history_pruned.get());
             m.history_pruned.inc_by(pruned);
         }
@@ -401,13 +406,13 @@ impl Worker {
         let (Some(cutoff), Some(db)) = (self.history.cutoff(now_ms()), &self.db) else {
             return;
         };
-        let before = self.log.clone();
+        let before = self.kept.clone();
         let result = (|| -> Result<(), redb::Error> {
             loop {
                 let txn = db.begin_write()?;
                 let looked = {
                     let mut t = Tables::open(&txn)?;
-                    self.log.age(&mut t, cutoff, AGE_BATCH)?
+                    self.kept.age(&mut t, cutoff, AGE_BATCH)?
                 };
                 if looked == 0 {
                     txn.abort()?;
@@ -422,7 +427,7 @@ impl Worker {
         match result {
             Ok(()) => self.publish(),
             Err(e) => {
-                self.log = before;
+                self.kept = before;
                 self.go_down(e.to_string());
             }
         }
@@ -461,13 +466,29 @@ impl Worker {
             }
         }
         delivered.sort_unstable();
+        // History takes every frame in the order the broker sent them, before any is
+        // held back for its delivery (see [`super::history`]).
+        if self.history.on() {
+            for cmd in batch.iter() {
+                if let Command::Append {
+                    receiver,
+                    seq,
+                    wire,
+                    time,
+                    fanout,
+                    ..
+                } = cmd
+                {
+                    let origin = fanout.as_ref().and_then(|f| f.origin);
+                    self.kept.take(*seq, *time, *receiver, origin, wire.clone());
+                }
+            }
+        }
         let mut replies = Vec::new();
         let mut skipped = Vec::new();
-        // With history a delivered frame is still written, to the log only.
-        let mut logged = Vec::new();
         for &seq in &delivered {
             if let Some(cmd) = self.staged.take(seq) {
-                replies.extend(self.settle(cmd, &mut logged));
+                replies.extend(settled(cmd));
                 skipped.push(seq);
             }
         }
@@ -484,7 +505,7 @@ impl Worker {
                 } if delivered.binary_search(&seq).is_ok()
                     && self.log.single(receiver, Entry::author_of(wire)) =>
                 {
-                    replies.extend(self.settle(cmd, &mut logged));
+                    replies.extend(settled(cmd));
                     skipped.push(seq);
                 }
                 Command::Append {
@@ -502,12 +523,12 @@ impl Worker {
         }
         self.stats.skipped += skipped.len() as u64;
         skipped.sort_unstable();
-        if writes.is_empty() && logged.is_empty() {
+        if writes.is_empty() && !self.kept.has_pending() {
             self.send(replies);
             return;
         }
-        let before = self.log.clone();
-        match self.transact(&writes, &skipped, &logged) {
+        let before = (self.log.clone(), self.kept.clone());
+        match self.transact(&writes, &skipped) {
             Ok(more) => {
                 self.stats.tick();
                 self.publish();
@@ -515,7 +536,10 @@ impl Worker {
                 self.send(replies);
             }
             Err(e) => {
-                self.log = before;
+                (self.log, self.kept) = before;
+                // What history took in the failed commit is lost with it: frames that
+                // were delivered meanwhile are not in it, refused ones must not be.
+                self.kept.clear_pending();
                 let reason = e.to_string();
                 self.go_down(reason.clone());
                 let staged = self.staged.take_for(None);
@@ -526,28 +550,6 @@ impl Worker {
                 self.send(replies);
             }
         }
-    }
-
-    /// The reply to an append delivered before it was written; with history on, the
-    /// frame still goes into the log (`logged`), without an inbox row.
-    fn settle(&self, cmd: Command, logged: &mut Vec<Command>) -> Option<Reply> {
-        let reply = match &cmd {
-            Command::Append {
-                ticket, seq, wire, ..
-            } => Some(Reply::Appended {
-                ticket: *ticket,
-                seq: *seq,
-                outcome: Outcome::Stored,
-                len: wire.len(),
-            }),
-            _ => None,
-        };
-        if self.history.on() {
-            logged.push(cmd);
-        } else {
-            drop(settled(cmd));
-        }
-        reply
     }
 
     /// Answers appends with `store-failed`; holds loads and deletes for recovery.
@@ -597,10 +599,9 @@ impl Worker {
                     down.since.elapsed().as_secs_f64()
                 );
                 self.db = Some(db);
-                let (pruned, aged) = (self.log.pruned, self.log.aged);
-                self.log = log;
+                let pruned = self.log.pruned;
+                (self.log, self.kept) = log;
                 self.log.pruned = pruned;
-                self.log.aged = aged;
                 self.publish();
                 self.down = None;
                 self.send(vec![Reply::Health(None)]);
@@ -617,54 +618,19 @@ impl Worker {
         }
     }
 
-    /// Writes `writes` in one transaction, in order, and `logged` (appends delivered
-    /// before they were written) into the log without inbox rows; deletes of `skipped`
-    /// (sorted) frames, which never reached the disk, are no-ops.
-    fn transact(
-        &mut self,
-        writes: &[Command],
-        skipped: &[u64],
-        logged: &[Command],
-    ) -> Result<Vec<Reply>, redb::Error> {
+    /// Writes `writes` in one transaction, in order, and what history took; deletes
+    /// of `skipped` (sorted) frames, which never reached the disk, are no-ops.
+    fn transact(&mut self, writes: &[Command], skipped: &[u64]) -> Result<Vec<Reply>, redb::Error> {
         let mut replies = Vec::new();
         let Some(db) = &self.db else {
             return Err(redb::Error::Io(std::io::Error::other("store is closed")));
         };
         let txn = db.begin_write()?;
         // A batch that only reads needs no commit, and so no fsync.
-        let mut dirty = false;
+        let mut dirty = self.kept.has_pending();
         let mut written = 0u32;
         {
             let mut t = Tables::open(&txn)?;
-            for cmd in logged {
-                if let Command::Append {
-                    receiver,
-                    seq,
-                    wire,
-                    time,
-                    ..
-                } = cmd
-                {
-                    let targets = [Target {
-                        endpoint: Endpoint::default_of(*receiver),
-                        live: true,
-                    }];
-                    let a = Appending {
-                        receiver: *receiver,
-                        seq: *seq,
-                        time: *time,
-                        wire,
-                        origin: None,
-                        targets: &targets,
-                        inbox: false,
-                    };
-                    let _ =
-                        self.log
-                            .append(&mut t, &a, &self.limits, &self.history, &mut self.buf)?;
-                    written += 1;
-                    dirty = true;
-                }
-            }
             for cmd in writes {
                 match cmd {
                     Command::Append {
@@ -691,26 +657,23 @@ impl Worker {
                             wire,
                             origin,
                             targets: &targets,
-                            inbox: true,
                         };
-                        let outcome = match self.log.append(
-                            &mut t,
-                            &a,
-                            &self.limits,
-                            &self.history,
-                            &mut self.buf,
-                        )? {
-                            Err(why) => Outcome::Full(why),
-                            Ok(()) => {
-                                for target in targets.iter().filter(|t| t.live) {
-                                    self.live.entry(target.endpoint).or_default().insert(*seq);
+                        let outcome =
+                            match self.log.append(&mut t, &a, &self.limits, &mut self.buf)? {
+                                Err(why) => {
+                                    self.kept.drop_refused(*seq);
+                                    Outcome::Full(why)
                                 }
-                                self.stats.written += 1;
-                                written += 1;
-                                dirty = true;
-                                Outcome::Stored
-                            }
-                        };
+                                Ok(()) => {
+                                    for target in targets.iter().filter(|t| t.live) {
+                                        self.live.entry(target.endpoint).or_default().insert(*seq);
+                                    }
+                                    self.stats.written += 1;
+                                    written += 1;
+                                    dirty = true;
+                                    Outcome::Stored
+                                }
+                            };
                         replies.push(Reply::Appended {
                             ticket: *ticket,
                             seq: *seq,
@@ -741,7 +704,10 @@ impl Worker {
                         let sync = match reading {
                             Reading::SessionStart { new } => {
                                 dirty = true;
-                                Some(self.log.sync(&mut t, e, *new)?.encode())
+                                self.kept.flush(&mut t, &self.history)?;
+                                let head = self.kept.head(&t, e.id)?;
+                                let oldest = self.kept.oldest(&t)?;
+                                Some(self.log.sync(&mut t, e, *new, head, oldest)?.encode())
                             }
                             _ => None,
                         };
@@ -771,7 +737,7 @@ impl Worker {
                             if skipped.binary_search(seq).is_ok() {
                                 continue;
                             }
-                            if self.log.delivered(&mut t, e, *seq, &self.history)? {
+                            if self.log.delivered(&mut t, e, *seq)? {
                                 self.stats.removed += 1;
                                 dirty = true;
                             }
@@ -785,7 +751,7 @@ impl Worker {
                             }
                             DeviceChange::Forget => {
                                 self.live.remove(endpoint);
-                                self.log.forget(&mut t, *endpoint, &self.history)?
+                                self.log.forget(&mut t, *endpoint)?
                             }
                         }
                     }
@@ -802,7 +768,8 @@ impl Worker {
                             });
                             continue;
                         }
-                        match self.log.query(&mut t, *id, query)? {
+                        self.kept.flush(&mut t, &self.history)?;
+                        match self.kept.query(&mut t, *id, query)? {
                             Answer::Frames(frames) => replies.push(Reply::Answer {
                                 ticket: *ticket,
                                 frames,
@@ -819,7 +786,7 @@ impl Worker {
                 }
             }
             if dirty {
-                t.flush()?;
+                self.kept.flush(&mut t, &self.history)?;
                 self.log.save_seq(&mut t)?;
             }
         }
@@ -875,7 +842,10 @@ fn next_within(
 }
 
 /// Opens the database again, rescans it and proves it writable with a probe commit.
-fn reopen(path: &Path, faults: Option<&Arc<Faults>>) -> Result<(Database, Log), redb::Error> {
+fn reopen(
+    path: &Path,
+    faults: Option<&Arc<Faults>>,
+) -> Result<(Database, (Log, Kept)), redb::Error> {
     let db = open_db(path, faults)?;
     let log = scan(&db)?;
     let txn = db.begin_write()?;

@@ -18,6 +18,7 @@
 //! and deletes wait for recovery.
 
 pub mod embedded;
+mod history;
 mod log;
 mod stage;
 mod tables;
@@ -45,14 +46,14 @@ pub struct Limits {
     pub max_bytes: u64,
 }
 
-/// How long what was delivered is kept, and how much of it per id.
+/// How long what was delivered is kept, and how much of it per conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct History {
     /// `--history-max-age`; zero turns history off (a frame goes once delivered).
     pub max_age: Duration,
-    /// `--history-max-messages`: entries per id's log.
+    /// `--history-max-messages`: entries per conversation.
     pub max_messages: u64,
-    /// `--history-max-bytes`: bytes per id's log.
+    /// `--history-max-bytes`: bytes per conversation.
     pub max_bytes: u64,
 }
 

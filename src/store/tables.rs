@@ -5,19 +5,20 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `frames` | seq | [`Entry`]: time, receiver, the author's device, the frame |
-//! | `log` | (id, seq) | the entry's size: frame `seq` is in `id`'s log |
 //! | `inbox` | (id, device, seq) | nothing: frame `seq` waits for that device |
 //! | `devices` | (id, device) | [`DeviceRow`]: its name, when last seen, frames it missed |
+//! | `history` | (lower id, higher id, first seq) | a block of a conversation's entries ([`push_entry`]) |
+//! | `blocks` | first seq | [`BlockMeta`]: whose block, its newest time, entries, bytes |
 //! | `conversations` | (id, peer) | [`ConversationRow`]: last message, read marker, unread |
 //! | `meta` | name | a number (the highest sequence number handed out) |
 //!
-//! A frame is stored once, and listed in the log of each id it belongs to (the
-//! receiver's; with history on, or when the sender's other devices are to get it, the
-//! sender's too) and in the `inbox` of every device that has yet to receive it;
-//! delivering it to a device removes that row. Without history a log row goes with the
-//! id's last `inbox` row for it, and the frame with its last log row; with history they
-//! stay until pruned. Sequence numbers are the broker's, unique and increasing across
-//! the node, so a frame has one number in both logs, and the numbers follow time.
+//! Delivery and history are apart. A frame some device has yet to receive is in
+//! `frames`, with an `inbox` row for each such device; delivering it to a device removes
+//! that row, and the frame goes with its last one. A frame delivered live before it was
+//! due to be written never reaches `frames`. History keeps every frame, delivered or
+//! not, in its conversation's blocks ([`super::history`]). Sequence numbers are the
+//! broker's, unique and increasing across the node, so a frame has one number for both
+//! ids, and the numbers follow time.
 //!
 //! The previous release kept only `mailbox` (receiver, seq) -> frame: see
 //! [`super::upgrade`].
@@ -29,8 +30,10 @@ use crate::protocol::session::{Envelope, What};
 
 /// seq -> [`Entry`].
 pub const FRAMES: TableDefinition<u64, &[u8]> = TableDefinition::new("frames");
-/// (id, seq) -> the size of the entry: `seq` is in `id`'s log.
-pub const LOG: TableDefinition<(u32, u64), u32> = TableDefinition::new("log");
+/// (lower id, higher id, first seq) -> a block of entries.
+pub const HISTORY: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("history");
+/// first seq -> [`BlockMeta`].
+pub const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
 /// name -> number.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// (id, device, seq) -> (): frame `seq` of `id`'s log waits for that device.
@@ -122,6 +125,68 @@ impl<'a> Entry<'a> {
     #[cfg(test)]
     pub fn stored_len(wire_len: usize) -> usize {
         ENTRY_HEAD + wire_len
+    }
+}
+
+/// Appends an entry to a block's bytes: `seq u64 | time u64 | origin u16 | len u32 |
+/// frame`.
+pub fn push_entry(block: &mut Vec<u8>, seq: u64, time: u64, origin: u16, wire: &[u8]) {
+    block.extend_from_slice(&seq.to_be_bytes());
+    block.extend_from_slice(&time.to_be_bytes());
+    block.extend_from_slice(&origin.to_be_bytes());
+    block.extend_from_slice(&(wire.len() as u32).to_be_bytes());
+    block.extend_from_slice(wire);
+}
+
+/// A block's entries, in order: (seq, time, origin, frame). A damaged tail is left
+/// out.
+pub fn block_entries(mut block: &[u8]) -> Vec<(u64, u64, u16, &[u8])> {
+    let mut entries = Vec::new();
+    while block.len() >= 22 {
+        let seq = BigEndian::read_u64(&block[0..8]);
+        let time = BigEndian::read_u64(&block[8..16]);
+        let origin = BigEndian::read_u16(&block[16..18]);
+        let len = BigEndian::read_u32(&block[18..22]) as usize;
+        let Some(wire) = block.get(22..22 + len) else {
+            break;
+        };
+        entries.push((seq, time, origin, wire));
+        block = &block[22 + len..];
+    }
+    entries
+}
+
+/// What a block of history holds, in `blocks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockMeta {
+    pub lo: u32,
+    pub hi: u32,
+    /// When its newest entry was accepted, ms since the epoch.
+    pub last_time: u64,
+    pub count: u32,
+    /// Bytes of its frames.
+    pub bytes: u64,
+}
+
+impl BlockMeta {
+    pub fn encode(&self) -> [u8; 28] {
+        let mut v = [0u8; 28];
+        BigEndian::write_u32(&mut v[0..4], self.lo);
+        BigEndian::write_u32(&mut v[4..8], self.hi);
+        BigEndian::write_u64(&mut v[8..16], self.last_time);
+        BigEndian::write_u32(&mut v[16..20], self.count);
+        BigEndian::write_u64(&mut v[20..28], self.bytes);
+        v
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<BlockMeta> {
+        (bytes.len() >= 28).then(|| BlockMeta {
+            lo: BigEndian::read_u32(&bytes[0..4]),
+            hi: BigEndian::read_u32(&bytes[4..8]),
+            last_time: BigEndian::read_u64(&bytes[8..16]),
+            count: BigEndian::read_u32(&bytes[16..20]),
+            bytes: BigEndian::read_u64(&bytes[20..28]),
+        })
     }
 }
 
@@ -220,5 +285,33 @@ mod tests {
         };
         assert_eq!(ConversationRow::decode(&c.encode()), Some(c));
         assert_eq!(ConversationRow::decode(&[0; 27]), None);
+        let m = BlockMeta {
+            lo: 5,
+            hi: 7,
+            last_time: 9,
+            count: 3,
+            bytes: 300,
+        };
+        assert_eq!(BlockMeta::decode(&m.encode()), Some(m));
+        assert_eq!(BlockMeta::decode(&[0; 27]), None);
+    }
+
+    #[test]
+    fn a_block_reads_back_its_entries_and_leaves_out_a_damaged_tail() {
+        let mut block = Vec::new();
+        push_entry(&mut block, 10, 100, NOT_OURS, b"first");
+        push_entry(&mut block, 12, 101, 3, b"");
+        push_entry(&mut block, 15, 102, 0, b"third");
+        let entries = block_entries(&block);
+        assert_eq!(
+            entries,
+            vec![
+                (10, 100, NOT_OURS, &b"first"[..]),
+                (12, 101, 3, &b""[..]),
+                (15, 102, 0, &b"third"[..])
+            ]
+        );
+        assert_eq!(block_entries(&block[..block.len() - 1]).len(), 2);
+        assert!(block_entries(&[]).is_empty());
     }
 }

@@ -15,8 +15,9 @@ use std::time::Instant;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableHandle};
 
 use super::History;
+use super::history::Kept;
 use super::log::{Appending, Log, Tables};
-use super::tables::MAILBOX;
+use super::tables::{Entry, MAILBOX};
 use super::{Endpoint, Limits, Target};
 
 /// Rows moved per transaction.
@@ -25,7 +26,13 @@ const BATCH: usize = 4096;
 /// Moves every row of the previous release's table into the log; returns how many
 /// there were. `now` (ms since the epoch) stands for their acceptance time, which the
 /// old table did not keep.
-pub fn run(db: &Database, log: &mut Log, history: &History, now: u64) -> Result<u64, redb::Error> {
+pub fn run(
+    db: &Database,
+    log: &mut Log,
+    kept: &mut Kept,
+    history: &History,
+    now: u64,
+) -> Result<u64, redb::Error> {
     let exists = db
         .begin_read()?
         .list_tables()?
@@ -66,19 +73,40 @@ pub fn run(db: &Database, log: &mut Log, history: &History, now: u64) -> Result<
                         wire,
                         origin: None,
                         targets: &targets,
-                        inbox: true,
                     };
                     // Never refused: the limits are lifted.
-                    let _ = log.append(&mut t, &a, &unlimited, history, &mut buf)?;
+                    let _ = log.append(&mut t, &a, &unlimited, &mut buf)?;
                     old.remove((*receiver, *seq))?;
                 }
-                t.flush()?;
                 log.save_seq(&mut t)?;
                 moved += rows.len() as u64;
                 false
             }
         };
         if done {
+            // Every frame moved is in `frames`, in the order of its number (nothing
+            // else has been stored yet): history takes them in that order, in the
+            // transaction that ends the move, so a crash before it does this again.
+            if history.on() {
+                let mut t = Tables::open(&txn)?;
+                let mut after = 0;
+                loop {
+                    let mut n = 0;
+                    for row in t.frames.range(after..)?.take(BATCH) {
+                        let (seq, value) = row?;
+                        if let Some(e) = Entry::decode(value.value()) {
+                            let wire = bytes::Bytes::copy_from_slice(e.wire);
+                            kept.take(seq.value(), e.time, e.receiver, None, wire);
+                        }
+                        after = seq.value() + 1;
+                        n += 1;
+                    }
+                    kept.flush(&mut t, history)?;
+                    if n < BATCH {
+                        break;
+                    }
+                }
+            }
             txn.delete_table(MAILBOX)?;
             txn.commit()?;
             break;

@@ -69,6 +69,8 @@ pub struct Broker {
     devices: Devices,
     /// Whether sessions are offered: on one node (a cluster keeps no history yet).
     sessions: bool,
+    /// Whether a live frame's echo goes once it is written (see [`Broker::route_wire`]).
+    echo_at_write: bool,
 }
 
 impl Broker {
@@ -87,6 +89,7 @@ impl Broker {
             ack_timeout: config.frame_timeout,
             devices: Devices::new(devices, config.max_devices),
             sessions: config.nats.is_none(),
+            echo_at_write: config.nats.is_none() && config.history.on(),
             events,
             stalls: 0,
             pushed: Vec::new(),
@@ -605,11 +608,13 @@ impl Broker {
             fanout,
         })
         .await;
-        // On one node the echo of a frame written to a receiver without acks goes at
-        // that write, without waiting for the store: the frame is delivered (and is
-        // being stored all the same). A cluster's store settles it instead.
+        // With history, on one node, the echo of a frame written to a receiver without
+        // acks goes at that write, without waiting for the store, which writes every
+        // frame and so takes longer to answer: the frame is delivered (and is being
+        // stored all the same). Without history the store answers within its 5 ms
+        // (the frame never reaches the disk); a cluster's store settles it too.
         let echo_to = match from {
-            Ticket::Conn(_) if self.sessions => Some(from),
+            Ticket::Conn(_) if self.echo_at_write => Some(from),
             _ => None,
         };
         let item = |wire, e| match echo_to {
