@@ -154,7 +154,9 @@ impl Registry {
 
     /// Whether `id` has a named device online here.
     pub fn has_sessions(&self, id: u32) -> bool {
-        self.sessions.contains_key(&id)
+        // Checked for every frame's sender and receiver: no hashing while no session
+        // is open at all.
+        !self.sessions.is_empty() && self.sessions.contains_key(&id)
     }
 
     /// An earlier connection of `id`'s default device is still finishing its writes.
