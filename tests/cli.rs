@@ -404,3 +404,50 @@ fn probe_fails_when_nothing_answers() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// `--device`: two devices of one id each get a frame for it, the second also gets a
+/// copy of what the first sent, and `history` prints the conversation oldest first.
+#[test]
+fn devices_get_every_frame_and_history_prints_the_conversation() {
+    rt::block_on(async {
+        let server = start().await;
+        // Both devices exist before the frames are sent (a new device gets what
+        // arrives from its first session on).
+        for device in ["laptop", "phone"] {
+            let made = client(&server, &["--id", "2", "--device", device], "");
+            assert!(made.status.success(), "{made:?}");
+        }
+        let sent = client(&server, &["--id", "1", "--to", "2"], "hello two\n");
+        assert!(sent.status.success(), "{sent:?}");
+        let answer = client(
+            &server,
+            &["--id", "2", "--device", "laptop", "--to", "1"],
+            "hi one\n",
+        );
+        assert!(answer.status.success(), "{answer:?}");
+        // The phone was away: the frame for 2 and the laptop's copy wait for it.
+        let phone = client(
+            &server,
+            &["--id", "2", "--device", "phone", "--receive", "2"],
+            "",
+        );
+        assert!(phone.status.success(), "{phone:?}");
+        assert_eq!(
+            stdout(&phone),
+            "[1] text: hello two\n[you -> 1] text: hi one\n"
+        );
+        let history = client(&server, &["--id", "2", "history", "--with", "1"], "");
+        assert!(history.status.success(), "{history:?}");
+        assert_eq!(
+            stdout(&history),
+            "[1] text: hello two\n[you] text: hi one\n"
+        );
+        // A bad device name is one clear line and a failure.
+        let bad = client(&server, &["--id", "2", "--device", ""], "");
+        assert!(!bad.status.success());
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains("device name"),
+            "{bad:?}"
+        );
+    });
+}

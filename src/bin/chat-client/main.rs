@@ -23,7 +23,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 
-use chat::protocol::{ClientFrame, TEXT, parse_type};
+use chat::client::Client;
+use chat::protocol::session::{Before, Device, Query, Received, Record};
+use chat::protocol::{ClientFrame, TEXT, parse_type, type_name};
 use chat::rt;
 use printer::Printer;
 use session::{Link, connect, interactive_session, send_and_confirm, welcome};
@@ -92,6 +94,35 @@ struct Args {
     /// On a terminal and with --receive, do not reconnect when the connection drops.
     #[arg(long)]
     no_reconnect: bool,
+
+    /// Open a session as this device of the id (a name of your choice: laptop,
+    /// phone): several devices of one id are online at once, each gets every frame,
+    /// copies of what the others send, and what it missed when it comes back; on a
+    /// terminal the last messages with --to are shown first. Acks are on.
+    #[arg(long, env = "CHAT_DEVICE", value_parser = parse_device, conflicts_with = "no_acks")]
+    device: Option<Device>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print a conversation's history, oldest first, and exit (opens a session as
+    /// --device, "chat-client" if not given).
+    History {
+        /// The other id of the conversation.
+        #[arg(long = "with", value_parser = parse_id)]
+        with: u32,
+        /// How many of the newest messages (the server gives at most 100 a page; more
+        /// are read page by page).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    Device::new(s).map_err(|e| e.to_string())
 }
 
 /// An id: any u32 but 0, which is the server's.
@@ -143,9 +174,28 @@ async fn run(args: Args) -> Result<(), String> {
         .id
         .filter(|&id| id != 0)
         .ok_or("--id must be a number from 1 to 4294967295")?;
+    if let Some(Command::History { with, limit: count }) = args.command {
+        return rt::timeout(limit, history(&args, client, id, with, count))
+            .await
+            .ok_or_else(|| format!("{server} did not answer within {limit:?}"))?;
+    }
     let mut printer = Printer::new(id, args.save_dir.clone());
-    let session = welcome(&args, client, &mut printer, limit).await?;
+    let mut session = welcome(&args, client, &mut printer, limit).await?;
     let interactive = args.file.is_none() && std::io::stdin().is_terminal();
+    if interactive && printer.session && args.to != 0 {
+        // The last messages with --to, shown oldest first when the page ends.
+        let recent = Query::History {
+            request: 1,
+            conversation: args.to,
+            before: Before::Newest,
+            limit: 10,
+        };
+        session
+            .0
+            .send(&recent.frame(id))
+            .await
+            .map_err(|e| format!("cannot send: {e}"))?;
+    }
     let reconnect = !args.no_reconnect && (interactive || args.receive > 0);
     let mut link = Link::new(&args, limit, reconnect);
     if let Some(path) = &args.file {
@@ -177,6 +227,90 @@ async fn run(args: Args) -> Result<(), String> {
         });
     }
     send_and_confirm(&mut link, session, frames, &mut printer).await
+}
+
+/// `chat-client history`: the newest `count` messages of `id`'s conversation with
+/// `with`, printed oldest first, read page by page through a session. Frames that
+/// waited for the device are left unacknowledged: its next session gets them.
+async fn history(
+    args: &Args,
+    mut client: Client,
+    id: u32,
+    with: u32,
+    count: u32,
+) -> Result<(), String> {
+    let server = &args.server;
+    let device = match &args.device {
+        Some(d) => d.clone(),
+        None => Device::new("chat-client").map_err(|e| e.to_string())?,
+    };
+    client
+        .session(id, &device, args.token.as_deref())
+        .await
+        .map_err(|e| {
+            format!("{server}: {e} (history needs a server that keeps it, without --nats)")
+        })?;
+    let mut got: Vec<String> = Vec::new();
+    let mut before = Before::Newest;
+    let mut request = 0;
+    while got.len() < count as usize {
+        request += 1;
+        let want = (count as usize - got.len()).min(100) as u16;
+        let q = Query::History {
+            request,
+            conversation: with,
+            before,
+            limit: want,
+        };
+        client
+            .send(&q.frame(id))
+            .await
+            .map_err(|e| format!("cannot send: {e}"))?;
+        let more = loop {
+            let received = client
+                .recv_session()
+                .await
+                .map_err(|e| format!("connection lost: {e}"))?
+                .ok_or("server closed the connection")?;
+            match received {
+                Received::Message {
+                    sender,
+                    kind,
+                    envelope,
+                    payload,
+                } if envelope.request == request => {
+                    let who = match sender == id {
+                        true => "you".to_string(),
+                        false => sender.to_string(),
+                    };
+                    let name = type_name(kind);
+                    got.push(match kind {
+                        TEXT => format!("[{who}] {name}: {}", String::from_utf8_lossy(&payload)),
+                        _ => format!("[{who}] {name}: {} bytes", payload.len()),
+                    });
+                }
+                Received::Record(Record::PageEnd {
+                    request: r,
+                    more,
+                    next,
+                }) if r == request => {
+                    before = Before::Offset(next);
+                    break more;
+                }
+                Received::Record(Record::QueryFailed { why, .. }) => {
+                    return Err(format!("{server} refused the query: {why}"));
+                }
+                _ => {}
+            }
+        };
+        if !more {
+            break;
+        }
+    }
+    for line in got.iter().rev() {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// A file's bytes, if they fit in one frame (the length field is 32 bits).

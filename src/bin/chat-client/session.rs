@@ -38,6 +38,19 @@ pub async fn welcome(
     let id = printer.id;
     let server = &args.server;
     let token = args.token.as_deref();
+    if let Some(device) = &args.device {
+        let sync = rt::timeout(limit, client.session(id, device, token))
+            .await
+            .ok_or_else(|| format!("{server} did not welcome id {id} within {limit:?}"))?
+            .map_err(|e| {
+                format!("{e} (a session needs a server that keeps history, without --nats)")
+            })?;
+        // A session has acks on; they count from its welcome.
+        printer.acker = Some(Acker::new(id));
+        printer.session = true;
+        crate::printer::describe(&sync);
+        return Ok(client.split());
+    }
     let welcome = async {
         if args.no_acks {
             return client.hello(id, token).await.map(|early| (early, false));
@@ -211,13 +224,19 @@ async fn confirm(
             Some(Ok(None)) => return Some(Ended::Lost("server closed the connection".into())),
             Some(Err(e)) => return Some(Ended::Lost(format!("connection lost: {e}"))),
         };
-        match printer.show(&frame) {
-            Ok(Some(ack)) => {
-                let _ = acks.unbounded_send(ack);
+        let frame = match printer.take(frame) {
+            Ok((frame, ack)) => {
+                if let Some(ack) = ack {
+                    let _ = acks.unbounded_send(ack);
+                }
+                match frame {
+                    Some(frame) => frame,
+                    // A copy from another device, a record: shown, nothing to count.
+                    None => continue,
+                }
             }
-            Ok(None) => {}
             Err(e) => return Some(Ended::Fatal(e)),
-        }
+        };
         if frame.sender == printer.id {
             *answered += 1;
         } else if let Some(n) = frame.notice() {
@@ -276,17 +295,19 @@ pub async fn interactive_session(
             }
             Either::Left((None, _)) => return Ok(()),
             Either::Right((Ok(Some(frame)), _)) => {
-                let is_refusal = frame.notice().is_some_and(|n| {
-                    n.is(Code::MailboxFull) || n.is(Code::StoreFailed) || n.is(Code::BadSender)
-                });
-                if frame.sender == id || is_refusal {
-                    unechoed.pop_front();
+                let (frame, ack) = printer.take(frame)?;
+                if let Some(frame) = frame {
+                    let is_refusal = frame.notice().is_some_and(|n| {
+                        n.is(Code::MailboxFull) || n.is(Code::StoreFailed) || n.is(Code::BadSender)
+                    });
+                    if frame.sender == id || is_refusal {
+                        unechoed.pop_front();
+                    }
+                    if frame.notice().is_some_and(|n| n.is(Code::Replaced)) {
+                        return Err("this id (or this device) connected elsewhere".into());
+                    }
                 }
-                if frame.notice().is_some_and(|n| n.is(Code::Replaced)) {
-                    printer.show(&frame)?;
-                    return Err("this id connected elsewhere".into());
-                }
-                match printer.show(&frame)? {
+                match ack {
                     Some(ack) => match sender.send(&ack).await {
                         Ok(()) => continue,
                         Err(e) => Ended::Lost(format!("cannot send: {e}")),
