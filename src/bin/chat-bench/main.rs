@@ -8,11 +8,15 @@
 //! or send to arrival). `--mode idle` only connects and holds, for memory figures.
 //! `--peer-server` puts the second of each pair on another cluster node.
 //!
+//! `--mode history` measures history pages and a device's resume (see `history.rs`).
+//!
 //! `--mode nats-pair` runs the same pair workload through a nats-server (core NATS, one
 //! subject per receiver, `--server` is its address), the fastest router we can compare
 //! with: same connections, body and window, measured the same way. NATS has no echo, so
 //! there a place in the window is freed when the frame arrives at the peer, which only
 //! makes NATS's window stricter than chat-server's (freed by the echo).
+
+mod history;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -72,6 +76,15 @@ struct Args {
     /// next batch of frames.
     #[arg(long, conflicts_with = "no_hello")]
     acks: bool,
+    /// History mode: frames in the conversation the pages are read from.
+    #[arg(long, default_value_t = 1_000_000)]
+    log_frames: u64,
+    /// History mode: pages read.
+    #[arg(long, default_value_t = 2000)]
+    reads: u32,
+    /// History mode: frames a device was away for, and then the same number live.
+    #[arg(long, default_value_t = 10_000)]
+    resume_frames: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -80,6 +93,7 @@ enum Mode {
     Pair,
     Idle,
     NatsPair,
+    History,
 }
 
 /// What every connection adds to while measuring.
@@ -95,6 +109,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = if args.mode == Mode::NatsPair {
         nats::run(args)
+    } else if args.mode == Mode::History {
+        rt::block_on(history::run(args))
     } else {
         rt::block_on(run(args))
     };
