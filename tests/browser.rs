@@ -423,22 +423,33 @@ async fn two_browsers_and_a_terminal_chat() {
     open_listed(&b, 103).await;
     find(&b, "#messages li.msg.in .text").await;
     assert_eq!(received_texts(&b).await, ["sent while your tab was closed"]);
-    // The reconnected A still reaches B.
+    // The reconnected A still reaches B, whose new tab also shows what came before
+    // it from the server's history.
     send_text(&a, "you are back").await;
     find(&b, "#back").await.click().await.unwrap();
     open_listed(&b, 101).await;
-    find(&b, "#messages li.msg.in .text").await;
-    assert_eq!(received_texts(&b).await, ["you are back"]);
+    wait_count(&b, "#messages li.msg.in .text", 2).await;
+    assert_eq!(
+        received_texts(&b).await,
+        ["hello from the browser, ça va ?", "you are back"]
+    );
 
-    // Signing in as 102 elsewhere replaces the tab, which says so and stays put.
-    let elsewhere = chat_client(&["--server", &server.addr, "--id", "102"], "");
-    assert!(elsewhere.status.success(), "{elsewhere:?}");
-    wait_true(
-        &b,
-        "return document.getElementById('banner-text').textContent.includes('somewhere else')",
-    )
-    .await;
-    find(&b, "#banner-action").await;
+    // The terminal as 102 too: it does not sign the tab out, and both get A's next
+    // message (the terminal binds once first, so frames wait for it as well).
+    let once = chat_client(&["--server", &server.addr, "--id", "102"], "");
+    assert!(once.status.success(), "{once:?}");
+    send_text(&a, "to the tab and the terminal").await;
+    wait_count(&b, "#messages li.msg.in .text", 3).await;
+    let got = chat_client(
+        &["--server", &server.addr, "--id", "102", "--receive", "1"],
+        "",
+    );
+    assert!(got.status.success(), "{got:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "[101] text: to the tab and the terminal\n"
+    );
+    find(&b, "#status.online").await;
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
@@ -645,4 +656,88 @@ async fn the_page_explains_refusals_and_sends_again_after_reconnecting() {
     );
     assert!(!more.status.success(), "{more:?}");
     a.close().await.unwrap();
+}
+
+/// Two browsers signed in as one id are online together; the conversation is loaded
+/// from the server's history after a reload, older messages come in as the reader
+/// scrolls up, what one tab sends shows in the other, and reading on one tab clears
+/// the unread count on the other.
+#[tokio::test(flavor = "current_thread")]
+async fn two_tabs_of_one_id_share_history_and_read_markers() {
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let web = format!("http://{listen}/");
+    let server = ServerProcess::start(&data, &["--web-listen", &listen]);
+    let driver = Driver::start(&chromedriver);
+    let one = session(&driver, &chromium, 1000, 700).await;
+    let two = session(&driver, &chromium, 1000, 700).await;
+    sign_in(&one, &web, 201).await;
+    sign_in(&two, &web, 201).await;
+
+    // 45 messages from the terminal (id 202): both tabs list the conversation with 45
+    // unread.
+    let lines: String = (0..45).map(|i| format!("m{i:02}\n")).collect();
+    let sent = chat_client(
+        &["--server", &server.addr, "--id", "202", "--to", "201"],
+        &lines,
+    );
+    assert!(sent.status.success(), "{sent:?}");
+    let badge = "return (document.querySelector(\"#conversations button[data-peer='202'] .unread\") || {}).textContent === '45'";
+    for tab in [&one, &two] {
+        wait_true(tab, badge).await;
+    }
+
+    // Tab one reads: it shows the newest page, older ones as it scrolls up, and tab
+    // two's count goes to nothing.
+    open_listed(&one, 202).await;
+    wait_count(&one, "#messages li.msg.in .text", 30).await;
+    let scroll_up = "const l = document.getElementById('messages'); l.scrollTop = 0; \
+                     l.dispatchEvent(new Event('scroll')); return document.querySelectorAll('#messages li.msg.in').length";
+    let deadline = Instant::now() + SHOW;
+    while one.execute(scroll_up, vec![]).await.unwrap() != json!(45) {
+        assert!(Instant::now() < deadline, "older messages never came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let texts = received_texts(&one).await;
+    let want: Vec<String> = (0..45).map(|i| format!("m{i:02}")).collect();
+    assert_eq!(texts, want, "in order, once each");
+    wait_true(
+        &two,
+        "return document.querySelector(\"#conversations button[data-peer='202'] .unread\") === null",
+    )
+    .await;
+
+    // Tab one answers; tab two shows it as its own, sent.
+    send_text(&one, "answer from tab one").await;
+    open_listed(&two, 202).await;
+    wait_true(
+        &two,
+        "return [...document.querySelectorAll('#messages li.msg.out .text')].some((e) => e.textContent === 'answer from tab one')",
+    )
+    .await;
+
+    // Tab two reloads: the same conversation, from the server, with both sides (the
+    // newest page: the answer and the 29 messages before it).
+    two.refresh().await.unwrap();
+    find(&two, "#status.online").await;
+    open_listed(&two, 202).await;
+    wait_count(&two, "#messages li.msg .text", 30).await;
+    wait_true(
+        &two,
+        "return [...document.querySelectorAll('#messages li.msg.out .text')].some((e) => e.textContent === 'answer from tab one')",
+    )
+    .await;
+    for tab in [&one, &two] {
+        find(tab, "#status.online").await;
+    }
+    one.close().await.unwrap();
+    two.close().await.unwrap();
 }

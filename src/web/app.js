@@ -1,9 +1,19 @@
 // The chat web client: the binary protocol of docs/PROTOCOL.md over a WebSocket, one
 // frame per binary message. Plain JavaScript, no build step, no third-party code.
+//
+// Each tab is a device of its own (a session, docs/PROTOCOL.md "Sessions"), named once
+// per tab and kept in sessionStorage, so a reload resumes the same device and two tabs
+// or two browsers of one id are online together. (Tabs sharing one device would
+// replace each other's connection; sharing it without that needs one tab to hold the
+// connection for the others.) A server without sessions (a cluster, for now) gets a
+// hello with acks instead, and the page keeps what it sees in memory only.
 'use strict';
 
 const CONTROL = 0, TEXT = 1, PICTURE = 2, VOICE = 3, VIDEO = 4;
-const OP_HELLO_ACKS = 3, OP_ACK = 2;
+const OP_HELLO_ACKS = 3, OP_ACK = 2, OP_SESSION = 4, OP_HISTORY = 5, OP_CONVERSATIONS = 6, OP_READ = 7;
+// What a message on a session is (its envelope's second byte).
+const DELIVERY = 0, ECHO = 1, COPY = 2, PAGE = 3;
+const PAGE_SIZE = 30;
 const RETRY_MIN = 500, RETRY_MAX = 10000;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -30,6 +40,13 @@ const state = {
   stopped: true,
   conversations: new Map(),
   current: 0,
+  // This tab's device, and whether the server took the session (else: plain acks).
+  device: '',
+  session: false,
+  triedSession: false,
+  // Queries in flight: request number -> what it was for.
+  requests: new Map(),
+  nextRequest: 1,
 };
 
 // ---- frames -------------------------------------------------------------------------
@@ -63,6 +80,56 @@ function u32(n) {
   return bytes;
 }
 
+// Offsets and times are u64 on the wire, below 2^53 (microseconds and milliseconds
+// since 1970), so a Number holds them exactly.
+function u64At(view, at) {
+  return view.getUint32(at) * 2 ** 32 + view.getUint32(at + 4);
+}
+
+function u64(n) {
+  const bytes = new Uint8Array(8);
+  const view = new DataView(bytes.buffer);
+  view.setUint32(0, Math.floor(n / 2 ** 32));
+  view.setUint32(4, n % 2 ** 32);
+  return bytes;
+}
+
+function concat(...parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.byteLength;
+  }
+  return out;
+}
+
+function sessionHello() {
+  const name = encoder.encode(state.device);
+  return clientFrame(state.me, OP_SESSION, CONTROL,
+    concat(new Uint8Array([1, name.byteLength]), name, encoder.encode(state.token)));
+}
+
+function newDevice() {
+  const bytes = crypto.getRandomValues(new Uint8Array(4));
+  state.device = 'web-' + [...bytes].map((b) => b.toString(16).padStart(2, '0')).join('');
+  sessionStorage.setItem('chat.device', state.device);
+}
+
+// Asks the server something on the session; `what` says what the answer is for.
+function ask(op, what, ...fields) {
+  const request = state.nextRequest++;
+  state.requests.set(request, what);
+  send(clientFrame(state.me, op, CONTROL, concat(u32(request), ...fields)));
+  return request;
+}
+
+function u16(n) {
+  const bytes = new Uint8Array(2);
+  new DataView(bytes.buffer).setUint16(0, n);
+  return bytes;
+}
+
 // ---- connection ---------------------------------------------------------------------
 
 function connect() {
@@ -73,7 +140,14 @@ function connect() {
   ws.binaryType = 'arraybuffer';
   state.ws = ws;
   setStatus('connecting…');
-  ws.onopen = () => ws.send(clientFrame(state.me, OP_HELLO_ACKS, CONTROL, encoder.encode(state.token)));
+  ws.onopen = () => {
+    state.session = false;
+    if (state.triedSession) {
+      ws.send(clientFrame(state.me, OP_HELLO_ACKS, CONTROL, encoder.encode(state.token)));
+    } else {
+      ws.send(sessionHello());
+    }
+  };
   ws.onmessage = (event) => {
     if (typeof event.data === 'string') return;
     const frame = serverFrame(event.data);
@@ -100,7 +174,11 @@ function send(bytes) {
 }
 
 function receive(frame) {
-  if (frame.type === CONTROL && frame.sender === 0) return notice(decoder.decode(frame.body));
+  if (frame.type === CONTROL && frame.sender === 0) {
+    if (frame.body.length > 0 && frame.body[0] < 0x20) return record(frame.body);
+    return notice(decoder.decode(frame.body));
+  }
+  if (state.session) return sessionMessage(frame);
   if (frame.sender === state.me) return echoed();
   const conversation = conversationWith(frame.sender);
   const message = { outgoing: false, type: frame.type, body: frame.body.slice(), at: new Date() };
@@ -125,6 +203,122 @@ function scheduleAck() {
   }, 50);
 }
 
+// A message on a session: its envelope says what it is, where it belongs and its
+// place in the id's log (the offset, the same on every device of the id).
+function sessionMessage(frame) {
+  const body = frame.body;
+  if (body.length < 26 || body[0] < 26 || body.length < body[0]) return;
+  const view = new DataView(body.buffer, body.byteOffset, body.byteLength);
+  const what = body[1];
+  const offset = u64At(view, 2);
+  const at = new Date(u64At(view, 10));
+  const peer = view.getUint32(18);
+  const request = view.getUint32(22);
+  const payload = body.slice(body[0]);
+  if (what === ECHO) return echoed(offset, at);
+  const outgoing = frame.sender === state.me;
+  const m = { outgoing, type: frame.type, body: payload, at, offset, status: outgoing ? 'sent' : undefined };
+  const conversation = conversationWith(peer);
+  if (what === PAGE) return place(conversation, m, true);
+  // A delivery or a copy from another device: acks count both.
+  state.received = (state.received + 1) >>> 0;
+  scheduleAck();
+  if (!place(conversation, m, false)) return;
+  if (!outgoing) {
+    if (state.current === peer && !document.hidden) markRead(conversation);
+    else conversation.unread += 1;
+  }
+  renderConversations();
+}
+
+// Puts a message in its conversation in the order of offsets, once: false if it was
+// there already (a page and a delivery can bring the same message).
+function place(conversation, m, older) {
+  if (conversation.offsets.has(m.offset)) return false;
+  conversation.offsets.add(m.offset);
+  const list = conversation.messages;
+  let i = list.length;
+  while (i > 0 && (list[i - 1].offset === undefined || list[i - 1].offset > m.offset)) i -= 1;
+  list.splice(i, 0, m);
+  if (m.at > conversation.last) conversation.last = m.at;
+  if (!m.outgoing) conversation.lastIncoming = Math.max(conversation.lastIncoming, m.offset);
+  if (state.current === conversation.peer) {
+    if (older) renderMessages(conversation, true);
+    else if (i === list.length - 1) appendMessage(m);
+    else renderMessages(conversation, false);
+  }
+  return true;
+}
+
+// The server's structured answers on a session.
+function record(body) {
+  const view = new DataView(body.buffer, body.byteOffset, body.byteLength);
+  switch (body[0]) {
+    case 1: // sync: this device's place; now ask for the conversations.
+      // new u8 · head · oldest · backlog · missed
+      if (u64At(view, 26) > 0) {
+        showBanner(`${u64At(view, 26)} messages for this tab were dropped before it got them (the server's limit).`);
+      }
+      ask(OP_CONVERSATIONS, { kind: 'list' }, u64(0), u16(100));
+      return;
+    case 3: { // page-end
+      const what = state.requests.get(view.getUint32(1));
+      state.requests.delete(view.getUint32(1));
+      if (what && what.kind === 'history') {
+        const c = conversationWith(what.peer);
+        c.more = body[5] === 1;
+        c.next = u64At(view, 6);
+        c.loading = false;
+        if (state.current === c.peer && !document.hidden) markRead(c);
+      }
+      if (what && what.kind === 'list' && state.current) loadHistory(conversationWith(state.current));
+      return renderConversations();
+    }
+    case 4: { // a conversation: request · peer · last · time · unread · read
+      const c = conversationWith(view.getUint32(5));
+      c.unread = state.current === c.peer ? 0 : view.getUint32(25);
+      c.read = Math.max(c.read, u64At(view, 29));
+      c.last = new Date(Math.max(c.last, u64At(view, 17)));
+      return;
+    }
+    case 5: { // a read marker moved, on this tab or another device
+      const c = conversationWith(view.getUint32(1));
+      c.read = Math.max(c.read, u64At(view, 5));
+      c.unread = view.getUint32(13);
+      return renderConversations();
+    }
+    case 6: // a query refused
+      return showBanner(`The server refused a request: ${decoder.decode(body.slice(5))}`);
+    default:
+      return;
+  }
+}
+
+// The newest page of a conversation, once; older pages as the reader scrolls up.
+function loadHistory(c) {
+  if (!state.session || c.loaded || c.loading) return;
+  c.loaded = true;
+  c.loading = true;
+  ask(OP_HISTORY, { kind: 'history', peer: c.peer }, u32(c.peer), u64(0), u16(PAGE_SIZE));
+}
+
+function loadOlder(c) {
+  if (!state.session || !c.more || c.loading) return;
+  c.loading = true;
+  ask(OP_HISTORY, { kind: 'history', peer: c.peer }, u32(c.peer), u64(c.next), u16(PAGE_SIZE));
+}
+
+// Tells the server (and so every device of the id) that this conversation is read.
+function markRead(c) {
+  if (!state.session || c.lastIncoming <= c.read) {
+    c.unread = 0;
+    return;
+  }
+  c.read = c.lastIncoming;
+  c.unread = 0;
+  ask(OP_READ, { kind: 'read' }, u32(c.peer), u64(c.lastIncoming));
+}
+
 // The server's notices, in plain words.
 const WORDS = {
   'mailbox-full': 'Not sent: their mailbox is full. Try again once they have read it.',
@@ -136,6 +330,7 @@ const WORDS = {
   'timeout': 'The connection stalled. Reconnecting.',
   'server-busy': 'The server is full right now. Retrying.',
   'shutting-down': 'The server is restarting. Reconnecting.',
+  'too-many-devices': 'This id has too many tabs and devices online. Close one, then reload.',
 };
 
 function notice(text) {
@@ -145,6 +340,7 @@ function notice(text) {
   switch (code) {
     case 'welcome':
       state.online = true;
+      state.session = !state.triedSession;
       state.retries = 0;
       state.received = 0;
       state.acked = 0;
@@ -156,14 +352,32 @@ function notice(text) {
     case 'acks-on':
     case 'pong':
       return;
+    case 'bad-control':
+      if (!state.online && !state.triedSession) {
+        // The server has no sessions: a hello with acks, as before them.
+        state.triedSession = true;
+        send(clientFrame(state.me, OP_HELLO_ACKS, CONTROL, encoder.encode(state.token)));
+        return;
+      }
+      return showBanner(`${code}: ${detail}`);
     case 'mailbox-full':
     case 'store-failed':
     case 'bad-sender':
       return failed(WORDS[code]);
     case 'replaced':
+      if (state.session) {
+        // Another tab took this tab's device (a duplicated tab copies its storage):
+        // this one becomes a device of its own.
+        newDevice();
+        return;
+      }
       state.stopped = true;
       setStatus('signed in elsewhere');
       return showBanner('You signed in with this id somewhere else, so this tab stopped.', 'Use this tab', () => connect());
+    case 'too-many-devices':
+      state.stopped = true;
+      setStatus('too many devices');
+      return showBanner(WORDS[code], 'Try again', () => connect());
     case 'auth-failed':
       state.stopped = true;
       return signedOut(`Sign-in refused: ${detail}`);
@@ -172,10 +386,16 @@ function notice(text) {
   }
 }
 
-function echoed() {
+function echoed(offset, at) {
   const p = state.pending.shift();
   if (!p) return;
   p.message.status = 'sent';
+  if (offset) {
+    // Its place in the log: a page or another device's copy of it is the same message.
+    p.message.offset = offset;
+    p.message.at = at;
+    conversationWith(p.peer).offsets.add(offset);
+  }
   updateMessage(p.message);
 }
 
@@ -194,7 +414,12 @@ function failed(words) {
 function conversationWith(peer) {
   let c = state.conversations.get(peer);
   if (!c) {
-    c = { peer, messages: [], unread: 0, last: new Date(0) };
+    c = {
+      peer, messages: [], unread: 0, last: new Date(0),
+      // Session bookkeeping: offsets held, the read marker, the newest message from the
+      // peer, whether history was asked for, and where the next older page starts.
+      offsets: new Set(), read: 0, lastIncoming: 0, loaded: false, loading: false, more: false, next: 0,
+    };
     state.conversations.set(peer, c);
   }
   return c;
@@ -207,11 +432,21 @@ function open(peer) {
   $('peer-title').textContent = `id ${peer}`;
   $('composer').hidden = false;
   $('app').classList.add('in-conversation');
-  const list = $('messages');
-  list.replaceChildren();
-  for (const m of conversation.messages) appendMessage(m);
+  renderMessages(conversation, false);
+  loadHistory(conversation);
+  markRead(conversation);
   renderConversations();
   $('text').focus();
+}
+
+// Draws a conversation's messages again; `keep` holds the reader's place when older
+// ones came in above.
+function renderMessages(conversation, keep) {
+  const list = $('messages');
+  const fromBottom = list.scrollHeight - list.scrollTop;
+  list.replaceChildren();
+  for (const m of conversation.messages) appendMessage(m);
+  if (keep) list.scrollTop = list.scrollHeight - fromBottom;
 }
 
 function renderConversations() {
@@ -428,6 +663,8 @@ function hideBanner() {
 function signIn(id, token) {
   state.me = id;
   state.token = token;
+  state.device = sessionStorage.getItem('chat.device') || '';
+  if (!state.device) newDevice();
   localStorage.setItem('chat.id', String(id));
   sessionStorage.setItem('chat.token', token);
   $('me').textContent = `id ${id}`;
@@ -500,6 +737,9 @@ async function start() {
     $('file').value = '';
   };
   $('record').onclick = toggleRecording;
+  $('messages').addEventListener('scroll', () => {
+    if (state.current && $('messages').scrollTop < 40) loadOlder(conversationWith(state.current));
+  });
   $('back').onclick = () => {
     state.current = 0;
     $('app').classList.remove('in-conversation');
@@ -511,7 +751,7 @@ async function start() {
     signedOut('');
   };
   document.addEventListener('visibilitychange', () => {
-    if (!document.hidden && state.current) conversationWith(state.current).unread = 0;
+    if (!document.hidden && state.current) markRead(conversationWith(state.current));
     renderConversations();
   });
   const id = Number(localStorage.getItem('chat.id'));
