@@ -175,9 +175,13 @@ impl Client {
             Received::Notice(n) => return Err(refused(&n)),
             other => return Err(unexpected("the welcome", &other)),
         }
-        match self.recv_session().await?.ok_or_else(closed)? {
-            Received::Record(sync @ Record::Sync { .. }) => Ok(sync),
-            other => Err(unexpected("the sync record", &other)),
+        loop {
+            match self.recv_session().await?.ok_or_else(closed)? {
+                Received::Record(sync @ Record::Sync { .. }) => return Ok(sync),
+                // A read marker another device moved meanwhile: nothing to keep.
+                Received::Record(_) => {}
+                other => return Err(unexpected("the sync record", &other)),
+            }
         }
     }
 

@@ -757,3 +757,65 @@ async fn whole(s: &mut Client, id: u32, conversation: u32) -> Vec<String> {
     }
     seen
 }
+
+/// A file this release wrote, which the previous release then ran on again (its
+/// `mailbox` table beside this release's tables, numbered from 1 again): the old rows
+/// come after what already waited, in order, once, without duplicating history.
+#[test]
+fn a_previous_release_running_again_on_this_release_s_file_is_taken_over_in_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // This release first: two frames wait for 5.
+    {
+        let mut server = ServerProcess::start(dir.path(), &[]);
+        let sent = chat_client(
+            &["--server", &server.addr, "--id", "7", "--to", "5"],
+            "new 0\nnew 1\n",
+        );
+        assert!(sent.status.success(), "{sent:?}");
+        server.signal(libc::SIGTERM);
+        server.wait();
+    }
+    // Then the previous release, which numbers from 1 in its own table.
+    {
+        let db = redb::Database::create(dir.path().join("mailbox.redb")).expect("db");
+        let old: redb::TableDefinition<(u32, u64), &[u8]> = redb::TableDefinition::new("mailbox");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut t = txn.open_table(old).expect("table");
+            for i in 0..3u64 {
+                let f = ServerFrame {
+                    sender: 7,
+                    kind: 1,
+                    body: format!("old {i}").into_bytes().into(),
+                };
+                t.insert((5u32, 1 + i), &f.to_bytes()[..]).expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    let server = ServerProcess::start(dir.path(), &[]);
+    rt::block_on(async {
+        let (mut c, got) = mailbox_of(&server.addr, 5, 5).await;
+        let bodies: Vec<String> = got
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.body).into_owned())
+            .collect();
+        assert_eq!(bodies, ["new 0", "new 1", "old 0", "old 1", "old 2"]);
+        drop(c.ping().await);
+        let (mut s, _) = {
+            let mut s = within(Client::connect(&server.addr))
+                .await
+                .expect("connects");
+            let sync = within(s.session(5, &device("pc"), None))
+                .await
+                .expect("session");
+            (s, sync)
+        };
+        assert!(backlog(&mut s).await.is_empty());
+        assert_eq!(
+            whole(&mut s, 5, 7).await,
+            ["old 2", "old 1", "old 0", "new 1", "new 0"],
+            "history once each, in the order the frames were numbered"
+        );
+    });
+}

@@ -406,7 +406,6 @@ impl Worker {
         let (Some(cutoff), Some(db)) = (self.history.cutoff(now_ms()), &self.db) else {
             return;
         };
-        let before = self.kept.clone();
         let result = (|| -> Result<(), redb::Error> {
             loop {
                 let txn = db.begin_write()?;
@@ -426,10 +425,8 @@ impl Worker {
         })();
         match result {
             Ok(()) => self.publish(),
-            Err(e) => {
-                self.kept = before;
-                self.go_down(e.to_string());
-            }
+            // The counts may be off now; recovery reads them from the file again.
+            Err(e) => self.go_down(e.to_string()),
         }
     }
 
@@ -527,7 +524,6 @@ impl Worker {
             self.send(replies);
             return;
         }
-        let before = (self.log.clone(), self.kept.clone());
         match self.transact(&writes, &skipped) {
             Ok(more) => {
                 self.stats.tick();
@@ -536,9 +532,10 @@ impl Worker {
                 self.send(replies);
             }
             Err(e) => {
-                (self.log, self.kept) = before;
                 // What history took in the failed commit is lost with it: frames that
-                // were delivered meanwhile are not in it, refused ones must not be.
+                // were delivered meanwhile are not in it, refused ones must not be. The
+                // counts in memory may be off now: recovery reads them from the file
+                // again before anything uses them.
                 self.kept.clear_pending();
                 let reason = e.to_string();
                 self.go_down(reason.clone());
@@ -629,9 +626,20 @@ impl Worker {
         // A batch that only reads needs no commit, and so no fsync.
         let mut dirty = self.kept.has_pending();
         let mut written = 0u32;
+        // For each command, the number of the next append after it: what history took
+        // below that has its outcome (refused frames have left), so it may be written
+        // early, before a read that must see it.
+        let mut next_append = vec![u64::MAX; writes.len()];
+        let mut next = u64::MAX;
+        for (i, cmd) in writes.iter().enumerate().rev() {
+            next_append[i] = next;
+            if let Command::Append { seq, .. } = cmd {
+                next = *seq;
+            }
+        }
         {
             let mut t = Tables::open(&txn)?;
-            for cmd in writes {
+            for (i, cmd) in writes.iter().enumerate() {
                 match cmd {
                     Command::Append {
                         ticket,
@@ -704,7 +712,7 @@ impl Worker {
                         let sync = match reading {
                             Reading::SessionStart { new } => {
                                 dirty = true;
-                                self.kept.flush(&mut t, &self.history)?;
+                                self.kept.flush(&mut t, &self.history, next_append[i])?;
                                 let head = self.kept.head(&t, e.id)?;
                                 let oldest = self.kept.oldest(&t)?;
                                 Some(self.log.sync(&mut t, e, *new, head, oldest)?.encode())
@@ -768,7 +776,7 @@ impl Worker {
                             });
                             continue;
                         }
-                        self.kept.flush(&mut t, &self.history)?;
+                        self.kept.flush(&mut t, &self.history, next_append[i])?;
                         match self.kept.query(&mut t, *id, query)? {
                             Answer::Frames(frames) => replies.push(Reply::Answer {
                                 ticket: *ticket,
@@ -777,6 +785,7 @@ impl Worker {
                             Answer::Read(record) => {
                                 dirty = true;
                                 replies.push(Reply::Read {
+                                    ticket: *ticket,
                                     id: *id,
                                     record: record.encode(),
                                 })
@@ -786,7 +795,8 @@ impl Worker {
                 }
             }
             if dirty {
-                self.kept.flush(&mut t, &self.history)?;
+                self.kept.flush(&mut t, &self.history, u64::MAX)?;
+                self.log.flush_missed(&mut t)?;
                 self.log.save_seq(&mut t)?;
             }
         }

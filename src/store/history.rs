@@ -124,15 +124,22 @@ impl Kept {
         !self.pending.is_empty()
     }
 
-    /// Writes what was taken: into each conversation's newest block, and new blocks
-    /// past it; notes each conversation's newest message and unread count; prunes the
-    /// conversations that went past their bounds.
-    pub fn flush(&mut self, t: &mut Tables, history: &History) -> Result<(), redb::Error> {
+    /// Writes what was taken with numbers below `below`: into each conversation's
+    /// newest block, and new blocks past it; notes each conversation's newest message
+    /// and unread count; prunes the conversations that went past their bounds.
+    pub fn flush(
+        &mut self,
+        t: &mut Tables,
+        history: &History,
+        below: u64,
+    ) -> Result<(), redb::Error> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        let later = self.pending.split_off(&below);
+        let taken = std::mem::replace(&mut self.pending, later);
         let mut by_pair: HashMap<(u32, u32), Vec<(u64, Pending)>> = HashMap::new();
-        for (seq, p) in std::mem::take(&mut self.pending) {
+        for (seq, p) in taken {
             let author = Entry::author_of(&p.wire);
             by_pair
                 .entry(pair(author, p.receiver))

@@ -84,6 +84,8 @@ pub struct Log {
     pub pruned: u64,
     /// The highest sequence number the store has seen.
     pub seq_high: u64,
+    /// Frames each device missed since the last commit, written with it.
+    missed: HashMap<Endpoint, u64>,
 }
 
 /// One frame as it is appended.
@@ -248,7 +250,7 @@ impl Log {
         }
         if take.len() < a.targets.len() {
             for missed in a.targets.iter().filter(|t| !take.contains(t)) {
-                self.missed(t, missed.endpoint, 1)?;
+                self.missed(missed.endpoint, 1);
             }
         }
         self.seq_high = self.seq_high.max(a.seq);
@@ -274,19 +276,27 @@ impl Log {
     }
 
     /// Counts `n` frames a device will never get.
-    fn missed(&mut self, t: &mut Tables, e: Endpoint, n: u64) -> Result<(), redb::Error> {
+    fn missed(&mut self, e: Endpoint, n: u64) {
         self.pruned += n;
-        let mut row = t
-            .devices
-            .get((e.id, e.device))?
-            .and_then(|r| DeviceRow::decode(r.value()))
-            .unwrap_or(DeviceRow {
-                last_seen: 0,
-                missed: 0,
-                name: String::new(),
-            });
-        row.missed = row.missed.saturating_add(n);
-        t.devices.insert((e.id, e.device), &row.encode()[..])?;
+        *self.missed.entry(e).or_default() += n;
+    }
+
+    /// Writes what devices missed since the last commit into their rows: once per
+    /// commit, however many frames a device at its limit missed.
+    pub fn flush_missed(&mut self, t: &mut Tables) -> Result<(), redb::Error> {
+        for (e, n) in std::mem::take(&mut self.missed) {
+            let mut row = t
+                .devices
+                .get((e.id, e.device))?
+                .and_then(|r| DeviceRow::decode(r.value()))
+                .unwrap_or(DeviceRow {
+                    last_seen: 0,
+                    missed: 0,
+                    name: String::new(),
+                });
+            row.missed = row.missed.saturating_add(n);
+            t.devices.insert((e.id, e.device), &row.encode()[..])?;
+        }
         Ok(())
     }
 
@@ -376,13 +386,14 @@ impl Log {
     /// What a device's session learns when it starts: the `sync` record, with the
     /// id's newest offset and the oldest history keeps.
     pub fn sync(
-        &self,
+        &mut self,
         t: &mut Tables,
         e: Endpoint,
         new: bool,
         head: u64,
         oldest: u64,
     ) -> Result<Record, redb::Error> {
+        self.flush_missed(t)?;
         let mut missed = 0;
         let row = t
             .devices

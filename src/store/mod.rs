@@ -178,8 +178,13 @@ pub enum Reply {
     },
     /// The answer to a query, for the asking connection.
     Answer { ticket: Ticket, frames: Vec<Bytes> },
-    /// A read marker of `id` moved: every session of the id gets the record.
-    Read { id: u32, record: Bytes },
+    /// A read marker of `id` moved: every session of the id gets the record (the
+    /// ticket is the asking connection's).
+    Read {
+        ticket: Ticket,
+        id: u32,
+        record: Bytes,
+    },
     /// The store went down (with the reason) or came back (`None`).
     Health(Option<String>),
 }

@@ -6,6 +6,12 @@
 //! in the same order. The rows move in batches, each one transaction that writes the
 //! new rows and deletes the old ones, so a crash in the middle leaves every frame in
 //! exactly one of the two tables, and the next start finishes the move.
+//!
+//! A file this release wrote already (an older release ran on it again, then this one)
+//! has numbers of its own, and the older release numbered from 1 again: the moved
+//! frames are numbered above every number the file has (a base kept in `meta` until
+//! the move ends, so a move that resumes after a crash uses the same one), and only
+//! they are taken into history.
 
 // redb's error type is large; it is built at most once per failed transaction.
 #![allow(clippy::result_large_err)]
@@ -17,7 +23,10 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableHandle};
 use super::History;
 use super::history::Kept;
 use super::log::{Appending, Log, Tables};
-use super::tables::{Entry, MAILBOX};
+use super::tables::{Entry, MAILBOX, META};
+
+/// The `meta` row that keeps the number the moved frames are numbered above.
+const UPGRADE_BASE: &str = "upgrade-base";
 use super::{Endpoint, Limits, Target};
 
 /// Rows moved per transaction.
@@ -42,6 +51,15 @@ pub fn run(
     }
     let started = Instant::now();
     let mut moved = 0u64;
+    let base = {
+        let txn = db.begin_read()?;
+        let saved = match txn.open_table(META) {
+            Ok(meta) => meta.get(UPGRADE_BASE)?.map(|v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        saved.unwrap_or(log.seq_high)
+    };
     // The old rows are delivered as they were, whatever the limits say now.
     let unlimited = Limits {
         max_messages: u64::MAX,
@@ -61,7 +79,9 @@ pub fn run(
                     rows.push((key.value(), value.value().to_vec()));
                 }
                 let mut t = Tables::open(&txn)?;
-                for ((receiver, seq), wire) in &rows {
+                t.meta.insert(UPGRADE_BASE, base)?;
+                for ((receiver, old_seq), wire) in &rows {
+                    let seq = &(base + old_seq);
                     let targets = [Target {
                         endpoint: Endpoint::default_of(*receiver),
                         live: false,
@@ -76,7 +96,7 @@ pub fn run(
                     };
                     // Never refused: the limits are lifted.
                     let _ = log.append(&mut t, &a, &unlimited, &mut buf)?;
-                    old.remove((*receiver, *seq))?;
+                    old.remove((*receiver, *old_seq))?;
                 }
                 log.save_seq(&mut t)?;
                 moved += rows.len() as u64;
@@ -89,7 +109,7 @@ pub fn run(
             // transaction that ends the move, so a crash before it does this again.
             if history.on() {
                 let mut t = Tables::open(&txn)?;
-                let mut after = 0;
+                let mut after = base + 1;
                 loop {
                     let mut n = 0;
                     for row in t.frames.range(after..)?.take(BATCH) {
@@ -101,11 +121,15 @@ pub fn run(
                         after = seq.value() + 1;
                         n += 1;
                     }
-                    kept.flush(&mut t, history)?;
+                    kept.flush(&mut t, history, u64::MAX)?;
                     if n < BATCH {
                         break;
                     }
                 }
+            }
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.remove(UPGRADE_BASE)?;
             }
             txn.delete_table(MAILBOX)?;
             txn.commit()?;

@@ -22,6 +22,10 @@ use crate::server::outbox::{Close, Outbox};
 use super::mailbox::Mailbox;
 use super::replies::Replies;
 
+/// Queries one connection may have unanswered at once: each answer can hold a page of
+/// up to 1 MiB and a frame, so this bounds what one client makes the server hold.
+pub(super) const MAX_QUERIES: u8 = 4;
+
 /// One connection as the broker sees it.
 pub(super) struct Conn {
     pub outbox: Arc<Outbox>,
@@ -34,6 +38,8 @@ pub(super) struct Conn {
     /// A session whose first read is still to be asked for: `Some(new)`, where `new`
     /// says the server did not know the device (its `sync` record says so).
     pub start: Option<bool>,
+    /// Its queries the store has not answered yet (at most [`MAX_QUERIES`]).
+    pub queries: u8,
     /// Closing: its writer is finishing; it takes nothing new.
     pub closing: bool,
     /// Replies in the order their frames arrived (see [`super::replies`]).
@@ -96,6 +102,7 @@ impl Registry {
             device: 0,
             session: None,
             start: None,
+            queries: 0,
             closing,
             replies: Replies::default(),
             mailbox: Mailbox::default(),

@@ -99,6 +99,24 @@ impl Devices {
         Assigned::New { device, forgotten }
     }
 
+    /// Whether `id` has named devices (then a frame for it, or from it, may be for
+    /// devices that are away).
+    pub fn has(&self, id: u32) -> bool {
+        self.ids.get(&id).is_some_and(|list| !list.is_empty())
+    }
+
+    /// A device was in use until `now` (its connection closed): it is not the one
+    /// seen longest ago.
+    pub fn seen(&mut self, id: u32, device: u16, now: u64) {
+        if let Some(k) = self
+            .ids
+            .get_mut(&id)
+            .and_then(|list| list.iter_mut().find(|k| k.device == device))
+        {
+            k.last_seen = now;
+        }
+    }
+
     /// The name of a device, if the id has it.
     #[cfg(test)]
     pub fn name(&self, e: crate::ids::Endpoint) -> Option<&Device> {

@@ -37,7 +37,7 @@ use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
 use crate::store::{
     Command, DeviceChange, Failure, Fanout, KnownDevice, Outcome, Reading, Reply, now_ms,
 };
-use conns::{Bind, Finished, Registry};
+use conns::{Bind, Finished, MAX_QUERIES, Registry};
 use devices::{Assigned, Devices};
 use mailbox::{Admit, Page, page_bytes};
 use remote::Remote;
@@ -67,6 +67,9 @@ pub struct Broker {
     answers: Vec<ToCluster>,
     /// The named devices of each id that has any (see [`devices`]).
     devices: Devices,
+    /// Store commands from where the broker cannot wait (a close), sent once the
+    /// current event is handled.
+    later: Vec<Command>,
     /// Whether sessions are offered: on one node (a cluster keeps no history yet).
     sessions: bool,
     /// Whether a live frame's echo goes once it is written (see [`Broker::route_wire`]).
@@ -88,6 +91,7 @@ impl Broker {
             metrics,
             ack_timeout: config.frame_timeout,
             devices: Devices::new(devices, config.max_devices),
+            later: Vec::new(),
             sessions: config.nats.is_none(),
             echo_at_write: config.nats.is_none() && config.history.on(),
             events,
@@ -375,6 +379,16 @@ impl Broker {
             let detail = "queries need a session (control operation 4)";
             return self.reply(conn, notice(Code::BadControl, detail));
         };
+        if c.queries >= MAX_QUERIES {
+            let why =
+                format!("busy: at most {MAX_QUERIES} queries at a time; ask again after an answer");
+            let failed = Record::QueryFailed {
+                request: query.request(),
+                why,
+            };
+            return self.reply(conn, failed.encode());
+        }
+        c.queries += 1;
         let ticket = Ticket::Conn(conn);
         self.send_store(Command::Query { ticket, id, query }).await;
     }
@@ -590,6 +604,13 @@ impl Broker {
             return;
         }
         self.wait_for_echo(from, seq, echo);
+        // An early echo (below) only for a frame with one device to reach: with more,
+        // it could stand for a frame that a crash before the commit keeps from the
+        // devices that are away.
+        let one_target = origin.is_none()
+            && named.is_empty()
+            && !self.devices.has(receiver)
+            && !self.devices.has(sender);
         let fanout = (origin.is_some() || !named.is_empty()).then(|| {
             Box::new(Fanout {
                 live: named.iter().map(|(e, ..)| *e).collect(),
@@ -614,7 +635,7 @@ impl Broker {
         // stored all the same). Without history the store answers within its 5 ms
         // (the frame never reaches the disk); a cluster's store settles it too.
         let echo_to = match from {
-            Ticket::Conn(_) if self.echo_at_write => Some(from),
+            Ticket::Conn(_) if self.echo_at_write && one_target => Some(from),
             _ => None,
         };
         let item = |wire, e| match echo_to {
@@ -721,6 +742,9 @@ impl Broker {
     async fn send_answers(&mut self) {
         for answer in std::mem::take(&mut self.answers) {
             self.storage.send_cluster(answer).await;
+        }
+        for command in std::mem::take(&mut self.later) {
+            self.storage.send(command).await;
         }
     }
 
@@ -844,12 +868,16 @@ impl Broker {
             }
             Reply::Answer { ticket, frames } => {
                 if let Ticket::Conn(conn) = ticket {
+                    self.answered(conn);
                     for frame in frames {
                         self.reply(conn, frame);
                     }
                 }
             }
-            Reply::Read { id, record } => {
+            Reply::Read { ticket, id, record } => {
+                if let Ticket::Conn(conn) = ticket {
+                    self.answered(conn);
+                }
                 for (_, conn) in self.conns.sessions_of(id) {
                     self.reply(conn, record.clone());
                 }
@@ -922,10 +950,34 @@ impl Broker {
         .await;
     }
 
+    /// A query of `conn` was answered.
+    fn answered(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.queries = c.queries.saturating_sub(1);
+        }
+    }
+
     /// Starts closing a connection and takes it offline. It stays in the registry
-    /// until its writer has finished.
+    /// until its writer has finished. A session's device was in use until now: it is
+    /// not the one to forget first when its id needs room.
     fn close(&mut self, conn: ConnId, close: Close) {
-        self.conns.close(conn, close);
+        let session = self
+            .conns
+            .live(conn)
+            .and_then(|c| Some((c.id?, c.device, c.session.as_deref()?.clone())));
+        if self.conns.close(conn, close)
+            && let Some((id, device, name)) = session
+        {
+            let now = now_ms();
+            self.devices.seen(id, device, now);
+            let endpoint = Endpoint { id, device };
+            let change = DeviceChange::Seen {
+                name: name.to_string(),
+                now,
+            };
+            // Sent once the current event is handled: closing never waits.
+            self.later.push(Command::Device { endpoint, change });
+        }
     }
 
     /// Frames for `receiver` were stored where this node did not see them (by another
