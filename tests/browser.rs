@@ -184,6 +184,17 @@ async fn session(driver: &Driver, chromium: &Path, width: u32, height: u32) -> C
     }
 }
 
+/// A free loopback address for the web listener, and the page's URL there.
+fn web_address() -> (String, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let web = format!("http://{listen}/");
+    (listen, web)
+}
+
 async fn find(browser: &Client, css: &str) -> fantoccini::elements::Element {
     browser
         .wait()
@@ -296,12 +307,7 @@ async fn two_browsers_and_a_terminal_chat() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // A fixed web port, so the pages find the server again after its restart.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let web = format!("http://{listen}/");
+    let (listen, web) = web_address();
     let mut server = ServerProcess::start(&data, &["--web-listen", &listen]);
     assert!(server.logged(&format!("web client on {web}")));
     let driver = Driver::start(&chromedriver);
@@ -567,12 +573,7 @@ async fn the_page_explains_refusals_and_sends_again_after_reconnecting() {
         return;
     };
     // A fixed web port, so the page finds the server again after its restart.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let web = format!("http://{listen}/");
+    let (listen, web) = web_address();
     let faults = std::sync::Arc::new(chat::store::Faults::default());
     let configure = |c: &mut chat::server::Config| {
         c.web_listen = Some(listen.clone());
@@ -669,12 +670,7 @@ async fn two_tabs_of_one_id_share_history_and_read_markers() {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let web = format!("http://{listen}/");
+    let (listen, web) = web_address();
     let server = ServerProcess::start(&data, &["--web-listen", &listen]);
     let driver = Driver::start(&chromedriver);
     let one = session(&driver, &chromium, 1000, 700).await;

@@ -26,6 +26,36 @@ async fn open(server: &TestServer, id: u32, name: &str) -> (Client, Record) {
     (c, sync)
 }
 
+/// A `sync` record of a device the server did not know: nothing waits for it.
+fn assert_new(sync: &Record) {
+    assert!(
+        matches!(
+            sync,
+            Record::Sync {
+                new: true,
+                backlog: 0,
+                ..
+            }
+        ),
+        "{sync:?}"
+    );
+}
+
+/// A session of `id` as `name`, tried again until the id has room for it.
+async fn open_when_room(server: &TestServer, id: u32, name: &str) -> (Client, Record) {
+    rt::timeout(WAIT, async {
+        loop {
+            let mut c = connect(server).await;
+            match c.session(id, &device(name), None).await {
+                Ok(sync) => return (c, sync),
+                Err(_) => rt::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("{name} never got in"))
+}
+
 async fn next(c: &mut Client) -> Received {
     within(c.recv_session())
         .await
@@ -256,17 +286,7 @@ fn history_pages_go_back_newest_first_and_say_when_there_is_more() {
         }
         // Delivered, and still there for a new device.
         let (mut phone, sync) = open(&server, 5, "phone").await;
-        assert!(
-            matches!(
-                sync,
-                Record::Sync {
-                    new: true,
-                    backlog: 0,
-                    ..
-                }
-            ),
-            "{sync:?}"
-        );
+        assert_new(&sync);
         assert!(backlog(&mut phone).await.is_empty());
         let mut before = Before::Newest;
         let mut seen = Vec::new();
@@ -460,44 +480,14 @@ fn past_max_devices_the_oldest_offline_device_makes_room_and_online_ones_are_kep
         // "a" leaves: "c" takes its place, and "a" is a new device when it returns.
         drop(a);
         let mut seven = login(&server, 7).await;
-        let (c, sync) = rt::timeout(WAIT, async {
-            loop {
-                let mut c = connect(&server).await;
-                match c.session(5, &device("c"), None).await {
-                    Ok(sync) => return (c, sync),
-                    // "a" may not be gone yet.
-                    Err(_) => rt::sleep(Duration::from_millis(20)).await,
-                }
-            }
-        })
-        .await
-        .expect("c got in");
+        // "a" may not be gone yet: "c" gets in once it is.
+        let (c, sync) = open_when_room(&server, 5, "c").await;
         assert!(matches!(sync, Record::Sync { new: true, .. }));
         drop(c);
         send_confirmed(&mut seven, &text(7, 5, "for b and c")).await;
         assert_eq!(message(&mut b).await.1.what, What::Delivery);
-        let (_, sync) = rt::timeout(WAIT, async {
-            loop {
-                let mut a = connect(&server).await;
-                match a.session(5, &device("a"), None).await {
-                    Ok(sync) => return (a, sync),
-                    Err(_) => rt::sleep(Duration::from_millis(20)).await,
-                }
-            }
-        })
-        .await
-        .expect("a got in");
-        assert!(
-            matches!(
-                sync,
-                Record::Sync {
-                    new: true,
-                    backlog: 0,
-                    ..
-                }
-            ),
-            "{sync:?}"
-        );
+        let (_, sync) = open_when_room(&server, 5, "a").await;
+        assert_new(&sync);
     });
 }
 

@@ -364,6 +364,27 @@ fn first_time(block: &[u8]) -> Option<u64> {
     block.get(8..16).map(BigEndian::read_u64)
 }
 
+/// An answer's frames, ended by its `page-end`.
+fn ended(mut frames: Vec<Bytes>, request: u32, more: bool, next: u64) -> Answer {
+    frames.push(
+        Record::PageEnd {
+            request,
+            more,
+            next,
+        }
+        .encode(),
+    );
+    Answer::Frames(frames)
+}
+
+/// The number a page ends below.
+fn end(before: Before) -> u64 {
+    match before {
+        Before::Newest => u64::MAX,
+        Before::Offset(o) => o,
+    }
+}
+
 fn write_block(
     t: &mut Tables,
     (lo, hi): (u32, u32),
@@ -408,10 +429,7 @@ fn page(
     before: Before,
     limit: u16,
 ) -> Result<Answer, redb::Error> {
-    let end = match before {
-        Before::Newest => u64::MAX,
-        Before::Offset(o) => o,
-    };
+    let end = end(before);
     let (lo, hi) = pair(id, conversation);
     let limit = usize::from(limit.min(MAX_PAGE));
     let mut frames = Vec::new();
@@ -443,15 +461,7 @@ fn page(
         }
     }
     let next = if more { next } else { 0 };
-    frames.push(
-        Record::PageEnd {
-            request,
-            more,
-            next,
-        }
-        .encode(),
-    );
-    Ok(Answer::Frames(frames))
+    Ok(ended(frames, request, more, next))
 }
 
 fn conversations(
@@ -461,10 +471,7 @@ fn conversations(
     before: Before,
     limit: u16,
 ) -> Result<Answer, redb::Error> {
-    let end = match before {
-        Before::Newest => u64::MAX,
-        Before::Offset(o) => o,
-    };
+    let end = end(before);
     let mut rows = Vec::new();
     for row in t
         .conversations
@@ -487,7 +494,7 @@ fn conversations(
     } else {
         0
     };
-    let mut frames: Vec<Bytes> = rows
+    let frames: Vec<Bytes> = rows
         .into_iter()
         .map(|(peer, c)| {
             Record::Conversation {
@@ -501,15 +508,7 @@ fn conversations(
             .encode()
         })
         .collect();
-    frames.push(
-        Record::PageEnd {
-            request,
-            more,
-            next,
-        }
-        .encode(),
-    );
-    Ok(Answer::Frames(frames))
+    Ok(ended(frames, request, more, next))
 }
 
 /// Moves `id`'s read marker in its conversation with `conversation` forward to

@@ -176,9 +176,23 @@ async fn drain(mut c: Client, n: u64) -> Result<(), String> {
 
 /// Reads a session's backlog, acking as it goes, until `synced`: how many it got.
 async fn until_synced(c: &mut Client, id: u32) -> Result<u64, String> {
+    read_acking(c, id, None).await
+}
+
+/// Reads `n` live messages on a session, acking as it goes.
+async fn receive(c: &mut Client, id: u32, n: u64) -> Result<(), String> {
+    read_acking(c, id, Some(n)).await.map(|_| ())
+}
+
+/// Reads messages on a session, acking every 256, until `n` of them (or, without `n`,
+/// until the `synced` record): how many it read.
+async fn read_acking(c: &mut Client, id: u32, n: Option<u64>) -> Result<u64, String> {
     let mut acker = Acker::new(id);
     let mut got = 0;
     loop {
+        if n.is_some_and(|n| got >= n) {
+            return Ok(got);
+        }
         match c.recv_session().await.map_err(|e| e.to_string())? {
             Some(Received::Message { envelope, .. }) => {
                 got += 1;
@@ -189,7 +203,7 @@ async fn until_synced(c: &mut Client, id: u32) -> Result<u64, String> {
                     c.send(&ack).await.map_err(|e| e.to_string())?;
                 }
             }
-            Some(Received::Record(Record::Synced { .. })) => {
+            Some(Received::Record(Record::Synced { .. })) if n.is_none() => {
                 if let Some(ack) = acker.ack() {
                     c.send(&ack).await.map_err(|e| e.to_string())?;
                 }
@@ -199,26 +213,4 @@ async fn until_synced(c: &mut Client, id: u32) -> Result<u64, String> {
             None => return Err("server closed the connection".into()),
         }
     }
-}
-
-/// Reads `n` live messages on a session, acking as it goes.
-async fn receive(c: &mut Client, id: u32, n: u64) -> Result<(), String> {
-    let mut acker = Acker::new(id);
-    let mut got = 0;
-    while got < n {
-        match c.recv_session().await.map_err(|e| e.to_string())? {
-            Some(Received::Message { envelope, .. }) => {
-                got += 1;
-                acker.handled_what(envelope.what);
-                if got % 256 == 0
-                    && let Some(ack) = acker.ack()
-                {
-                    c.send(&ack).await.map_err(|e| e.to_string())?;
-                }
-            }
-            Some(_) => {}
-            None => return Err("server closed the connection".into()),
-        }
-    }
-    Ok(())
 }
