@@ -5,8 +5,10 @@
 //! bounded: a reader task per connection decodes frames and sends them to one broker
 //! task; the broker owns the map of connected clients and pushes each outbound frame to
 //! the receiving connection's writer task; every frame for another id also goes to a
-//! store thread that group-commits it to an embedded database before its echo, and
-//! removes it once delivered (acknowledged, for clients that turn acks on). See
+//! store thread that group-commits it to an embedded database before its echo, keeps
+//! it for each device of its receiver that has not received it yet (acknowledged, for
+//! clients that turn acks on), and keeps every conversation as history for sessions
+//! (several devices of one id at once, docs/PROTOCOL.md "Sessions"). See
 //! [`node`] for how the server is assembled, [`server`] for the diagram, [`protocol`]
 //! for the wire format, [`store`] for durability, [`cluster`] for several nodes through
 //! NATS, [`http`] and [`metrics`] for what operators see, and docs/PROTOCOL.md for the
