@@ -117,7 +117,7 @@ struct Args {
     #[arg(long, env = "CHAT_WEB_LISTEN")]
     web_listen: Option<String>,
 
-    /// A browser origin allowed to open the WebSocket, e.g. https://chat.example.com
+    /// A browser origin allowed to open the WebSocket, e.g. `https://chat.example.com`
     /// (repeatable; `*` allows any). Default: only pages served by this listener, so
     /// another site cannot use a visitor's browser to chat as them.
     #[arg(

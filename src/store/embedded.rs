@@ -6,7 +6,7 @@
 //! and leaves its device's inbox once delivered, so that a crash can only delay it:
 //! the store is a write-ahead log for live traffic, the mailbox of every device that
 //! is away, and (with `--history-max-age`) each id's history. The tables and what each
-//! command does to them are in [`super::tables`] and [`super::log`].
+//! command does to them are in `store/tables.rs`, `store/log.rs` and `store/history.rs`.
 //!
 //! All storage runs on one dedicated thread, so blocking file I/O never occupies the
 //! async executor. The thread drains every command that is waiting, applies them in one
