@@ -1021,11 +1021,24 @@ impl Actor {
 
     /// This node no longer delivers to `receiver`: write what it stages for it, stop
     /// listening for it, and answer the nodes waiting to take it over.
+    ///
+    /// If frames for it are left in the stream undelivered, the id's holder (if it has
+    /// one already) is told at once, before anything this node forwards to it next:
+    /// a node that bound the id without this one's answer (it was frozen, or cut off)
+    /// has read its mailbox already, and would otherwise deliver the frames sent after
+    /// these before them (the chaos run found it: stored while the holder moved, then
+    /// passed by the frames their sender sent once they were echoed).
     async fn release(&mut self, receiver: u32) {
         self.publish_staged(Some(receiver)).await;
         self.settle().await;
-        self.live.remove(&receiver);
+        let left_in_stream = self.live.remove(&receiver).is_some_and(|l| !l.is_empty());
         self.holds.release(&self.client, receiver).await;
+        if left_in_stream {
+            let subject = wire::hold(receiver, Hold::Mail);
+            if let Err(e) = self.client.publish(subject, self.node.clone().into()).await {
+                log::debug!("mail for id {receiver} not sent: {e}");
+            }
+        }
     }
 
     fn link_down(&mut self, why: &str) {
