@@ -12,11 +12,12 @@
 //!
 //! `--mode nats-pair` runs the same pair workload through a nats-server (core NATS, one
 //! subject per receiver, `--server` is its address), the fastest router we can compare
-//! with: same connections, body and window, measured the same way. NATS has no echo, so
-//! there a place in the window is freed when the frame arrives at the peer, which only
-//! makes NATS's window stricter than chat-server's (freed by the echo).
+//! with; `--mode js-pair` runs it through JetStream (a stream on file storage, a push
+//! consumer per receiver, every publish acknowledged). Same connections, body and
+//! window, measured the same way (see `nats.rs`).
 
 mod history;
+mod nats;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -93,6 +94,7 @@ enum Mode {
     Pair,
     Idle,
     NatsPair,
+    JsPair,
     History,
 }
 
@@ -107,7 +109,7 @@ struct Totals {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = if args.mode == Mode::NatsPair {
+    let result = if matches!(args.mode, Mode::NatsPair | Mode::JsPair) {
         nats::run(args)
     } else if args.mode == Mode::History {
         rt::block_on(history::run(args))
@@ -128,7 +130,7 @@ fn check(args: &Args) -> Result<(), String> {
     if args.size < 8 {
         return Err("--size must be at least 8".into());
     }
-    if matches!(args.mode, Mode::Pair | Mode::NatsPair) && !args.conns.is_multiple_of(2) {
+    if matches!(args.mode, Mode::Pair | Mode::NatsPair | Mode::JsPair) && !args.conns.is_multiple_of(2) {
         return Err("pair modes need an even --conns".into());
     }
     if !(args.secs > 0.0 && args.warmup >= 0.0) {
@@ -167,10 +169,16 @@ impl Totals {
 
     /// A body of `len` bytes that starts with the send time.
     fn body(&self, len: usize) -> Vec<u8> {
-        let mut body = vec![0u8; len];
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        body[..8].copy_from_slice(&now.to_be_bytes());
+        let mut body = Vec::with_capacity(len);
+        self.put_body(&mut body, len);
         body
+    }
+
+    /// Appends a body of `len` bytes (at least 8) that starts with the send time.
+    fn put_body(&self, out: &mut Vec<u8>, len: usize) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        out.extend_from_slice(&now.to_be_bytes());
+        out.resize(out.len() + len.saturating_sub(8), 0);
     }
 }
 
@@ -415,95 +423,4 @@ async fn connection(
     drop(give);
     sending.await;
     h
-}
-
-/// The pair workload through nats-server (`--mode nats-pair`).
-mod nats {
-    use super::*;
-
-    /// Each connection is one NATS client subscribed to its own subject; it publishes to
-    /// its peer's. A place in the sender's window comes back when the peer receives.
-    pub fn run(args: Args) -> Result<(), String> {
-        check(&args)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start a runtime: {e}"))?;
-        runtime.block_on(pairs(args))
-    }
-
-    fn subject(id: u32) -> String {
-        format!("chat-bench.{id}")
-    }
-
-    async fn pairs(args: Args) -> Result<(), String> {
-        let totals = Totals::new();
-        let mut conns = Vec::new();
-        for i in 0..args.conns {
-            let id = args.base_id + i;
-            let client = async_nats::connect(&args.server)
-                .await
-                .map_err(|e| format!("cannot connect to nats-server at {}: {e}", args.server))?;
-            let subscriber = client
-                .subscribe(subject(id))
-                .await
-                .map_err(|e| format!("subscribe: {e}"))?;
-            client.flush().await.map_err(|e| format!("flush: {e}"))?;
-            conns.push((client, subscriber));
-        }
-        // One token per frame in flight, per sender; the peer's receiver returns it.
-        let (gives, takes): (Vec<_>, Vec<_>) = (0..args.conns)
-            .map(|_| {
-                let (mut give, take) = mpsc::channel::<()>(args.window);
-                for _ in 0..args.window {
-                    let _ = give.try_send(());
-                }
-                (give, take)
-            })
-            .unzip();
-        let mut receivers = Vec::new();
-        for (i, ((client, mut subscriber), mut take)) in conns.into_iter().zip(takes).enumerate() {
-            // A Subject clones by reference count, not by copying the string.
-            let to = async_nats::Subject::from(subject(args.base_id + ((i as u32) ^ 1)));
-            let sender_totals = totals.clone();
-            let size = args.size;
-            let publisher = client.clone();
-            tokio::spawn(async move {
-                while !sender_totals.stop.load(Ordering::Relaxed) {
-                    let Some(n) = tokens(&mut take).await else {
-                        break;
-                    };
-                    for _ in 0..n {
-                        let body = sender_totals.body(size);
-                        if publisher.publish(to.clone(), body.into()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-            let mut give_back = gives[i ^ 1].clone();
-            let totals = totals.clone();
-            receivers.push(tokio::spawn(async move {
-                let mut h =
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
-                let wait = Duration::from_secs(2);
-                while let Ok(Some(message)) = tokio::time::timeout(wait, subscriber.next()).await {
-                    let _ = give_back.try_send(());
-                    totals.arrived(&message.payload, &mut h);
-                    if totals.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                }
-                drop(client);
-                h
-            }));
-        }
-        drop(gives);
-        let elapsed = measure(&args, &totals).await;
-        let mut histograms = Vec::new();
-        for r in receivers {
-            histograms.push(r.await.map_err(|e| e.to_string())?);
-        }
-        finish(&args, &totals, elapsed, histograms)
-    }
 }
