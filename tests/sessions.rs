@@ -809,3 +809,46 @@ fn a_previous_release_running_again_on_this_release_s_file_is_taken_over_in_orde
         );
     });
 }
+
+/// Frames delivered live are written to history in groups, a few milliseconds after
+/// their delivery (docs/PROTOCOL.md, "History"): a graceful stop right after them
+/// writes the group that waited, and the conversation is whole after the restart.
+#[test]
+fn frames_delivered_just_before_a_graceful_stop_are_in_history_after_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut server = ServerProcess::start(dir.path(), &[]);
+    rt::block_on(async {
+        let mut five = within(Client::connect(&server.addr))
+            .await
+            .expect("connects");
+        within(five.hello(5, None)).await.expect("welcome");
+        let mut seven = within(Client::connect(&server.addr))
+            .await
+            .expect("connects");
+        within(seven.hello(7, None)).await.expect("welcome");
+        for i in 0..20 {
+            let f = text(7, 5, &format!("m{i}"));
+            within(seven.send(&f)).await.expect("send");
+        }
+        for i in 0..20 {
+            assert_eq!(
+                recv(&mut five).await,
+                delivered(&text(7, 5, &format!("m{i}")))
+            );
+        }
+        server.signal(libc::SIGTERM);
+    });
+    assert_eq!(server.wait().code(), Some(0));
+    let server = ServerProcess::start(dir.path(), &[]);
+    rt::block_on(async {
+        let mut phone = within(Client::connect(&server.addr))
+            .await
+            .expect("connects");
+        within(phone.session(5, &device("phone"), None))
+            .await
+            .expect("a session");
+        assert!(backlog(&mut phone).await.is_empty());
+        let want: Vec<String> = (0..20).rev().map(|i| format!("m{i}")).collect();
+        assert_eq!(whole(&mut phone, 5, 7).await, want);
+    });
+}

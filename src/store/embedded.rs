@@ -55,6 +55,14 @@ const BATCH: usize = 8192;
 const AGE_EVERY: Duration = Duration::from_secs(1);
 const AGE_BATCH: usize = 4096;
 
+/// How long history taken from frames that need no other write (delivered before their
+/// append was due) may wait for company before it is committed, and how many such
+/// frames one commit waits for at most. Without the wait, a receiver that keeps up made
+/// each small batch a commit of its own: at window 1 that was most of the store's time.
+/// A crash within the wait leaves those frames (all delivered already) out of history.
+const HISTORY_WAIT: Duration = Duration::from_millis(5);
+const HISTORY_BATCH: usize = 4096;
+
 /// Memory redb may use to cache pages.
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
@@ -118,6 +126,7 @@ pub fn open(
         history,
         log,
         kept,
+        kept_since: None,
         aged_at: Instant::now(),
         buf: Vec::new(),
         down: None,
@@ -273,6 +282,8 @@ struct Worker {
     log: Log,
     /// History's counts, and what it took since the last commit (see [`Kept`]).
     kept: Kept,
+    /// When history took the oldest frame it has not written (see [`HISTORY_WAIT`]).
+    kept_since: Option<Instant>,
     /// When history was last pruned by age.
     aged_at: Instant,
     /// Room to encode a frame's row in.
@@ -329,14 +340,14 @@ impl Worker {
             let ready = rx.try_recv().ok();
             let first = match &self.down {
                 _ if ready.is_some() => ready,
-                None if self.staged.is_empty() => match next_within(&mut rx, self.age_due()) {
+                None if self.due().is_none() => match next_within(&mut rx, self.age_due()) {
                     Some(cmd) => cmd,
                     None => {
                         self.age();
                         continue;
                     }
                 },
-                None => match next_within(&mut rx, self.staged.next_due()) {
+                None => match next_within(&mut rx, self.due()) {
                     Some(cmd) => cmd,
                     None => {
                         // Nothing new: write what is due.
@@ -375,7 +386,7 @@ impl Worker {
         if self.down.is_some() {
             self.try_recover();
         }
-        if !self.staged.is_empty() {
+        if !self.staged.is_empty() || self.kept.has_pending() {
             self.apply(&mut batch, false);
         }
         log::debug!("store closed");
@@ -394,6 +405,27 @@ impl Worker {
     }
 
     /// How long until history is next pruned by age; `None` without history.
+    /// How long until held appends or history's waiting frames are due to be written;
+    /// `None` when nothing waits.
+    fn due(&self) -> Option<Duration> {
+        let history = self
+            .kept_since
+            .map(|t| HISTORY_WAIT.saturating_sub(t.elapsed()));
+        match (self.staged.next_due(), history) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// History's waiting frames must be committed now: they waited long enough, or
+    /// are many, or (not `stage`) everything is written now.
+    fn history_due(&self, stage: bool) -> bool {
+        self.kept.has_pending()
+            && (!stage
+                || self.kept.pending() >= HISTORY_BATCH
+                || self.kept_since.is_none_or(|t| t.elapsed() >= HISTORY_WAIT))
+    }
+
     fn age_due(&self) -> Option<Duration> {
         self.history
             .on()
@@ -480,6 +512,9 @@ impl Worker {
                     self.kept.take(*seq, *time, *receiver, origin, wire.clone());
                 }
             }
+            if self.kept.has_pending() && self.kept_since.is_none() {
+                self.kept_since = Some(Instant::now());
+            }
         }
         let mut replies = Vec::new();
         let mut skipped = Vec::new();
@@ -520,11 +555,20 @@ impl Worker {
         }
         self.stats.skipped += skipped.len() as u64;
         skipped.sort_unstable();
-        if writes.is_empty() && !self.kept.has_pending() {
+        // The delete of a frame that was never written changes nothing on disk: it
+        // must not make a commit of its own (history waits for company, above).
+        writes.retain(|c| match c {
+            Command::Delete { seqs, .. } => !seqs.iter().all(|s| skipped.binary_search(s).is_ok()),
+            _ => true,
+        });
+        if writes.is_empty() && !self.history_due(stage) {
             self.send(replies);
             return;
         }
-        match self.transact(&writes, &skipped) {
+        let result = self.transact(&writes, &skipped);
+        // A commit writes (or, failing, drops) everything history took.
+        self.kept_since = None;
+        match result {
             Ok(more) => {
                 self.stats.tick();
                 self.publish();

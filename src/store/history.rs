@@ -124,6 +124,11 @@ impl Kept {
         !self.pending.is_empty()
     }
 
+    /// How many frames were taken and not yet written.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Writes what was taken with numbers below `below`: into each conversation's
     /// newest block, and new blocks past it; notes each conversation's newest message
     /// and unread count; prunes the conversations that went past their bounds.

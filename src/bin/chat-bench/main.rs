@@ -130,7 +130,9 @@ fn check(args: &Args) -> Result<(), String> {
     if args.size < 8 {
         return Err("--size must be at least 8".into());
     }
-    if matches!(args.mode, Mode::Pair | Mode::NatsPair | Mode::JsPair) && !args.conns.is_multiple_of(2) {
+    if matches!(args.mode, Mode::Pair | Mode::NatsPair | Mode::JsPair)
+        && !args.conns.is_multiple_of(2)
+    {
         return Err("pair modes need an even --conns".into());
     }
     if !(args.secs > 0.0 && args.warmup >= 0.0) {

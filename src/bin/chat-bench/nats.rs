@@ -231,8 +231,12 @@ async fn pairs(args: Args) -> Result<(), String> {
                 "{{\"stream_name\":\"{STREAM}\",\"config\":{{\"deliver_subject\":\"{deliver}\",\"filter_subject\":\"{publish}\",\"deliver_policy\":\"new\",\"ack_policy\":\"none\"}}}}"
             );
             let reply = format!("{}.setup", inbox(id));
-            conn.request(&format!("$JS.API.CONSUMER.CREATE.{STREAM}"), &consumer, &reply)
-                .await?;
+            conn.request(
+                &format!("$JS.API.CONSUMER.CREATE.{STREAM}"),
+                &consumer,
+                &reply,
+            )
+            .await?;
         }
         // Everything above is in place before any frame flies.
         conn.send(b"PING\r\n").await?;
