@@ -852,3 +852,80 @@ fn frames_delivered_just_before_a_graceful_stop_are_in_history_after_it() {
         assert_eq!(whole(&mut phone, 5, 7).await, want);
     });
 }
+
+/// A named device unused for history's retention is forgotten: what waited for it
+/// goes, and it comes back as a new device; a device online all that time is kept. A
+/// default device's row goes too once nothing waits for it (else one row per id that
+/// ever connected would stay forever); one with a frame waiting stays.
+#[test]
+fn devices_unused_for_the_retention_are_forgotten() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut server = ServerProcess::start(dir.path(), &["--history-max-age", "1s"]);
+    rt::block_on(async {
+        // 8 binds plainly and leaves with nothing waiting, 9 with a frame waiting.
+        let mut seven = within(Client::connect(&server.addr))
+            .await
+            .expect("connects");
+        within(seven.hello(7, None)).await.expect("welcome");
+        for id in [8, 9] {
+            let mut c = within(Client::connect(&server.addr))
+                .await
+                .expect("connects");
+            within(c.hello(id, None)).await.expect("welcome");
+            within(c.ping()).await.expect("pong");
+        }
+        send_confirmed(&mut seven, &text(7, 9, "for nine, later")).await;
+        // The phone stays online throughout; the laptop leaves, and a frame waits for it.
+        let mut phone = within(Client::connect(&server.addr))
+            .await
+            .expect("connects");
+        within(phone.session(5, &device("phone"), None))
+            .await
+            .expect("a session");
+        assert!(backlog(&mut phone).await.is_empty());
+        let mut laptop = within(Client::connect(&server.addr))
+            .await
+            .expect("connects");
+        within(laptop.session(5, &device("laptop"), None))
+            .await
+            .expect("a session");
+        assert!(backlog(&mut laptop).await.is_empty());
+        drop(laptop);
+        send_confirmed(&mut seven, &text(7, 5, "while the laptop is away")).await;
+        let (_, _, body) = message(&mut phone).await;
+        assert_eq!(&body[..], b"while the laptop is away");
+        within(async {
+            while !server.logged("forgetting device laptop") {
+                rt::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(!server.logged("forgetting device phone"));
+        let mut laptop = within(Client::connect(&server.addr))
+            .await
+            .expect("connects");
+        let sync = within(laptop.session(5, &device("laptop"), None))
+            .await
+            .expect("a session");
+        match sync {
+            Record::Sync { new, backlog, .. } => assert_eq!((new, backlog), (true, 0)),
+            other => panic!("{other:?}"),
+        }
+        // The phone, online all along, still gets what comes.
+        send_confirmed(&mut seven, &text(7, 5, "still here?")).await;
+        let (_, _, body) = message(&mut phone).await;
+        assert_eq!(&body[..], b"still here?");
+    });
+    server.signal(libc::SIGTERM);
+    server.wait();
+    let db = redb::Database::open(dir.path().join("mailbox.redb")).expect("db");
+    let devices: redb::TableDefinition<(u32, u16), &[u8]> = redb::TableDefinition::new("devices");
+    let txn = db.begin_read().expect("txn");
+    let t = txn.open_table(devices).expect("devices");
+    assert!(t.get((8, 0)).expect("get").is_none(), "8's row went");
+    assert!(
+        t.get((9, 0)).expect("get").is_some(),
+        "9's row stays: a frame waits"
+    );
+    assert!(t.get((5, 1)).expect("get").is_some(), "the phone stays");
+}

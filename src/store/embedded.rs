@@ -128,6 +128,7 @@ pub fn open(
         kept,
         kept_since: None,
         aged_at: Instant::now(),
+        swept_to: (0, 0),
         buf: Vec::new(),
         down: None,
         held: Vec::new(),
@@ -286,6 +287,8 @@ struct Worker {
     kept_since: Option<Instant>,
     /// When history was last pruned by age.
     aged_at: Instant,
+    /// Where the next sweep of the device rows starts (see [`Worker::sweep_devices`]).
+    swept_to: (u32, u16),
     /// Room to encode a frame's row in.
     buf: Vec<u8>,
     down: Option<Down>,
@@ -455,11 +458,76 @@ impl Worker {
                 }
             }
         })();
+        let result = result.and_then(|()| self.sweep_devices(cutoff));
         match result {
             Ok(()) => self.publish(),
             // The counts may be off now; recovery reads them from the file again.
             Err(e) => self.go_down(e.to_string()),
         }
+    }
+
+    /// Looks at the next [`AGE_BATCH`] device rows (from where the last pass stopped,
+    /// round the table) for devices unused since `cutoff` (ms): named ones go to the
+    /// broker, which forgets those not online ([`Reply::Idle`]); a default device's row
+    /// goes at once when nothing waits for it and its id has no named devices (it only
+    /// says when the id last bound; the next bind writes it again), so one row per id
+    /// that ever connected does not stay forever. A default device of an id that uses
+    /// named devices stays: frames wait for it too.
+    fn sweep_devices(&mut self, cutoff: u64) -> Result<(), redb::Error> {
+        use redb::ReadableTable;
+        let txn = match &self.db {
+            Some(db) => db.begin_write()?,
+            None => return Ok(()),
+        };
+        let mut idle = Vec::new();
+        let mut gone = Vec::new();
+        let mut looked = 0;
+        {
+            let t = Tables::open(&txn)?;
+            for row in t.devices.range(self.swept_to..)?.take(AGE_BATCH) {
+                let (key, value) = row?;
+                looked += 1;
+                let (id, device) = key.value();
+                self.swept_to = (id, device.saturating_add(1));
+                let Some(row) = super::tables::DeviceRow::decode(value.value()) else {
+                    continue;
+                };
+                if row.last_seen >= cutoff {
+                    continue;
+                }
+                let e = Endpoint { id, device };
+                if device != super::tables::DEFAULT_DEVICE {
+                    idle.push(e);
+                } else if !self.log.devices.contains_key(&id)
+                    && self.log.inboxes.get(&e).is_none_or(|u| u.messages == 0)
+                {
+                    gone.push(e);
+                }
+            }
+        }
+        if looked < AGE_BATCH {
+            // The end of the table: the next pass starts over.
+            self.swept_to = (0, 0);
+        }
+        if gone.is_empty() {
+            txn.abort()?;
+        } else {
+            {
+                let mut t = Tables::open(&txn)?;
+                for e in &gone {
+                    t.devices.remove((e.id, e.device))?;
+                }
+            }
+            txn.commit()?;
+            log::debug!(
+                "forgot {} default devices unused within history's retention",
+                gone.len()
+            );
+        }
+        if !idle.is_empty() {
+            self.send(vec![Reply::Idle(idle)]);
+        }
+        Ok(())
     }
 
     fn send(&self, replies: Vec<Reply>) {

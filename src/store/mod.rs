@@ -187,6 +187,10 @@ pub enum Reply {
     },
     /// The store went down (with the reason) or came back (`None`).
     Health(Option<String>),
+    /// Named devices last seen before history's retention (`--history-max-age`): the
+    /// broker forgets those that are not online (a device online for that long was
+    /// last *recorded* then too).
+    Idle(Vec<Endpoint>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

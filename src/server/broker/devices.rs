@@ -117,6 +117,19 @@ impl Devices {
         }
     }
 
+    /// Forgets device `e` if it was last seen before `cutoff` (ms): its name, if so.
+    pub fn forget_idle(&mut self, e: crate::ids::Endpoint, cutoff: u64) -> Option<Device> {
+        let list = self.ids.get_mut(&e.id)?;
+        let i = list
+            .iter()
+            .position(|k| k.device == e.device && k.last_seen < cutoff)?;
+        let k = list.swap_remove(i);
+        if list.is_empty() {
+            self.ids.remove(&e.id);
+        }
+        Some(k.name)
+    }
+
     /// The name of a device, if the id has it.
     #[cfg(test)]
     pub fn name(&self, e: crate::ids::Endpoint) -> Option<&Device> {
@@ -195,6 +208,22 @@ mod tests {
             Assigned::Full { max: 2 }
         );
         assert_eq!(d.name(Endpoint { id: 7, device: 2 }), None);
+    }
+
+    #[test]
+    fn only_a_device_not_seen_since_the_cutoff_is_forgotten_as_idle() {
+        let mut d = Devices::new(Vec::new(), 8);
+        d.assign(7, &name("a"), 10, |_| false);
+        d.assign(7, &name("b"), 10, |_| false);
+        d.seen(7, 2, 50);
+        let b = Endpoint { id: 7, device: 2 };
+        assert_eq!(d.forget_idle(b, 40), None, "seen at 50: not idle at 40");
+        assert_eq!(
+            d.forget_idle(Endpoint { id: 7, device: 1 }, 40),
+            Some(name("a"))
+        );
+        assert_eq!(d.forget_idle(b, 60), Some(name("b")));
+        assert!(!d.has(7), "the id has no named devices left");
     }
 
     #[test]

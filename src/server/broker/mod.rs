@@ -74,6 +74,8 @@ pub struct Broker {
     sessions: bool,
     /// Whether a live frame's echo goes once it is written (see [`Broker::route_wire`]).
     echo_at_write: bool,
+    /// History's retention: a named device unused for longer is forgotten.
+    retention: std::time::Duration,
 }
 
 impl Broker {
@@ -94,6 +96,7 @@ impl Broker {
             later: Vec::new(),
             sessions: config.nats.is_none(),
             echo_at_write: config.nats.is_none() && config.history.on(),
+            retention: config.history.max_age,
             events,
             stalls: 0,
             pushed: Vec::new(),
@@ -796,6 +799,7 @@ impl Broker {
 
     async fn on_reply(&mut self, reply: Reply) {
         match reply {
+            Reply::Idle(endpoints) => self.forget_idle(endpoints).await,
             Reply::Appended {
                 ticket,
                 seq,
@@ -887,6 +891,30 @@ impl Broker {
                     m.set_store_down(down.clone());
                 }
                 self.storage.set_down(down);
+            }
+        }
+    }
+
+    /// Forgets the named devices the store found unused for history's retention,
+    /// unless they are online or were seen since (the store learns of a visit only
+    /// with its commit): what waited for them goes, and a device of that name that
+    /// comes back is new, its `sync` says so.
+    async fn forget_idle(&mut self, endpoints: Vec<Endpoint>) {
+        let retention = self.retention.as_millis() as u64;
+        let Some(cutoff) = now_ms().checked_sub(retention).filter(|_| retention > 0) else {
+            return;
+        };
+        for endpoint in endpoints {
+            if self.conns.online_at(endpoint).is_some() {
+                continue;
+            }
+            if let Some(name) = self.devices.forget_idle(endpoint, cutoff) {
+                log::info!(
+                    "id {}: forgetting device {name}, unused for --history-max-age",
+                    endpoint.id
+                );
+                let change = DeviceChange::Forget;
+                self.send_store(Command::Device { endpoint, change }).await;
             }
         }
     }
