@@ -527,6 +527,24 @@ fn history_older_than_its_age_is_pruned_and_without_history_queries_are_refused(
             Some(&1),
             "kept after delivery at first: {counts:?}"
         );
+        // The conversation's row goes as well (its newest message is past the age).
+        within(async {
+            loop {
+                request += 1;
+                let q = Query::Conversations {
+                    request,
+                    before: Before::Newest,
+                    limit: 10,
+                };
+                s.send(&q.frame(5)).await.expect("send");
+                let (rows, _) = answer(&mut s).await;
+                if rows.is_empty() {
+                    return;
+                }
+                rt::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
 
         let off = start_with(|c| c.history = chat::store::History::off()).await;
         let (mut s, _) = open(&off, 5, "pc").await;

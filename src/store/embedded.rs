@@ -129,6 +129,7 @@ pub fn open(
         kept_since: None,
         aged_at: Instant::now(),
         swept_to: (0, 0),
+        swept_conversations: (0, 0),
         buf: Vec::new(),
         down: None,
         held: Vec::new(),
@@ -287,8 +288,10 @@ struct Worker {
     kept_since: Option<Instant>,
     /// When history was last pruned by age.
     aged_at: Instant,
-    /// Where the next sweep of the device rows starts (see [`Worker::sweep_devices`]).
+    /// Where the next sweep of the device and conversation rows starts (see
+    /// [`Worker::sweep_devices`]).
     swept_to: (u32, u16),
+    swept_conversations: (u32, u32),
     /// Room to encode a frame's row in.
     buf: Vec<u8>,
     down: Option<Down>,
@@ -472,7 +475,8 @@ impl Worker {
     /// goes at once when nothing waits for it and its id has no named devices (it only
     /// says when the id last bound; the next bind writes it again), so one row per id
     /// that ever connected does not stay forever. A default device of an id that uses
-    /// named devices stays: frames wait for it too.
+    /// named devices stays: frames wait for it too. Conversations past the retention
+    /// go the same way, a batch of rows a pass.
     fn sweep_devices(&mut self, cutoff: u64) -> Result<(), redb::Error> {
         use redb::ReadableTable;
         let txn = match &self.db {
@@ -509,7 +513,33 @@ impl Worker {
             // The end of the table: the next pass starts over.
             self.swept_to = (0, 0);
         }
-        if gone.is_empty() {
+        // A conversation whose newest message is past the retention has no history
+        // left (or will not once its block goes): its row (newest message, read
+        // marker, unread count) goes too, or every pair that ever talked kept one.
+        let mut ended = Vec::new();
+        let mut looked = 0;
+        {
+            let t = Tables::open(&txn)?;
+            for row in t
+                .conversations
+                .range(self.swept_conversations..)?
+                .take(AGE_BATCH)
+            {
+                let (key, value) = row?;
+                looked += 1;
+                let (id, peer) = key.value();
+                self.swept_conversations = (id, peer.saturating_add(1));
+                let old = super::tables::ConversationRow::decode(value.value())
+                    .is_some_and(|c| c.time < cutoff);
+                if old {
+                    ended.push((id, peer));
+                }
+            }
+        }
+        if looked < AGE_BATCH {
+            self.swept_conversations = (0, 0);
+        }
+        if gone.is_empty() && ended.is_empty() {
             txn.abort()?;
         } else {
             {
@@ -517,11 +547,15 @@ impl Worker {
                 for e in &gone {
                     t.devices.remove((e.id, e.device))?;
                 }
+                for &key in &ended {
+                    t.conversations.remove(key)?;
+                }
             }
             txn.commit()?;
             log::debug!(
-                "forgot {} default devices unused within history's retention",
-                gone.len()
+                "forgot {} default devices unused within history's retention, and {} conversations past it",
+                gone.len(),
+                ended.len()
             );
         }
         if !idle.is_empty() {
