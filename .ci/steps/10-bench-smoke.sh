@@ -12,12 +12,14 @@ for _ in $(seq 1 100); do
 done
 target/debug/chat-bench --server 127.0.0.1:17501 --conns 4 --window 8 --secs 1 --warmup 0.2
 target/debug/chat-bench --server 127.0.0.1:17501 --conns 4 --window 8 --secs 1 --warmup 0.2 --mode pair --json
-# The NATS comparison's load (core NATS pairs); nats-server is installed by .ci/run.
-nats-server -a 127.0.0.1 -p 17502 >/dev/null 2>&1 &
+# The NATS comparisons' loads (core NATS and JetStream pairs); nats-server is
+# installed by .ci/run.
+nats-server -js -sd "$data/js" -a 127.0.0.1 -p 17502 >/dev/null 2>&1 &
 nats=$!
-trap 'kill $pid $nats 2>/dev/null; rm -rf "$data"' EXIT
+trap 'kill $pid $nats 2>/dev/null; wait $pid $nats 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 1 100); do
   (exec 3<>/dev/tcp/127.0.0.1/17502) 2>/dev/null && break
   sleep 0.1
 done
 target/debug/chat-bench --server 127.0.0.1:17502 --conns 4 --window 8 --secs 1 --warmup 0.2 --mode nats-pair
+target/debug/chat-bench --server 127.0.0.1:17502 --conns 4 --window 8 --secs 1 --warmup 0.2 --mode js-pair
