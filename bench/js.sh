@@ -21,7 +21,7 @@ target/release/chat-server --listen 127.0.0.1:17211 --data-dir "$d/chat" --log-l
 chat_pid=$!
 nats-server -js -sd "$d/js" -a 127.0.0.1 -p 17212 >"$d/nats.log" 2>&1 &
 nats_pid=$!
-trap 'kill $chat_pid $nats_pid 2>/dev/null; wait $chat_pid $nats_pid 2>/dev/null; rm -rf "$d"' EXIT
+trap 'kill $chat_pid $nats_pid 2>/dev/null; wait $chat_pid $nats_pid 2>/dev/null || true; rm -rf "$d"' EXIT
 for _ in $(seq 1 50); do
   target/release/chat-client --server 127.0.0.1:17211 --probe --timeout 1 2>/dev/null && break
   sleep 0.1

@@ -16,7 +16,7 @@ target/debug/chat-bench --server 127.0.0.1:17501 --conns 4 --window 8 --secs 1 -
 # installed by .ci/run.
 nats-server -js -sd "$data/js" -a 127.0.0.1 -p 17502 >/dev/null 2>&1 &
 nats=$!
-trap 'kill $pid $nats 2>/dev/null; wait $pid $nats 2>/dev/null; rm -rf "$data"' EXIT
+trap 'kill $pid $nats 2>/dev/null; wait $pid $nats 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 1 100); do
   (exec 3<>/dev/tcp/127.0.0.1/17502) 2>/dev/null && break
   sleep 0.1
