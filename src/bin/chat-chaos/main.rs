@@ -5,9 +5,10 @@
 //! (numbered frames from resending senders to acking receivers that go offline, move
 //! between nodes and take over their own connections, some frames 64 KiB), and
 //! meanwhile injects faults at random from a seed it prints: `kill -9` and restart of
-//! chat nodes and of NATS servers, SIGSTOP/SIGCONT pauses, and network partitions (a
-//! NATS server cut from the other servers, a chat node cut from NATS: `cut.rs`; as
-//! root, else left out with one line). Then the faults stop,
+//! chat nodes and of NATS servers, SIGSTOP/SIGCONT pauses, network partitions (a
+//! NATS server cut from the other servers, a chat node cut from NATS: `cut.rs`) and a
+//! full disk under the one-node store (`disk.rs`); the last two as root, else left out
+//! with one line. Then the faults stop,
 //! everything is healed, the senders get their last answers, the receivers drain their
 //! mailboxes, and the checker (`check.rs`) says what the history shows. The exit code
 //! is 1 when a promise was broken, 2 when the run could not be set up.
@@ -20,6 +21,7 @@
 
 mod check;
 mod cut;
+mod disk;
 mod procs;
 mod workload;
 
@@ -62,7 +64,8 @@ struct Args {
     rate: u32,
     /// The faults to draw from (comma-separated): kill, pause, nats-kill, nats-pause,
     /// nats-cut (a NATS server cut from the others), node-cut (a chat node cut from
-    /// NATS). The cuts need root; without it they are left out.
+    /// NATS), disk-full (one node without NATS: its data dir full). The cuts and
+    /// disk-full need root; without it they are left out.
     #[arg(
         long,
         default_value = "kill,pause,nats-kill,nats-pause,nats-cut,node-cut"
@@ -117,6 +120,8 @@ enum Fault {
     NatsCut,
     /// A chat node cut from every NATS server; its clients still reach it.
     NodeCut,
+    /// The one node's data dir full (a tmpfs of its own, filled; `disk.rs`).
+    DiskFull,
 }
 
 impl Fault {
@@ -126,7 +131,10 @@ impl Fault {
 
     /// Whether it strikes a chat node (else a NATS server).
     fn on_node(self) -> bool {
-        matches!(self, Fault::Kill | Fault::Pause | Fault::NodeCut)
+        matches!(
+            self,
+            Fault::Kill | Fault::Pause | Fault::NodeCut | Fault::DiskFull
+        )
     }
 }
 
@@ -140,9 +148,10 @@ fn parse_faults(list: &str, nats: usize) -> Result<Vec<Fault>, String> {
             "nats-pause" => Fault::NatsPause,
             "nats-cut" => Fault::NatsCut,
             "node-cut" => Fault::NodeCut,
+            "disk-full" => Fault::DiskFull,
             other => {
                 return Err(format!(
-                    "--faults: `{other}` is not one of kill, pause, nats-kill, nats-pause, nats-cut, node-cut"
+                    "--faults: `{other}` is not one of kill, pause, nats-kill, nats-pause, nats-cut, node-cut, disk-full"
                 ));
             }
         };
@@ -151,6 +160,8 @@ fn parse_faults(list: &str, nats: usize) -> Result<Vec<Fault>, String> {
         let pointless = match fault {
             Fault::Kill | Fault::Pause => false,
             Fault::NatsCut => nats < 2,
+            // The cluster's store is the stream: only the one node has a disk of its own.
+            Fault::DiskFull => nats > 0,
             _ => nats == 0,
         };
         if !pointless {
@@ -224,7 +235,23 @@ fn run(args: Args) -> Result<bool, String> {
     } else {
         None
     };
-    let cluster = Cluster::start(&server, args.nats, args.nodes, &dir, firewall)?;
+    let disk = if faults.contains(&Fault::DiskFull) {
+        match disk::SmallDisk::mount(&procs::data_dir(&dir, 0)) {
+            Ok(disk) => Some(disk),
+            Err(why) if std::env::var_os("CHAT_REQUIRE_PARTITIONS").is_some() => {
+                return Err(format!("{why} (CHAT_REQUIRE_PARTITIONS is set)"));
+            }
+            Err(why) => {
+                eprintln!("chat-chaos: {why}; leaving out disk-full");
+                faults.retain(|f| *f != Fault::DiskFull);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut cluster = Cluster::start(&server, args.nats, args.nodes, &dir, firewall)?;
+    cluster.disk = disk;
     let world = World::new(
         cluster.addrs(),
         Duration::from_secs(10),
@@ -425,6 +452,8 @@ fn apply(cluster: &Cluster, fault: Fault, target: usize, on: bool) -> String {
         }
         (Fault::Pause | Fault::NatsPause, true) => proc.pause(),
         (Fault::Pause | Fault::NatsPause, false) => proc.resume(),
+        (Fault::DiskFull, true) => cluster.disk.iter().for_each(|d| d.fill()),
+        (Fault::DiskFull, false) => cluster.disk.iter().for_each(|d| d.free()),
         (Fault::NatsCut | Fault::NodeCut, _) => {}
     }
     name

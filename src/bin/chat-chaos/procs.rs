@@ -152,6 +152,13 @@ pub struct Cluster {
     pub routes: Vec<u16>,
     /// The run's firewall chain, when partitions are on.
     pub firewall: Option<crate::cut::Firewall>,
+    /// The one node's own small disk, when `disk-full` is on.
+    pub disk: Option<crate::disk::SmallDisk>,
+}
+
+/// Where node `i` keeps its data without NATS.
+pub fn data_dir(dir: &Path, i: usize) -> std::path::PathBuf {
+    dir.join(format!("data{i}"))
 }
 
 /// The uids processes run as with partitions on: NATS servers from the first, chat
@@ -248,7 +255,7 @@ impl Cluster {
             } else {
                 command.extend([
                     "--data-dir".to_string(),
-                    dir.join(format!("data{i}")).display().to_string(),
+                    data_dir(dir, i).display().to_string(),
                 ]);
             }
             node_procs.push(Proc::new(
@@ -270,6 +277,7 @@ impl Cluster {
             clients,
             routes,
             firewall,
+            disk: None,
         })
     }
 
