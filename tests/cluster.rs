@@ -208,13 +208,6 @@ fn two_nodes() -> Option<(Cluster, ServerProcess, ServerProcess)> {
     Some((cluster, a, b))
 }
 
-async fn login_at(addr: &str, id: u32) -> Client {
-    let mut c = within(Client::connect(addr)).await.expect("connects");
-    let early = within(c.hello(id, None)).await.expect("welcome");
-    assert!(early.is_empty(), "unexpected frames: {early:?}");
-    c
-}
-
 /// Frames received until `n` data frames came, skipping notices.
 async fn data_frames(c: &mut Client, n: usize) -> Vec<ServerFrame> {
     let mut got = Vec::new();

@@ -26,6 +26,15 @@ async fn open(server: &TestServer, id: u32, name: &str) -> (Client, Record) {
     (c, sync)
 }
 
+/// A session of `id` as `name` on the server at `addr`: the connection and its `sync`.
+async fn open_at(addr: &str, id: u32, name: &str) -> (Client, Record) {
+    let mut c = within(Client::connect(addr)).await.expect("connects");
+    let sync = within(c.session(id, &device(name), None))
+        .await
+        .expect("a session");
+    (c, sync)
+}
+
 /// A `sync` record of a device the server did not know: nothing waits for it.
 fn assert_new(sync: &Record) {
     assert!(
@@ -836,14 +845,8 @@ fn frames_delivered_just_before_a_graceful_stop_are_in_history_after_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut server = ServerProcess::start(dir.path(), &[]);
     rt::block_on(async {
-        let mut five = within(Client::connect(&server.addr))
-            .await
-            .expect("connects");
-        within(five.hello(5, None)).await.expect("welcome");
-        let mut seven = within(Client::connect(&server.addr))
-            .await
-            .expect("connects");
-        within(seven.hello(7, None)).await.expect("welcome");
+        let mut five = login_at(&server.addr, 5).await;
+        let mut seven = login_at(&server.addr, 7).await;
         for i in 0..20 {
             let f = text(7, 5, &format!("m{i}"));
             within(seven.send(&f)).await.expect("send");
@@ -859,12 +862,7 @@ fn frames_delivered_just_before_a_graceful_stop_are_in_history_after_it() {
     assert_eq!(server.wait().code(), Some(0));
     let server = ServerProcess::start(dir.path(), &[]);
     rt::block_on(async {
-        let mut phone = within(Client::connect(&server.addr))
-            .await
-            .expect("connects");
-        within(phone.session(5, &device("phone"), None))
-            .await
-            .expect("a session");
+        let (mut phone, _) = open_at(&server.addr, 5, "phone").await;
         assert!(backlog(&mut phone).await.is_empty());
         let want: Vec<String> = (0..20).rev().map(|i| format!("m{i}")).collect();
         assert_eq!(whole(&mut phone, 5, 7).await, want);
@@ -881,32 +879,16 @@ fn devices_unused_for_the_retention_are_forgotten() {
     let mut server = ServerProcess::start(dir.path(), &["--history-max-age", "1s"]);
     rt::block_on(async {
         // 8 binds plainly and leaves with nothing waiting, 9 with a frame waiting.
-        let mut seven = within(Client::connect(&server.addr))
-            .await
-            .expect("connects");
-        within(seven.hello(7, None)).await.expect("welcome");
+        let mut seven = login_at(&server.addr, 7).await;
         for id in [8, 9] {
-            let mut c = within(Client::connect(&server.addr))
-                .await
-                .expect("connects");
-            within(c.hello(id, None)).await.expect("welcome");
+            let mut c = login_at(&server.addr, id).await;
             within(c.ping()).await.expect("pong");
         }
         send_confirmed(&mut seven, &text(7, 9, "for nine, later")).await;
         // The phone stays online throughout; the laptop leaves, and a frame waits for it.
-        let mut phone = within(Client::connect(&server.addr))
-            .await
-            .expect("connects");
-        within(phone.session(5, &device("phone"), None))
-            .await
-            .expect("a session");
+        let (mut phone, _) = open_at(&server.addr, 5, "phone").await;
         assert!(backlog(&mut phone).await.is_empty());
-        let mut laptop = within(Client::connect(&server.addr))
-            .await
-            .expect("connects");
-        within(laptop.session(5, &device("laptop"), None))
-            .await
-            .expect("a session");
+        let (mut laptop, _) = open_at(&server.addr, 5, "laptop").await;
         assert!(backlog(&mut laptop).await.is_empty());
         drop(laptop);
         send_confirmed(&mut seven, &text(7, 5, "while the laptop is away")).await;
@@ -919,12 +901,7 @@ fn devices_unused_for_the_retention_are_forgotten() {
         })
         .await;
         assert!(!server.logged("forgetting device phone"));
-        let mut laptop = within(Client::connect(&server.addr))
-            .await
-            .expect("connects");
-        let sync = within(laptop.session(5, &device("laptop"), None))
-            .await
-            .expect("a session");
+        let (_laptop, sync) = open_at(&server.addr, 5, "laptop").await;
         match sync {
             Record::Sync { new, backlog, .. } => assert_eq!((new, backlog), (true, 0)),
             other => panic!("{other:?}"),

@@ -324,6 +324,14 @@ pub fn raise_own_files_limit() -> u64 {
     limit.rlim_cur
 }
 
+/// A client bound to `id` at `addr` by a hello (no frames may be waiting for it).
+pub async fn login_at(addr: &str, id: u32) -> Client {
+    let mut c = within(Client::connect(addr)).await.expect("connects");
+    let early = within(c.hello(id, None)).await.expect("welcome");
+    assert!(early.is_empty(), "unexpected frames: {early:?}");
+    c
+}
+
 /// A client bound to `id` with acks on (control operation 3).
 pub async fn login_acks(addr: &str, id: u32) -> Client {
     let mut c = within(Client::connect(addr)).await.expect("connects");
