@@ -410,12 +410,12 @@ impl Worker {
         }
     }
 
-    /// How long until history is next pruned by age; `None` without history.
     /// How long until held appends or history's waiting frames are due to be written;
     /// `None` when nothing waits.
     fn due(&self) -> Option<Duration> {
         let history = self
             .kept_since
+            .filter(|_| self.kept.has_pending())
             .map(|t| HISTORY_WAIT.saturating_sub(t.elapsed()));
         match (self.staged.next_due(), history) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -432,6 +432,7 @@ impl Worker {
                 || self.kept_since.is_none_or(|t| t.elapsed() >= HISTORY_WAIT))
     }
 
+    /// How long until history is next pruned by age; `None` without history.
     fn age_due(&self) -> Option<Duration> {
         self.history
             .on()
@@ -718,6 +719,10 @@ impl Worker {
             m.store_failures.inc();
         }
         log::error!("store failed, answering store-failed until it recovers: {reason}");
+        // What history held back is lost with the failed commit (recovery reads the
+        // counts from the file again): nothing waits to be written now.
+        self.kept.clear_pending();
+        self.kept_since = None;
         // redb asks to be reopened after an I/O error; drop the handle now (it holds the
         // file lock) and reopen it from disk, which re-verifies the last commit.
         self.db = None;

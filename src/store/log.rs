@@ -464,6 +464,8 @@ impl Log {
             self.delivered(t, e, seq)?;
         }
         t.devices.remove((e.id, e.device))?;
+        // Its missed count would write the row again at the end of the commit.
+        self.missed.remove(&e);
         if e.device == DEFAULT_DEVICE {
             self.defaults.remove(&e.id);
         } else if let Some(list) = self.devices.get_mut(&e.id) {

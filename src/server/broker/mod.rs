@@ -343,6 +343,17 @@ impl Broker {
                 );
             }
         };
+        if self.conns.online_at(Endpoint::default_of(id)).is_some() {
+            // The default device is online: the store learns it (again) first, so that
+            // frames wait for it too once the id has a named device; its row may have
+            // been swept if it bound longer ago than history's retention.
+            let endpoint = Endpoint::default_of(id);
+            let change = DeviceChange::Seen {
+                name: String::new(),
+                now,
+            };
+            self.send_store(Command::Device { endpoint, change }).await;
+        }
         let endpoint = Endpoint { id, device };
         let change = DeviceChange::Seen {
             name: name.to_string(),
@@ -989,10 +1000,16 @@ impl Broker {
     /// until its writer has finished. A session's device was in use until now: it is
     /// not the one to forget first when its id needs room.
     fn close(&mut self, conn: ConnId, close: Close) {
-        let session = self
-            .conns
-            .live(conn)
-            .and_then(|c| Some((c.id?, c.device, c.session.as_deref()?.clone())));
+        let session = self.conns.live(conn).and_then(|c| {
+            let name = match c.session.as_deref() {
+                Some(name) => name.to_string(),
+                // A default device's row says when it was last seen too, so that the
+                // store's sweep of idle rows leaves one that was online until now.
+                None if self.sessions => String::new(),
+                None => return None,
+            };
+            Some((c.id?, c.device, name))
+        });
         if self.conns.close(conn, close)
             && let Some((id, device, name)) = session
         {
