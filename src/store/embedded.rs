@@ -289,7 +289,7 @@ struct Worker {
     /// When history was last pruned by age.
     aged_at: Instant,
     /// Where the next sweep of the device and conversation rows starts (see
-    /// [`Worker::sweep_devices`]).
+    /// [`Worker::sweep_idle_rows`]).
     swept_to: (u32, u16),
     swept_conversations: (u32, u32),
     /// Room to encode a frame's row in.
@@ -462,7 +462,7 @@ impl Worker {
                 }
             }
         })();
-        let result = result.and_then(|()| self.sweep_devices(cutoff));
+        let result = result.and_then(|()| self.sweep_idle_rows(cutoff));
         match result {
             Ok(()) => self.publish(),
             // The counts may be off now; recovery reads them from the file again.
@@ -478,7 +478,7 @@ impl Worker {
     /// that ever connected does not stay forever. A default device of an id that uses
     /// named devices stays: frames wait for it too. Conversations past the retention
     /// go the same way, a batch of rows a pass.
-    fn sweep_devices(&mut self, cutoff: u64) -> Result<(), redb::Error> {
+    fn sweep_idle_rows(&mut self, cutoff: u64) -> Result<(), redb::Error> {
         use redb::ReadableTable;
         let txn = match &self.db {
             Some(db) => db.begin_write()?,
