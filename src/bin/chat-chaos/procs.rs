@@ -184,6 +184,24 @@ impl Cluster {
             fs::set_permissions(dir, fs::Permissions::from_mode(0o1777))
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
+        // Run as users of their own, the nodes may not reach a binary under a private
+        // directory (a clone in `mktemp -d`, mode 0700): they run a copy in `dir`.
+        let copied;
+        let server = if own_users {
+            use std::os::unix::fs::PermissionsExt;
+            copied = dir.join("chat-server");
+            fs::copy(server, &copied)
+                .and_then(|_| fs::set_permissions(&copied, fs::Permissions::from_mode(0o755)))
+                .map_err(|e| {
+                    format!(
+                        "cannot copy {} into the run's directory: {e}",
+                        server.display()
+                    )
+                })?;
+            copied.as_path()
+        } else {
+            server
+        };
         let uid = |base: u32, i: usize| own_users.then(|| base + i as u32);
         let mut nats_procs = Vec::new();
         let mut node_procs = Vec::new();
