@@ -5,6 +5,8 @@
 #   ROUNDS=3 SECS=5 bash bench/cluster.sh
 # Prints one line per measurement and the ratio cross-node / same-node per round.
 set -euo pipefail
+# Every load generator here connects from one address: no bound per address.
+export CHAT_MAX_CONNECTIONS_PER_IP=0
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
 ROUNDS=${ROUNDS:-2}

@@ -7,6 +7,8 @@
 #   BEFORE=/path/to/old/chat-server bash bench/history.sh
 # Prints one line per run; compare within a round (the machine is shared and noisy).
 set -euo pipefail
+# Every load generator here connects from one address: no bound per address.
+export CHAT_MAX_CONNECTIONS_PER_IP=0
 cd "$(dirname "$0")/.."
 cargo build --release -q --bins
 W=${W:-32}

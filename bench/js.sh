@@ -8,6 +8,8 @@
 #   bash bench/js.sh
 # Prints one line per run, then each round's ratios chat/js and nats/chat.
 set -euo pipefail
+# Every load generator here connects from one address: no bound per address.
+export CHAT_MAX_CONNECTIONS_PER_IP=0
 cd "$(dirname "$0")/.."
 command -v nats-server >/dev/null || { echo "bench/js.sh needs nats-server (apt-get install nats-server)" >&2; exit 1; }
 cargo build --release -q --bins

@@ -6,6 +6,8 @@
 # Needs perf (Debian: linux-perf). Writes bench/results/perf.data; a flame graph from it:
 #   perf script -i bench/results/perf.data | inferno-collapse-perf | inferno-flamegraph > pair.svg
 set -euo pipefail
+# Every load generator here connects from one address: no bound per address.
+export CHAT_MAX_CONNECTIONS_PER_IP=0
 cd "$(dirname "$0")/.."
 MODE=${MODE:-pair}
 WINDOW=${WINDOW:-32}

@@ -11,6 +11,8 @@
 #                                                        # in ROUNDS (3) alternating rounds
 # Results: bench/results/latest.jsonl, chart: bench/chart.svg (bench/chart.py).
 set -euo pipefail
+# Every load generator here connects from one address: no bound per address.
+export CHAT_MAX_CONNECTIONS_PER_IP=0
 cd "$(dirname "$0")/.."
 SECS=${SECS:-4}
 WARMUP=${WARMUP:-1}

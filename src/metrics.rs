@@ -63,6 +63,8 @@ pub enum Refusal {
     tls_failed,
     /// A browser's WebSocket from an Origin not allowed (`--web-allowed-origin`).
     origin_refused,
+    /// The client's address holds `--max-connections-per-ip` (on any listener).
+    address_busy,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,7 +78,7 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub accepted: Counter,
-    refused: [Counter; 4],
+    refused: [Counter; 5],
     frames_in: [Counter; 6],
     pub bytes_in: Counter,
     frames_out: [Counter; 4],
@@ -118,6 +120,7 @@ impl Metrics {
             Refusal::auth_failed,
             Refusal::tls_failed,
             Refusal::origin_refused,
+            Refusal::address_busy,
         ]
         .map(|reason| {
             refused_family
@@ -264,6 +267,7 @@ impl Metrics {
             Refusal::auth_failed => 1,
             Refusal::tls_failed => 2,
             Refusal::origin_refused => 3,
+            Refusal::address_busy => 4,
         };
         self.refused[i].inc();
     }

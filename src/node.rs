@@ -14,6 +14,7 @@ use futures::channel::mpsc;
 
 use crate::metrics::Metrics;
 use crate::rt::{self, TcpListener};
+use crate::server::addresses::{self, PerAddress};
 use crate::server::backend::Opened;
 use crate::server::broker::Broker;
 use crate::server::budget::Budget;
@@ -117,6 +118,21 @@ impl Server {
                 "web client on {http}://{addr}/, the protocol over WebSocket at {ws}://{addr}/ws"
             );
         }
+        if config.auth.is_none() {
+            let open = [Some(&listener), web.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.local_addr().ok())
+                .filter(|a| !a.ip().is_loopback())
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>();
+            if !open.is_empty() {
+                log::warn!(
+                    "no auth: anyone who can reach {} can claim any id; require tokens with --auth-secret-file",
+                    open.join(" or ")
+                );
+            }
+        }
         log::info!(
             "listening on {}",
             listener
@@ -126,11 +142,16 @@ impl Server {
         let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
         let mut config = config;
         config.max_connections = files::fit_connections(config.max_connections);
+        let per_ip = config.max_connections_per_ip;
+        config.metrics_http = config.metrics_http.within(per_ip);
+        config.web_http = config.web_http.within(per_ip);
+        let per_address = PerAddress::new(addresses::chat_bound(config.max_connections, per_ip));
         let shared = Arc::new(Shared {
             config,
             events,
             store: store.backend,
             inbound: Arc::new(Budget::new(INBOUND_BUDGET)),
+            per_address,
             metrics: metrics.clone(),
             active: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),

@@ -164,3 +164,30 @@ fn the_binaries_mint_and_present_tokens() {
     // The secret never reaches the logs.
     assert!(!server.logged("from a file"));
 }
+
+/// Started without auth on an address other than loopback, the server says once, at
+/// start, that anyone who can reach it can claim any id, and names the flag that fixes
+/// it; on loopback, or with auth, it says nothing of the kind. (The open server listens
+/// on every interface for the moment it takes to start; nothing connects to it.)
+#[test]
+fn without_auth_on_a_public_address_the_server_warns_once_naming_the_flag() {
+    let warning = "no auth: anyone who can reach";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let open = ServerProcess::start_on(dir.path(), "0.0.0.0:0", &[]);
+    assert_eq!(open.count_logged(warning), 1, "{:?}", open.logs);
+    assert!(open.logged("--auth-secret-file"));
+    drop(open);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let loopback = ServerProcess::start(dir.path(), &[]);
+    assert!(!loopback.logged(warning));
+    drop(loopback);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let with_auth = ServerProcess::start_on(
+        dir.path(),
+        "0.0.0.0:0",
+        &["--auth-secret", "correct horse battery staple"],
+    );
+    assert!(!with_auth.logged(warning));
+}

@@ -31,6 +31,9 @@ async fn connect_many(addr: &str, n: u32, base: u32) -> (Vec<Client>, usize) {
 }
 
 /// Soft 1024, hard well above: the server raises its own soft limit and serves 3,000.
+
+/// Every connection here comes from 127.0.0.1: no bound per address.
+const PER_IP_OFF: [&str; 2] = ["--max-connections-per-ip", "0"];
 #[test]
 fn a_low_soft_limit_is_raised_to_the_hard_limit() {
     // 65536 where this process may raise its hard limit, else its own hard limit.
@@ -45,7 +48,7 @@ fn a_low_soft_limit_is_raised_to_the_hard_limit() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_limited(dir.path(), &[], 1024, hard);
+    let server = ServerProcess::start_limited(dir.path(), &PER_IP_OFF, 1024, hard);
     rt::block_on(async {
         let (mut clients, busy) = connect_many(&server.addr, 3000, 10_000).await;
         assert_eq!(busy, 0, "all 3,000 must be served");
@@ -63,7 +66,7 @@ fn a_low_soft_limit_is_raised_to_the_hard_limit() {
 fn a_hard_limit_below_max_connections_answers_the_surplus_with_server_busy() {
     raise_own_files_limit();
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_limited(dir.path(), &[], 1024, 1024);
+    let server = ServerProcess::start_limited(dir.path(), &PER_IP_OFF, 1024, 1024);
     rt::block_on(async {
         let (mut clients, busy) = connect_many(&server.addr, 1100, 20_000).await;
         assert!(busy > 0, "the surplus must be refused");

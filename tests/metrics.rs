@@ -146,6 +146,7 @@ fn refusals_are_counted() {
         let server = start_with(|c| {
             c.metrics_listen = Some("127.0.0.1:0".into());
             c.max_connections = 1;
+            c.max_connections_per_ip = Some(0);
         })
         .await;
         let m = server.metrics.unwrap();

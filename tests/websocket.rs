@@ -358,7 +358,11 @@ fn the_web_listener_serves_the_client_and_refuses_the_rest() {
 #[test]
 fn a_full_server_refuses_the_upgrade() {
     rt::block_on(async {
-        let server = web_server(|c| c.max_connections = 1).await;
+        let server = web_server(|c| {
+            c.max_connections = 1;
+            c.max_connections_per_ip = Some(0);
+        })
+        .await;
         let _only = login(&server, 1).await;
         match ws_connect_with(&server, None).await {
             Err(WsError::Http(response)) => assert_eq!(response.status(), 503),

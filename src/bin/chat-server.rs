@@ -47,6 +47,13 @@ struct Args {
     #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
 
+    /// Connections one client address may hold (TCP, TLS and WebSocket together);
+    /// more get `server-busy`. 0: no bound. Default: a tenth of --max-connections. The
+    /// HTTP listeners let an address hold a quarter of theirs, and never more than
+    /// this. IPv6 addresses count by their /64.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
+
     /// Bytes that may wait for one receiver before it is cut off as a slow consumer.
     #[arg(long, env = "CHAT_MAX_PENDING_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_pending_bytes: usize,
@@ -214,6 +221,7 @@ fn run(args: Args) -> Result<(), String> {
         max_frame_bytes: args.max_frame_bytes,
         frame_timeout: Duration::from_secs_f64(args.frame_timeout),
         max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
         max_pending_bytes: args.max_pending_bytes,
         mailbox: Limits {
             max_messages: args.mailbox_max_messages,

@@ -3,6 +3,7 @@
 //! Origin check that keeps other sites' pages from opening it.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -44,29 +45,39 @@ pub async fn run_web(
     stop: impl Future<Output = ()>,
 ) {
     let origins = Arc::new(origins);
-    accept(listener, limits.max_connections, stop, move |stream| {
-        let shared = shared.clone();
-        let origins = origins.clone();
-        async move {
-            crate::server::configure_socket(&stream);
-            let Some(tls) = &shared.config.tls else {
-                return web_connection(stream.clone(), stream, &limits, shared, origins).await;
-            };
-            let handshake = Box::pin(TlsAcceptor::from(tls.current()).accept(stream.clone()));
-            match rt::timeout(limits.header_timeout, handshake).await {
-                Some(Ok(session)) => {
-                    web_connection(session, stream, &limits, shared, origins).await
-                }
-                Some(Err(e)) => {
-                    log::debug!("web: TLS handshake failed: {e}");
-                    if let Some(m) = &shared.metrics {
-                        m.refused(Refusal::tls_failed);
+    let metrics = shared.metrics.clone();
+    accept(
+        listener,
+        &limits,
+        metrics.as_deref(),
+        stop,
+        move |stream, ip| {
+            let shared = shared.clone();
+            let origins = origins.clone();
+            async move {
+                crate::server::configure_socket(&stream);
+                let peer = Peer { socket: stream, ip };
+                let Some(tls) = &shared.config.tls else {
+                    let io = peer.socket.clone();
+                    return web_connection(io, peer, &limits, shared, origins).await;
+                };
+                let handshake =
+                    Box::pin(TlsAcceptor::from(tls.current()).accept(peer.socket.clone()));
+                match rt::timeout(limits.header_timeout, handshake).await {
+                    Some(Ok(session)) => {
+                        web_connection(session, peer, &limits, shared, origins).await
                     }
+                    Some(Err(e)) => {
+                        log::debug!("web: TLS handshake failed: {e}");
+                        if let Some(m) = &shared.metrics {
+                            m.refused(Refusal::tls_failed);
+                        }
+                    }
+                    None => log::debug!("web: TLS handshake timed out"),
                 }
-                None => log::debug!("web: TLS handshake timed out"),
             }
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -92,11 +103,18 @@ fn allowed(origins: &Origins, headers: &HeaderMap) -> bool {
         .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
 }
 
-/// One HTTP connection of the web listener (`io` plain or TLS over `socket`). An
+/// An HTTP connection's TCP socket and the address it counts as.
+#[derive(Clone)]
+struct Peer {
+    socket: TcpStream,
+    ip: IpAddr,
+}
+
+/// One HTTP connection of the web listener (`io` plain or TLS over `peer`'s socket). An
 /// upgraded WebSocket leaves it and runs on a task of its own.
 async fn web_connection<S>(
     io: S,
-    socket: TcpStream,
+    peer: Peer,
     limits: &HttpLimits,
     shared: Arc<Shared>,
     origins: Arc<Origins>,
@@ -104,7 +122,7 @@ async fn web_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
-        let response = web_respond::<S>(req, &shared, &origins, &socket);
+        let response = web_respond::<S>(req, &shared, &origins, &peer);
         async move { Ok::<_, Infallible>(response) }
     });
     let conn = builder(limits)
@@ -119,13 +137,13 @@ fn web_respond<S>(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
     origins: &Origins,
-    socket: &TcpStream,
+    peer: &Peer,
 ) -> Response<Full<Bytes>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if req.uri().path() == "/ws" {
-        return upgrade::<S>(req, shared, origins, socket);
+        return upgrade::<S>(req, shared, origins, peer);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
@@ -158,7 +176,7 @@ fn upgrade<S>(
     mut req: Request<Incoming>,
     shared: &Arc<Shared>,
     origins: &Origins,
-    socket: &TcpStream,
+    peer: &Peer,
 ) -> Response<Full<Bytes>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -199,20 +217,23 @@ where
             "this origin may not open the chat WebSocket\n".into(),
         );
     }
-    let Some(slot) = websocket::admit(shared) else {
-        let max = shared.config.max_connections;
-        log::warn!("refusing a WebSocket: {max} connections open");
-        if let Some(m) = &shared.metrics {
-            m.refused(Refusal::server_busy);
+    let slot = match websocket::admit(shared, peer.ip) {
+        Ok(slot) => slot,
+        Err(busy) => {
+            let reason = busy.reason(shared);
+            log::warn!("refusing a WebSocket from {}: {reason}", peer.ip);
+            if let Some(m) = &shared.metrics {
+                m.refused(busy.refusal());
+            }
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("server-busy: {reason}; try again later\n"),
+            );
         }
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("server-busy: {max} connections open; try again later\n"),
-        );
     };
     let accept = websocket::accept_key(key.as_bytes());
     let upgraded = hyper::upgrade::on(&mut req);
-    let (shared, socket) = (shared.clone(), socket.clone());
+    let (shared, socket) = (shared.clone(), peer.socket.clone());
     rt::spawn(async move {
         let parts = match upgraded.await.map(|u| u.downcast::<FuturesIo<S>>()) {
             Ok(Ok(parts)) => parts,

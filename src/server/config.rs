@@ -11,6 +11,7 @@ use futures::channel::mpsc;
 
 use crate::auth::Auth;
 use crate::metrics::Metrics;
+use crate::server::addresses::{self, PerAddress};
 use crate::server::backend::Backend;
 use crate::server::budget::Budget;
 use crate::server::event::Event;
@@ -25,6 +26,11 @@ pub struct Config {
     pub max_frame_bytes: u32,
     pub frame_timeout: Duration,
     pub max_connections: usize,
+    /// `--max-connections-per-ip`: connections one address may hold on the chat
+    /// listener (TCP, TLS and WebSocket together); 0: no bound. `None`: a tenth of
+    /// `max_connections`. HTTP listeners allow an address a quarter of their own
+    /// connections, and never more than this.
+    pub max_connections_per_ip: Option<usize>,
     pub max_pending_bytes: usize,
     pub mailbox: Limits,
     /// How long and how much of each id's conversation is kept after delivery.
@@ -60,6 +66,7 @@ impl Config {
             max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
             frame_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            max_connections_per_ip: None,
             max_pending_bytes: 8 * 1024 * 1024,
             mailbox: Limits {
                 max_messages: 10_000,
@@ -88,6 +95,8 @@ pub struct Shared {
     pub store: Backend,
     /// Bytes of decoded frames on their way to the broker.
     pub inbound: Arc<Budget>,
+    /// Chat connections per client address.
+    pub(crate) per_address: Arc<PerAddress>,
     /// Kept only when they are served (`--metrics-listen`).
     pub metrics: Option<Arc<Metrics>>,
     pub(crate) active: AtomicUsize,
@@ -115,6 +124,8 @@ pub struct HttpLimits {
     pub connection_time: Duration,
     /// Largest request head buffered; a larger one gets 431.
     pub max_head: usize,
+    /// Connections one address may hold (0: no bound); more are closed at once.
+    pub max_per_address: usize,
 }
 
 impl HttpLimits {
@@ -124,11 +135,45 @@ impl HttpLimits {
         header_timeout: Duration::from_secs(5),
         connection_time: Duration::from_secs(30),
         max_head: 16 * 1024,
+        max_per_address: 64 / addresses::HTTP_SHARE,
     };
     /// The web listener: page loads and WebSocket upgrades in progress (an upgraded
     /// WebSocket counts under `--max-connections` instead).
     pub const WEB: HttpLimits = HttpLimits {
         max_connections: 256,
+        max_per_address: 256 / addresses::HTTP_SHARE,
         ..HttpLimits::METRICS
     };
+
+    /// These limits under `--max-connections-per-ip` (`per_ip`, when given).
+    pub fn within(self, per_ip: Option<usize>) -> HttpLimits {
+        let max_per_address = match per_ip {
+            None => self.max_per_address,
+            Some(0) => 0,
+            Some(n) if self.max_per_address == 0 => n,
+            Some(n) => n.min(self.max_per_address),
+        };
+        HttpLimits {
+            max_per_address,
+            ..self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_listeners_keep_their_quarter_under_the_per_ip_flag() {
+        assert_eq!(HttpLimits::WEB.max_per_address, 64);
+        assert_eq!(HttpLimits::METRICS.max_per_address, 16);
+        assert_eq!(HttpLimits::WEB.within(None).max_per_address, 64);
+        assert_eq!(HttpLimits::WEB.within(Some(10)).max_per_address, 10);
+        assert_eq!(HttpLimits::WEB.within(Some(1000)).max_per_address, 64);
+        assert_eq!(HttpLimits::WEB.within(Some(0)).max_per_address, 0);
+        assert_eq!(addresses::chat_bound(10_000, None), 1_000);
+        assert_eq!(addresses::chat_bound(5, None), 1);
+        assert_eq!(addresses::chat_bound(10_000, Some(3)), 3);
+    }
 }

@@ -1,6 +1,7 @@
 //! The accept loop and the life of one connection.
 
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt};
 use crate::metrics::Refusal;
 use crate::protocol::{Code, SERVER_HEADER_LEN, notice};
 use crate::rt::{self, TcpListener, TcpStream};
+use crate::server::addresses::AddressSlot;
 use crate::server::event::Event;
 use crate::server::files::Spare;
 use crate::server::outbox::Outbox;
@@ -49,7 +51,7 @@ pub async fn run(
                     let accepted = listener.accept().await;
                     if let Ok((stream, peer)) = accepted {
                         log::warn!("refusing {peer}: out of file descriptors");
-                        refuse(stream, &shared).await;
+                        refuse(stream, Busy::Server, &shared).await;
                     }
                     spare.restore();
                     rt::sleep(backoff).await;
@@ -66,14 +68,14 @@ pub async fn run(
                 continue;
             }
         };
-        let Some(slot) = Slot::take(&shared) else {
-            log::warn!(
-                "refusing {peer}: {} connections open",
-                shared.config.max_connections
-            );
-            let shared = shared.clone();
-            rt::spawn(async move { refuse(stream, &shared).await });
-            continue;
+        let slot = match Slot::take(&shared, peer.ip()) {
+            Ok(slot) => slot,
+            Err(busy) => {
+                log::warn!("refusing {peer}: {}", busy.reason(&shared));
+                let shared = shared.clone();
+                rt::spawn(async move { refuse(stream, busy, &shared).await });
+                continue;
+            }
         };
         configure(&stream);
         let conn = next_conn(&shared);
@@ -116,46 +118,81 @@ pub(crate) fn configure(stream: &TcpStream) {
     });
 }
 
-async fn refuse(mut stream: TcpStream, shared: &Shared) {
-    let max = shared.config.max_connections;
+async fn refuse(mut stream: TcpStream, busy: Busy, shared: &Shared) {
     let notice = notice(
         Code::ServerBusy,
-        format_args!("{max} connections open; try again later"),
+        format_args!("{}; try again later", busy.reason(shared)),
     );
     if let Some(m) = &shared.metrics {
-        m.refused(Refusal::server_busy);
+        m.refused(busy.refusal());
         m.notice(&notice[SERVER_HEADER_LEN..]);
     }
     let _ = rt::timeout(REFUSAL_LIMIT, stream.write_all(&notice)).await;
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
-/// A place under `--max-connections`, given back when dropped.
-pub(crate) struct Slot(Arc<Shared>);
+/// A place under `--max-connections` and `--max-connections-per-ip`, given back when
+/// dropped.
+pub(crate) struct Slot {
+    shared: Arc<Shared>,
+    _address: AddressSlot,
+}
+
+/// Why a connection found no place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Busy {
+    /// `--max-connections` are open.
+    Server,
+    /// Its address holds `--max-connections-per-ip`.
+    Address,
+}
+
+impl Busy {
+    /// What the refused client (and the log) is told.
+    pub(crate) fn reason(self, shared: &Shared) -> String {
+        match self {
+            Busy::Server => format!("{} connections open", shared.config.max_connections),
+            Busy::Address => match shared.per_address.max() {
+                1 => "a connection open from this address already".to_string(),
+                n => format!("{n} connections open from this address"),
+            },
+        }
+    }
+
+    pub(crate) fn refusal(self) -> Refusal {
+        match self {
+            Busy::Server => Refusal::server_busy,
+            Busy::Address => Refusal::address_busy,
+        }
+    }
+}
 
 impl Slot {
-    pub(crate) fn take(shared: &Arc<Shared>) -> Option<Slot> {
+    /// A place for a connection from `ip`: its address's first, then the server's.
+    pub(crate) fn take(shared: &Arc<Shared>, ip: IpAddr) -> Result<Slot, Busy> {
+        let address = shared.per_address.take(ip).ok_or(Busy::Address)?;
         let max = shared.config.max_connections;
         shared
             .active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .ok()
-            .map(|_| {
-                if let Some(m) = &shared.metrics {
-                    m.accepted.inc();
-                    m.connections.inc();
-                }
-                Slot(shared.clone())
-            })
+            .map_err(|_| Busy::Server)?;
+        if let Some(m) = &shared.metrics {
+            m.accepted.inc();
+            m.connections.inc();
+        }
+        Ok(Slot {
+            shared: shared.clone(),
+            _address: address,
+        })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-        if let Some(m) = &self.0.metrics {
+        self.shared.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(m) = &self.shared.metrics {
             m.connections.dec();
         }
     }
@@ -251,6 +288,7 @@ mod tests {
             events,
             store: crate::server::backend::Backend::One(store),
             inbound: Arc::new(Budget::new(1)),
+            per_address: crate::server::addresses::PerAddress::new(0),
             metrics: None,
             active: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),

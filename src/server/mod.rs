@@ -20,6 +20,7 @@
 //! transport shares the same code past the socket. What they all share is in
 //! [`config`]; [`crate::node`] assembles the whole server.
 
+pub(crate) mod addresses;
 pub mod backend;
 pub mod broker;
 pub(crate) mod budget;

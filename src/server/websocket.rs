@@ -9,6 +9,7 @@
 //! very same code as over TCP.
 
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -22,7 +23,7 @@ use futures::{AsyncRead, AsyncWrite, Sink, Stream};
 use crate::protocol::{CLIENT_HEADER_LEN, Code, SERVER_HEADER_LEN, notice};
 use crate::rt::TcpStream;
 use crate::server::Shared;
-use crate::server::listener::{self, Slot};
+use crate::server::listener::{self, Busy, Slot};
 use crate::server::reader::Refused;
 
 /// What tungstenite reads into per call: small, since most chat messages are.
@@ -43,10 +44,11 @@ pub fn config(max_frame_bytes: u32) -> WebSocketConfig {
         .max_frame_size(Some(max))
 }
 
-/// A place for one more chat connection, if `--max-connections` allows: taken before
-/// the upgrade is answered, so a full server refuses with an HTTP status.
-pub fn admit(shared: &Arc<Shared>) -> Option<Slot> {
-    Slot::take(shared)
+/// A place for one more chat connection from `ip`, if `--max-connections` and
+/// `--max-connections-per-ip` allow: taken before the upgrade is answered, so a full
+/// server refuses with an HTTP status.
+pub(crate) fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Result<Slot, Busy> {
+    Slot::take(shared, ip)
 }
 
 /// The `Sec-WebSocket-Accept` answer to a client's `Sec-WebSocket-Key`.

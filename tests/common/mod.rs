@@ -220,18 +220,24 @@ impl ServerProcess {
         Self::spawn(cmd, WAIT)
     }
 
+    /// Like `start`, listening on `listen` instead of 127.0.0.1:0.
+    pub fn start_on(data_dir: &std::path::Path, listen: &str, extra: &[&str]) -> ServerProcess {
+        let mut cmd = Self::command_on(data_dir, listen);
+        cmd.args(extra);
+        Self::spawn(cmd, WAIT)
+    }
+
     fn command(data_dir: &std::path::Path, extra: &[&str]) -> std::process::Command {
+        let mut cmd = Self::command_on(data_dir, "127.0.0.1:0");
+        cmd.args(extra);
+        cmd
+    }
+
+    fn command_on(data_dir: &std::path::Path, listen: &str) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "info",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(extra)
-        .stdout(std::process::Stdio::piped());
+        cmd.args(["--listen", listen, "--log-level", "info", "--data-dir"])
+            .arg(data_dir)
+            .stdout(std::process::Stdio::piped());
         cmd
     }
 
