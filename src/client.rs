@@ -76,6 +76,15 @@ impl Client {
     ) -> io::Result<Client> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
+        Client::tls_over(stream, name, config).await
+    }
+
+    /// Opens TLS over a connected socket (one that has already sent a PROXY header).
+    pub async fn tls_over(
+        stream: TcpStream,
+        name: ServerName<'static>,
+        config: Arc<ClientConfig>,
+    ) -> io::Result<Client> {
         let session = TlsConnector::from(config).connect(name, stream).await?;
         Ok(Client::from_stream(session))
     }

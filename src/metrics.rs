@@ -65,6 +65,8 @@ pub enum Refusal {
     origin_refused,
     /// The client's address holds `--max-connections-per-ip` (on any listener).
     address_busy,
+    /// `--proxy-protocol` is on and the connection's header was missing or bad.
+    proxy_refused,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,7 +80,7 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub accepted: Counter,
-    refused: [Counter; 5],
+    refused: [Counter; 6],
     frames_in: [Counter; 6],
     pub bytes_in: Counter,
     frames_out: [Counter; 4],
@@ -121,6 +123,7 @@ impl Metrics {
             Refusal::tls_failed,
             Refusal::origin_refused,
             Refusal::address_busy,
+            Refusal::proxy_refused,
         ]
         .map(|reason| {
             refused_family
@@ -268,6 +271,7 @@ impl Metrics {
             Refusal::tls_failed => 2,
             Refusal::origin_refused => 3,
             Refusal::address_busy => 4,
+            Refusal::proxy_refused => 5,
         };
         self.refused[i].inc();
     }

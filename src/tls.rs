@@ -9,6 +9,8 @@ use futures_rustls::rustls::pki_types::pem::PemObject;
 use futures_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use futures_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+pub use futures_rustls::rustls::ClientConfig as ClientTlsConfig;
+pub use futures_rustls::rustls::pki_types::ServerName as TlsName;
 pub use futures_rustls::{TlsAcceptor, TlsConnector};
 
 /// The server's TLS settings, replaceable while it runs (a renewed certificate on

@@ -212,3 +212,124 @@ fn a_slowloris_from_one_address_leaves_the_pages_to_everybody_else() {
         }
     });
 }
+
+/// A PROXY protocol v2 header for a TCP client at `client` (IPv4), or a `LOCAL` one
+/// (a health check) without it.
+fn proxy_v2(client: Option<SocketAddr>) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    match client {
+        Some(SocketAddr::V4(a)) => {
+            h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+            h.extend_from_slice(&a.ip().octets());
+            h.extend_from_slice(&[127, 0, 0, 1]);
+            h.extend_from_slice(&a.port().to_be_bytes());
+            h.extend_from_slice(&8888u16.to_be_bytes());
+        }
+        _ => h.extend_from_slice(&[0x20, 0x00, 0, 0]),
+    }
+    h
+}
+
+/// A chat client through a "proxy" that says the connection is from `header`'s client.
+async fn hello_proxied(server: &TestServer, header: &[u8], id: u32) -> (Client, Option<Code>) {
+    let mut tcp = within(TcpStream::connect(server.addr))
+        .await
+        .expect("connects");
+    within(tcp.write_all(header))
+        .await
+        .expect("writes the header");
+    let mut c = Client::from_stream(tcp);
+    let _ = within(c.send(&chat::protocol::ClientFrame::hello(id, b""))).await;
+    let code = match within(c.recv()).await {
+        Ok(Some(f)) => {
+            let notice = f.notice().expect("a notice first");
+            Code::ALL.into_iter().find(|&code| notice.is(code))
+        }
+        _ => None,
+    };
+    (c, code)
+}
+
+/// `--proxy-protocol`: each client counts as the address its header names (v2 and v1),
+/// not as the proxy's; the proxy's own health check (`LOCAL`) is served; a connection
+/// without a header is closed unanswered and counted; the web listener reads the header
+/// too.
+#[test]
+fn behind_a_proxy_each_client_counts_as_the_address_its_header_names() {
+    rt::block_on(async {
+        let server = start_with(|c| {
+            c.proxy_protocol = true;
+            c.max_connections_per_ip = Some(1);
+            c.web_listen = Some("127.0.0.1:0".into());
+            c.metrics_listen = Some("127.0.0.1:0".into());
+        })
+        .await;
+        let a: SocketAddr = "192.0.2.1:40001".parse().expect("addr");
+        let b: SocketAddr = "192.0.2.2:40002".parse().expect("addr");
+        let (_a, code) = hello_proxied(&server, &proxy_v2(Some(a)), 1).await;
+        assert_eq!(code, Some(Code::Welcome));
+        let (_again, code) = hello_proxied(&server, &proxy_v2(Some(a)), 2).await;
+        assert_eq!(code, Some(Code::ServerBusy), "192.0.2.1 holds its one");
+        let (_b, code) = hello_proxied(&server, &proxy_v2(Some(b)), 3).await;
+        assert_eq!(code, Some(Code::Welcome), "192.0.2.2 is another client");
+        let v1 = b"PROXY TCP4 192.0.2.3 127.0.0.1 40003 8888\r\n";
+        let (mut c, code) = hello_proxied(&server, v1, 4).await;
+        assert_eq!(code, Some(Code::Welcome), "version 1");
+        send_confirmed(&mut c, &text(4, 4, "through the proxy")).await;
+
+        // The proxy's health check: a ping after a LOCAL header is answered.
+        let (mut check, code) = hello_proxied(&server, &proxy_v2(None), 5).await;
+        assert_eq!(code, Some(Code::Welcome), "LOCAL counts as the proxy");
+        within(check.ping()).await.expect("pong");
+
+        // The container's health check: chat-client --probe --proxy-local (once the
+        // check above has gone: it holds 127.0.0.1's one place).
+        drop(check);
+        let addr = server.addr();
+        let probe = within(async {
+            loop {
+                let probe = chat_client(&["--server", &addr, "--probe", "--proxy-local"], "");
+                if probe.status.success() {
+                    return probe;
+                }
+                rt::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(probe.status.success(), "{probe:?}");
+        let bare = chat_client(&["--server", &addr, "--probe", "--timeout", "2"], "");
+        assert!(!bare.status.success(), "a probe without the header fails");
+
+        // No header: the seed's client straight at the port is closed unanswered.
+        let mut direct = within(TcpStream::connect(server.addr))
+            .await
+            .expect("connects");
+        let seed_frame = [0, 0, 0, 6, 0, 0, 0, 6, 1, 0, 0, 0, 2, b'h', b'i'];
+        within(direct.write_all(&seed_frame)).await.expect("writes");
+        assert!(
+            until_closed(&mut direct).await.is_empty(),
+            "closed unanswered"
+        );
+
+        let web = server.web.expect("web");
+        let mut page = within(TcpStream::connect(web)).await.expect("connects");
+        let mut request = proxy_v2(Some(a));
+        request.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        within(page.write_all(&request)).await.expect("writes");
+        assert!(until_closed(&mut page).await.starts_with(b"HTTP/1.1 200"));
+        let mut bare = within(TcpStream::connect(web)).await.expect("connects");
+        within(bare.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"))
+            .await
+            .expect("writes");
+        assert!(
+            until_closed(&mut bare).await.is_empty(),
+            "no header, no page"
+        );
+
+        let (_, metrics) = http_get(server.metrics.expect("metrics"), "/metrics").await;
+        assert!(
+            metrics.contains("chat_connections_refused_total{reason=\"proxy_refused\"} 3"),
+            "{metrics}"
+        );
+    });
+}

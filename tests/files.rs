@@ -30,10 +30,10 @@ async fn connect_many(addr: &str, n: u32, base: u32) -> (Vec<Client>, usize) {
     (welcomed, busy)
 }
 
-/// Soft 1024, hard well above: the server raises its own soft limit and serves 3,000.
-
 /// Every connection here comes from 127.0.0.1: no bound per address.
 const PER_IP_OFF: [&str; 2] = ["--max-connections-per-ip", "0"];
+
+/// Soft 1024, hard well above: the server raises its own soft limit and serves 3,000.
 #[test]
 fn a_low_soft_limit_is_raised_to_the_hard_limit() {
     // 65536 where this process may raise its hard limit, else its own hard limit.

@@ -54,6 +54,13 @@ struct Args {
     #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_IP")]
     max_connections_per_ip: Option<usize>,
 
+    /// Every connection to the chat and web listeners opens with a PROXY protocol
+    /// header (v1 or v2, HAProxy's `send-proxy-v2`) naming the client's address, for
+    /// logs and --max-connections-per-ip. Connections without one are closed: only the
+    /// proxy may reach these listeners then.
+    #[arg(long, env = "CHAT_PROXY_PROTOCOL")]
+    proxy_protocol: bool,
+
     /// Bytes that may wait for one receiver before it is cut off as a slow consumer.
     #[arg(long, env = "CHAT_MAX_PENDING_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_pending_bytes: usize,
@@ -222,6 +229,7 @@ fn run(args: Args) -> Result<(), String> {
         frame_timeout: Duration::from_secs_f64(args.frame_timeout),
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
+        proxy_protocol: args.proxy_protocol,
         max_pending_bytes: args.max_pending_bytes,
         mailbox: Limits {
             max_messages: args.mailbox_max_messages,

@@ -28,8 +28,8 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         log::info!("metrics, health and readiness on http://{addr}/metrics, /healthz, /readyz");
     }
-    let counted = metrics.clone();
-    accept(listener, &limits, Some(&counted), stop, move |stream, _| {
+    let counted = Some(metrics.clone());
+    accept(listener, &limits, false, counted, stop, move |stream, _| {
         let metrics = metrics.clone();
         async move {
             let service = service_fn(move |req| {

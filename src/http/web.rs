@@ -46,10 +46,12 @@ pub async fn run_web(
 ) {
     let origins = Arc::new(origins);
     let metrics = shared.metrics.clone();
+    let proxy = shared.config.proxy_protocol;
     accept(
         listener,
         &limits,
-        metrics.as_deref(),
+        proxy,
+        metrics,
         stop,
         move |stream, ip| {
             let shared = shared.clone();

@@ -31,6 +31,9 @@ pub struct Config {
     /// `max_connections`. HTTP listeners allow an address a quarter of their own
     /// connections, and never more than this.
     pub max_connections_per_ip: Option<usize>,
+    /// `--proxy-protocol`: every connection to the chat and web listeners opens with a
+    /// PROXY protocol header (v1 or v2) naming the client's address.
+    pub proxy_protocol: bool,
     pub max_pending_bytes: usize,
     pub mailbox: Limits,
     /// How long and how much of each id's conversation is kept after delivery.
@@ -67,6 +70,7 @@ impl Config {
             frame_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             max_connections_per_ip: None,
+            proxy_protocol: false,
             max_pending_bytes: 8 * 1024 * 1024,
             mailbox: Limits {
                 max_messages: 10_000,

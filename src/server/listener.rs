@@ -1,7 +1,7 @@
 //! The accept loop and the life of one connection.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use crate::server::addresses::AddressSlot;
 use crate::server::event::Event;
 use crate::server::files::Spare;
 use crate::server::outbox::Outbox;
+use crate::server::proxy::{self, Proxied};
 use crate::server::writer;
 use crate::server::{Shared, reader};
 use crate::tls::TlsAcceptor;
@@ -68,7 +69,14 @@ pub async fn run(
                 continue;
             }
         };
-        let slot = match Slot::take(&shared, peer.ip()) {
+        // Counted under its address first when the address is known, so that one
+        // address's refused connections never take the others' places.
+        let proxied = shared.config.proxy_protocol;
+        let taken = match proxied {
+            true => Slot::take(&shared),
+            false => Slot::take_at(&shared, peer.ip()),
+        };
+        let mut slot = match taken {
             Ok(slot) => slot,
             Err(busy) => {
                 log::warn!("refusing {peer}: {}", busy.reason(&shared));
@@ -79,13 +87,52 @@ pub async fn run(
         };
         configure(&stream);
         let conn = next_conn(&shared);
-        log::debug!(conn; "accepted from {peer}");
         let shared = shared.clone();
         rt::spawn(async move {
+            let Some(client) = client_address(&stream, peer, conn, &shared).await else {
+                return;
+            };
+            if proxied && let Err(busy) = slot.count_under(client.ip()) {
+                log::warn!(conn; "refusing {client}: {}", busy.reason(&shared));
+                return refuse(stream, busy, &shared).await;
+            }
+            if client == peer {
+                log::debug!(conn; "accepted from {peer}");
+            } else {
+                log::debug!(conn; "accepted from {client} through {peer}");
+            }
             serve(stream, conn, &shared).await;
             drop(slot);
         });
     }
+}
+
+/// The client's address: the socket's peer, or with `--proxy-protocol` what the
+/// proxy's header says. `None` when the header is missing, bad or late: the connection
+/// is then closed.
+async fn client_address(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    conn: u64,
+    shared: &Shared,
+) -> Option<SocketAddr> {
+    if !shared.config.proxy_protocol {
+        return Some(peer);
+    }
+    let mut read = stream;
+    // Boxed: only proxied connections carry the header's reading in their task.
+    let header = Box::pin(proxy::read(&mut read));
+    let refused = match rt::timeout(shared.config.frame_timeout, header).await {
+        Some(Ok(Proxied::Client(client))) => return Some(client),
+        Some(Ok(Proxied::Local)) => return Some(peer),
+        Some(Err(e)) => e.to_string(),
+        None => "no PROXY protocol header in time".to_string(),
+    };
+    log::info!(conn; "closing {peer}: {refused}");
+    if let Some(m) = &shared.metrics {
+        m.refused(Refusal::proxy_refused);
+    }
+    None
 }
 
 fn is_out_of_files(e: &io::Error) -> bool {
@@ -118,7 +165,7 @@ pub(crate) fn configure(stream: &TcpStream) {
     });
 }
 
-async fn refuse(mut stream: TcpStream, busy: Busy, shared: &Shared) {
+pub(crate) async fn refuse(mut stream: TcpStream, busy: Busy, shared: &Shared) {
     let notice = notice(
         Code::ServerBusy,
         format_args!("{}; try again later", busy.reason(shared)),
@@ -135,7 +182,8 @@ async fn refuse(mut stream: TcpStream, busy: Busy, shared: &Shared) {
 /// dropped.
 pub(crate) struct Slot {
     shared: Arc<Shared>,
-    _address: AddressSlot,
+    /// Its place in its address's count, once the address is known.
+    address: Option<AddressSlot>,
 }
 
 /// Why a connection found no place.
@@ -168,9 +216,9 @@ impl Busy {
 }
 
 impl Slot {
-    /// A place for a connection from `ip`: its address's first, then the server's.
-    pub(crate) fn take(shared: &Arc<Shared>, ip: IpAddr) -> Result<Slot, Busy> {
-        let address = shared.per_address.take(ip).ok_or(Busy::Address)?;
+    /// A place under `--max-connections`; [`Slot::count_under`] then counts it under
+    /// its client's address (which a proxied connection only knows after its header).
+    pub(crate) fn take(shared: &Arc<Shared>) -> Result<Slot, Busy> {
         let max = shared.config.max_connections;
         shared
             .active
@@ -184,8 +232,22 @@ impl Slot {
         }
         Ok(Slot {
             shared: shared.clone(),
-            _address: address,
+            address: None,
         })
+    }
+
+    /// A place for a connection from `ip`: its address's first, then the server's.
+    pub(crate) fn take_at(shared: &Arc<Shared>, ip: IpAddr) -> Result<Slot, Busy> {
+        let address = shared.per_address.take(ip).ok_or(Busy::Address)?;
+        let mut slot = Slot::take(shared)?;
+        slot.address = Some(address);
+        Ok(slot)
+    }
+
+    /// Counts this connection under `ip`, unless that address holds its share.
+    pub(crate) fn count_under(&mut self, ip: IpAddr) -> Result<(), Busy> {
+        self.address = Some(self.shared.per_address.take(ip).ok_or(Busy::Address)?);
+        Ok(())
     }
 }
 

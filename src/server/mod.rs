@@ -29,6 +29,7 @@ pub mod event;
 pub(crate) mod files;
 pub(crate) mod listener;
 pub mod outbox;
+pub mod proxy;
 mod reader;
 pub(crate) mod websocket;
 pub mod writer;

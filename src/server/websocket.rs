@@ -48,7 +48,7 @@ pub fn config(max_frame_bytes: u32) -> WebSocketConfig {
 /// `--max-connections-per-ip` allow: taken before the upgrade is answered, so a full
 /// server refuses with an HTTP status.
 pub(crate) fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Result<Slot, Busy> {
-    Slot::take(shared, ip)
+    Slot::take_at(shared, ip)
 }
 
 /// The `Sec-WebSocket-Accept` answer to a client's `Sec-WebSocket-Key`.

@@ -86,6 +86,11 @@ struct Args {
     #[arg(long)]
     probe: bool,
 
+    /// Open the connection with a PROXY protocol LOCAL header, as a load balancer's
+    /// health check does: for probing a server run with --proxy-protocol.
+    #[arg(long, env = "CHAT_PROXY_PROTOCOL")]
+    proxy_local: bool,
+
     /// Do not turn acknowledged delivery on. With acks (the default) a frame leaves
     /// the server only once this client has printed or saved it and said so.
     #[arg(long)]

@@ -135,9 +135,23 @@ fn jitter(wait: Duration) -> Duration {
 }
 
 pub async fn connect(args: &Args) -> std::io::Result<Client> {
+    if args.proxy_local {
+        return connect_as_proxy(args).await;
+    }
     if !args.tls {
         return Client::connect(&args.server).await;
     }
+    let (name, config) = tls_target(args)?;
+    Client::connect_tls(&args.server, name, config).await
+}
+
+/// The name to verify the server's certificate as, and the roots to verify it with.
+fn tls_target(
+    args: &Args,
+) -> std::io::Result<(
+    chat::tls::TlsName<'static>,
+    std::sync::Arc<chat::tls::ClientTlsConfig>,
+)> {
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let host = args
         .server
@@ -146,7 +160,20 @@ pub async fn connect(args: &Args) -> std::io::Result<Client> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let name = chat::tls::server_name(args.tls_name.as_deref().unwrap_or(host)).map_err(invalid)?;
     let config = chat::tls::client_config(args.ca.as_deref()).map_err(invalid)?;
-    Client::connect_tls(&args.server, name, config).await
+    Ok((name, config))
+}
+
+/// Connects as a proxy's health check does: a PROXY protocol `LOCAL` header first.
+async fn connect_as_proxy(args: &Args) -> std::io::Result<Client> {
+    use futures::AsyncWriteExt;
+    let stream = chat::rt::TcpStream::connect(&args.server).await?;
+    stream.set_nodelay(true)?;
+    (&stream).write_all(&chat::server::proxy::LOCAL_V2).await?;
+    if !args.tls {
+        return Ok(Client::from_stream(stream));
+    }
+    let (name, config) = tls_target(args)?;
+    Client::tls_over(stream, name, config).await
 }
 
 /// Sends `frames` while reading replies, until each has its echo and `--receive`
