@@ -95,6 +95,12 @@ pub struct Metrics {
     pub frames_per_commit: Histogram,
     pub delivery_seconds: Histogram,
     pub slow_consumers: Counter,
+    /// Times a connection's reading was paused by `--rate-frames` or `--rate-bytes`.
+    pub rate_limited: Counter,
+    /// Connections an operator disconnected.
+    pub kicked: Counter,
+    /// Admin API requests without the right token.
+    pub admin_refused: Counter,
     pub store_failures: Counter,
     /// Why the store is down, while it is: `/readyz` says not ready.
     store_down: Mutex<Option<String>>,
@@ -234,6 +240,24 @@ impl Metrics {
             "Clients cut off as slow consumers",
             slow_consumers.clone(),
         );
+        let admin_refused = Counter::default();
+        registry.register(
+            "admin_refused",
+            "Admin API requests refused for a missing or wrong token",
+            admin_refused.clone(),
+        );
+        let kicked = Counter::default();
+        registry.register(
+            "disconnected_by_operator",
+            "Connections an operator disconnected (the admin listener)",
+            kicked.clone(),
+        );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Times a connection's reading was paused by its rate limit",
+            rate_limited.clone(),
+        );
         let store_failures = Counter::default();
         registry.register(
             "store_failures",
@@ -259,6 +283,9 @@ impl Metrics {
             frames_per_commit,
             delivery_seconds,
             slow_consumers,
+            rate_limited,
+            kicked,
+            admin_refused,
             store_failures,
             store_down: Mutex::new(None),
         })

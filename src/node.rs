@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::rt::{self, TcpListener};
 use crate::server::addresses::{self, PerAddress};
 use crate::server::backend::Opened;
+use crate::server::blocklist::Blocklist;
 use crate::server::broker::Broker;
 use crate::server::budget::Budget;
 use crate::server::event::Event;
@@ -39,6 +40,9 @@ pub struct Server {
     /// The web client's listener, when asked for.
     web: Option<TcpListener>,
     metrics: Option<Arc<Metrics>>,
+    blocklist: Arc<Blocklist>,
+    /// The admin API's listener, when asked for.
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -69,8 +73,11 @@ impl Server {
                     addr: config.listen.clone(),
                     source,
                 })?;
+        let blocklist = Arc::new(Blocklist::open(&config.data_dir)?);
         let http = bind_if(config.metrics_listen.as_deref(), "metrics").await?;
         let web = bind_if(config.web_listen.as_deref(), "the web client").await?;
+        let admin_addr = config.admin.as_ref().map(|a| a.listen.as_str());
+        let admin = bind_if(admin_addr, "the admin API").await?;
         Ok(Server {
             listener,
             config,
@@ -78,7 +85,14 @@ impl Server {
             http,
             web,
             metrics,
+            blocklist,
+            admin,
         })
+    }
+
+    /// Where the admin API is served, if it is.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Where metrics, health and readiness are served, if they are.
@@ -108,7 +122,12 @@ impl Server {
             http,
             web,
             metrics,
+            blocklist,
+            admin,
         } = self;
+        if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
+            log::info!("admin API on http://{addr}/v1/ (docs/ADMIN.md)");
+        }
         if let Some(addr) = web.as_ref().and_then(|l| l.local_addr().ok()) {
             let (http, ws) = match config.tls {
                 Some(_) => ("https", "wss"),
@@ -145,6 +164,9 @@ impl Server {
         let per_ip = config.max_connections_per_ip;
         config.metrics_http = config.metrics_http.within(per_ip);
         config.web_http = config.web_http.within(per_ip);
+        if let Some(admin) = &mut config.admin {
+            admin.limits = admin.limits.within(per_ip);
+        }
         let per_address = PerAddress::new(addresses::chat_bound(config.max_connections, per_ip));
         let shared = Arc::new(Shared {
             config,
@@ -152,19 +174,13 @@ impl Server {
             store: store.backend,
             inbound: Arc::new(Budget::new(INBOUND_BUDGET)),
             per_address,
+            directory: Default::default(),
+            blocklist,
             metrics: metrics.clone(),
             active: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
         });
-        let broker = Broker::new(
-            &shared.config,
-            shared.store.clone(),
-            shared.events.clone(),
-            shared.inbound.clone(),
-            store.next_seq,
-            store.devices,
-            metrics.clone(),
-        );
+        let broker = Broker::new(&shared, store.next_seq, store.devices);
         let broker = rt::spawn(broker.run(events_rx, store.replies));
         let (http_stop, http_stopped) = futures::channel::oneshot::channel::<()>();
         let http_stopped = futures::FutureExt::shared(http_stopped);
@@ -174,6 +190,17 @@ impl Server {
             rt::spawn(crate::http::run(http, limits, metrics, async {
                 let _ = stopped.await;
             }));
+        }
+        if let (Some(listener), Some(settings)) = (admin, shared.config.admin.clone()) {
+            let stopped = http_stopped.clone();
+            rt::spawn(crate::http::run_admin(
+                listener,
+                settings,
+                shared.clone(),
+                async {
+                    let _ = stopped.await;
+                },
+            ));
         }
         if let Some(web) = web {
             let origins = shared.config.web_origins.clone();
@@ -232,6 +259,8 @@ pub enum StartError {
     Store(#[from] store::embedded::OpenError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::StartError),
+    #[error(transparent)]
+    Blocklist(#[from] crate::server::blocklist::Error),
     #[error("cannot listen on {addr}: {source}")]
     ListenChat {
         addr: String,

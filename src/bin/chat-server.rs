@@ -61,6 +61,20 @@ struct Args {
     #[arg(long, env = "CHAT_PROXY_PROTOCOL")]
     proxy_protocol: bool,
 
+    /// Frames one connection may send per second (0: no limit). Over it, the server
+    /// reads that connection more slowly: nothing is refused or lost.
+    #[arg(long, env = "CHAT_RATE_FRAMES", default_value_t = 0)]
+    rate_frames: u32,
+
+    /// Bytes of data frames one connection may send per second (0: no limit).
+    #[arg(long, env = "CHAT_RATE_BYTES", default_value_t = 0)]
+    rate_bytes: u64,
+
+    /// Seconds' worth of --rate-frames and --rate-bytes that may come at once after a
+    /// quiet spell.
+    #[arg(long, env = "CHAT_RATE_BURST", default_value_t = 2.0)]
+    rate_burst: f64,
+
     /// Bytes that may wait for one receiver before it is cut off as a slow consumer.
     #[arg(long, env = "CHAT_MAX_PENDING_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_pending_bytes: usize,
@@ -125,6 +139,15 @@ struct Args {
     /// over HTTP on this address, e.g. 127.0.0.1:9090. Off by default.
     #[arg(long, env = "CHAT_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+
+    /// Serve the admin API (docs/ADMIN.md) over HTTP on this address, e.g.
+    /// 127.0.0.1:9200. Off by default; needs --admin-token-file.
+    #[arg(long, env = "CHAT_ADMIN_LISTEN", requires = "admin_token_file")]
+    admin_listen: Option<String>,
+
+    /// The admin API's bearer token: the file's first line.
+    #[arg(long, env = "CHAT_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 
     /// Serve the web client at / and the protocol over WebSocket at /ws on this
     /// address, e.g. 0.0.0.0:8080 (HTTPS and WSS with --tls-cert). Off by default.
@@ -224,12 +247,20 @@ fn run(args: Args) -> Result<(), String> {
     if !(args.frame_timeout > 0.0 && args.frame_timeout.is_finite()) {
         return Err("--frame-timeout must be a positive number of seconds".into());
     }
+    if !(args.rate_burst > 0.0 && args.rate_burst <= 86_400.0) {
+        return Err("--rate-burst must be a number of seconds above 0, at most 86400".into());
+    }
     let config = Config {
         max_frame_bytes: args.max_frame_bytes,
         frame_timeout: Duration::from_secs_f64(args.frame_timeout),
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         proxy_protocol: args.proxy_protocol,
+        rate: chat::server::rate::RateLimits {
+            frames: args.rate_frames,
+            bytes: args.rate_bytes,
+            burst: Duration::from_secs_f64(args.rate_burst),
+        },
         max_pending_bytes: args.max_pending_bytes,
         mailbox: Limits {
             max_messages: args.mailbox_max_messages,
@@ -247,6 +278,7 @@ fn run(args: Args) -> Result<(), String> {
             _ => None,
         },
         metrics_listen: args.metrics_listen.clone(),
+        admin: admin(&args)?,
         web_listen: args.web_listen.clone(),
         web_origins: chat::server::config::Origins {
             allowed: args.web_allowed_origins.clone(),
@@ -272,6 +304,26 @@ fn run(args: Args) -> Result<(), String> {
         server.run(stop).await;
         Ok(())
     })
+}
+
+/// The admin API's settings, when --admin-listen asks for it.
+fn admin(args: &Args) -> Result<Option<chat::server::config::Admin>, String> {
+    let (Some(listen), Some(path)) = (&args.admin_listen, &args.admin_token_file) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = chat::server::config::AdminToken::new(&text).ok_or_else(|| {
+        format!(
+            "{}: the first line must hold the admin token, and it is empty",
+            path.display()
+        )
+    })?;
+    Ok(Some(chat::server::config::Admin {
+        listen: listen.clone(),
+        token: Arc::new(token),
+        limits: chat::server::config::HttpLimits::ADMIN,
+    }))
 }
 
 /// The machine's host name, the default node name.

@@ -25,9 +25,11 @@
 //! WebSocket upgrade; `serve` holds what both do alike (accepting within the connection
 //! limit, hyper's limits, plain-text answers).
 
+mod admin;
 mod ops;
 mod serve;
 mod web;
 
+pub use admin::run_admin;
 pub use ops::run;
 pub use web::run_web;

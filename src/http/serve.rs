@@ -1,7 +1,7 @@
 //! What both HTTP listeners do alike: accept within their connection limit, configure
 //! hyper with their limits, answer in plain text.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -34,7 +34,7 @@ pub(super) async fn accept<F, Fut>(
     stop: impl Future<Output = ()>,
     serve: F,
 ) where
-    F: Fn(TcpStream, IpAddr) -> Fut + Send + Sync + 'static,
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let max = limits.max_connections;
@@ -91,7 +91,7 @@ pub(super) async fn accept<F, Fut>(
                 },
             };
             if let Some((client, address)) = admitted {
-                serve(stream, client.ip()).await;
+                serve(stream, client).await;
                 drop(address);
             }
             open.fetch_sub(1, Ordering::AcqRel);

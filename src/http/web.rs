@@ -3,7 +3,7 @@
 //! Origin check that keeps other sites' pages from opening it.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -53,12 +53,15 @@ pub async fn run_web(
         proxy,
         metrics,
         stop,
-        move |stream, ip| {
+        move |stream, client| {
             let shared = shared.clone();
             let origins = origins.clone();
             async move {
                 crate::server::configure_socket(&stream);
-                let peer = Peer { socket: stream, ip };
+                let peer = Peer {
+                    socket: stream,
+                    client,
+                };
                 let Some(tls) = &shared.config.tls else {
                     let io = peer.socket.clone();
                     return web_connection(io, peer, &limits, shared, origins).await;
@@ -109,7 +112,7 @@ fn allowed(origins: &Origins, headers: &HeaderMap) -> bool {
 #[derive(Clone)]
 struct Peer {
     socket: TcpStream,
-    ip: IpAddr,
+    client: SocketAddr,
 }
 
 /// One HTTP connection of the web listener (`io` plain or TLS over `peer`'s socket). An
@@ -219,11 +222,11 @@ where
             "this origin may not open the chat WebSocket\n".into(),
         );
     }
-    let slot = match websocket::admit(shared, peer.ip) {
+    let slot = match websocket::admit(shared, peer.client.ip()) {
         Ok(slot) => slot,
         Err(busy) => {
             let reason = busy.reason(shared);
-            log::warn!("refusing a WebSocket from {}: {reason}", peer.ip);
+            log::warn!("refusing a WebSocket from {}: {reason}", peer.client);
             if let Some(m) = &shared.metrics {
                 m.refused(busy.refusal());
             }
@@ -235,7 +238,7 @@ where
     };
     let accept = websocket::accept_key(key.as_bytes());
     let upgraded = hyper::upgrade::on(&mut req);
-    let (shared, socket) = (shared.clone(), peer.socket.clone());
+    let (shared, socket, client) = (shared.clone(), peer.socket.clone(), peer.client);
     rt::spawn(async move {
         let parts = match upgraded.await.map(|u| u.downcast::<FuturesIo<S>>()) {
             Ok(Ok(parts)) => parts,
@@ -243,7 +246,7 @@ where
             Err(e) => return log::debug!("web: upgrade failed: {e}"),
         };
         let io = parts.io.into_inner();
-        websocket::serve(io, parts.read_buf.to_vec(), socket, slot, shared).await;
+        websocket::serve(io, parts.read_buf.to_vec(), socket, client, slot, shared).await;
     });
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

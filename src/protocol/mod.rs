@@ -217,10 +217,12 @@ pub enum Code {
     ShuttingDown,
     BadMessage,
     TooManyDevices,
+    RateLimited,
+    Disconnected,
 }
 
 impl Code {
-    pub const ALL: [Code; 16] = [
+    pub const ALL: [Code; 18] = [
         Code::Welcome,
         Code::AcksOn,
         Code::Pong,
@@ -237,6 +239,8 @@ impl Code {
         Code::ShuttingDown,
         Code::BadMessage,
         Code::TooManyDevices,
+        Code::RateLimited,
+        Code::Disconnected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -257,6 +261,8 @@ impl Code {
             Code::ShuttingDown => "shutting-down",
             Code::BadMessage => "bad-message",
             Code::TooManyDevices => "too-many-devices",
+            Code::RateLimited => "rate-limited",
+            Code::Disconnected => "disconnected",
         }
     }
 }

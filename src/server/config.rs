@@ -13,8 +13,11 @@ use crate::auth::Auth;
 use crate::metrics::Metrics;
 use crate::server::addresses::{self, PerAddress};
 use crate::server::backend::Backend;
+use crate::server::blocklist::Blocklist;
 use crate::server::budget::Budget;
+use crate::server::directory::Directory;
 use crate::server::event::Event;
+use crate::server::rate::RateLimits;
 use crate::store::{self, History, Limits};
 use crate::tls::ServerTls;
 
@@ -34,6 +37,8 @@ pub struct Config {
     /// `--proxy-protocol`: every connection to the chat and web listeners opens with a
     /// PROXY protocol header (v1 or v2) naming the client's address.
     pub proxy_protocol: bool,
+    /// `--rate-frames`, `--rate-bytes`, `--rate-burst`: what one connection may send.
+    pub rate: RateLimits,
     pub max_pending_bytes: usize,
     pub mailbox: Limits,
     /// How long and how much of each id's conversation is kept after delivery.
@@ -52,6 +57,8 @@ pub struct Config {
     pub web_origins: Origins,
     /// What the metrics listener allows (no flag: fixed, tests shorten the times).
     pub metrics_http: HttpLimits,
+    /// The admin API (`--admin-listen`, `--admin-token-file`), when asked for.
+    pub admin: Option<Admin>,
     /// What the web listener allows (no flag: fixed, tests shorten the times).
     pub web_http: HttpLimits,
     /// Faults to inject into the store's file (tests only; no flag sets it).
@@ -71,6 +78,7 @@ impl Config {
             max_connections: 10_000,
             max_connections_per_ip: None,
             proxy_protocol: false,
+            rate: RateLimits::OFF,
             max_pending_bytes: 8 * 1024 * 1024,
             mailbox: Limits {
                 max_messages: 10_000,
@@ -84,6 +92,7 @@ impl Config {
             web_listen: None,
             web_origins: Default::default(),
             metrics_http: HttpLimits::METRICS,
+            admin: None,
             web_http: HttpLimits::WEB,
             store_faults: None,
             nats: None,
@@ -101,10 +110,53 @@ pub struct Shared {
     pub inbound: Arc<Budget>,
     /// Chat connections per client address.
     pub(crate) per_address: Arc<PerAddress>,
+    /// Every open connection, for the admin listener.
+    pub directory: Arc<Directory>,
+    /// Ids an operator has blocked.
+    pub blocklist: Arc<Blocklist>,
     /// Kept only when they are served (`--metrics-listen`).
     pub metrics: Option<Arc<Metrics>>,
     pub(crate) active: AtomicUsize,
     pub(crate) next_conn: AtomicU64,
+}
+
+/// The admin API's listener and the token its callers must present.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: String,
+    pub token: Arc<AdminToken>,
+    pub limits: HttpLimits,
+}
+
+/// The admin API's bearer token, kept as its SHA-256 so that comparing a presented
+/// token in constant time also hides its length.
+#[derive(Clone)]
+pub struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    /// The token in `text` (its first line, trimmed); `None` when that is empty.
+    pub fn new(text: &str) -> Option<AdminToken> {
+        let token = text.lines().next().unwrap_or_default().trim();
+        (!token.is_empty()).then(|| AdminToken(Self::digest(token.as_bytes())))
+    }
+
+    fn digest(token: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(token).into()
+    }
+
+    /// Whether `presented` is the token, in time that does not depend on where they
+    /// differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        Self::digest(presented).ct_eq(&self.0).into()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 /// Who may open the WebSocket from a browser.
@@ -141,6 +193,12 @@ impl HttpLimits {
         max_head: 16 * 1024,
         max_per_address: 64 / addresses::HTTP_SHARE,
     };
+    /// The admin listener: a few operators' tools at a time.
+    pub const ADMIN: HttpLimits = HttpLimits {
+        max_connections: 16,
+        max_per_address: 16 / addresses::HTTP_SHARE,
+        ..HttpLimits::METRICS
+    };
     /// The web listener: page loads and WebSocket upgrades in progress (an upgraded
     /// WebSocket counts under `--max-connections` instead).
     pub const WEB: HttpLimits = HttpLimits {
@@ -172,6 +230,8 @@ mod tests {
     fn http_listeners_keep_their_quarter_under_the_per_ip_flag() {
         assert_eq!(HttpLimits::WEB.max_per_address, 64);
         assert_eq!(HttpLimits::METRICS.max_per_address, 16);
+        assert_eq!(HttpLimits::ADMIN.max_connections, 16);
+        assert_eq!(HttpLimits::ADMIN.max_per_address, 4);
         assert_eq!(HttpLimits::WEB.within(None).max_per_address, 64);
         assert_eq!(HttpLimits::WEB.within(Some(10)).max_per_address, 10);
         assert_eq!(HttpLimits::WEB.within(Some(1000)).max_per_address, 64);

@@ -37,8 +37,20 @@ pub enum Event {
     /// A client's mailbox delivery has waited `--frame-timeout` for acks (the wait
     /// numbered `stall`).
     AckTimeout { conn: ConnId, stall: u64 },
+    /// An operator disconnects connections (the admin listener): each gets the
+    /// `disconnected` notice with `why`, after what is queued for it.
+    Disconnect { who: Who, why: String },
     /// Stop: close every connection after flushing it, then return.
     Shutdown,
+}
+
+/// Whom an operator disconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// One connection.
+    Conn(ConnId),
+    /// Every connection bound to the id, on every device.
+    Id(u32),
 }
 
 #[derive(Debug)]
@@ -70,6 +82,11 @@ pub enum Request {
     },
     /// A control frame the server cannot take; `detail` says why.
     BadControl {
+        detail: String,
+    },
+    /// The reader tells the client it has been over its rate limit for a while
+    /// (`rate-limited`, the connection stays).
+    RateLimited {
         detail: String,
     },
     Data(Inbound),

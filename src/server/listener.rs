@@ -13,9 +13,9 @@ use crate::metrics::Refusal;
 use crate::protocol::{Code, SERVER_HEADER_LEN, notice};
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::addresses::AddressSlot;
+use crate::server::directory::{Arrival, Registered, Transport};
 use crate::server::event::Event;
 use crate::server::files::Spare;
-use crate::server::outbox::Outbox;
 use crate::server::proxy::{self, Proxied};
 use crate::server::writer;
 use crate::server::{Shared, reader};
@@ -101,7 +101,17 @@ pub async fn run(
             } else {
                 log::debug!(conn; "accepted from {client} through {peer}");
             }
-            serve(stream, conn, &shared).await;
+            let transport = match shared.config.tls {
+                Some(_) => Transport::Tls,
+                None => Transport::Tcp,
+            };
+            let arrival = Arrival {
+                conn,
+                client,
+                transport,
+            };
+            let registered = shared.directory.register(arrival);
+            serve(stream, registered, &shared).await;
             drop(slot);
         });
     }
@@ -261,27 +271,28 @@ impl Drop for Slot {
 }
 
 /// One connection: TLS handshake if configured, then [`connection`].
-async fn serve(stream: TcpStream, conn: u64, shared: &Arc<Shared>) {
+async fn serve(stream: TcpStream, registered: Box<Registered>, shared: &Arc<Shared>) {
     match &shared.config.tls {
-        None => connection(stream.clone(), stream.clone(), stream, conn, shared).await,
+        None => connection(stream.clone(), stream.clone(), stream, registered, shared).await,
         // Boxed: a TLS session's state is kilobytes, and inline it would make every
         // plain connection's task that large too (it did: 3 KiB of each idle plain
         // connection's 4 KiB).
-        Some(tls) => Box::pin(serve_tls(stream, tls.current(), conn, shared)).await,
+        Some(tls) => Box::pin(serve_tls(stream, tls.current(), registered, shared)).await,
     }
 }
 
 async fn serve_tls(
     stream: TcpStream,
     config: Arc<futures_rustls::rustls::ServerConfig>,
-    conn: u64,
+    registered: Box<Registered>,
     shared: &Arc<Shared>,
 ) {
+    let conn = registered.conn;
     let handshake = TlsAcceptor::from(config).accept(stream.clone());
     match rt::timeout(shared.config.frame_timeout, handshake).await {
         Some(Ok(session)) => {
             let (read, write) = session.split();
-            connection(read, write, stream, conn, shared).await
+            connection(read, write, stream, registered, shared).await
         }
         Some(Err(e)) => {
             log::info!(conn; "TLS handshake failed: {e}");
@@ -299,13 +310,14 @@ pub(crate) async fn connection<R, W>(
     read: R,
     write: W,
     socket: TcpStream,
-    conn: u64,
+    registered: Box<Registered>,
     shared: &Arc<Shared>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let outbox = Arc::new(Outbox::default());
+    let conn = registered.conn;
+    let outbox = registered.outbox.clone();
     let connected = Event::Connected {
         conn,
         outbox: outbox.clone(),
@@ -322,6 +334,7 @@ pub(crate) async fn connection<R, W>(
     ));
     reader::run(read, conn, &outbox, shared).await;
     writer.await;
+    drop(registered);
 }
 
 #[cfg(test)]
@@ -351,6 +364,8 @@ mod tests {
             store: crate::server::backend::Backend::One(store),
             inbound: Arc::new(Budget::new(1)),
             per_address: crate::server::addresses::PerAddress::new(0),
+            directory: Default::default(),
+            blocklist: Arc::new(crate::server::blocklist::Blocklist::in_memory()),
             metrics: None,
             active: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
@@ -359,10 +374,16 @@ mod tests {
             stream.clone(),
             stream.clone(),
             1,
-            Arc::new(Outbox::default()),
+            Arc::new(crate::server::outbox::Outbox::default()),
             shared.clone(),
         );
-        let task = async move { serve(stream, 1, &shared).await };
+        let arrival = Arrival {
+            conn: 1,
+            client: addr,
+            transport: Transport::Tcp,
+        };
+        let registered = shared.directory.register(arrival);
+        let task = async move { serve(stream, registered, &shared).await };
         let (task, writer) = (size_of_val(&task), size_of_val(&writer));
         eprintln!("connection task {task} B, writer task {writer} B");
         assert!(task + writer <= 900, "{task} + {writer} bytes");

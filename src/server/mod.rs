@@ -22,14 +22,17 @@
 
 pub(crate) mod addresses;
 pub mod backend;
+pub mod blocklist;
 pub mod broker;
 pub(crate) mod budget;
 pub mod config;
+pub mod directory;
 pub mod event;
 pub(crate) mod files;
 pub(crate) mod listener;
 pub mod outbox;
 pub mod proxy;
+pub mod rate;
 mod reader;
 pub(crate) mod websocket;
 pub mod writer;

@@ -26,6 +26,7 @@ use crate::rt;
 use crate::server::Shared;
 use crate::server::event::{ConnId, Event, Request};
 use crate::server::outbox::{Close, Outbox};
+use crate::server::rate::{Bucket, RateLimits};
 
 /// Bytes an idle connection reads at once while it holds no buffer of its own.
 const IDLE_READ: usize = 128;
@@ -47,7 +48,16 @@ pub async fn run<R: AsyncRead + Unpin>(
     };
     // When the frame now pending began to arrive.
     let mut started = Instant::now();
+    // Boxed, and only when limits are set: most servers run without them.
+    let mut throttle = (!config.rate.is_off()).then(|| Box::new(Throttle::new(config.rate)));
+    // Frames left in `buf` undecoded because the rate limit was reached.
+    let mut held = false;
     let notice = 'conn: loop {
+        if let Some(t) = throttle.as_deref_mut() {
+            // Boxed: inline, the wait's timer would make every reader's task larger.
+            let waited = Box::pin(t.wait(conn, shared, &mut events)).await;
+            started += waited;
+        }
         // Replies this client has not read count against it: wait for room, but not
         // for ever, and not on the clock of a frame in progress.
         if outbox.queued_bytes() > config.max_pending_bytes {
@@ -66,7 +76,10 @@ pub async fn run<R: AsyncRead + Unpin>(
             }
             started += blocked.elapsed();
         }
-        if buf.is_empty() {
+        if held {
+            // Decode what is already here before reading more.
+            held = false;
+        } else if buf.is_empty() {
             // Between frames a client may idle as long as it likes.
             buf.release();
             match poll_fn(|cx| read_idle(&mut source, &mut buf, cx)).await {
@@ -101,7 +114,16 @@ pub async fn run<R: AsyncRead + Unpin>(
                         m.frame_in(frame.kind(), frame.wire.len());
                     }
                     match classify(frame, &mut auth, shared) {
-                        Ok(request) => requests.push(request),
+                        Ok(request) => {
+                            if let Some(t) = throttle.as_deref_mut() {
+                                t.bucket.charge(1, request.bytes(), Instant::now());
+                                held = t.bucket.wait(Instant::now()).is_some();
+                            }
+                            requests.push(request);
+                            if held {
+                                break;
+                            }
+                        }
                         Err(refusal) => {
                             fatal = Some(refusal);
                             break;
@@ -144,6 +166,75 @@ pub async fn run<R: AsyncRead + Unpin>(
         }),
     }
     let _ = events.send(Event::Closed { conn, notice }).await;
+}
+
+/// A connection's rate limit as the reader keeps it: the buckets, and since when the
+/// client has been over its rate without a break.
+struct Throttle {
+    bucket: Bucket,
+    limits: RateLimits,
+    over_since: Option<Instant>,
+    /// When the last wait ended.
+    last_wait: Option<Instant>,
+    told: bool,
+}
+
+/// A client that has not had to wait for this long has kept to its rate.
+const KEPT_TO_RATE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Throttle {
+    fn new(limits: RateLimits) -> Throttle {
+        Throttle {
+            bucket: Bucket::new(limits, Instant::now()),
+            limits,
+            over_since: None,
+            last_wait: None,
+            told: false,
+        }
+    }
+
+    /// Waits until the buckets allow reading more, and returns how long that took. A
+    /// client over its rate for `--frame-timeout` without a break of a second is told
+    /// so once (`rate-limited`); it is told again only after it has kept to its rate
+    /// for a second.
+    async fn wait(
+        &mut self,
+        conn: ConnId,
+        shared: &Shared,
+        events: &mut futures::channel::mpsc::Sender<Event>,
+    ) -> std::time::Duration {
+        let now = Instant::now();
+        let Some(wait) = self.bucket.wait(now) else {
+            // Kept to its rate for a while (not just between two reads): no longer over.
+            if self.last_wait.is_some_and(|at| now - at >= KEPT_TO_RATE) {
+                self.over_since = None;
+                self.told = false;
+            }
+            return std::time::Duration::ZERO;
+        };
+        self.last_wait = Some(now + wait);
+        if let Some(m) = &shared.metrics {
+            m.rate_limited.inc();
+        }
+        let since = *self.over_since.get_or_insert(now);
+        if !self.told && since.elapsed() >= shared.config.frame_timeout {
+            self.told = true;
+            let RateLimits { frames, bytes, .. } = self.limits;
+            let secs = shared.config.frame_timeout.as_secs_f64();
+            let detail = format!(
+                "over this connection's rate ({frames} frames/s, {bytes} bytes/s; 0: no limit) for {secs} s: reading is slowed to it, nothing is lost"
+            );
+            log::info!(conn; "{detail}");
+            let told = Event::Requests {
+                conn,
+                requests: vec![Request::RateLimited { detail }],
+                bytes: 0,
+            };
+            let _ = events.send(told).await;
+        }
+        rt::sleep(wait).await;
+        wait
+    }
 }
 
 /// Reads what has arrived into `buf` through a buffer on the stack, so that a

@@ -9,7 +9,7 @@
 //! very same code as over TCP.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -23,6 +23,7 @@ use futures::{AsyncRead, AsyncWrite, Sink, Stream};
 use crate::protocol::{CLIENT_HEADER_LEN, Code, SERVER_HEADER_LEN, notice};
 use crate::rt::TcpStream;
 use crate::server::Shared;
+use crate::server::directory::{Arrival, Transport};
 use crate::server::listener::{self, Busy, Slot};
 use crate::server::reader::Refused;
 
@@ -63,6 +64,7 @@ pub async fn serve<S>(
     io: S,
     already_read: Vec<u8>,
     socket: TcpStream,
+    client: SocketAddr,
     slot: Slot,
     shared: Arc<Shared>,
 ) where
@@ -83,7 +85,17 @@ pub async fn serve<S>(
         sink,
         partial: Vec::new(),
     };
-    listener::connection(source, sink, socket, conn, &shared).await;
+    let transport = match shared.config.tls {
+        Some(_) => Transport::SecureWebSocket,
+        None => Transport::WebSocket,
+    };
+    let arrival = Arrival {
+        conn,
+        client,
+        transport,
+    };
+    let registered = shared.directory.register(arrival);
+    listener::connection(source, sink, socket, registered, &shared).await;
     drop(slot);
 }
 

@@ -331,6 +331,7 @@ const WORDS = {
   'server-busy': 'The server is full right now. Retrying.',
   'shutting-down': 'The server is restarting. Reconnecting.',
   'too-many-devices': 'This id has too many tabs and devices online. Close one, then reload.',
+  'rate-limited': 'You are sending faster than the server allows; your messages are sent more slowly, none is lost.',
 };
 
 function notice(text) {

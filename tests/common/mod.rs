@@ -23,6 +23,8 @@ pub struct TestServer {
     pub metrics: Option<SocketAddr>,
     /// Where the web client and WebSocket are served, when the config asked for them.
     pub web: Option<SocketAddr>,
+    /// Where the admin API is served, when the config asked for it.
+    pub admin: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     done: Option<rt::JoinHandle<()>>,
@@ -77,6 +79,7 @@ pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config
     let addr = server.local_addr();
     let metrics = server.metrics_addr();
     let web = server.web_addr();
+    let admin = server.admin_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let done = rt::spawn(server.run(async {
         let _ = stopped.await;
@@ -85,6 +88,7 @@ pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config
         addr,
         metrics,
         web,
+        admin,
         dir,
         stop: Some(stop),
         done: Some(done),

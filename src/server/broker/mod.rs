@@ -25,14 +25,16 @@ use futures::{SinkExt, StreamExt, select_biased};
 
 use crate::cluster::msg::{FromCluster, ToCluster};
 use crate::ids::Endpoint;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 use crate::protocol::session::{Device, Envelope, Query, Record, What};
 use crate::protocol::{Code, Inbound, SERVER_ID, notice};
 use crate::rt;
-use crate::server::backend::{Backend, Batch, Replies};
+use crate::server::backend::{Batch, Replies};
+use crate::server::blocklist::Blocklist;
 use crate::server::budget::Budget;
-use crate::server::config::Config;
-use crate::server::event::{ConnId, Event, Request, Ticket};
+use crate::server::config::Shared;
+use crate::server::directory::Directory;
+use crate::server::event::{ConnId, Event, Request, Ticket, Who};
 use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
 use crate::store::{
     Command, DeviceChange, Failure, Fanout, KnownDevice, Outcome, Reading, Reply, now_ms,
@@ -76,36 +78,37 @@ pub struct Broker {
     echo_at_write: bool,
     /// History's retention: a named device unused for longer is forgotten.
     retention: std::time::Duration,
+    /// Open connections for operators: the broker notes what each binds.
+    directory: Arc<Directory>,
+    /// Ids that may not bind.
+    blocklist: Arc<Blocklist>,
 }
 
 impl Broker {
-    pub fn new(
-        config: &Config,
-        store: Backend,
-        events: mpsc::Sender<Event>,
-        inbound: Arc<Budget>,
-        next_seq: u64,
-        devices: Vec<KnownDevice>,
-        metrics: Option<Arc<Metrics>>,
-    ) -> Self {
+    /// The broker of the connections in `shared`, numbering frames from `next_seq`,
+    /// with the named `devices` the store knows.
+    pub fn new(shared: &Shared, next_seq: u64, devices: Vec<KnownDevice>) -> Self {
+        let config = &shared.config;
         let max_pending_bytes = config.max_pending_bytes;
         Broker {
-            metrics,
+            metrics: shared.metrics.clone(),
+            directory: shared.directory.clone(),
+            blocklist: shared.blocklist.clone(),
             ack_timeout: config.frame_timeout,
             devices: Devices::new(devices, config.max_devices),
             later: Vec::new(),
             sessions: config.nats.is_none(),
             echo_at_write: config.nats.is_none() && config.history.on(),
             retention: config.history.max_age,
-            events,
+            events: shared.events.clone(),
             stalls: 0,
             pushed: Vec::new(),
             remote: Remote::default(),
             answers: Vec::new(),
             max_pending_bytes,
-            inbound,
+            inbound: shared.inbound.clone(),
             conns: Registry::default(),
-            storage: Storage::new(store),
+            storage: Storage::new(shared.store.clone()),
             next_seq,
             shutting_down: false,
         }
@@ -198,6 +201,18 @@ impl Broker {
                     self.cut_slow_consumer(conn, id);
                 }
             }
+            Event::Disconnect { who, why } => {
+                let conns: Vec<ConnId> = match who {
+                    Who::Conn(conn) => vec![conn],
+                    Who::Id(id) => self
+                        .conns
+                        .all()
+                        .into_iter()
+                        .filter(|&c| self.conns.get(c).is_some_and(|c| c.id == Some(id)))
+                        .collect(),
+                };
+                self.kick(&conns, &why);
+            }
             Event::Shutdown => self.shutdown(),
         }
     }
@@ -230,6 +245,7 @@ impl Broker {
         match request {
             Request::Ping => self.reply(conn, notice(Code::Pong, "server is up")),
             Request::BadControl { detail } => self.reply(conn, notice(Code::BadControl, detail)),
+            Request::RateLimited { detail } => self.reply(conn, notice(Code::RateLimited, detail)),
             Request::Hello { id, acks } => self.hello(conn, id, acks).await,
             Request::Session { id, device } => self.session(conn, id, device).await,
             Request::Query(query) => self.query(conn, query).await,
@@ -297,6 +313,9 @@ impl Broker {
     /// Binds a connection to one of `id`'s named devices, with acks on: the device's
     /// `sync` record, then what waits for it, then live frames, each with its envelope.
     async fn session(&mut self, conn: ConnId, id: u32, name: Device) {
+        if self.blocked(conn, id) {
+            return;
+        }
         if !self.sessions {
             let detail = "sessions (control operation 4) are not offered with --nats yet; \
                           use hello with acks (operation 3)";
@@ -361,9 +380,11 @@ impl Broker {
         };
         self.send_store(Command::Device { endpoint, change }).await;
         let welcome = format!("bound to id {id} as device {name}, acks on");
+        let device_name = name.to_string();
         match self.conns.bind_at(conn, endpoint, Some(name)) {
             Bind::New { replaced, wait } => {
                 log::debug!(conn; "id {id} device {device} bound to connection {conn}");
+                self.directory.bound(conn, id, Some(&device_name));
                 if let Some(old) = replaced {
                     log::info!("id {id}: connection {conn} replaces {old} on device {device}");
                 }
@@ -439,6 +460,9 @@ impl Broker {
     /// Binds `conn` to `id` on its first frame; afterwards, checks that frames carry the
     /// bound id. Refusals get a `bad-sender` notice and go nowhere.
     async fn bind(&mut self, conn: ConnId, id: u32) -> bool {
+        if self.blocked(conn, id) {
+            return false;
+        }
         let refusal = match self.conns.bind(conn, id) {
             Bind::Gone => return false,
             Bind::Same => return true,
@@ -447,6 +471,7 @@ impl Broker {
             Bind::New { replaced, wait } => {
                 // docker/cluster-ci.sh finds where an id is bound by this line.
                 log::debug!(conn; "id {id} bound to connection {conn}");
+                self.directory.bound(conn, id, None);
                 if let Some(old) = replaced {
                     log::info!("id {id}: connection {conn} replaces {old}");
                 }
@@ -999,6 +1024,44 @@ impl Broker {
     /// Starts closing a connection and takes it offline. It stays in the registry
     /// until its writer has finished. A session's device was in use until now: it is
     /// not the one to forget first when its id needs room.
+    /// Closes `conn` with `auth-failed` if `id` is blocked and not already its id.
+    fn blocked(&mut self, conn: ConnId, id: u32) -> bool {
+        if !self.blocklist.contains(id) || self.conns.get(conn).is_some_and(|c| c.id == Some(id)) {
+            return false;
+        }
+        log::info!(conn; "refused id {id}: blocked by an operator");
+        if let Some(m) = &self.metrics {
+            m.refused(Refusal::auth_failed);
+        }
+        let notice = notice(Code::AuthFailed, format_args!("id {id} is blocked"));
+        self.close(
+            conn,
+            Close {
+                notice: Some(notice),
+                drain: true,
+            },
+        );
+        true
+    }
+
+    /// An operator disconnects `conns`: each is told so, after what is queued for it.
+    fn kick(&mut self, conns: &[ConnId], why: &str) {
+        for &conn in conns {
+            if let Some(m) = &self.metrics {
+                m.kicked.inc();
+            }
+            log::info!(conn; "disconnected by an operator: {why}");
+            let notice = notice(Code::Disconnected, why);
+            self.close(
+                conn,
+                Close {
+                    notice: Some(notice),
+                    drain: true,
+                },
+            );
+        }
+    }
+
     fn close(&mut self, conn: ConnId, close: Close) {
         let session = self.conns.live(conn).and_then(|c| {
             let name = match c.session.as_deref() {
