@@ -104,6 +104,8 @@ pub struct Metrics {
     pub store_failures: Counter,
     /// Why the store is down, while it is: `/readyz` says not ready.
     store_down: Mutex<Option<String>>,
+    /// A drain has begun: `/readyz` says not ready, for good.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
@@ -288,6 +290,7 @@ impl Metrics {
             admin_refused,
             store_failures,
             store_down: Mutex::new(None),
+            draining: Default::default(),
         })
     }
 
@@ -337,8 +340,16 @@ impl Metrics {
         *self.store_down.lock().unwrap_or_else(|e| e.into_inner()) = reason;
     }
 
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// `None` when ready, or why not.
     pub fn not_ready(&self) -> Option<String> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Some("draining: this node takes no new clients".into());
+        }
         self.store_down
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use futures::SinkExt;
-use futures::channel::mpsc;
+use futures::channel::{mpsc, oneshot};
+use futures::future::{Either, select};
 
 use crate::metrics::Metrics;
 use crate::rt::{self, TcpListener};
@@ -19,6 +20,7 @@ use crate::server::backend::Opened;
 use crate::server::blocklist::Blocklist;
 use crate::server::broker::Broker;
 use crate::server::budget::Budget;
+use crate::server::drain::Drain;
 use crate::server::event::Event;
 use crate::server::{Config, Shared, files, listener};
 use crate::store;
@@ -43,6 +45,9 @@ pub struct Server {
     blocklist: Arc<Blocklist>,
     /// The admin API's listener, when asked for.
     admin: Option<TcpListener>,
+    /// The switch that drains this server, and what [`Server::run`] waits on.
+    drain: Arc<Drain>,
+    drained: oneshot::Receiver<Duration>,
 }
 
 impl Server {
@@ -74,6 +79,7 @@ impl Server {
                     source,
                 })?;
         let blocklist = Arc::new(Blocklist::open(&config.data_dir)?);
+        let (drain, drained) = Drain::new();
         let http = bind_if(config.metrics_listen.as_deref(), "metrics").await?;
         let web = bind_if(config.web_listen.as_deref(), "the web client").await?;
         let admin_addr = config.admin.as_ref().map(|a| a.listen.as_str());
@@ -87,7 +93,14 @@ impl Server {
             metrics,
             blocklist,
             admin,
+            drain: Arc::new(drain),
+            drained,
         })
+    }
+
+    /// The switch that drains this server once it runs (SIGUSR1 in the binary).
+    pub fn drain(&self) -> Arc<Drain> {
+        self.drain.clone()
     }
 
     /// Where the admin API is served, if it is.
@@ -113,7 +126,9 @@ impl Server {
 
     /// Serves until `stop` completes, then shuts down gracefully: stops accepting,
     /// flushes every writer, hands what could not be written to the mailbox, and waits
-    /// for the store to commit.
+    /// for the store to commit. A drain ([`Server::drain`]) first stops accepting and
+    /// asks every client to reconnect, and shuts down once they have gone, by its
+    /// deadline, or at `stop`, whichever comes first.
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let Server {
             listener,
@@ -124,6 +139,8 @@ impl Server {
             metrics,
             blocklist,
             admin,
+            drain,
+            drained,
         } = self;
         if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
             log::info!("admin API on http://{addr}/v1/ (docs/ADMIN.md)");
@@ -174,6 +191,7 @@ impl Server {
             store: store.backend,
             inbound: Arc::new(Budget::new(INBOUND_BUDGET)),
             per_address,
+            drain,
             directory: Default::default(),
             blocklist,
             metrics: metrics.clone(),
@@ -202,6 +220,9 @@ impl Server {
                 },
             ));
         }
+        // The web listener stops when the node stops accepting (a drain, too); the
+        // operators' listeners only when it stops.
+        let (web_stop, web_stopped) = futures::channel::oneshot::channel::<()>();
         if let Some(web) = web {
             let origins = shared.config.web_origins.clone();
             let limits = shared.config.web_http;
@@ -211,13 +232,24 @@ impl Server {
                 shared.clone(),
                 origins,
                 async {
-                    let _ = http_stopped.await;
+                    let _ = web_stopped.await;
                 },
             ));
         }
-        listener::run(listener, shared.clone(), stop).await;
-        drop(http_stop);
+        let mut stop = std::pin::pin!(stop);
+        let ending = async {
+            match select(stop.as_mut(), drained).await {
+                Either::Right((Ok(deadline), _)) => Some(deadline),
+                _ => None,
+            }
+        };
+        let drain = listener::run(listener, shared.clone(), ending).await;
+        drop(web_stop);
         log::info!("stopping: no longer accepting connections");
+        if let Some(deadline) = drain {
+            drain_until(&shared, deadline, stop).await;
+        }
+        drop(http_stop);
         let mut events = shared.events.clone();
         drop(shared);
         let finished = rt::timeout(SHUTDOWN_LIMIT, async {
@@ -231,6 +263,35 @@ impl Server {
             Some(()) => log::info!("stopped cleanly"),
             None => log::warn!("stopped with writers still busy after {SHUTDOWN_LIMIT:?}"),
         }
+    }
+}
+
+/// Asks every client to reconnect, and waits until they have gone, `deadline` has
+/// passed, or `stop` completes.
+async fn drain_until(shared: &Shared, deadline: Duration, stop: impl Future<Output = ()>) {
+    if let Some(m) = &shared.metrics {
+        m.set_draining();
+    }
+    let open = shared.directory.len();
+    log::info!(
+        "draining: {open} connections asked to reconnect; stopping once they have gone, in {deadline:?} at most"
+    );
+    let _ = shared.events.clone().send(Event::Drain).await;
+    let gone = async {
+        // The directory says when the last connection has ended; a tenth of a second
+        // is soon enough to notice.
+        while !shared.directory.is_empty() {
+            rt::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let gone = std::pin::pin!(rt::timeout(deadline, gone));
+    match select(gone, std::pin::pin!(stop)).await {
+        Either::Left((Some(()), _)) => log::info!("drained: every connection has gone"),
+        Either::Left((None, _)) => log::info!(
+            "drain deadline passed with {} connections open",
+            shared.directory.len()
+        ),
+        Either::Right(_) => log::info!("drain cut short by a signal to stop"),
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures::channel::oneshot;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use std::sync::Arc;
@@ -74,6 +74,11 @@ struct Args {
     /// quiet spell.
     #[arg(long, env = "CHAT_RATE_BURST", default_value_t = 2.0)]
     rate_burst: f64,
+
+    /// Seconds a drain (SIGUSR1, or the admin API) waits for clients to reconnect
+    /// elsewhere before the server stops anyway.
+    #[arg(long, env = "CHAT_DRAIN_TIMEOUT", default_value_t = 30.0)]
+    drain_timeout: f64,
 
     /// Bytes that may wait for one receiver before it is cut off as a slow consumer.
     #[arg(long, env = "CHAT_MAX_PENDING_BYTES", default_value_t = 8 * 1024 * 1024)]
@@ -247,6 +252,9 @@ fn run(args: Args) -> Result<(), String> {
     if !(args.frame_timeout > 0.0 && args.frame_timeout.is_finite()) {
         return Err("--frame-timeout must be a positive number of seconds".into());
     }
+    if !(args.drain_timeout > 0.0 && args.drain_timeout <= 86_400.0) {
+        return Err("--drain-timeout must be a number of seconds above 0, at most 86400".into());
+    }
     if !(args.rate_burst > 0.0 && args.rate_burst <= 86_400.0) {
         return Err("--rate-burst must be a number of seconds above 0, at most 86400".into());
     }
@@ -256,6 +264,7 @@ fn run(args: Args) -> Result<(), String> {
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         proxy_protocol: args.proxy_protocol,
+        drain_timeout: Duration::from_secs_f64(args.drain_timeout),
         rate: chat::server::rate::RateLimits {
             frames: args.rate_frames,
             bytes: args.rate_bytes,
@@ -299,8 +308,10 @@ fn run(args: Args) -> Result<(), String> {
     }
     reload_on_sighup(&args, config.auth.clone(), config.tls.clone())?;
     let stop = stop_signal()?;
+    let drain_timeout = config.drain_timeout;
     rt::block_on(async {
         let server = Server::bind(config).await.map_err(|e| e.to_string())?;
+        drain_on_sigusr1(server.drain(), drain_timeout)?;
         server.run(stop).await;
         Ok(())
     })
@@ -387,6 +398,25 @@ fn reload_on_sighup(
                 log::info!("SIGHUP: nothing reloaded");
             } else {
                 log::info!("SIGHUP: reloaded {}", done.join(" and "));
+            }
+        }
+    });
+    Ok(())
+}
+
+/// On SIGUSR1, drains the server: it stops accepting, asks its clients to reconnect
+/// elsewhere, and stops once they have gone or `deadline` has passed.
+fn drain_on_sigusr1(
+    drain: Arc<chat::server::drain::Drain>,
+    deadline: Duration,
+) -> Result<(), String> {
+    let mut signals = Signals::new([SIGUSR1]).map_err(|e| format!("cannot handle SIGUSR1: {e}"))?;
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            if drain.start(deadline) {
+                log::info!("SIGUSR1: draining within {deadline:?}");
+            } else {
+                log::info!("SIGUSR1: already draining or stopping");
             }
         }
     });

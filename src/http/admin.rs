@@ -168,7 +168,11 @@ async fn respond(
             },
             Err(answer) => answer,
         },
-        (_, ["v1", "info" | "connections" | "blocked"])
+        (&Method::POST, ["v1", "drain"]) => match body::<DrainRequest>(req).await {
+            Ok(request) => drain(shared, request),
+            Err(answer) => answer,
+        },
+        (_, ["v1", "info" | "connections" | "blocked" | "drain"])
         | (_, ["v1", "connections" | "blocked", _])
         | (_, ["v1", "ids", _, "connections"]) => Answer::error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -227,6 +231,7 @@ struct Info<'a> {
     node: Option<&'a str>,
     /// What this node's answers cover.
     scope: &'static str,
+    draining: bool,
     uptime_secs: u64,
     connections: usize,
     config: Settings<'a>,
@@ -264,6 +269,7 @@ fn info(shared: &Shared, started: Instant) -> Answer {
         version: env!("CARGO_PKG_VERSION"),
         node: c.nats.as_ref().map(|n| n.node.as_str()),
         scope: "this node",
+        draining: shared.drain.is_draining(),
         uptime_secs: started.elapsed().as_secs(),
         connections: shared.directory.len(),
         config: Settings {
@@ -379,6 +385,42 @@ async fn disconnect(shared: &Shared, who: Who, why: &str, n: usize) -> Answer {
         return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping");
     }
     Answer::ok(serde_json::json!({ "disconnected": n }))
+}
+
+/// `POST /v1/drain`'s body, optional.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DrainRequest {
+    /// How long to wait for clients to leave (default `--drain-timeout`).
+    deadline_secs: Option<u64>,
+}
+
+fn drain(shared: &Shared, request: DrainRequest) -> Answer {
+    let deadline = match request.deadline_secs {
+        None => shared.config.drain_timeout,
+        Some(secs @ 1..=86_400) => std::time::Duration::from_secs(secs),
+        Some(other) => {
+            return Answer::error(
+                StatusCode::BAD_REQUEST,
+                format!("deadline_secs is from 1 to 86400, not {other}"),
+            );
+        }
+    };
+    if !shared.drain.start(deadline) {
+        return Answer::error(
+            StatusCode::CONFLICT,
+            "this node is already draining or stopping",
+        );
+    }
+    log::info!("admin: drain asked for, within {deadline:?}");
+    Answer {
+        status: StatusCode::ACCEPTED,
+        body: serde_json::json!({
+            "draining": true,
+            "deadline_secs": deadline.as_secs(),
+            "connections": shared.directory.len(),
+        }),
+    }
 }
 
 #[derive(Serialize)]

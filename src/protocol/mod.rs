@@ -219,10 +219,11 @@ pub enum Code {
     TooManyDevices,
     RateLimited,
     Disconnected,
+    Reconnect,
 }
 
 impl Code {
-    pub const ALL: [Code; 18] = [
+    pub const ALL: [Code; 19] = [
         Code::Welcome,
         Code::AcksOn,
         Code::Pong,
@@ -241,6 +242,7 @@ impl Code {
         Code::TooManyDevices,
         Code::RateLimited,
         Code::Disconnected,
+        Code::Reconnect,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -263,6 +265,7 @@ impl Code {
             Code::TooManyDevices => "too-many-devices",
             Code::RateLimited => "rate-limited",
             Code::Disconnected => "disconnected",
+            Code::Reconnect => "reconnect",
         }
     }
 }

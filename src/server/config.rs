@@ -16,6 +16,7 @@ use crate::server::backend::Backend;
 use crate::server::blocklist::Blocklist;
 use crate::server::budget::Budget;
 use crate::server::directory::Directory;
+use crate::server::drain::Drain;
 use crate::server::event::Event;
 use crate::server::rate::RateLimits;
 use crate::store::{self, History, Limits};
@@ -39,6 +40,8 @@ pub struct Config {
     pub proxy_protocol: bool,
     /// `--rate-frames`, `--rate-bytes`, `--rate-burst`: what one connection may send.
     pub rate: RateLimits,
+    /// `--drain-timeout`: how long a drain waits for clients to leave.
+    pub drain_timeout: Duration,
     pub max_pending_bytes: usize,
     pub mailbox: Limits,
     /// How long and how much of each id's conversation is kept after delivery.
@@ -79,6 +82,7 @@ impl Config {
             max_connections_per_ip: None,
             proxy_protocol: false,
             rate: RateLimits::OFF,
+            drain_timeout: Duration::from_secs(30),
             max_pending_bytes: 8 * 1024 * 1024,
             mailbox: Limits {
                 max_messages: 10_000,
@@ -114,6 +118,8 @@ pub struct Shared {
     pub directory: Arc<Directory>,
     /// Ids an operator has blocked.
     pub blocklist: Arc<Blocklist>,
+    /// Starts a drain (SIGUSR1, the admin listener).
+    pub drain: Arc<Drain>,
     /// Kept only when they are served (`--metrics-listen`).
     pub metrics: Option<Arc<Metrics>>,
     pub(crate) active: AtomicUsize,

@@ -40,6 +40,8 @@ pub enum Event {
     /// An operator disconnects connections (the admin listener): each gets the
     /// `disconnected` notice with `why`, after what is queued for it.
     Disconnect { who: Who, why: String },
+    /// The node is draining: every connection is asked to reconnect (elsewhere).
+    Drain,
     /// Stop: close every connection after flushing it, then return.
     Shutdown,
 }

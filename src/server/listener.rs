@@ -29,19 +29,19 @@ const USER_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a refused connection may take to receive its `server-busy` notice.
 const REFUSAL_LIMIT: Duration = Duration::from_secs(1);
 
-/// Accepts connections until `stop` completes.
-pub async fn run(
+/// Accepts connections until `stop` completes, and returns what it completed with.
+pub async fn run<T>(
     listener: TcpListener,
     shared: Arc<Shared>,
-    stop: impl std::future::Future<Output = ()>,
-) {
+    stop: impl std::future::Future<Output = T>,
+) -> T {
     let mut stop = std::pin::pin!(stop);
     let mut backoff = BACKOFF_MIN;
     let mut spare = Spare::new();
     loop {
         let accept = std::pin::pin!(listener.accept());
         let (stream, peer) = match select(accept, stop.as_mut()).await {
-            Either::Right(_) => break,
+            Either::Right((ended, _)) => return ended,
             Either::Left((Ok(accepted), _)) => {
                 backoff = BACKOFF_MIN;
                 accepted
@@ -366,6 +366,7 @@ mod tests {
             per_address: crate::server::addresses::PerAddress::new(0),
             directory: Default::default(),
             blocklist: Arc::new(crate::server::blocklist::Blocklist::in_memory()),
+            drain: Arc::new(crate::server::drain::Drain::new().0),
             metrics: None,
             active: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),

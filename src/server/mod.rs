@@ -27,6 +27,7 @@ pub mod broker;
 pub(crate) mod budget;
 pub mod config;
 pub mod directory;
+pub mod drain;
 pub mod event;
 pub(crate) mod files;
 pub(crate) mod listener;

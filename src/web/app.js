@@ -379,6 +379,16 @@ function notice(text) {
       state.stopped = true;
       setStatus('too many devices');
       return showBanner(WORDS[code], 'Try again', () => connect());
+    case 'reconnect': {
+      // The server is draining: a new connection reaches another node, opened at
+      // once; the old one is let go (its close is no longer this tab's concern).
+      const old = state.ws;
+      state.ws = null;
+      state.online = false;
+      connect();
+      if (old) old.close();
+      return;
+    }
     case 'auth-failed':
       state.stopped = true;
       return signedOut(`Sign-in refused: ${detail}`);

@@ -40,6 +40,16 @@ impl TestServer {
         self.stop_keeping_data().await;
     }
 
+    /// Waits for the server to stop by itself (a drain), without asking it to, and
+    /// gives back its data dir; fails the test after [`WAIT`].
+    pub async fn stopped_by_itself(mut self) -> tempfile::TempDir {
+        if let Some(done) = self.done.take() {
+            within(done).await;
+        }
+        let empty = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.dir, empty)
+    }
+
     /// Stops the server gracefully, waits for it, and gives back its data dir for a
     /// server started after it ([`start_in`]).
     pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {

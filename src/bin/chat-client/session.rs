@@ -19,6 +19,8 @@ use crate::printer::Printer;
 enum Ended {
     /// The connection dropped (or the server is stopping): worth reconnecting.
     Lost(String),
+    /// The server asked to reconnect (`reconnect`: it is draining): at once.
+    Asked(String),
     /// Anything else: report it and stop.
     Fatal(String),
 }
@@ -95,16 +97,18 @@ impl<'a> Link<'a> {
         ended: Ended,
         printer: &mut Printer,
     ) -> Result<(Sender, Receiver), String> {
-        let why = match ended {
-            Ended::Lost(why) if self.reconnect => why,
-            Ended::Lost(why) | Ended::Fatal(why) => return Err(why),
+        let (why, mut wait) = match ended {
+            Ended::Asked(why) if self.reconnect => (why, Duration::ZERO),
+            Ended::Lost(why) if self.reconnect => (why, RETRY_MIN),
+            Ended::Lost(why) | Ended::Asked(why) | Ended::Fatal(why) => return Err(why),
         };
         eprintln!("chat-client: {why}; reconnecting");
         let server = &self.args.server;
         let started = std::time::Instant::now();
-        let mut wait = RETRY_MIN;
         loop {
-            rt::sleep(jitter(wait)).await;
+            if !wait.is_zero() {
+                rt::sleep(jitter(wait)).await;
+            }
             let attempt = rt::timeout(self.limit, connect(self.args)).await;
             if let Some(Ok(client)) = attempt {
                 match welcome(self.args, client, printer, self.limit).await {
@@ -118,7 +122,7 @@ impl<'a> Link<'a> {
             if started.elapsed() > self.limit.max(RETRY_MAX * 6) {
                 return Err(format!("cannot reconnect to {server}: gave up"));
             }
-            wait = (wait * 2).min(RETRY_MAX);
+            wait = (wait * 2).clamp(RETRY_MIN, RETRY_MAX);
         }
     }
 }
@@ -267,6 +271,10 @@ async fn confirm(
         if frame.sender == printer.id {
             *answered += 1;
         } else if let Some(n) = frame.notice() {
+            if n.is(Code::Reconnect) {
+                // The node is draining: a new connection reaches another one.
+                return Some(Ended::Asked(format!("server said {n}")));
+            }
             if n.is(Code::ShuttingDown) || n.is(Code::SlowConsumer) {
                 // The connection ends next; what was not echoed is sent again.
                 continue;
@@ -305,6 +313,7 @@ pub async fn interactive_session(
     let mut unechoed: std::collections::VecDeque<ClientFrame> = Default::default();
     let (mut sender, mut receiver) = session;
     loop {
+        let mut asked = false;
         let ended = match select(lines.next(), std::pin::pin!(receiver.recv())).await {
             Either::Left((Some(line), _)) => {
                 let frame = ClientFrame {
@@ -333,13 +342,18 @@ pub async fn interactive_session(
                     if frame.notice().is_some_and(|n| n.is(Code::Replaced)) {
                         return Err("this id (or this device) connected elsewhere".into());
                     }
+                    // The node is draining: a new connection reaches another one.
+                    asked |= frame.notice().is_some_and(|n| n.is(Code::Reconnect));
                 }
+                let asked_to = || Ended::Asked("the server asked to reconnect".into());
                 match ack {
                     Some(ack) => match sender.send(&ack).await {
-                        Ok(()) => continue,
+                        Ok(()) if !asked => continue,
+                        Ok(()) => asked_to(),
                         Err(e) => Ended::Lost(format!("cannot send: {e}")),
                     },
-                    None => continue,
+                    None if !asked => continue,
+                    None => asked_to(),
                 }
             }
             Either::Right((Ok(None), _)) => Ended::Lost("server closed the connection".into()),

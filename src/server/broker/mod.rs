@@ -213,6 +213,16 @@ impl Broker {
                 };
                 self.kick(&conns, &why);
             }
+            Event::Drain => {
+                log::info!("asking {} connections to reconnect", self.conns.len());
+                for conn in self.conns.all() {
+                    let ask = notice(
+                        Code::Reconnect,
+                        "this node is draining: connect again and you will reach another",
+                    );
+                    self.reply(conn, ask);
+                }
+            }
             Event::Shutdown => self.shutdown(),
         }
     }
