@@ -374,3 +374,26 @@ fn the_binary_takes_the_token_from_its_file_and_refuses_to_start_without_one() {
         assert_eq!(status, 401);
     });
 }
+
+/// Behind a proxy (`--proxy-protocol`), the list shows each client's own address, the
+/// one its PROXY header names, not the proxy's.
+#[test]
+fn the_list_shows_the_address_a_proxy_header_names() {
+    rt::block_on(async {
+        let server = start_with(|c| {
+            admin_config(c);
+            c.proxy_protocol = true;
+        })
+        .await;
+        let mut tcp = within(TcpStream::connect(server.addr))
+            .await
+            .expect("connects");
+        let header = b"PROXY TCP4 198.51.100.7 127.0.0.1 40404 8888\r\n";
+        within(tcp.write_all(header)).await.expect("writes");
+        let mut c = Client::from_stream(tcp);
+        within(c.hello(4, None)).await.expect("welcome");
+        let (_, listed) = get(server.admin.expect("admin"), "/v1/connections").await;
+        assert_eq!(listed["connections"][0]["address"], "198.51.100.7:40404");
+        assert_eq!(listed["connections"][0]["id"], 4);
+    });
+}

@@ -243,6 +243,174 @@ fn a_real_prometheus_scrapes_the_metrics() {
     });
 }
 
+/// Every query of the Grafana dashboard (docker/monitoring/chat-dashboard.json) runs
+/// on a real Prometheus scraping a real server, names only metrics the server exports,
+/// and the main panels show the traffic sent; promtool accepts the Prometheus config of
+/// docker/compose.monitoring.yml. (Grafana itself is not installable here.)
+#[test]
+fn the_dashboard_s_queries_run_on_a_real_prometheus() {
+    let (Some(prometheus), Some(promtool)) = (which("prometheus"), which("promtool")) else {
+        skipping(
+            "CHAT_REQUIRE_PROMETHEUS",
+            "prometheus and promtool are not installed (apt-get install prometheus)",
+        );
+        return;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let checked = Command::new(promtool)
+        .args(["check", "config", "--syntax-only"])
+        .arg(root.join("docker/monitoring/prometheus.yml"))
+        .output()
+        .expect("promtool runs");
+    assert!(checked.status.success(), "{checked:?}");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("docker/monitoring/chat-dashboard.json"))
+            .expect("the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().expect("an expr").to_string())
+        .collect();
+    assert!(exprs.len() >= 17, "{} queries", exprs.len());
+    // What the issue asks the dashboard to show, by metric.
+    for wanted in [
+        "chat_connections",
+        "chat_frames_in_total",
+        "chat_frames_out_total",
+        "chat_notices_total",
+        "chat_store_commit_seconds_bucket",
+        "chat_mailbox_frames",
+        "chat_slow_consumers_total",
+        "chat_store_failures_total",
+        "chat_rate_limited_total",
+    ] {
+        assert!(
+            exprs
+                .iter()
+                .any(|e| e.contains(&format!("{wanted}[")) || e.contains(&format!("{wanted})"))),
+            "no panel shows {wanted}"
+        );
+    }
+    rt::block_on(async {
+        let server = metrics_server().await;
+        let m = server.metrics.expect("metrics");
+        let (_, exported) = http_get(m, "/metrics").await;
+        for expr in &exprs {
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("chat_"))
+            {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .fold(name, |n, suffix| n.strip_suffix(suffix).unwrap_or(n));
+                assert!(
+                    exported.contains(&format!("\n{family}")),
+                    "{name} (in {expr}) is not exported"
+                );
+            }
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: chat\n    static_configs:\n      - targets: ['{m}']\n"
+            ),
+        )
+        .expect("writes");
+        let web = free_port();
+        let _prometheus = Guard(
+            Command::new(prometheus)
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={web}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("prometheus starts"),
+        );
+        let query = |e: &str| {
+            let e = e
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "5m");
+            format!("/api/v1/query?query={}", encode(&e))
+        };
+        // A scrape before the traffic and one after it, so that rates see it.
+        let up = rt::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Some((200, body)) = try_get(web, &query("up == 1")).await
+                    && body.contains("\"value\"")
+                {
+                    return;
+                }
+                rt::sleep(Duration::from_millis(250)).await;
+            }
+        })
+        .await;
+        assert!(up.is_some(), "Prometheus never scraped the server");
+        let mut a = login(&server, 1).await;
+        let _b = login(&server, 2).await;
+        for i in 0..5 {
+            send_confirmed(&mut a, &text(1, 2, &format!("to the dashboard {i}"))).await;
+        }
+        send_confirmed(&mut a, &text(1, 3, "for the mailbox")).await;
+        let seen = rt::timeout(Duration::from_secs(60), async {
+            loop {
+                let rate = query("sum(rate(chat_frames_in_total[$__rate_interval])) > 0");
+                if let Some((200, body)) = try_get(web, &rate).await
+                    && body.contains("\"value\"")
+                {
+                    return;
+                }
+                rt::sleep(Duration::from_millis(250)).await;
+            }
+        })
+        .await;
+        assert!(
+            seen.is_some(),
+            "Prometheus never had two scrapes of the traffic"
+        );
+        for expr in &exprs {
+            let (status, body) = try_get(web, &query(expr)).await.expect("an answer");
+            assert_eq!(status, 200, "{expr}: {body}");
+            assert!(body.contains("\"status\":\"success\""), "{expr}: {body}");
+        }
+        for shows_traffic in [
+            "sum by (type) (rate(chat_frames_in_total[$__rate_interval]))",
+            "sum by (instance) (chat_connections)",
+            "sum by (instance) (chat_mailbox_frames)",
+        ] {
+            assert!(exprs.iter().any(|e| e == shows_traffic), "{shows_traffic}");
+            let (_, body) = try_get(web, &query(shows_traffic))
+                .await
+                .expect("an answer");
+            assert!(
+                body.contains("\"value\""),
+                "{shows_traffic} shows nothing: {body}"
+            );
+        }
+    });
+}
+
+/// Percent-encodes a query parameter.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A GET that gives up quietly (Prometheus may not be listening yet).
 async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use futures::{AsyncReadExt, AsyncWriteExt};
