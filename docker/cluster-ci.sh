@@ -68,10 +68,10 @@ ready() {
 ready
 echo "cluster: HAProxy answers through a chat node"
 for _ in $(seq 1 30); do
-  curl -fsS "http://127.0.0.1:$web/" 2>/dev/null | grep -q '<script src="app.js"' && break
+  curl -fsS "http://127.0.0.1:$web/" 2>/dev/null | grep '<script src="app.js"' >/dev/null && break
   sleep 1
 done
-curl -fsS "http://127.0.0.1:$web/" | grep -q '<script src="app.js"' \
+curl -fsS "http://127.0.0.1:$web/" | grep '<script src="app.js"' >/dev/null \
   || fail "the web client is not served through HAProxy"
 echo "cluster: the web client is served through HAProxy"
 

@@ -19,6 +19,16 @@ where
     async_std::task::spawn(future)
 }
 
+/// Runs blocking work (a file written and synced) on a thread where it holds up no
+/// task, and waits for it.
+pub async fn spawn_blocking<F, T>(f: F) -> T
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    async_std::task::spawn_blocking(f).await
+}
+
 /// Drives a future to completion on the current thread (the binaries' `main`).
 pub fn block_on<F: Future>(future: F) -> F::Output {
     async_std::task::block_on(future)

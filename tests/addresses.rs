@@ -50,18 +50,6 @@ async fn hello_from(server: &TestServer, from: IpAddr, id: u32) -> (Client, Code
     (c, code)
 }
 
-/// Everything the server sends until it closes (a reset counts as a close).
-async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match within(s.read(&mut buf)).await {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 /// `GET path` from `from`: the status, or `None` when the connection was closed
 /// unanswered.
 async fn get_from(addr: SocketAddr, from: IpAddr, path: &str) -> Option<u16> {

@@ -13,7 +13,7 @@ use chat::protocol::Code;
 use chat::protocol::session::Device;
 use chat::rt;
 use chat::server::config::{Admin, AdminToken, HttpLimits};
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::AsyncWriteExt;
 use serde_json::Value;
 
 use common::*;
@@ -40,30 +40,18 @@ async fn call(
     token: Option<&str>,
     body: &str,
 ) -> (u16, Value) {
-    let mut s = within(TcpStream::connect(addr)).await.expect("connects");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    within(s.write_all(request.as_bytes()))
-        .await
-        .expect("writes");
-    let mut response = Vec::new();
-    within(s.read_to_end(&mut response)).await.expect("reads");
-    let text = String::from_utf8_lossy(&response).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status");
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("Authorization", b.as_str()))
+        .collect();
+    let (status, head, body) = http_call(addr, method, path, &headers, body).await;
     assert!(
         head.to_ascii_lowercase()
             .contains("content-type: application/json"),
         "{head}"
     );
-    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
     (status, json)
 }
 

@@ -11,7 +11,6 @@ use async_std::net::TcpStream;
 use chat::protocol::Code;
 use chat::rt;
 use chat::server::config::{Admin, AdminToken, HttpLimits};
-use futures::{AsyncReadExt, AsyncWriteExt};
 
 use common::*;
 
@@ -30,23 +29,10 @@ fn drainable(c: &mut chat::server::Config) {
 /// `POST /v1/drain` with `body`: the status and the answer's text.
 async fn post_drain(server: &TestServer, body: &str) -> (u16, String) {
     let addr = server.admin.expect("admin");
-    let mut s = within(TcpStream::connect(addr)).await.expect("connects");
-    let request = format!(
-        "POST /v1/drain HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    within(s.write_all(request.as_bytes()))
-        .await
-        .expect("writes");
-    let mut response = Vec::new();
-    within(s.read_to_end(&mut response)).await.expect("reads");
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status");
-    (status, text)
+    let bearer = format!("Bearer {TOKEN}");
+    let headers = [("Authorization", bearer.as_str())];
+    let (status, _, answer) = http_call(addr, "POST", "/v1/drain", &headers, body).await;
+    (status, answer)
 }
 
 /// A drain with a long deadline: both clients are asked to reconnect and are still

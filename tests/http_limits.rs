@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_std::net::TcpStream;
 use chat::rt;
 use chat::server::config::HttpLimits;
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::AsyncWriteExt;
 
 use common::*;
 
@@ -31,18 +31,6 @@ fn listeners(server: &TestServer) -> [(SocketAddr, usize); 2] {
         (server.metrics.expect("metrics"), 64),
         (server.web.expect("web"), 256),
     ]
-}
-
-/// Everything the server sends until it closes (a reset counts as a close).
-async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match within(s.read(&mut buf)).await {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 fn status(response: &[u8]) -> Option<u16> {

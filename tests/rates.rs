@@ -138,3 +138,52 @@ fn a_client_is_held_to_its_byte_rate_and_others_are_not() {
         assert_frames(&got, &want);
     });
 }
+
+/// A connection disconnected by an operator while it waits off a long debt (60 frames
+/// at 1 a second) is let go at once: it leaves the list of connections, and its place,
+/// within the test's wait rather than the minute its debt would take.
+#[test]
+fn a_throttled_connection_that_is_closed_is_let_go_at_once() {
+    rt::block_on(async {
+        let token = "rate-token";
+        let server = start_with(|c| {
+            c.rate = RateLimits {
+                frames: 1,
+                bytes: 0,
+                burst: Duration::from_secs(1),
+            };
+            c.admin = Some(chat::server::config::Admin {
+                listen: "127.0.0.1:0".into(),
+                token: std::sync::Arc::new(
+                    chat::server::config::AdminToken::new(token).expect("a token"),
+                ),
+                limits: chat::server::config::HttpLimits::ADMIN,
+            });
+        })
+        .await;
+        let admin = server.admin.expect("admin");
+        let mut a = login(&server, 1).await;
+        for i in 0..60 {
+            within(a.send(&text(1, 1, &format!("m{i}"))))
+                .await
+                .expect("send");
+        }
+        // The first two are read (one at once, one after a second's wait) and echoed.
+        recv(&mut a).await;
+        let bearer = format!("Bearer {token}");
+        let headers = [("Authorization", bearer.as_str())];
+        let (status, _, body) =
+            http_call(admin, "DELETE", "/v1/ids/1/connections", &headers, "").await;
+        assert_eq!(status, 200, "{body}");
+        within(async {
+            loop {
+                let (_, _, listed) = http_call(admin, "GET", "/v1/connections", &headers, "").await;
+                if listed.contains("\"connections\": []") {
+                    return;
+                }
+                rt::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    });
+}

@@ -157,7 +157,7 @@ async fn respond(
             Err(answer) => answer,
         },
         (&Method::DELETE, ["v1", "blocked", id]) => match parse_id(id) {
-            Ok(id) => match shared.blocklist.set(id, false) {
+            Ok(id) => match set_blocked(shared, id, false).await {
                 Ok(changed) => {
                     log::info!("admin: id {id} unblocked");
                     Answer::ok(
@@ -436,20 +436,30 @@ struct BlockRequest {
     reason: Option<String>,
 }
 
+/// Changes the block list off the executor: the change writes and syncs a file.
+async fn set_blocked(
+    shared: &Shared,
+    id: u32,
+    on: bool,
+) -> Result<bool, crate::server::blocklist::Error> {
+    let blocklist = shared.blocklist.clone();
+    rt::spawn_blocking(move || blocklist.set(id, on)).await
+}
+
 async fn block(shared: &Shared, id: u32, request: BlockRequest) -> Answer {
-    let changed = match shared.blocklist.set(id, true) {
+    let changed = match set_blocked(shared, id, true).await {
         Ok(changed) => changed,
         Err(e) => return Answer::error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
     log::info!("admin: id {id} blocked");
     let n = shared.directory.of(id).len();
-    if n > 0 {
-        let why = match request.reason {
-            Some(reason) => format!("id {id} is blocked: {reason}"),
-            None => format!("id {id} is blocked"),
-        };
-        disconnect(shared, Who::Id(id), &why, n).await;
-    }
+    let why = match request.reason {
+        Some(reason) => format!("id {id} is blocked: {reason}"),
+        None => format!("id {id} is blocked"),
+    };
+    // Always, even when none is listed: one binding as the block took effect is
+    // disconnected too (the broker handles this after that bind).
+    disconnect(shared, Who::Id(id), &why, n).await;
     let at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -222,6 +222,12 @@ where
             "this origin may not open the chat WebSocket\n".into(),
         );
     }
+    if shared.drain.is_draining() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is draining: connect again and you will reach another\n".into(),
+        );
+    }
     let slot = match websocket::admit(shared, peer.client.ip()) {
         Ok(slot) => slot,
         Err(busy) => {

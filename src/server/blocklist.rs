@@ -10,14 +10,18 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 /// The file's name in the data directory.
 pub const FILE: &str = "blocked-ids";
 
 #[derive(Debug)]
 pub struct Blocklist {
+    /// Read at every bind; written only for the moment a new list is swapped in.
     ids: RwLock<BTreeSet<u32>>,
+    /// Taken by a change for as long as it writes the file, so that changes follow
+    /// one another without holding up the binds that read `ids`.
+    writing: Mutex<()>,
     /// Where the list is kept; `None`: in memory only (tests of the broker alone).
     path: Option<PathBuf>,
 }
@@ -48,6 +52,7 @@ impl Blocklist {
     pub fn in_memory() -> Blocklist {
         Blocklist {
             ids: RwLock::default(),
+            writing: Mutex::default(),
             path: None,
         }
     }
@@ -62,6 +67,7 @@ impl Blocklist {
         };
         Ok(Blocklist {
             ids: RwLock::new(ids),
+            writing: Mutex::default(),
             path: Some(path),
         })
     }
@@ -79,17 +85,18 @@ impl Blocklist {
     }
 
     /// Blocks (`on`) or unblocks `id`, keeping the list on disk before it takes effect;
-    /// returns whether anything changed.
+    /// returns whether anything changed. It writes and syncs a file: call it where
+    /// blocking is allowed (`rt::spawn_blocking`).
     pub fn set(&self, id: u32, on: bool) -> Result<bool, Error> {
-        let mut ids = self.ids.write().unwrap_or_else(|e| e.into_inner());
-        if ids.contains(&id) == on {
-            return Ok(false);
-        }
-        let mut next = ids.clone();
-        if on {
-            next.insert(id);
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = self.ids.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let changed = if on {
+            next.insert(id)
         } else {
-            next.remove(&id);
+            next.remove(&id)
+        };
+        if !changed {
+            return Ok(false);
         }
         if let Some(path) = &self.path {
             save(path, &next).map_err(|source| Error::Write {
@@ -97,7 +104,7 @@ impl Blocklist {
                 source,
             })?;
         }
-        *ids = next;
+        *self.ids.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(true)
     }
 }
@@ -131,8 +138,12 @@ fn save(path: &Path, ids: &BTreeSet<u32>) -> std::io::Result<()> {
     }
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+    // The new list is in place; a failure to sync the directory only leaves its
+    // durability to the next sync, so it is logged, not reported as a failed change.
+    if let Some(dir) = path.parent()
+        && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+    {
+        log::warn!("{}: the directory could not be synced: {e}", path.display());
     }
     Ok(())
 }

@@ -11,7 +11,9 @@
 //!
 //! The parsing is sans-IO ([`parse_v1`], [`parse_v2`]) with unit tests from the
 //! specification's examples; [`read`] only reads exactly the header's bytes, so what the
-//! client sent after it stays in the socket for the reader or for TLS.
+//! client sent after it stays in the socket for the reader or for TLS. A version 2
+//! header is read whole (up to 64 KiB, with whatever TLVs the proxy adds) and its TLVs
+//! are skipped.
 //!
 //! Specification: <https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt>.
 
@@ -26,9 +28,10 @@ const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 pub const LOCAL_V2: [u8; 16] = *b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
 /// A version 1 header is one line of at most this many bytes, CRLF included.
 const V1_MAX: usize = 107;
-/// A version 2 header's addresses and TLVs may announce up to 64 KiB; we read at most
-/// this much (HAProxy's TLVs, when it sends any, are far smaller).
-const V2_MAX_BODY: usize = 2048;
+/// A version 2 header's addresses and TLVs: up to 64 KiB (its length is 16 bits), read
+/// whole; HAProxy's TLVs (SSL details, a unique id) stay far below it, and only the
+/// proxy, which is trusted, can send one.
+const V2_MAX_BODY: usize = u16::MAX as usize;
 
 /// Whom a proxied connection is from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +133,7 @@ fn v2_body_len(head: &[u8; 16]) -> Result<usize, Error> {
     }
     let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
     if len > V2_MAX_BODY {
-        return Err(Error::Malformed("a version 2 header longer than 2 KiB"));
+        return Err(Error::Malformed("a version 2 header longer than 64 KiB"));
     }
     Ok(len)
 }
@@ -257,9 +260,12 @@ mod tests {
             read_all(b"PROXY TCP4 nonsense 1.2.3.4 1 2\r\n").0,
             Err(Error::Malformed(_))
         ));
-        let mut huge = V2_SIGNATURE.to_vec();
-        huge.extend_from_slice(&[0x21, 0x11, 0xFF, 0xFF]);
-        assert!(matches!(read_all(&huge).0, Err(Error::Malformed(_))));
+        let mut cut = V2_SIGNATURE.to_vec();
+        cut.extend_from_slice(&[0x21, 0x11, 0xFF, 0xFF]);
+        assert!(
+            matches!(read_all(&cut).0, Err(Error::Io(_))),
+            "64 KiB announced, not sent"
+        );
         let mut v3 = v2(1, 0x11, &[0u8; 12]);
         v3[12] = 0x31;
         assert!(matches!(read_all(&v3).0, Err(Error::Malformed(_))));

@@ -55,8 +55,9 @@ pub async fn run<R: AsyncRead + Unpin>(
     let notice = 'conn: loop {
         if let Some(t) = throttle.as_deref_mut() {
             // Boxed: inline, the wait's timer would make every reader's task larger.
-            let waited = Box::pin(t.wait(conn, shared, &mut events)).await;
-            started += waited;
+            let before = Instant::now();
+            Box::pin(t.wait(conn, outbox, shared, &mut events)).await;
+            started += before.elapsed();
         }
         // Replies this client has not read count against it: wait for room, but not
         // for ever, and not on the clock of a frame in progress.
@@ -179,6 +180,10 @@ struct Throttle {
     told: bool,
 }
 
+/// The longest a rate-limited reader sleeps before it looks whether its connection is
+/// closing.
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A client that has not had to wait for this long has kept to its rate.
 const KEPT_TO_RATE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -193,16 +198,17 @@ impl Throttle {
         }
     }
 
-    /// Waits until the buckets allow reading more, and returns how long that took. A
+    /// Waits until the buckets allow reading more, or the connection is closing. A
     /// client over its rate for `--frame-timeout` without a break of a second is told
     /// so once (`rate-limited`); it is told again only after it has kept to its rate
     /// for a second.
     async fn wait(
         &mut self,
         conn: ConnId,
+        outbox: &Outbox,
         shared: &Shared,
         events: &mut futures::channel::mpsc::Sender<Event>,
-    ) -> std::time::Duration {
+    ) {
         let now = Instant::now();
         let Some(wait) = self.bucket.wait(now) else {
             // Kept to its rate for a while (not just between two reads): no longer over.
@@ -210,7 +216,7 @@ impl Throttle {
                 self.over_since = None;
                 self.told = false;
             }
-            return std::time::Duration::ZERO;
+            return;
         };
         self.last_wait = Some(now + wait);
         if let Some(m) = &shared.metrics {
@@ -232,8 +238,16 @@ impl Throttle {
             };
             let _ = events.send(told).await;
         }
-        rt::sleep(wait).await;
-        wait
+        // In slices, so that a connection closed meanwhile (kicked, blocked, stopping)
+        // is let go at once rather than after a debt that may last minutes.
+        let until = now + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || outbox.is_closing() {
+                return;
+            }
+            rt::sleep(left.min(WAIT_SLICE)).await;
+        }
     }
 }
 

@@ -362,11 +362,31 @@ pub async fn login_acks(addr: &str, id: u32) -> Client {
 
 /// A plain HTTP/1.1 GET (the test's own client): the status code and the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_call(addr, "GET", path, &[], "").await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request with `headers` and `body` (the test's own client): the status
+/// code, the head and the body of the answer.
+pub async fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     use futures::{AsyncReadExt, AsyncWriteExt};
     let mut s = within(async_std::net::TcpStream::connect(addr))
         .await
         .expect("connects");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     within(s.write_all(request.as_bytes()))
         .await
         .expect("writes");
@@ -379,7 +399,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("a status code");
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
+}
+
+/// Everything the server sends on `s` until it closes (a reset counts as a close).
+pub async fn until_closed(s: &mut async_std::net::TcpStream) -> Vec<u8> {
+    use futures::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match within(s.read(&mut buf)).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// Runs the real `chat-client` with `args`, feeding it `stdin`; fails the test if it

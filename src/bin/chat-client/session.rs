@@ -272,8 +272,12 @@ async fn confirm(
             *answered += 1;
         } else if let Some(n) = frame.notice() {
             if n.is(Code::Reconnect) {
-                // The node is draining: a new connection reaches another one.
-                return Some(Ended::Asked(format!("server said {n}")));
+                // The node is draining: a new connection reaches another one. Without
+                // reconnecting, this one is still served until the node stops.
+                if link.reconnect {
+                    return Some(Ended::Asked(format!("server said {n}")));
+                }
+                continue;
             }
             if n.is(Code::ShuttingDown) || n.is(Code::SlowConsumer) {
                 // The connection ends next; what was not echoed is sent again.
@@ -342,8 +346,10 @@ pub async fn interactive_session(
                     if frame.notice().is_some_and(|n| n.is(Code::Replaced)) {
                         return Err("this id (or this device) connected elsewhere".into());
                     }
-                    // The node is draining: a new connection reaches another one.
-                    asked |= frame.notice().is_some_and(|n| n.is(Code::Reconnect));
+                    // The node is draining: a new connection reaches another one
+                    // (without reconnecting, this one is served until the node stops).
+                    asked |=
+                        link.reconnect && frame.notice().is_some_and(|n| n.is(Code::Reconnect));
                 }
                 let asked_to = || Ended::Asked("the server asked to reconnect".into());
                 match ack {

@@ -82,6 +82,9 @@ pub struct Broker {
     directory: Arc<Directory>,
     /// Ids that may not bind.
     blocklist: Arc<Blocklist>,
+    /// The node is draining: connections that arrive late (after a TLS handshake or a
+    /// PROXY header that was under way) are asked to reconnect too.
+    draining: bool,
 }
 
 impl Broker {
@@ -94,6 +97,7 @@ impl Broker {
             metrics: shared.metrics.clone(),
             directory: shared.directory.clone(),
             blocklist: shared.blocklist.clone(),
+            draining: false,
             ack_timeout: config.frame_timeout,
             devices: Devices::new(devices, config.max_devices),
             later: Vec::new(),
@@ -163,6 +167,9 @@ impl Broker {
                     });
                 }
                 self.conns.insert(conn, outbox, self.shutting_down);
+                if self.draining && !self.shutting_down {
+                    self.ask_to_reconnect(conn);
+                }
             }
             Event::Requests {
                 conn,
@@ -215,12 +222,9 @@ impl Broker {
             }
             Event::Drain => {
                 log::info!("asking {} connections to reconnect", self.conns.len());
+                self.draining = true;
                 for conn in self.conns.all() {
-                    let ask = notice(
-                        Code::Reconnect,
-                        "this node is draining: connect again and you will reach another",
-                    );
-                    self.reply(conn, ask);
+                    self.ask_to_reconnect(conn);
                 }
             }
             Event::Shutdown => self.shutdown(),
@@ -1031,12 +1035,10 @@ impl Broker {
         }
     }
 
-    /// Starts closing a connection and takes it offline. It stays in the registry
-    /// until its writer has finished. A session's device was in use until now: it is
-    /// not the one to forget first when its id needs room.
     /// Closes `conn` with `auth-failed` if `id` is blocked and not already its id.
     fn blocked(&mut self, conn: ConnId, id: u32) -> bool {
-        if !self.blocklist.contains(id) || self.conns.get(conn).is_some_and(|c| c.id == Some(id)) {
+        // Bound already: the common case (every data frame), decided without the lock.
+        if self.conns.get(conn).is_some_and(|c| c.id == Some(id)) || !self.blocklist.contains(id) {
             return false;
         }
         log::info!(conn; "refused id {id}: blocked by an operator");
@@ -1052,6 +1054,15 @@ impl Broker {
             },
         );
         true
+    }
+
+    /// Asks `conn` to connect again (elsewhere): the node is draining.
+    fn ask_to_reconnect(&mut self, conn: ConnId) {
+        let ask = notice(
+            Code::Reconnect,
+            "this node is draining: connect again and you will reach another",
+        );
+        self.reply(conn, ask);
     }
 
     /// An operator disconnects `conns`: each is told so, after what is queued for it.
@@ -1072,6 +1083,9 @@ impl Broker {
         }
     }
 
+    /// Starts closing a connection and takes it offline. It stays in the registry
+    /// until its writer has finished. A session's device was in use until now: it is
+    /// not the one to forget first when its id needs room.
     fn close(&mut self, conn: ConnId, close: Close) {
         let session = self.conns.live(conn).and_then(|c| {
             let name = match c.session.as_deref() {
