@@ -205,11 +205,30 @@ fn operators_disconnect_a_connection_or_an_id() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["disconnected"], 2);
         expect_notice(&mut again, Code::Disconnected).await;
+        expect_closed(&mut again).await;
         let mut told = false;
         while let Ok(Some(f)) = within(phone.recv()).await {
             told |= f.notice().is_some_and(|n| n.is(Code::Disconnected));
         }
         assert!(told, "the session was told too");
+        // A connection leaves the list once its tasks have ended, just after its
+        // client sees the close.
+        within(async {
+            loop {
+                let (_, listed) = get(admin, "/v1/connections").await;
+                let ids: Vec<_> = listed["connections"]
+                    .as_array()
+                    .expect("a list")
+                    .iter()
+                    .map(|c| c["id"].clone())
+                    .collect();
+                if !ids.contains(&serde_json::json!(2)) {
+                    return;
+                }
+                rt::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
         let (status, _) = call(admin, "DELETE", "/v1/ids/2/connections", Some(TOKEN), "").await;
         assert_eq!(status, 404, "nothing left to disconnect");
         let (status, _) = call(admin, "DELETE", "/v1/ids/0/connections", Some(TOKEN), "").await;
