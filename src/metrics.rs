@@ -99,6 +99,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Connections an operator disconnected.
     pub kicked: Counter,
+    /// Ids whose stored data an operator deleted.
+    pub forgotten: Counter,
     /// Admin API requests without the right token.
     pub admin_refused: Counter,
     pub store_failures: Counter,
@@ -254,6 +256,12 @@ impl Metrics {
             "Connections an operator disconnected (the admin listener)",
             kicked.clone(),
         );
+        let forgotten = Counter::default();
+        registry.register(
+            "ids_forgotten",
+            "Ids whose stored data an operator deleted (the admin listener)",
+            forgotten.clone(),
+        );
         let rate_limited = Counter::default();
         registry.register(
             "rate_limited",
@@ -287,6 +295,7 @@ impl Metrics {
             slow_consumers,
             rate_limited,
             kicked,
+            forgotten,
             admin_refused,
             store_failures,
             store_down: Mutex::new(None),

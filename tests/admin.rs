@@ -75,6 +75,8 @@ fn every_call_needs_the_token() {
             ("GET", "/v1/connections"),
             ("DELETE", "/v1/connections/1"),
             ("DELETE", "/v1/ids/5/connections"),
+            ("GET", "/v1/ids/5/stored"),
+            ("DELETE", "/v1/ids/5"),
             ("GET", "/v1/blocked"),
             ("PUT", "/v1/blocked/5"),
             ("DELETE", "/v1/blocked/5"),
@@ -310,7 +312,7 @@ fn bad_paths_and_methods_get_clear_errors() {
     rt::block_on(async {
         let server = admin_server().await;
         let admin = server.admin.expect("admin");
-        for path in ["/", "/v1", "/v2/info", "/v1/ids/5", "/v1/connections/1/2"] {
+        for path in ["/", "/v1", "/v2/info", "/v1/ids", "/v1/connections/1/2"] {
             let (status, body) = get(admin, path).await;
             assert_eq!(status, 404, "{path}: {body}");
             assert!(error_of(&body).contains("no such path"), "{body}");
@@ -319,6 +321,8 @@ fn bad_paths_and_methods_get_clear_errors() {
             ("POST", "/v1/info"),
             ("PUT", "/v1/connections"),
             ("GET", "/v1/ids/5/connections"),
+            ("GET", "/v1/ids/5"),
+            ("DELETE", "/v1/ids/5/stored"),
         ] {
             let (status, _) = call(admin, method, path, Some(TOKEN), "").await;
             assert_eq!(status, 405, "{method} {path}");
@@ -360,20 +364,7 @@ fn the_binary_takes_the_token_from_its_file_and_refuses_to_start_without_one() {
         dir.path(),
         &["--admin-listen", "127.0.0.1:0", "--admin-token-file", file],
     );
-    let line = running
-        .logs
-        .lock()
-        .expect("logs")
-        .iter()
-        .find(|l| l.contains("admin API on http://"))
-        .cloned()
-        .expect("the admin address is logged before the chat one");
-    let addr: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .expect("an address");
+    let addr = running.admin_addr();
     rt::block_on(async {
         let (status, info) = get(addr, "/v1/info").await;
         assert_eq!(status, 200, "{info}");
@@ -403,4 +394,137 @@ fn the_list_shows_the_address_a_proxy_header_names() {
         assert_eq!(listed["connections"][0]["address"], "198.51.100.7:40404");
         assert_eq!(listed["connections"][0]["id"], 4);
     });
+}
+
+/// What `GET /v1/ids/{id}/stored` says, as (mailbox, history, conversations, devices).
+async fn stored(admin: SocketAddr, id: u32) -> (u64, u64, u64, u64) {
+    let (status, body) = get(admin, &format!("/v1/ids/{id}/stored")).await;
+    assert_eq!(status, 200, "{body}");
+    let s = &body["stored"];
+    let n = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("a number: {body}"));
+    (
+        n(&s["mailbox"]["messages"]),
+        n(&s["history"]["messages"]),
+        n(&s["conversations"]),
+        n(&s["devices"]),
+    )
+}
+
+/// Whether any file under `dir` holds `needle`.
+fn any_file_holds(dir: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).expect("a data dir").any(|entry| {
+        let path = entry.expect("an entry").path();
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        bytes.windows(needle.len()).any(|w| w == needle)
+    })
+}
+
+/// `GET /v1/ids/{id}/stored` counts what is kept for an id; `DELETE /v1/ids/{id}`
+/// disconnects every device of it and deletes its mailbox, devices, conversations and
+/// their history (its peers' rows for them too), for good: the counts stay zero across
+/// a restart and the data dir's files no longer hold its frames' bytes. A frame it
+/// sent that waits for another id stays that id's mail.
+#[test]
+fn forgetting_an_id_deletes_everything_stored_for_it() {
+    rt::block_on(async {
+        let server = admin_server().await;
+        let admin = server.admin.expect("admin");
+        assert_eq!(stored(admin, 1).await, (0, 0, 0, 0));
+        let mut two = login(&server, 2).await;
+        let mut one = login(&server, 1).await;
+        send_confirmed(&mut one, &text(1, 2, "secret-one-to-two")).await;
+        assert_eq!(recv(&mut two).await, delivered(&text(1, 2, "secret-one-to-two")));
+        send_confirmed(&mut one, &text(1, 3, "kept-for-three")).await;
+        drop(one);
+        // While 1 is away (its connection may take a moment to end), 2's frame waits.
+        let mut phone = connect(&server).await;
+        within(phone.session(1, &Device::new("phone").expect("a name"), None))
+            .await
+            .expect("a session");
+        send_confirmed(&mut two, &text(2, 1, "secret-two-to-one")).await;
+        let (mailbox, history, conversations, devices) = stored(admin, 1).await;
+        assert!(mailbox >= 1, "2's frame waits for 1's default device");
+        assert!(history >= 3, "three frames in 1's conversations: {history}");
+        assert_eq!(conversations, 2, "with 2 and with 3");
+        assert_eq!(devices, 2, "the default device and the phone");
+
+        let (status, body) = call(admin, "DELETE", "/v1/ids/1", Some(TOKEN), "").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deleted"]["conversations"], 2);
+        assert_eq!(body["deleted"]["devices"], 2);
+        let mut told = false;
+        while let Ok(Some(f)) = within(phone.recv()).await {
+            told |= f
+                .notice()
+                .is_some_and(|n| n.is(Code::Disconnected) && n.detail.contains("deleted"));
+        }
+        assert!(told, "the phone was told why it was disconnected");
+        assert_eq!(stored(admin, 1).await, (0, 0, 0, 0));
+        // 2's side of the conversation went too; what 1 sent to 3 stays 3's.
+        assert_eq!(stored(admin, 2).await.2, 0, "2 has no conversation left");
+        let (_, three_mail) = mailbox_of(&server.addr(), 3, 1).await;
+        assert_eq!(three_mail, [delivered(&text(1, 3, "kept-for-three"))]);
+        let (status, _) = call(admin, "DELETE", "/v1/ids/0", Some(TOKEN), "").await;
+        assert_eq!(status, 400);
+        let (status, _) = call(admin, "DELETE", "/v1/ids/x", Some(TOKEN), "").await;
+        assert_eq!(status, 400);
+        send_confirmed(&mut two, &text(2, 4, "kept-for-four")).await;
+        drop(two);
+
+        // The rows are gone; their bytes may stay in the file's free pages until a
+        // vacuum rewrites it with what it holds.
+        let dir = server.stop_keeping_data().await;
+        let done = chat::store::vacuum(dir.path()).expect("vacuums");
+        assert!(done.after > 0, "{done:?}");
+        for secret in ["secret-one-to-two", "secret-two-to-one"] {
+            assert!(
+                !any_file_holds(dir.path(), secret.as_bytes()),
+                "{secret} is still in the data dir"
+            );
+        }
+        let server = start_in(dir, admin_config).await;
+        let admin = server.admin.expect("admin");
+        assert_eq!(stored(admin, 1).await, (0, 0, 0, 0), "across a restart");
+        let (_, four_mail) = mailbox_of(&server.addr(), 4, 1).await;
+        assert_eq!(
+            four_mail,
+            [delivered(&text(2, 4, "kept-for-four"))],
+            "the vacuum kept what was stored"
+        );
+        let (status, body) = call(admin, "DELETE", "/v1/ids/1", Some(TOKEN), "").await;
+        assert_eq!(status, 200, "forgetting again is no error: {body}");
+        assert_eq!(body["deleted"]["history"]["messages"], 0);
+    });
+}
+
+/// `chat-server vacuum` rewrites a stopped node's file (one line on stdout), and
+/// refuses, in one line and with exit 1, a file a running server holds or a data dir
+/// without one.
+#[test]
+fn the_vacuum_command_refuses_a_file_in_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vacuum = || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"));
+        cmd.args(["vacuum", "--data-dir"]).arg(dir.path());
+        output_within(&mut cmd, b"", WAIT)
+    };
+    let none = vacuum();
+    assert_eq!(none.status.code(), Some(1), "{none:?}");
+    let stderr = String::from_utf8_lossy(&none.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    let mut running = ServerProcess::start(dir.path(), &[]);
+    let busy = vacuum();
+    assert_eq!(busy.status.code(), Some(1), "{busy:?}");
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("stop the server first"), "{stderr}");
+    running.signal(libc::SIGTERM);
+    assert!(running.wait().success());
+
+    let done = vacuum();
+    assert!(done.status.success(), "{done:?}");
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(stdout.starts_with("vacuumed "), "{stdout}");
 }

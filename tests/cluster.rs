@@ -824,3 +824,54 @@ fn the_mailbox_limit_holds_in_a_cluster() {
         assert_eq!(got, vec![delivered(&after)]);
     });
 }
+
+/// The admin API on a node: what waits in the stream for an id is counted (its bytes
+/// are not known there), and forgetting the id purges its subject for every node.
+#[test]
+fn an_operator_sees_and_forgets_an_id_s_mailbox_in_the_stream() {
+    if !nats_available() {
+        return;
+    }
+    let _slot = slot();
+    let nats = Nats::start(3, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "cluster-admin\n").expect("writes");
+    let token = token.to_str().expect("a path");
+    let admin = ["--admin-listen", "127.0.0.1:0", "--admin-token-file", token];
+    let a = node(&nats, "a", dir.path(), &admin);
+    let b = node(&nats, "b", dir.path(), &[]);
+    let addr = a.admin_addr();
+    chat::rt::block_on(async {
+        let auth = [("Authorization", "Bearer cluster-admin")];
+        let ask = |method: &'static str, path: String| async move {
+            let (status, _, body) = http_call(addr, method, &path, &auth, "").await;
+            let json: serde_json::Value =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+            (status, json)
+        };
+        let mut three = login_at(&b.addr, 3).await;
+        for i in 0..4 {
+            send_confirmed(&mut three, &numbered(3, 1, i)).await;
+        }
+        send_confirmed(&mut three, &numbered(3, 2, 9)).await;
+        let (status, body) = ask("GET", "/v1/ids/1/stored".into()).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["stored"]["mailbox"]["messages"], 4, "{body}");
+        assert_eq!(body["stored"]["mailbox"]["bytes"], serde_json::Value::Null);
+        assert_eq!(body["node"], "a");
+        let (status, body) = ask("DELETE", "/v1/ids/1".into()).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deleted"]["mailbox"]["messages"], 4, "{body}");
+        let (_, body) = ask("GET", "/v1/ids/1/stored".into()).await;
+        assert_eq!(body["stored"]["mailbox"]["messages"], 0, "{body}");
+        // Nothing of it reaches 1 on either node; 2's frame is still 2's.
+        let after = numbered(3, 1, 5);
+        send_confirmed(&mut three, &after).await;
+        let (_one, got) = mailbox_of(&a.addr, 1, 1).await;
+        assert_eq!(got, vec![delivered(&after)]);
+        let (_two, got) = mailbox_of(&a.addr, 2, 1).await;
+        assert_eq!(got, vec![delivered(&numbered(3, 2, 9))]);
+    });
+    drop((a, b, nats));
+}

@@ -32,7 +32,7 @@ struct Args {
     listen: String,
 
     /// Directory for the offline mailbox (created if missing).
-    #[arg(long, env = "CHAT_DATA_DIR", default_value = "./data")]
+    #[arg(long, env = "CHAT_DATA_DIR", default_value = "./data", global = true)]
     data_dir: PathBuf,
 
     /// Largest frame body accepted, in bytes; larger headers close the connection.
@@ -195,6 +195,10 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Rewrite the store's file in --data-dir with only what it holds now, so what was
+    /// deleted (an id an operator forgot, pruned history) leaves the disk too. Stop the
+    /// server first; a file in use is refused.
+    Vacuum,
     /// Print the token that lets a client use an id (needs the auth secret).
     Token {
         #[arg(long)]
@@ -242,6 +246,16 @@ fn parse_age(text: &str) -> Result<Duration, String> {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    if let Some(Command::Vacuum) = args.command {
+        let done = chat::store::vacuum(&args.data_dir).map_err(|e| e.to_string())?;
+        println!(
+            "vacuumed {}: {} bytes, {} before",
+            args.data_dir.join(chat::store::FILE).display(),
+            done.after,
+            done.before
+        );
+        return Ok(());
+    }
     let keys = keys(&args)?;
     if let Some(Command::Token { id, ttl }) = args.command {
         let keys = keys.ok_or("token needs --auth-secret or --auth-secret-file")?;

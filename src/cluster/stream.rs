@@ -30,7 +30,7 @@ use bytes::Bytes;
 use futures::channel::{mpsc, oneshot};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt, select_biased};
+use futures::{FutureExt, StreamExt, TryStreamExt, select_biased};
 
 use crate::cluster::StartError;
 use crate::cluster::forward::{Due, Forwards, Settled};
@@ -40,7 +40,8 @@ use crate::cluster::msg::{FromCluster, ToCluster};
 use crate::cluster::wire::{self, Hold, Refused};
 use crate::metrics::Metrics;
 use crate::store::{
-    Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, Ticket, answer, settled,
+    Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, Stored, Ticket, answer,
+    settled,
 };
 
 /// The stream that holds every node's frames.
@@ -58,6 +59,8 @@ const READ_WAIT: Duration = Duration::from_secs(1);
 /// How long JetStream may take to confirm a frame before its sender is told
 /// `store-failed` (it may still have been stored: a resend can repeat it).
 const ACK_WAIT: Duration = Duration::from_secs(5);
+/// How long an operator's count or purge of a mailbox may take.
+const OPERATOR_WAIT: Duration = Duration::from_secs(5);
 /// Commands applied before replies are sent and timers looked at.
 const BATCH: usize = 1024;
 
@@ -339,6 +342,7 @@ fn concerns(cmd: &ToCluster) -> Option<u32> {
             | Command::Delete { receiver, .. },
         )
         | ToCluster::Left { receiver } => Some(*receiver),
+        ToCluster::Store(Command::Measure { id, .. } | Command::Forget { id, .. }) => Some(*id),
         ToCluster::Store(Command::Device { .. } | Command::Query { .. })
         | ToCluster::Answer { .. } => None,
     }
@@ -520,6 +524,29 @@ impl Actor {
             // The broker opens no sessions in a cluster yet, so it asks nothing of
             // devices or history; answer rather than leave a query hanging.
             Command::Device { .. } => {}
+            Command::Measure { id, answer } => {
+                // Behind what this node stages for it, as a load would be.
+                self.publish_staged(Some(id)).await;
+                self.settle().await;
+                if let Some(waiting) = self.waiting_in_stream(id).await {
+                    let _ = answer.send(Stored {
+                        mailbox_messages: waiting,
+                        ..Stored::default()
+                    });
+                }
+            }
+            Command::Forget { id, answer } => {
+                self.publish_staged(Some(id)).await;
+                self.settle().await;
+                if let Some(purged) = self.purge(id).await {
+                    self.live.remove(&id);
+                    self.mail.remove(&id);
+                    let _ = answer.send(Stored {
+                        mailbox_messages: purged,
+                        ..Stored::default()
+                    });
+                }
+            }
             Command::Query { ticket, query, .. } => {
                 let failed = crate::protocol::session::Record::QueryFailed {
                     request: query.request(),
@@ -529,6 +556,52 @@ impl Actor {
                     ticket,
                     frames: vec![failed.encode()],
                 }));
+            }
+        }
+    }
+
+    /// How many frames wait in `id`'s subject of the stream; `None` (logged) when
+    /// the stream does not answer within [`OPERATOR_WAIT`].
+    async fn waiting_in_stream(&self, id: u32) -> Option<u64> {
+        let subject = wire::mailbox(id);
+        let count = async {
+            let mut info = self.stream.info_with_subjects(&subject).await?;
+            let mut n = 0;
+            while let Some((_, count)) = info.try_next().await? {
+                n += count as u64;
+            }
+            Ok::<u64, stream::InfoError>(n)
+        };
+        match within(OPERATOR_WAIT, count).await {
+            Some(Ok(n)) => Some(n),
+            Some(Err(e)) => {
+                log::warn!("could not count {subject}: {e}");
+                None
+            }
+            None => {
+                log::warn!("could not count {subject}: no answer in {OPERATOR_WAIT:?}");
+                None
+            }
+        }
+    }
+
+    /// Purges `id`'s subject of the stream: how many frames went; `None` (logged) when
+    /// the stream does not answer within [`OPERATOR_WAIT`].
+    async fn purge(&self, id: u32) -> Option<u64> {
+        let subject = wire::mailbox(id);
+        let purge = self.stream.purge().filter(subject.clone());
+        match within(OPERATOR_WAIT, async move { purge.await }).await {
+            Some(Ok(done)) => {
+                log::info!("node {}: purged {} frames of {subject}", self.node, done.purged);
+                Some(done.purged)
+            }
+            Some(Err(e)) => {
+                log::warn!("could not purge {subject}: {e}");
+                None
+            }
+            None => {
+                log::warn!("could not purge {subject}: no answer in {OPERATOR_WAIT:?}");
+                None
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The admin API (`--admin-listen`, docs/ADMIN.md): what an operator can see and do
 //! while the server runs: list connections, disconnect one or all of an id's, block and
-//! unblock ids, and read the server's version, uptime and settings.
+//! unblock ids, see and delete what is stored for an id, and read the server's
+//! version, uptime and settings.
 //!
 //! Every request needs `Authorization: Bearer <token>` (`--admin-token-file`),
 //! compared in constant time; without it, 401 and nothing happens. Answers are JSON,
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::channel::oneshot;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
@@ -27,12 +29,15 @@ use crate::rt::{self, TcpListener};
 use crate::server::config::{Admin, Shared};
 use crate::server::directory::ConnInfo;
 use crate::server::event::{Event, Who};
+use crate::store::Stored;
 
 /// Largest request body taken.
 const MAX_BODY: usize = 4096;
 /// Connections listed per page when the request does not say, and at most.
 const PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// How long a call waits for the store (a cluster's waits up to 5 s for JetStream).
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves the admin API until `stop` completes.
 pub async fn run_admin(
@@ -146,6 +151,14 @@ async fn respond(
             }
             Err(answer) => answer,
         },
+        (&Method::GET, ["v1", "ids", id, "stored"]) => match parse_id(id) {
+            Ok(id) => stored(shared, id).await,
+            Err(answer) => answer,
+        },
+        (&Method::DELETE, ["v1", "ids", id]) => match parse_id(id) {
+            Ok(id) => forget(shared, id).await,
+            Err(answer) => answer,
+        },
         (&Method::GET, ["v1", "blocked"]) => Answer::ok(Blocked {
             blocked: shared.blocklist.list(),
         }),
@@ -174,7 +187,8 @@ async fn respond(
         },
         (_, ["v1", "info" | "connections" | "blocked" | "drain"])
         | (_, ["v1", "connections" | "blocked", _])
-        | (_, ["v1", "ids", _, "connections"]) => Answer::error(
+        | (_, ["v1", "ids", _])
+        | (_, ["v1", "ids", _, "connections" | "stored"]) => Answer::error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
         ),
@@ -385,6 +399,104 @@ async fn disconnect(shared: &Shared, who: Who, why: &str, n: usize) -> Answer {
         return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping");
     }
     Answer::ok(serde_json::json!({ "disconnected": n }))
+}
+
+/// What is stored for an id, as the admin API says it.
+#[derive(Serialize)]
+struct StoredSize {
+    mailbox: Size,
+    history: Size,
+    conversations: u64,
+    devices: u64,
+}
+
+#[derive(Serialize)]
+struct Size {
+    messages: u64,
+    /// Null where the store cannot tell (a cluster's stream).
+    bytes: Option<u64>,
+}
+
+impl From<Stored> for StoredSize {
+    fn from(s: Stored) -> StoredSize {
+        StoredSize {
+            mailbox: Size {
+                messages: s.mailbox_messages,
+                bytes: s.mailbox_bytes,
+            },
+            history: Size {
+                messages: s.history_messages,
+                bytes: Some(s.history_bytes),
+            },
+            conversations: s.conversations,
+            devices: s.devices,
+        }
+    }
+}
+
+/// Sends the broker `event` and waits for the store's answer.
+async fn ask_store(
+    shared: &Shared,
+    event: Event,
+    answer: oneshot::Receiver<Stored>,
+) -> Result<Stored, Answer> {
+    if futures::SinkExt::send(&mut shared.events.clone(), event)
+        .await
+        .is_err()
+    {
+        return Err(Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is stopping",
+        ));
+    }
+    match rt::timeout(STORE_WAIT, answer).await {
+        Some(Ok(stored)) => Ok(stored),
+        _ => Err(Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the store gave no answer within {} s (is it down? see /readyz); try again",
+                STORE_WAIT.as_secs()
+            ),
+        )),
+    }
+}
+
+async fn stored(shared: &Shared, id: u32) -> Answer {
+    let (tx, rx) = oneshot::channel();
+    let event = Event::Measure { id, answer: tx };
+    match ask_store(shared, event, rx).await {
+        Ok(stored) => Answer::ok(serde_json::json!({
+            "id": id,
+            "node": shared.config.nats.as_ref().map(|n| n.node.as_str()),
+            "stored": StoredSize::from(stored),
+        })),
+        Err(answer) => answer,
+    }
+}
+
+async fn forget(shared: &Shared, id: u32) -> Answer {
+    let disconnected = shared.directory.of(id).len();
+    let (tx, rx) = oneshot::channel();
+    let why = format!("everything stored for id {id} was deleted by an operator");
+    let event = Event::Forget {
+        id,
+        why,
+        answer: tx,
+    };
+    match ask_store(shared, event, rx).await {
+        Ok(stored) => {
+            log::info!("admin: everything stored for id {id} deleted");
+            if let Some(m) = &shared.metrics {
+                m.forgotten.inc();
+            }
+            Answer::ok(serde_json::json!({
+                "id": id,
+                "deleted": StoredSize::from(stored),
+                "disconnected": disconnected,
+            }))
+        }
+        Err(answer) => answer,
+    }
 }
 
 /// `POST /v1/drain`'s body, optional.

@@ -4,11 +4,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::channel::oneshot;
 
 pub use crate::ids::{ConnId, Ticket};
 use crate::protocol::Inbound;
 use crate::protocol::session::{Device, Query};
 use crate::server::outbox::{Outbox, Outgoing};
+use crate::store::Stored;
 
 #[derive(Debug)]
 pub enum Event {
@@ -40,6 +42,18 @@ pub enum Event {
     /// An operator disconnects connections (the admin listener): each gets the
     /// `disconnected` notice with `why`, after what is queued for it.
     Disconnect { who: Who, why: String },
+    /// An operator asks what is stored for `id` (the admin listener).
+    Measure {
+        id: u32,
+        answer: oneshot::Sender<Stored>,
+    },
+    /// An operator deletes everything stored for `id`: its connections here get the
+    /// `disconnected` notice with `why` first, then the store forgets it.
+    Forget {
+        id: u32,
+        why: String,
+        answer: oneshot::Sender<Stored>,
+    },
     /// The node is draining: every connection is asked to reconnect (elsewhere).
     Drain,
     /// Stop: close every connection after flushing it, then return.

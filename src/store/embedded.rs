@@ -44,7 +44,7 @@ use super::log::{Appending, Log, Tables};
 use super::tables::{Entry, PROBE};
 use super::{
     Command, DeviceChange, Endpoint, Failure, History, KnownDevice, Limits, Outcome, QUEUE,
-    Reading, Reply, Stage, Store, answer, settled, upgrade,
+    Reading, Reply, Stage, Store, Stored, answer, settled, upgrade,
 };
 use crate::metrics::Metrics;
 use std::sync::Arc;
@@ -99,7 +99,7 @@ pub fn open(
         path: dir.to_path_buf(),
         source,
     })?;
-    let path: PathBuf = dir.join("mailbox.redb");
+    let path: PathBuf = dir.join(super::FILE);
     let db = open_db(&path, faults.as_ref()).map_err(|source| OpenError::Open {
         path: path.clone(),
         source,
@@ -587,8 +587,15 @@ impl Worker {
     /// every append still gets its answer, and the store goes down until it can write
     /// again.
     fn apply(&mut self, batch: &mut Vec<Command>, stage: bool) {
-        // A load must see every frame sent before it.
-        let stage = stage && !batch.iter().any(|c| matches!(c, Command::Load { .. }));
+        // A load must see every frame sent before it, and so must an operator's
+        // measure or forget of an id.
+        let stage = stage
+            && !batch.iter().any(|c| {
+                matches!(
+                    c,
+                    Command::Load { .. } | Command::Measure { .. } | Command::Forget { .. }
+                )
+            });
         // Frames delivered before they reached the disk: neither written nor removed.
         // Sequence numbers are unique across receivers, so they suffice.
         let mut delivered: Vec<u64> = Vec::new();
@@ -672,11 +679,12 @@ impl Worker {
         // A commit writes (or, failing, drops) everything history took.
         self.kept_since = None;
         match result {
-            Ok(more) => {
+            Ok((more, measured)) => {
                 self.stats.tick();
                 self.publish();
                 replies.extend(more);
                 self.send(replies);
+                answer_operator(writes, measured);
             }
             Err(e) => {
                 // What history took in the failed commit is lost with it: frames that
@@ -768,8 +776,14 @@ impl Worker {
 
     /// Writes `writes` in one transaction, in order, and what history took; deletes
     /// of `skipped` (sorted) frames, which never reached the disk, are no-ops.
-    fn transact(&mut self, writes: &[Command], skipped: &[u64]) -> Result<Vec<Reply>, redb::Error> {
+    /// Also returns what each measure and forget among `writes` found, in order.
+    fn transact(
+        &mut self,
+        writes: &[Command],
+        skipped: &[u64],
+    ) -> Result<(Vec<Reply>, Vec<Stored>), redb::Error> {
         let mut replies = Vec::new();
+        let mut measured = Vec::new();
         let Some(db) = &self.db else {
             return Err(redb::Error::Io(std::io::Error::other("store is closed")));
         };
@@ -914,6 +928,21 @@ impl Worker {
                             }
                         }
                     }
+                    Command::Measure { id, .. } => {
+                        dirty |= self.kept.has_pending();
+                        self.kept.flush(&mut t, &self.history, next_append[i])?;
+                        measured.push(self.measure(&t, *id)?);
+                    }
+                    Command::Forget { id, .. } => {
+                        dirty = true;
+                        // Blocks history has yet to write would come back after it.
+                        self.kept.flush(&mut t, &self.history, next_append[i])?;
+                        measured.push(self.measure(&t, *id)?);
+                        self.log.forget_id(&mut t, *id)?;
+                        self.kept.forget_id(&mut t, *id)?;
+                        self.live.retain(|e, _| e.id != *id);
+                        log::info!("store: everything stored for id {id} deleted");
+                    }
                     Command::Query { ticket, id, query } => {
                         if !self.history.on() {
                             let why = "history is off on this server (--history-max-age 0)";
@@ -962,7 +991,34 @@ impl Worker {
         } else {
             txn.abort()?;
         }
-        Ok(replies)
+        Ok((replies, measured))
+    }
+
+    /// What is stored for `id`, in this transaction.
+    fn measure(&self, t: &Tables, id: u32) -> Result<Stored, redb::Error> {
+        let (waiting, devices) = self.log.measure(t, id)?;
+        let (kept, conversations) = self.kept.measure(t, id)?;
+        Ok(Stored {
+            mailbox_messages: waiting.messages,
+            mailbox_bytes: Some(waiting.bytes),
+            history_messages: kept.messages,
+            history_bytes: kept.bytes,
+            conversations,
+            devices,
+        })
+    }
+}
+
+/// Answers the operator's measures and forgets among `writes`, once committed, with
+/// what each found (in order). An operator who stopped waiting is no error.
+fn answer_operator(writes: Vec<Command>, measured: Vec<Stored>) {
+    let mut measured = measured.into_iter();
+    for cmd in writes {
+        if let Command::Measure { answer, .. } | Command::Forget { answer, .. } = cmd
+            && let Some(found) = measured.next()
+        {
+            let _ = answer.send(found);
+        }
     }
 }
 

@@ -313,6 +313,49 @@ impl Kept {
         Ok(old.len())
     }
 
+    /// The entries and bytes of `id`'s conversations, and its rows in the list.
+    pub fn measure(&self, t: &Tables, id: u32) -> Result<(Usage, u64), redb::Error> {
+        let mut kept = Usage::default();
+        for (_, u) in self.conversations.iter().filter(|(k, _)| k.0 == id || k.1 == id) {
+            kept.messages += u.messages;
+            kept.bytes += u.bytes;
+        }
+        let rows = t.conversations.range((id, 0)..=(id, u32::MAX))?.count() as u64;
+        Ok((kept, rows))
+    }
+
+    /// Deletes `id`'s conversations: their blocks, the id's rows in the list and the
+    /// peers' rows for it. What history took and has not written must be flushed
+    /// first (it would write the blocks again).
+    pub fn forget_id(&mut self, t: &mut Tables, id: u32) -> Result<(), redb::Error> {
+        let mut peers: Vec<u32> = self
+            .conversations
+            .keys()
+            .filter(|k| k.0 == id || k.1 == id)
+            .map(|&(lo, hi)| if lo == id { hi } else { lo })
+            .collect();
+        for row in t.conversations.range((id, 0)..=(id, u32::MAX))? {
+            peers.push(row?.0.value().1);
+        }
+        peers.sort_unstable();
+        peers.dedup();
+        for peer in peers {
+            let (lo, hi) = pair(id, peer);
+            let mut firsts = Vec::new();
+            for row in t.history.range((lo, hi, 0)..=(lo, hi, u64::MAX))? {
+                firsts.push(row?.0.value().2);
+            }
+            for first in firsts {
+                self.drop_block(t, first)?;
+                // A block whose meta row is missing still goes.
+                t.history.remove((lo, hi, first))?;
+            }
+            t.conversations.remove((id, peer))?;
+            t.conversations.remove((peer, id))?;
+        }
+        Ok(())
+    }
+
     /// The oldest number history keeps (0: none).
     pub fn oldest(&self, t: &Tables) -> Result<u64, redb::Error> {
         Ok(t.blocks.first()?.map_or(0, |(k, _)| k.value()))

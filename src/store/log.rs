@@ -479,6 +479,41 @@ impl Log {
     }
 }
 
+impl Log {
+    /// What waits for `id`'s devices, and how many devices the file remembers for it.
+    pub fn measure(&self, t: &Tables, id: u32) -> Result<(Usage, u64), redb::Error> {
+        let mut waiting = Usage::default();
+        for (_, u) in self.inboxes.iter().filter(|(e, _)| e.id == id) {
+            waiting.messages += u.messages;
+            waiting.bytes += u.bytes;
+        }
+        let devices = t.devices.range((id, 0)..=(id, u16::MAX))?.count() as u64;
+        Ok((waiting, devices))
+    }
+
+    /// Forgets every device of `id` with everything that waits for it: each device
+    /// the file or the memory knows, and any inbox row left without one.
+    pub fn forget_id(&mut self, t: &mut Tables, id: u32) -> Result<(), redb::Error> {
+        let mut devices: Vec<u16> = self.endpoints_of(id).map(|e| e.device).collect();
+        for row in t.devices.range((id, 0)..=(id, u16::MAX))? {
+            devices.push(row?.0.value().1);
+        }
+        for row in t.inbox.range((id, 0, 0)..=(id, u16::MAX, u64::MAX))? {
+            devices.push(row?.0.value().1);
+        }
+        devices.extend(self.inboxes.keys().filter(|e| e.id == id).map(|e| e.device));
+        devices.sort_unstable();
+        devices.dedup();
+        for device in devices {
+            self.forget(t, Endpoint { id, device })?;
+        }
+        self.inboxes.retain(|e, _| e.id != id);
+        self.devices.remove(&id);
+        self.defaults.remove(&id);
+        Ok(())
+    }
+}
+
 /// A table of a read transaction, if it exists yet.
 fn open_read<K: redb::Key + 'static, V: redb::Value + 'static>(
     txn: &redb::ReadTransaction,

@@ -23,6 +23,7 @@ mod log;
 mod stage;
 mod tables;
 mod upgrade;
+mod vacuum;
 
 use std::time::Duration;
 
@@ -33,6 +34,10 @@ pub use crate::ids::Endpoint;
 use crate::protocol::session::Query;
 pub use embedded::Faults;
 pub(crate) use stage::Stage;
+pub use vacuum::{VacuumError, Vacuumed, vacuum};
+
+/// The store's file in `--data-dir`.
+pub const FILE: &str = "mailbox.redb";
 
 /// Commands waiting beyond this make senders wait: the store's queue is bounded.
 pub(crate) const QUEUE: usize = 8192;
@@ -153,6 +158,46 @@ pub enum Command {
         id: u32,
         query: Query,
     },
+    /// Say what is stored for `id` (the admin API), once everything sent before is in.
+    Measure {
+        id: u32,
+        answer: oneshot::Sender<Stored>,
+    },
+    /// Delete everything stored for `id` (the admin API's "forget this user"): what
+    /// waits for its devices, the devices, its conversations' history and rows (the
+    /// peers' rows of those conversations too). Frames it sent that wait for others
+    /// stay: they are the others' mail. Answered with what was there, once committed.
+    Forget {
+        id: u32,
+        answer: oneshot::Sender<Stored>,
+    },
+}
+
+/// What a store holds for one id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// Frames waiting for the id's devices, counted once per device that waits.
+    pub mailbox_messages: u64,
+    /// Their bytes, where the store can tell (a cluster's stream counts messages per
+    /// subject only).
+    pub mailbox_bytes: Option<u64>,
+    /// Entries in the history of the id's conversations (a frame between two ids is
+    /// one entry of their conversation), and their bytes.
+    pub history_messages: u64,
+    pub history_bytes: u64,
+    /// The id's rows in the conversation list.
+    pub conversations: u64,
+    /// The devices the store remembers for it (the default device counts once seen).
+    pub devices: u64,
+}
+
+impl Stored {
+    pub fn is_empty(&self) -> bool {
+        self.mailbox_messages == 0
+            && self.history_messages == 0
+            && self.conversations == 0
+            && self.devices == 0
+    }
 }
 
 #[derive(Debug)]

@@ -288,6 +288,17 @@ impl ServerProcess {
         server
     }
 
+    /// The admin listener's address, as the server logged it at start.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.iter()
+            .find(|l| l.contains("admin API on http://"))
+            .and_then(|line| line.split("http://").nth(1))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .expect("the admin address is logged before the chat one")
+    }
+
     pub fn logged(&self, needle: &str) -> bool {
         self.count_logged(needle) > 0
     }

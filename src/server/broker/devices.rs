@@ -117,6 +117,11 @@ impl Devices {
         }
     }
 
+    /// Forgets every named device of `id` (an operator deleted what is stored for it).
+    pub fn forget_id(&mut self, id: u32) {
+        self.ids.remove(&id);
+    }
+
     /// Forgets device `e` if it was last seen before `cutoff` (ms): its name, if so.
     pub fn forget_idle(&mut self, e: crate::ids::Endpoint, cutoff: u64) -> Option<Device> {
         let list = self.ids.get_mut(&e.id)?;

@@ -211,14 +211,19 @@ impl Broker {
             Event::Disconnect { who, why } => {
                 let conns: Vec<ConnId> = match who {
                     Who::Conn(conn) => vec![conn],
-                    Who::Id(id) => self
-                        .conns
-                        .all()
-                        .into_iter()
-                        .filter(|&c| self.conns.get(c).is_some_and(|c| c.id == Some(id)))
-                        .collect(),
+                    Who::Id(id) => self.conns_of(id),
                 };
                 self.kick(&conns, &why);
+            }
+            Event::Measure { id, answer } => {
+                self.send_store(Command::Measure { id, answer }).await;
+            }
+            Event::Forget { id, why, answer } => {
+                let conns = self.conns_of(id);
+                self.kick(&conns, &why);
+                self.devices.forget_id(id);
+                // Behind the device rows the kicked connections' closes write.
+                self.later.push(Command::Forget { id, answer });
             }
             Event::Drain => {
                 log::info!("asking {} connections to reconnect", self.conns.len());
@@ -1066,6 +1071,15 @@ impl Broker {
     }
 
     /// An operator disconnects `conns`: each is told so, after what is queued for it.
+    /// Every connection bound to `id`, closing ones too.
+    fn conns_of(&self, id: u32) -> Vec<ConnId> {
+        self.conns
+            .all()
+            .into_iter()
+            .filter(|&c| self.conns.get(c).is_some_and(|c| c.id == Some(id)))
+            .collect()
+    }
+
     fn kick(&mut self, conns: &[ConnId], why: &str) {
         for &conn in conns {
             if let Some(m) = &self.metrics {
