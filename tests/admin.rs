@@ -433,7 +433,10 @@ fn forgetting_an_id_deletes_everything_stored_for_it() {
         let mut two = login(&server, 2).await;
         let mut one = login(&server, 1).await;
         send_confirmed(&mut one, &text(1, 2, "secret-one-to-two")).await;
-        assert_eq!(recv(&mut two).await, delivered(&text(1, 2, "secret-one-to-two")));
+        assert_eq!(
+            recv(&mut two).await,
+            delivered(&text(1, 2, "secret-one-to-two"))
+        );
         send_confirmed(&mut one, &text(1, 3, "kept-for-three")).await;
         drop(one);
         // While 1 is away (its connection may take a moment to end), 2's frame waits.

@@ -236,6 +236,64 @@ fn a_full_mailbox_refuses_with_a_notice() {
     });
 }
 
+/// One sender's flood takes only its share of a receiver's mailbox (by default a
+/// quarter of `--mailbox-max-messages`; `--mailbox-max-bytes-per-sender` for bytes):
+/// beyond it that sender gets `mailbox-full` naming the per-sender limit, while the
+/// receiver's other contacts still get through; the receiver gets every accepted
+/// frame, in order, and the sender has room again once they are delivered.
+#[test]
+fn one_sender_s_flood_leaves_room_for_the_receiver_s_other_contacts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = [
+        "--mailbox-max-messages",
+        "8",
+        "--mailbox-max-bytes-per-sender",
+        "1000",
+    ];
+    let server = ServerProcess::start(dir.path(), &args);
+    let kept = rt::block_on(async {
+        let mut flood = login_at(&server.addr, 1).await;
+        let kept: Vec<ClientFrame> = (0..2).map(|i| text(1, 2, &format!("flood {i}"))).collect();
+        for f in &kept {
+            send_confirmed(&mut flood, f).await;
+        }
+        within(flood.send(&text(1, 2, "one too many")))
+            .await
+            .expect("send");
+        let detail = expect_notice(&mut flood, Code::MailboxFull).await;
+        assert!(
+            detail.contains("from 1") && detail.contains("one sender"),
+            "{detail}"
+        );
+        // A friend gets through; its bytes are its own: 600 fit in its 1000, 600 more
+        // do not, a short one does.
+        let mut friend = login_at(&server.addr, 3).await;
+        let big = data(3, 2, TEXT, &[b'x'; 600]);
+        send_confirmed(&mut friend, &big).await;
+        within(friend.send(&big)).await.expect("send");
+        let detail = expect_notice(&mut friend, Code::MailboxFull).await;
+        assert!(detail.contains("bytes from 3"), "{detail}");
+        let through = text(3, 2, "a friend gets through");
+        send_confirmed(&mut friend, &through).await;
+        kept.into_iter().chain([big, through]).collect::<Vec<_>>()
+    });
+    // Killed and started again, the server counts each sender's share from the file.
+    drop(server);
+    let server = ServerProcess::start(dir.path(), &args);
+    rt::block_on(async {
+        let mut flood = login_at(&server.addr, 1).await;
+        within(flood.send(&text(1, 2, "still too many")))
+            .await
+            .expect("send");
+        expect_notice(&mut flood, Code::MailboxFull).await;
+        let (two, got) = mailbox_of(&server.addr, 2, 4).await;
+        let want: Vec<_> = kept.iter().map(delivered).collect();
+        assert_eq!(got, want);
+        drop(two);
+        send_confirmed(&mut flood, &text(1, 2, "room again")).await;
+    });
+}
+
 #[test]
 fn a_dropped_receivers_queue_goes_back_to_its_mailbox() {
     rt::block_on(async {

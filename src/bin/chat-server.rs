@@ -15,7 +15,7 @@ use chat::auth::{Auth, Keys, Secret};
 use chat::node::Server;
 use chat::rt;
 use chat::server::Config;
-use chat::store::{History, Limits};
+use chat::store::{History, Limits, PerSender};
 use chat::tls::ServerTls;
 
 #[derive(Parser, Debug)]
@@ -91,6 +91,18 @@ struct Args {
     /// Bytes one receiver's offline mailbox may hold.
     #[arg(long, env = "CHAT_MAILBOX_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     mailbox_max_bytes: u64,
+
+    /// Frames one sender may have waiting in one receiver's mailbox; more get
+    /// `mailbox-full` while other senders still get through. Default: a quarter of
+    /// --mailbox-max-messages. One node only: with --nats the stream bounds each
+    /// receiver's mailbox as a whole.
+    #[arg(long, env = "CHAT_MAILBOX_MAX_PER_SENDER")]
+    mailbox_max_per_sender: Option<u64>,
+
+    /// Bytes one sender's frames may take in one receiver's mailbox. Default: a
+    /// quarter of --mailbox-max-bytes.
+    #[arg(long, env = "CHAT_MAILBOX_MAX_BYTES_PER_SENDER")]
+    mailbox_max_bytes_per_sender: Option<u64>,
 
     /// How long conversations are kept after delivery, for sessions' history queries:
     /// 30d, 12h, 90m, 45s (or seconds); 0 turns history off (a frame is removed once
@@ -288,6 +300,14 @@ fn run(args: Args) -> Result<(), String> {
         mailbox: Limits {
             max_messages: args.mailbox_max_messages,
             max_bytes: args.mailbox_max_bytes,
+            per_sender: {
+                let quarter =
+                    PerSender::quarter_of(args.mailbox_max_messages, args.mailbox_max_bytes);
+                PerSender {
+                    messages: args.mailbox_max_per_sender.unwrap_or(quarter.messages),
+                    bytes: args.mailbox_max_bytes_per_sender.unwrap_or(quarter.bytes),
+                }
+            },
         },
         history: History {
             max_age: args.history_max_age,

@@ -40,8 +40,7 @@ use crate::cluster::msg::{FromCluster, ToCluster};
 use crate::cluster::wire::{self, Hold, Refused};
 use crate::metrics::Metrics;
 use crate::store::{
-    Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, Stored, Ticket, answer,
-    settled,
+    Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, Stored, Ticket, answer, settled,
 };
 
 /// The stream that holds every node's frames.
@@ -592,7 +591,11 @@ impl Actor {
         let purge = self.stream.purge().filter(subject.clone());
         match within(OPERATOR_WAIT, async move { purge.await }).await {
             Some(Ok(done)) => {
-                log::info!("node {}: purged {} frames of {subject}", self.node, done.purged);
+                log::info!(
+                    "node {}: purged {} frames of {subject}",
+                    self.node,
+                    done.purged
+                );
                 Some(done.purged)
             }
             Some(Err(e)) => {

@@ -316,7 +316,11 @@ impl Kept {
     /// The entries and bytes of `id`'s conversations, and its rows in the list.
     pub fn measure(&self, t: &Tables, id: u32) -> Result<(Usage, u64), redb::Error> {
         let mut kept = Usage::default();
-        for (_, u) in self.conversations.iter().filter(|(k, _)| k.0 == id || k.1 == id) {
+        for (_, u) in self
+            .conversations
+            .iter()
+            .filter(|(k, _)| k.0 == id || k.1 == id)
+        {
             kept.messages += u.messages;
             kept.bytes += u.bytes;
         }

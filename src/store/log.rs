@@ -21,7 +21,7 @@ use super::tables::{
     BLOCKS, CONVERSATIONS, DEFAULT_DEVICE, DEVICES, DeviceRow, Entry, FRAMES, HISTORY, INBOX, META,
     NOT_OURS,
 };
-use super::{Endpoint, Limits, Target, full};
+use super::{Endpoint, Limits, Target, full, full_from};
 use crate::protocol::session::{Record, What};
 
 /// Rows and bytes.
@@ -75,6 +75,9 @@ pub struct Log {
     pub inboxes: HashMap<Endpoint, Usage>,
     /// The sum of `inboxes`, for the mailbox gauges.
     pub waiting: Usage,
+    /// Of each device's inbox, what each sender's frames take (the per-sender bound);
+    /// an id's own frames waiting for its other devices are not counted.
+    from: HashMap<(Endpoint, u32), Usage>,
     /// The devices besides the default one of each id that has any.
     pub devices: HashMap<u32, Vec<u16>>,
     /// Of the ids in `devices`, those whose default device connected (since the
@@ -119,12 +122,15 @@ impl Log {
             for row in rows.iter()? {
                 let (key, _) = row?;
                 let (id, device, seq) = key.value();
-                let len = frames.get(seq)?.map_or(0, |f| f.value().len());
-                log.inboxes
-                    .entry(Endpoint { id, device })
-                    .or_default()
-                    .add(len);
+                let frame = frames.get(seq)?;
+                let len = frame.as_ref().map_or(0, |f| f.value().len());
+                let author = frame.and_then(|f| Entry::decode(f.value()).map(|e| e.author()));
+                let e = Endpoint { id, device };
+                log.inboxes.entry(e).or_default().add(len);
                 log.waiting.add(len);
+                if let Some(author) = author.filter(|&a| a != id) {
+                    log.from.entry((e, author)).or_default().add(len);
+                }
             }
         }
         if let Some(rows) = open_read(txn, DEVICES)? {
@@ -219,9 +225,10 @@ impl Log {
     }
 
     /// Puts a frame in the inbox of each target device (and the frame itself in
-    /// `frames`, once). `Err(why)`: no target can take it (each inbox is full); nothing
-    /// was written. A target whose inbox is full while another takes the frame misses
-    /// it (and is told so when it next connects).
+    /// `frames`, once). `Err(why)`: none of the receiver's devices can take it (each
+    /// inbox is full, or holds its sender's share); nothing was written. A target whose
+    /// inbox is full while one of the receiver's takes the frame misses it (and is told
+    /// so when it next connects).
     pub fn append(
         &mut self,
         t: &mut Tables,
@@ -230,21 +237,27 @@ impl Log {
         buf: &mut Vec<u8>,
     ) -> Result<Result<(), String>, redb::Error> {
         let len = a.wire.len();
+        let author = Entry::author_of(a.wire);
         let mut take: Vec<Target> = Vec::with_capacity(a.targets.len());
         let mut refusal = None;
         for target in a.targets {
-            let u = self
-                .inboxes
-                .get(&target.endpoint)
-                .copied()
-                .unwrap_or_default();
-            match full(limits, u.messages, u.bytes, len).filter(|_| !target.live) {
+            let e = target.endpoint;
+            let u = self.inboxes.get(&e).copied().unwrap_or_default();
+            let from = self.from.get(&(e, author)).copied().unwrap_or_default();
+            let why = full(limits, u.messages, u.bytes, len).or_else(|| {
+                (e.id != author)
+                    .then(|| full_from(limits, author, from.messages, from.bytes, len))
+                    .flatten()
+            });
+            match why.filter(|_| !target.live) {
                 Some(why) => refusal = Some(why),
                 None => take.push(*target),
             }
         }
-        if take.is_empty()
-            && let Some(why) = refusal
+        // Refused when none of the receiver's devices can take it: copies for the
+        // sender's other devices alone would leave the sender unaware.
+        if let Some(why) = refusal
+            && !take.iter().any(|t| t.endpoint.id == a.receiver)
         {
             return Ok(Err(why));
         }
@@ -271,6 +284,9 @@ impl Log {
             t.inbox.insert((e.id, e.device, a.seq), ())?;
             self.inboxes.entry(e).or_default().add(stored);
             self.waiting.add(stored);
+            if e.id != author {
+                self.from.entry((e, author)).or_default().add(stored);
+            }
         }
         Ok(Ok(()))
     }
@@ -324,6 +340,12 @@ impl Log {
             }
         }
         self.waiting.sub(len);
+        if let Some(u) = self.from.get_mut(&(e, author)) {
+            u.sub(len);
+            if u.messages == 0 {
+                self.from.remove(&(e, author));
+            }
+        }
         if !self.awaited(t, receiver, seq)? && !self.awaited(t, author, seq)? {
             t.frames.remove(seq)?;
         }
@@ -508,6 +530,7 @@ impl Log {
             self.forget(t, Endpoint { id, device })?;
         }
         self.inboxes.retain(|e, _| e.id != id);
+        self.from.retain(|(e, _), _| e.id != id);
         self.devices.remove(&id);
         self.defaults.remove(&id);
         Ok(())

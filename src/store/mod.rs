@@ -49,6 +49,35 @@ pub use crate::ids::Ticket;
 pub struct Limits {
     pub max_messages: u64,
     pub max_bytes: u64,
+    /// Of those, what one sender's frames may take in one device's inbox, so that a
+    /// flood from one sender is refused while the receiver's other contacts get
+    /// through (the embedded store; a cluster's stream bounds each receiver only). A
+    /// copy of an id's own frame for its other devices is not bounded by it.
+    pub per_sender: PerSender,
+}
+
+/// `--mailbox-max-per-sender`, `--mailbox-max-bytes-per-sender`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerSender {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+impl PerSender {
+    /// No bound beyond the receiver's.
+    pub const OFF: PerSender = PerSender {
+        messages: u64::MAX,
+        bytes: u64::MAX,
+    };
+
+    /// The default: a quarter of the receiver's limits (at least one frame and one
+    /// largest frame's bytes).
+    pub fn quarter_of(max_messages: u64, max_bytes: u64) -> PerSender {
+        PerSender {
+            messages: (max_messages / 4).max(1),
+            bytes: (max_bytes / 4).max(1),
+        }
+    }
 }
 
 /// How long what was delivered is kept, and how much of it per conversation.
@@ -335,6 +364,30 @@ pub(crate) fn full(limits: &Limits, messages: u64, bytes: u64, len: usize) -> Op
         Some(format!(
             "holds {bytes} bytes; {len} more would pass the limit of {}",
             limits.max_bytes
+        ))
+    } else {
+        None
+    }
+}
+
+/// Why a device's inbox cannot take `len` more bytes from one sender that has
+/// `messages` frames of `bytes` waiting there, if it cannot.
+pub(crate) fn full_from(
+    limits: &Limits,
+    sender: u32,
+    messages: u64,
+    bytes: u64,
+    len: usize,
+) -> Option<String> {
+    let per = limits.per_sender;
+    if messages >= per.messages {
+        Some(format!(
+            "holds {messages} frames from {sender}, the limit for one sender"
+        ))
+    } else if bytes + len as u64 > per.bytes {
+        Some(format!(
+            "holds {bytes} bytes from {sender}; {len} more would pass the limit of {} for one sender",
+            per.bytes
         ))
     } else {
         None

@@ -64,6 +64,7 @@ pub fn run(
     let unlimited = Limits {
         max_messages: u64::MAX,
         max_bytes: u64::MAX,
+        per_sender: super::PerSender::OFF,
     };
     let mut buf = Vec::new();
     loop {

@@ -20,9 +20,7 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadTransaction, TableDefinition, TableHandle, WriteTransaction};
 
 use super::FILE;
-use super::tables::{
-    BLOCKS, CONVERSATIONS, DEVICES, FRAMES, HISTORY, INBOX, MAILBOX, META, PROBE,
-};
+use super::tables::{BLOCKS, CONVERSATIONS, DEVICES, FRAMES, HISTORY, INBOX, MAILBOX, META, PROBE};
 
 /// The copy being written, until it replaces [`FILE`].
 const COPY: &str = "mailbox.redb.vacuum";
@@ -78,7 +76,11 @@ pub fn vacuum(dir: &Path) -> Result<Vacuumed, VacuumError> {
     };
     let tables = db
         .begin_read()
-        .and_then(|r| Ok(r.list_tables()?.map(|t| t.name().to_string()).collect::<Vec<_>>()))
+        .and_then(|r| {
+            Ok(r.list_tables()?
+                .map(|t| t.name().to_string())
+                .collect::<Vec<_>>())
+        })
         .map_err(|e| VacuumError::Db {
             path: path.clone(),
             source: e.into(),
