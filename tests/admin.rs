@@ -531,3 +531,53 @@ fn the_vacuum_command_refuses_a_file_in_use() {
     let stdout = String::from_utf8_lossy(&done.stdout);
     assert!(stdout.starts_with("vacuumed "), "{stdout}");
 }
+
+/// A receiving `chat-client` that an operator disconnects stops, saying why, rather
+/// than connecting straight back.
+#[test]
+fn chat_client_stops_when_an_operator_disconnects_it() {
+    use std::io::Read;
+    rt::block_on(async {
+        let server = admin_server().await;
+        let admin = server.admin.expect("admin");
+        let addr = server.addr();
+        let mut receiver = std::process::Command::new(env!("CARGO_BIN_EXE_chat-client"))
+            .args([
+                "--server",
+                &addr,
+                "--id",
+                "9",
+                "--receive",
+                "5",
+                "--timeout",
+                "20",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("chat-client runs");
+        within(async {
+            loop {
+                let (_, listed) = get(admin, "/v1/connections").await;
+                if listed.to_string().contains("\"id\":9") {
+                    return;
+                }
+                rt::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let (status, body) = call(admin, "DELETE", "/v1/ids/9/connections", Some(TOKEN), "").await;
+        assert_eq!(status, 200, "{body}");
+        let exit = wait_within(&mut receiver, WAIT);
+        let mut stderr = String::new();
+        let _ = receiver
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr);
+        assert!(!exit.success(), "{stderr}");
+        assert!(stderr.contains("disconnected"), "{stderr}");
+        assert!(!stderr.contains("reconnected"), "{stderr}");
+    });
+}

@@ -375,6 +375,12 @@ function notice(text) {
       state.stopped = true;
       setStatus('signed in elsewhere');
       return showBanner('You signed in with this id somewhere else, so this tab stopped.', 'Use this tab', () => connect());
+    case 'disconnected':
+      // An operator disconnected this id (or blocked it): coming straight back would
+      // undo that, so the tab waits for its user.
+      state.stopped = true;
+      setStatus('disconnected');
+      return showBanner(`Disconnected by the server's operator: ${detail}`, 'Connect again', () => connect());
     case 'too-many-devices':
       state.stopped = true;
       setStatus('too many devices');

@@ -346,6 +346,10 @@ pub async fn interactive_session(
                     if frame.notice().is_some_and(|n| n.is(Code::Replaced)) {
                         return Err("this id (or this device) connected elsewhere".into());
                     }
+                    // An operator's doing: coming straight back would undo it.
+                    if let Some(n) = frame.notice().filter(|n| n.is(Code::Disconnected)) {
+                        return Err(format!("server said {n}"));
+                    }
                     // The node is draining: a new connection reaches another one
                     // (without reconnecting, this one is served until the node stops).
                     asked |=
