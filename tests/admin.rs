@@ -541,22 +541,13 @@ fn chat_client_stops_when_an_operator_disconnects_it() {
         let server = admin_server().await;
         let admin = server.admin.expect("admin");
         let addr = server.addr();
-        let mut receiver = std::process::Command::new(env!("CARGO_BIN_EXE_chat-client"))
-            .args([
-                "--server",
-                &addr,
-                "--id",
-                "9",
-                "--receive",
-                "5",
-                "--timeout",
-                "20",
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("chat-client runs");
+        let mut receiver = receiving_client(
+            &addr,
+            9,
+            5,
+            std::process::Stdio::null(),
+            std::process::Stdio::piped(),
+        );
         within(async {
             loop {
                 let (_, listed) = get(admin, "/v1/connections").await;

@@ -110,22 +110,13 @@ fn sigusr1_drains_the_binary_and_chat_client_moves_at_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut first = ServerProcess::start(dir.path(), &["--drain-timeout", "60"]);
     let addr = first.addr.clone();
-    let mut client = std::process::Command::new(env!("CARGO_BIN_EXE_chat-client"))
-        .args([
-            "--server",
-            &addr,
-            "--id",
-            "9",
-            "--receive",
-            "2",
-            "--timeout",
-            "20",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("chat-client starts");
+    let mut client = receiving_client(
+        &addr,
+        9,
+        2,
+        std::process::Stdio::piped(),
+        std::process::Stdio::null(),
+    );
     let (lines_tx, lines) = std::sync::mpsc::channel();
     let stdout = client.stdout.take().expect("stdout");
     std::thread::spawn(move || {

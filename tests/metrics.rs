@@ -199,29 +199,8 @@ fn a_real_prometheus_scrapes_the_metrics() {
     rt::block_on(async {
         let server = metrics_server().await;
         let m = server.metrics.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: chat\n    static_configs:\n      - targets: ['{m}']\n"
-            ),
-        )
-        .unwrap();
-        let web = free_port();
-        let _prometheus = Guard(
-            Command::new(prometheus)
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.path().join("data").display()
-                ))
-                .arg(format!("--web.listen-address={web}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("prometheus starts"),
-        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_prometheus, web) = scraping(&prometheus, m, dir.path());
         let mut a = login(&server, 1).await;
         for i in 0..7 {
             send_confirmed(&mut a, &text(1, 0, &format!("scraped {i}"))).await;
@@ -314,28 +293,7 @@ fn the_dashboard_s_queries_run_on_a_real_prometheus() {
             }
         }
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: chat\n    static_configs:\n      - targets: ['{m}']\n"
-            ),
-        )
-        .expect("writes");
-        let web = free_port();
-        let _prometheus = Guard(
-            Command::new(prometheus)
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.path().join("data").display()
-                ))
-                .arg(format!("--web.listen-address={web}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("prometheus starts"),
-        );
+        let (_prometheus, web) = scraping(&prometheus, m, dir.path());
         let query = |e: &str| {
             let e = e
                 .replace("$__rate_interval", "1m")
@@ -446,6 +404,36 @@ fn free_port() -> SocketAddr {
 }
 
 struct Guard(Child);
+
+/// A Prometheus in `dir` scraping `target` every second: the process, and the port of
+/// address of its web API.
+fn scraping(
+    prometheus: &std::path::Path,
+    target: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> (Guard, SocketAddr) {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: chat\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .expect("writes");
+    let web = free_port();
+    let child = Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus starts");
+    (Guard(child), web)
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {

@@ -434,6 +434,25 @@ pub fn chat_client(args: &[&str], stdin: &str) -> std::process::Output {
     output_within(&mut cmd, stdin.as_bytes(), WAIT)
 }
 
+/// Starts the real `chat-client` receiving `n` frames for `id` (reconnecting, within
+/// 20 s), with its stdout and stderr as given.
+pub fn receiving_client(
+    addr: &str,
+    id: u32,
+    n: usize,
+    stdout: std::process::Stdio,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_chat-client"))
+        .args(["--server", addr, "--id", &id.to_string()])
+        .args(["--receive", &n.to_string(), "--timeout", "20"])
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("chat-client starts")
+}
+
 /// Runs `cmd` to its end with `stdin` fed to it and its stdout and stderr captured,
 /// like `Command::output`, but with a wall-clock limit: a child still running after
 /// `limit` is killed and the test fails, saying what it printed so far.
