@@ -875,3 +875,41 @@ fn an_operator_sees_and_forgets_an_id_s_mailbox_in_the_stream() {
     });
     drop((a, b, nats));
 }
+
+/// A sender whose frame waits on a frozen node is answered within about 2 s
+/// (`ANSWER_WITHIN`, looked at every 250 ms) with `store-failed` saying the frame may
+/// still be delivered, rather than waiting out the forward's 5 s and the publish after
+/// it; once the node thaws, the frame does reach its receiver.
+#[test]
+fn a_sender_waiting_on_a_frozen_node_hears_within_the_bound() {
+    let Some((_cluster, a, b)) = two_nodes() else {
+        return;
+    };
+    chat::rt::block_on(async {
+        let mut two = login_at(&a.addr, 2).await;
+        let mut one = login_at(&b.addr, 1).await;
+        let warm = text(1, 2, "before");
+        send_confirmed(&mut one, &warm).await;
+        assert_eq!(data_frames(&mut two, 1).await, vec![delivered(&warm)]);
+        a.signal(libc::SIGSTOP);
+        let started = Instant::now();
+        let late = text(1, 2, "while node a is frozen");
+        within(one.send(&late)).await.expect("send");
+        let answer = chat::rt::timeout(Duration::from_secs(4), one.recv()).await;
+        let waited = started.elapsed();
+        a.signal(libc::SIGCONT);
+        let answer = answer
+            .unwrap_or_else(|| panic!("no answer within 4 s"))
+            .expect("reads")
+            .expect("a frame");
+        let n = answer.notice().expect("a notice, not the echo");
+        assert!(n.is(Code::StoreFailed), "{n}");
+        assert!(n.detail.contains("may still be delivered"), "{n}");
+        assert!(
+            waited >= Duration::from_secs(2),
+            "answered early: {waited:?}"
+        );
+        // Once node a thaws, the frame arrives (perhaps twice: see docs/CLUSTER.md).
+        assert_eq!(data_frames(&mut two, 1).await, vec![delivered(&late)]);
+    });
+}

@@ -94,6 +94,11 @@ pub(super) struct Registry {
 }
 
 impl Registry {
+    /// Every connection, for a pass over all of them.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Conn> {
+        self.conns.values_mut().map(|c| &mut **c)
+    }
+
     /// A new connection, not bound yet; `closing` if it is to be closed at once.
     pub fn insert(&mut self, conn: ConnId, outbox: Arc<Outbox>, closing: bool) {
         let c = Conn {

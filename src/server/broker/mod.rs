@@ -45,6 +45,11 @@ use mailbox::{Admit, Page, page_bytes};
 use remote::Remote;
 use storage::Storage;
 
+/// How long a sender in a cluster waits for a frame's outcome at most.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// How often the broker looks for senders waiting longer.
+const TICK: Duration = Duration::from_millis(250);
+
 pub struct Broker {
     /// `--max-pending-bytes`: a receiver with more waiting is cut off.
     max_pending_bytes: usize,
@@ -76,6 +81,10 @@ pub struct Broker {
     sessions: bool,
     /// Whether a live frame's echo goes once it is written (see [`Broker::route_wire`]).
     echo_at_write: bool,
+    /// In a cluster, how long a sender waits for a frame's outcome before it is told
+    /// `store-failed` instead ([`ANSWER_WITHIN`]); `None` on one node, whose store
+    /// answers for itself.
+    answer_within: Option<Duration>,
     /// History's retention: a named device unused for longer is forgotten.
     retention: std::time::Duration,
     /// Open connections for operators: the broker notes what each binds.
@@ -103,6 +112,7 @@ impl Broker {
             later: Vec::new(),
             sessions: config.nats.is_none(),
             echo_at_write: config.nats.is_none() && config.history.on(),
+            answer_within: config.nats.as_ref().map(|_| ANSWER_WITHIN),
             retention: config.history.max_age,
             events: shared.events.clone(),
             stalls: 0,
@@ -122,6 +132,17 @@ impl Broker {
     pub async fn run(mut self, events: mpsc::Receiver<Event>, replies: Replies) {
         // Fused, so a finished stream drops out of the select instead of spinning.
         let (mut events, mut replies) = (events.fuse(), replies.fuse());
+        // A cluster's answers may wait on other nodes and NATS: a tick looks for echoes
+        // that have waited too long (see [`Broker::answer_late`]).
+        let mut ticks = match self.answer_within {
+            Some(_) => futures::stream::unfold((), |()| async {
+                rt::sleep(TICK).await;
+                Some(((), ()))
+            })
+            .boxed(),
+            None => futures::stream::pending().boxed(),
+        }
+        .fuse();
         loop {
             if self.shutting_down && self.conns.is_empty() {
                 break;
@@ -129,9 +150,12 @@ impl Broker {
             if self.storage.is_behind() {
                 // The store is behind: only its replies make room, so take no new
                 // frames until they do. Readers wait, and TCP pushes back on clients.
-                match replies.next().await {
-                    Some(batch) => self.on_store(batch).await,
-                    None => break,
+                select_biased! {
+                    batch = replies.next() => match batch {
+                        Some(batch) => self.on_store(batch).await,
+                        None => break,
+                    },
+                    _ = ticks.next() => self.answer_late(),
                 }
                 self.send_answers().await;
                 self.wake_writers();
@@ -149,6 +173,7 @@ impl Broker {
                     Some(event) => self.on_event(event).await,
                     None => break,
                 },
+                _ = ticks.next() => self.answer_late(),
             }
             self.send_answers().await;
             self.wake_writers();
@@ -766,6 +791,28 @@ impl Broker {
         {
             let _ = c.outbox.push(item);
             self.pushed.push(c.outbox.clone());
+        }
+    }
+
+    /// Tells each sender whose oldest frame has waited [`ANSWER_WITHIN`] for its outcome
+    /// that it was not stored, with the reason, rather than leave it waiting on a node
+    /// or a NATS server that is slow or cut off. The frame may still be stored and
+    /// delivered (docs/CLUSTER.md): a client that sends it again may repeat it.
+    fn answer_late(&mut self) {
+        let Some(within) = self.answer_within else {
+            return;
+        };
+        let Some(cutoff) = Instant::now().checked_sub(within) else {
+            return;
+        };
+        let late = || Outcome::Failed(Failure::Late(within));
+        for c in self.conns.values_mut() {
+            let outbox = &c.outbox;
+            if c.replies.expire(cutoff, late, |item| {
+                let _ = outbox.push(item);
+            }) {
+                self.pushed.push(c.outbox.clone());
+            }
         }
     }
 

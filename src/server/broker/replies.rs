@@ -7,6 +7,7 @@
 //! ready.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -22,10 +23,12 @@ pub(super) struct Replies {
 #[derive(Debug)]
 enum Pending {
     Ready(Outgoing),
-    /// The echo of the frame stored under `seq`, sent once the frame is accepted.
+    /// The echo of the frame stored under `seq`, sent once the frame is accepted;
+    /// waiting since `since`.
     Echo {
         seq: u64,
         echo: Bytes,
+        since: Instant,
     },
 }
 
@@ -43,7 +46,38 @@ impl Replies {
     /// The echo of the frame numbered `seq` takes its place now, and waits for
     /// [`Replies::settle`].
     pub fn wait_for_echo(&mut self, seq: u64, echo: Bytes) {
-        self.queue.push_back(Pending::Echo { seq, echo });
+        self.queue.push_back(Pending::Echo {
+            seq,
+            echo,
+            since: Instant::now(),
+        });
+    }
+
+    /// Answers every echo that has waited since before `cutoff` with `outcome`, and
+    /// hands `send` every reply that no longer waits, in order; the echo's own outcome,
+    /// when it comes, finds nothing to settle. Echoes wait in the order they came, so
+    /// only the oldest are looked at. Returns whether it sent any.
+    pub fn expire(
+        &mut self,
+        cutoff: Instant,
+        outcome: impl Fn() -> Outcome,
+        mut send: impl FnMut(Outgoing),
+    ) -> bool {
+        let mut sent = false;
+        while let Some(front) = self.queue.front_mut() {
+            match front {
+                Pending::Echo { since, echo, .. } if *since < cutoff => {
+                    *front = Pending::Ready(Outgoing::reply(answer(echo, outcome())));
+                }
+                Pending::Echo { .. } => break,
+                Pending::Ready(_) => {}
+            }
+            if let Some(Pending::Ready(item)) = self.queue.pop_front() {
+                send(item);
+                sent = true;
+            }
+        }
+        sent
     }
 
     /// Settles the echo of `seq` with `outcome` (the echo itself, or the notice that
@@ -153,6 +187,33 @@ mod tests {
         assert!(settled(&mut r, 7, Outcome::Stored).is_empty());
         assert_eq!(settled(&mut r, 1, Outcome::Stored).len(), 1);
         assert!(settled(&mut r, 1, Outcome::Stored).is_empty());
+    }
+
+    #[test]
+    fn echoes_waiting_too_long_are_answered_in_order_and_only_once() {
+        let mut r = Replies::default();
+        r.wait_for_echo(1, Bytes::from("echo 1"));
+        assert!(r.reply(item("pong")).is_none());
+        // Time apart, so that echo 1 waited since before the cutoff and echo 2 after.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let cutoff = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        r.wait_for_echo(2, Bytes::from("echo 2"));
+        let later = || Outcome::Failed(Failure::Late(std::time::Duration::from_secs(2)));
+        let mut sent = Vec::new();
+        assert!(r.expire(cutoff, later, |o| sent.push(o.wire)));
+        assert_eq!(sent.len(), 2, "echo 1's notice, then the pong");
+        assert!(
+            sent[0].ends_with(b"it may still be delivered"),
+            "{:?}",
+            sent[0]
+        );
+        assert_eq!(sent[1], Bytes::from("pong"));
+        assert!(
+            settled(&mut r, 1, Outcome::Stored).is_empty(),
+            "answered once"
+        );
+        assert_eq!(settled(&mut r, 2, Outcome::Stored), [Bytes::from("echo 2")]);
     }
 
     #[test]
