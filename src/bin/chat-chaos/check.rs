@@ -16,6 +16,12 @@
 //! - every frame sent got an answer in the end (unanswered otherwise);
 //! - outside the fault windows (plus a grace time after each, for re-elections), no
 //!   answer took longer than the bound.
+//!
+//! It also measures what docs/CLUSTER.md allows without calling it a violation: an id
+//! bound on two nodes at once (two binds at the same instant can both win), seen as a
+//! connection that still gets frames after a newer connection of the same id, on
+//! another node, got its first. Such frames are delivered, not lost (the checks above
+//! cover them); the count says how often a receiver's frames were split that way.
 
 use std::collections::{HashMap, HashSet};
 
@@ -110,6 +116,11 @@ pub struct Report {
     pub slowest_elsewhere: HashMap<String, f64>,
     /// The slowest answer to a sender whose own node was killed or frozen meanwhile.
     pub slowest_own: f64,
+    /// Pairs of connections of one id, on two nodes, where the older still got frames
+    /// after the newer got its first: the id was bound on both at once.
+    pub double_binds: usize,
+    /// Frames the older connection of such a pair got after the newer's first.
+    pub split_deliveries: usize,
 }
 
 impl Report {
@@ -283,6 +294,7 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
         *top = (*top).max(*n);
     }
     r.delivered -= r.repeats;
+    (r.double_binds, r.split_deliveries) = double_binds(events);
     let mut lost: Vec<Key> = echoed
         .iter()
         .filter(|k| !seen.contains(k))
@@ -291,6 +303,53 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
     lost.sort_unstable();
     r.lost = lost;
     r
+}
+
+/// Counts ids bound on two nodes at once, and the frames split between the two
+/// connections (see the module's doc).
+fn double_binds(events: &[Event]) -> (usize, usize) {
+    let mut node_of: HashMap<u64, usize> = HashMap::new();
+    // Per receiving connection: its id and the times of its deliveries, in order.
+    let mut got: HashMap<u64, (u32, Vec<f64>)> = HashMap::new();
+    for e in events {
+        match e {
+            Event::Connected { conn, node, .. } => {
+                node_of.insert(*conn, *node);
+            }
+            Event::Delivered {
+                receiver, conn, at, ..
+            } => got
+                .entry(*conn)
+                .or_insert((*receiver, Vec::new()))
+                .1
+                .push(*at),
+            _ => {}
+        }
+    }
+    let mut by_id: HashMap<u32, Vec<(u64, &Vec<f64>)>> = HashMap::new();
+    for (conn, (id, times)) in &got {
+        by_id.entry(*id).or_default().push((*conn, times));
+    }
+    let (mut pairs, mut split) = (0, 0);
+    for conns in by_id.values_mut() {
+        // Connections are numbered in the order they opened.
+        conns.sort_unstable_by_key(|(conn, _)| *conn);
+        for (i, (old, old_times)) in conns.iter().enumerate() {
+            for (new, new_times) in &conns[i + 1..] {
+                let (Some(first), Some(a), Some(b)) =
+                    (new_times.first(), node_of.get(old), node_of.get(new))
+                else {
+                    continue;
+                };
+                let after = old_times.iter().filter(|t| *t > first).count();
+                if a != b && after > 0 {
+                    pairs += 1;
+                    split += after;
+                }
+            }
+        }
+    }
+    (pairs, split)
 }
 
 /// The story of a frame out of order: the connections (and their nodes) that sent and
@@ -394,6 +453,44 @@ mod tests {
             conn,
             at: 0.0,
         }
+    }
+
+    #[test]
+    fn an_id_getting_frames_on_two_nodes_at_once_is_counted() {
+        let connected = |conn, node| Event::Connected {
+            id: 2,
+            conn,
+            node,
+            at: 0.0,
+        };
+        let got_at = |n, conn, at| Event::Delivered {
+            receiver: 2,
+            sender: 1,
+            n,
+            conn,
+            at,
+        };
+        // Connection 5 (node 0) still gets frames after connection 6 (node 1) got its
+        // first; connection 7 (node 1) gets its first after 5's last: no overlap.
+        let h = vec![
+            connected(5, 0),
+            connected(6, 1),
+            got_at(0, 5, 1.0),
+            got_at(1, 6, 2.0),
+            got_at(2, 5, 3.0),
+            got_at(3, 5, 4.0),
+            connected(7, 1),
+            got_at(4, 7, 5.0),
+        ];
+        assert_eq!(double_binds(&h), (1, 2));
+        // On one node the registry replaces: no double bind, whatever the times.
+        let one_node = vec![
+            connected(5, 0),
+            connected(6, 0),
+            got_at(1, 6, 2.0),
+            got_at(2, 5, 3.0),
+        ];
+        assert_eq!(double_binds(&one_node), (0, 0));
     }
 
     #[test]

@@ -560,4 +560,8 @@ fn print(r: &check::Report, seed: u64, bound: f64) {
         },
         r.slowest_own
     );
+    println!(
+        "ids bound on two nodes at once: {} pairs of connections, {} frames delivered to the older after the newer's first",
+        r.double_binds, r.split_deliveries
+    );
 }
