@@ -29,7 +29,9 @@ project=chatcluster$$
 dc() { CHAT_PORT=$port CHAT_WEB_PORT=$web CHAT_LOG_LEVEL=debug "${compose[@]}" -p "$project" -f docker/compose.cluster.yml "$@"; }
 work=$(mktemp -d)
 receiver_pid=
+sender_pid=
 cleanup() {
+  [ -n "$sender_pid" ] && kill "$sender_pid" 2>/dev/null
   [ -n "$receiver_pid" ] && kill "$receiver_pid" 2>/dev/null
   dc down -v --remove-orphans >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -195,20 +197,33 @@ node_of 601 >/dev/null || fail "the rolling restart's receiver never bound"
   done
 ) &
 sender_pid=$!
-ups() { dc logs --no-color haproxy 2>/dev/null | grep -c "Server nodes/$1 is UP" || true; }
+# How often `node` logged `what`; HAProxy's last word on `node` (UP, DOWN or nothing).
+logged() { dc logs --no-color "$1" 2>/dev/null | grep -c "$2" || true; }
+state() {
+  dc logs --no-color haproxy 2>/dev/null | grep -o "Server nodes/$1 is [A-Z]*" | tail -1 \
+    | sed 's/.* is //'
+}
 for node in chat1 chat2 chat3; do
-  before=$(ups "$node")
+  drains=$(logged "$node" "drained: every connection has gone")
+  starts=$(logged "$node" "listening on 0.0.0.0:8888")
   restarted_at=$(date +%s%N)
   dc restart -t 30 "$node" >/dev/null 2>&1 || fail "restart of $node failed"
   took=$(( ($(date +%s%N) - restarted_at) / 1000000 ))
-  dc logs --no-color "$node" 2>/dev/null | grep -q "drained: every connection has gone" \
+  [ "$(logged "$node" "drained: every connection has gone")" -gt "$drains" ] \
     || fail "$node did not drain before it stopped"
-  for _ in $(seq 1 60); do [ "$(ups "$node")" -gt "$before" ] && break; sleep 1; done
-  [ "$(ups "$node")" -gt "$before" ] || fail "HAProxy never took $node back"
-  echo "cluster: $node drained and restarted in $took ms; HAProxy took it back"
+  for _ in $(seq 1 60); do [ "$(logged "$node" "listening on 0.0.0.0:8888")" -gt "$starts" ] && break; sleep 1; done
+  [ "$(logged "$node" "listening on 0.0.0.0:8888")" -gt "$starts" ] || fail "$node never listened again"
+  # A drain this short may end before HAProxy's checks notice (two failures, 2 s and
+  # 0.5 s apart): once the checks begun before the restart have had their say, the
+  # node must be in the rotation, marked UP again if it had been marked DOWN.
+  sleep 3
+  for _ in $(seq 1 60); do [ "$(state "$node")" != DOWN ] && break; sleep 1; done
+  [ "$(state "$node")" != DOWN ] || fail "HAProxy never took $node back"
+  echo "cluster: $node drained and restarted in $took ms; HAProxy has it (last state: $(state "$node"))"
 done
 touch "$work/roll.stop"
 wait "$sender_pid" || fail "a line was never accepted during the rolling restart: $(tail -1 "$work/roll.sent")"
+sender_pid=
 sent=$(wc -l <"$work/roll.sent")
 [ "$sent" -ge 10 ] || fail "only $sent lines were sent during the rolling restart"
 slowest=$(sort -n -k2 "$work/roll.sent" | tail -1 | cut -d' ' -f2)

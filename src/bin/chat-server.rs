@@ -100,7 +100,7 @@ struct Args {
     mailbox_max_per_sender: Option<u64>,
 
     /// Bytes one sender's frames may take in one receiver's mailbox. Default: a
-    /// quarter of --mailbox-max-bytes.
+    /// quarter of --mailbox-max-bytes, and at least one largest frame.
     #[arg(long, env = "CHAT_MAILBOX_MAX_BYTES_PER_SENDER")]
     mailbox_max_bytes_per_sender: Option<u64>,
 
@@ -301,8 +301,13 @@ fn run(args: Args) -> Result<(), String> {
             max_messages: args.mailbox_max_messages,
             max_bytes: args.mailbox_max_bytes,
             per_sender: {
-                let quarter =
-                    PerSender::quarter_of(args.mailbox_max_messages, args.mailbox_max_bytes);
+                let largest =
+                    u64::from(args.max_frame_bytes) + chat::protocol::SERVER_HEADER_LEN as u64;
+                let quarter = PerSender::quarter_of(
+                    args.mailbox_max_messages,
+                    args.mailbox_max_bytes,
+                    largest,
+                );
                 PerSender {
                     messages: args.mailbox_max_per_sender.unwrap_or(quarter.messages),
                     bytes: args.mailbox_max_bytes_per_sender.unwrap_or(quarter.bytes),

@@ -444,21 +444,17 @@ async fn ask_store(
     event: Event,
     answer: oneshot::Receiver<Stored>,
 ) -> Result<Stored, Answer> {
-    if futures::SinkExt::send(&mut shared.events.clone(), event)
-        .await
-        .is_err()
-    {
-        return Err(Answer::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is stopping",
-        ));
-    }
-    match rt::timeout(STORE_WAIT, answer).await {
-        Some(Ok(stored)) => Ok(stored),
+    let asked = async {
+        let mut events = shared.events.clone();
+        futures::SinkExt::send(&mut events, event).await.ok()?;
+        answer.await.ok()
+    };
+    match rt::timeout(STORE_WAIT, asked).await {
+        Some(Some(stored)) => Ok(stored),
         _ => Err(Answer::error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "the store gave no answer within {} s (is it down? see /readyz); try again",
+                "no answer from the store within {} s (it may be down, NATS slow, or the server stopping: see /readyz and the log); try again",
                 STORE_WAIT.as_secs()
             ),
         )),

@@ -87,7 +87,11 @@ impl Config {
             mailbox: Limits {
                 max_messages: 10_000,
                 max_bytes: 64 * 1024 * 1024,
-                per_sender: store::PerSender::quarter_of(10_000, 64 * 1024 * 1024),
+                per_sender: store::PerSender::quarter_of(
+                    10_000,
+                    64 * 1024 * 1024,
+                    8 * 1024 * 1024 + crate::protocol::SERVER_HEADER_LEN as u64,
+                ),
             },
             history: History::default(),
             max_devices: 8,

@@ -529,6 +529,12 @@ impl Log {
         for device in devices {
             self.forget(t, Endpoint { id, device })?;
         }
+        // What is left counted for the id (an inbox row whose frame was gone) leaves
+        // the gauge's sum too.
+        for (_, u) in self.inboxes.iter().filter(|(e, _)| e.id == id) {
+            self.waiting.messages = self.waiting.messages.saturating_sub(u.messages);
+            self.waiting.bytes = self.waiting.bytes.saturating_sub(u.bytes);
+        }
         self.inboxes.retain(|e, _| e.id != id);
         self.from.retain(|(e, _), _| e.id != id);
         self.devices.remove(&id);

@@ -70,12 +70,13 @@ impl PerSender {
         bytes: u64::MAX,
     };
 
-    /// The default: a quarter of the receiver's limits (at least one frame and one
-    /// largest frame's bytes).
-    pub fn quarter_of(max_messages: u64, max_bytes: u64) -> PerSender {
+    /// The default: a quarter of the receiver's limits, and room for at least one
+    /// frame of `max_frame` bytes (its wire encoding), so that a sender's largest frame
+    /// to an empty mailbox is never refused for its share.
+    pub fn quarter_of(max_messages: u64, max_bytes: u64, max_frame: u64) -> PerSender {
         PerSender {
             messages: (max_messages / 4).max(1),
-            bytes: (max_bytes / 4).max(1),
+            bytes: (max_bytes / 4).max(max_frame),
         }
     }
 }

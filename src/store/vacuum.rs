@@ -101,13 +101,30 @@ pub fn vacuum(dir: &Path) -> Result<Vacuumed, VacuumError> {
         .map_err(redb::Error::from)
         .map_err(db_err(&copy))?;
     copy_all(&db, &fresh).map_err(db_err(&copy))?;
-    drop((db, fresh));
+    drop(fresh);
+    same_owner_and_mode(&path, &copy).map_err(io(&copy))?;
+    // The old file stays open, and locked, until the copy has its place: a server
+    // starting meanwhile is refused rather than writing to a file about to go.
     std::fs::rename(&copy, &path).map_err(io(&path))?;
+    drop(db);
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))?;
     let after = std::fs::metadata(&path).map_err(io(&path))?.len();
     Ok(Vacuumed { before, after })
+}
+
+/// Gives the copy the file's owner and permissions, so that the server that ran on it
+/// can open it (a vacuum run as root would otherwise leave a file root's own).
+fn same_owner_and_mode(file: &Path, copy: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(file)?;
+    std::fs::set_permissions(copy, meta.permissions())?;
+    match std::os::unix::fs::chown(copy, Some(meta.uid()), Some(meta.gid())) {
+        // Only root may give a file away; anyone else made the copy their own already.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
+        other => other,
+    }
 }
 
 /// Every table [`copy_all`] copies: a file with another is not vacuumed (a table left

@@ -335,17 +335,22 @@ fn double_binds(events: &[Event]) -> (usize, usize) {
         // Connections are numbered in the order they opened.
         conns.sort_unstable_by_key(|(conn, _)| *conn);
         for (i, (old, old_times)) in conns.iter().enumerate() {
+            // Each of the older connection's frames counts once, after the first
+            // delivery to any newer connection on another node.
+            let mut earliest: Option<f64> = None;
             for (new, new_times) in &conns[i + 1..] {
-                let (Some(first), Some(a), Some(b)) =
+                let (Some(&first), Some(a), Some(b)) =
                     (new_times.first(), node_of.get(old), node_of.get(new))
                 else {
                     continue;
                 };
-                let after = old_times.iter().filter(|t| *t > first).count();
-                if a != b && after > 0 {
+                if a != b && old_times.iter().any(|t| *t > first) {
                     pairs += 1;
-                    split += after;
+                    earliest = Some(earliest.map_or(first, |e: f64| e.min(first)));
                 }
+            }
+            if let Some(first) = earliest {
+                split += old_times.iter().filter(|t| **t > first).count();
             }
         }
     }

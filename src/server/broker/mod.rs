@@ -151,17 +151,20 @@ impl Broker {
                 // The store is behind: only its replies make room, so take no new
                 // frames until they do. Readers wait, and TCP pushes back on clients.
                 select_biased! {
+                    _ = ticks.next() => self.answer_late(),
                     batch = replies.next() => match batch {
                         Some(batch) => self.on_store(batch).await,
                         None => break,
                     },
-                    _ = ticks.next() => self.answer_late(),
                 }
                 self.send_answers().await;
                 self.wake_writers();
                 continue;
             }
+            // The tick first: under steady traffic it would otherwise wait its turn for
+            // as long as the traffic lasts.
             select_biased! {
+                _ = ticks.next() => self.answer_late(),
                 batch = replies.next() => match batch {
                     Some(batch) => self.on_store(batch).await,
                     None => {
@@ -173,7 +176,6 @@ impl Broker {
                     Some(event) => self.on_event(event).await,
                     None => break,
                 },
-                _ = ticks.next() => self.answer_late(),
             }
             self.send_answers().await;
             self.wake_writers();

@@ -77,6 +77,9 @@ impl Replies {
                 sent = true;
             }
         }
+        if self.queue.is_empty() && self.queue.capacity() <= SMALL_QUEUE {
+            self.queue = VecDeque::new();
+        }
         sent
     }
 
