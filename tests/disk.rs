@@ -279,6 +279,8 @@ async fn faulty_server(faults: &std::sync::Arc<chat::store::Faults>) -> TestServ
     start_with(|c| {
         c.store_faults = Some(injected);
         c.metrics_listen = Some("127.0.0.1:0".into());
+        // One sender fills a mailbox past a sender's share here.
+        c.mailbox.per_sender = chat::store::PerSender::OFF;
     })
     .await
 }

@@ -66,7 +66,12 @@ fn connections_beyond_the_limit_are_refused_busy() {
 #[test]
 fn a_receiver_that_stops_reading_is_cut_off_and_loses_nothing() {
     rt::block_on(async {
-        let server = start_with(|c| c.max_pending_bytes = 256 * 1024).await;
+        let server = start_with(|c| {
+            c.max_pending_bytes = 256 * 1024;
+            // One sender's 25 MiB wait for B: more than a sender's share.
+            c.mailbox.per_sender = chat::store::PerSender::OFF;
+        })
+        .await;
         let a = login(&server, 1).await;
         let mut b = login(&server, 2).await;
         let mut bystander = login(&server, 3).await;

@@ -80,6 +80,13 @@ struct Args {
     #[arg(long, env = "CHAT_DRAIN_TIMEOUT", default_value_t = 30.0)]
     drain_timeout: f64,
 
+    /// With --nats: seconds a sender waits at most for a frame's outcome (it may wait
+    /// on another node or on NATS); then it gets `store-failed` saying the frame may
+    /// still be delivered. Below 5 s, frames whose receiver just left another node get
+    /// it too (docs/CLUSTER.md).
+    #[arg(long, env = "CHAT_ANSWER_WITHIN", default_value_t = 6.0)]
+    answer_within: f64,
+
     /// Bytes that may wait for one receiver before it is cut off as a slow consumer.
     #[arg(long, env = "CHAT_MAX_PENDING_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_pending_bytes: usize,
@@ -281,6 +288,9 @@ fn run(args: Args) -> Result<(), String> {
     if !(args.drain_timeout > 0.0 && args.drain_timeout <= 86_400.0) {
         return Err("--drain-timeout must be a number of seconds above 0, at most 86400".into());
     }
+    if !(args.answer_within >= 0.5 && args.answer_within <= 3_600.0) {
+        return Err("--answer-within must be a number of seconds from 0.5 to 3600".into());
+    }
     if !(args.rate_burst > 0.0 && args.rate_burst <= 86_400.0) {
         return Err("--rate-burst must be a number of seconds above 0, at most 86400".into());
     }
@@ -291,6 +301,7 @@ fn run(args: Args) -> Result<(), String> {
         max_connections_per_ip: args.max_connections_per_ip,
         proxy_protocol: args.proxy_protocol,
         drain_timeout: Duration::from_secs_f64(args.drain_timeout),
+        answer_within: Duration::from_secs_f64(args.answer_within),
         rate: chat::server::rate::RateLimits {
             frames: args.rate_frames,
             bytes: args.rate_bytes,

@@ -42,6 +42,9 @@ pub struct Config {
     pub rate: RateLimits,
     /// `--drain-timeout`: how long a drain waits for clients to leave.
     pub drain_timeout: Duration,
+    /// `--answer-within`: in a cluster, how long a sender waits for a frame's outcome
+    /// before it is told `store-failed` instead.
+    pub answer_within: Duration,
     pub max_pending_bytes: usize,
     pub mailbox: Limits,
     /// How long and how much of each id's conversation is kept after delivery.
@@ -83,6 +86,7 @@ impl Config {
             proxy_protocol: false,
             rate: RateLimits::OFF,
             drain_timeout: Duration::from_secs(30),
+            answer_within: Duration::from_secs(6),
             max_pending_bytes: 8 * 1024 * 1024,
             mailbox: Limits {
                 max_messages: 10_000,

@@ -300,8 +300,9 @@ pub enum Failure {
     /// The node holding the receiver did not answer for this frame.
     #[error("the receiving node gave no answer")]
     NoAnswer,
-    /// A cluster node had no outcome for the frame within this long (a node or NATS
-    /// is slow or cut off): the sender hears so rather than nothing. The frame may
+    /// A cluster node had no outcome for the frame within this long
+    /// (`--answer-within`: a node or NATS is slow or cut off): the sender hears so
+    /// rather than nothing. The frame may
     /// still be stored and delivered.
     #[error("no answer within {} s (a node or NATS is slow); it may still be delivered", .0.as_secs_f64())]
     Late(std::time::Duration),

@@ -45,8 +45,6 @@ use mailbox::{Admit, Page, page_bytes};
 use remote::Remote;
 use storage::Storage;
 
-/// How long a sender in a cluster waits for a frame's outcome at most.
-pub const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 /// How often the broker looks for senders waiting longer.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -82,7 +80,7 @@ pub struct Broker {
     /// Whether a live frame's echo goes once it is written (see [`Broker::route_wire`]).
     echo_at_write: bool,
     /// In a cluster, how long a sender waits for a frame's outcome before it is told
-    /// `store-failed` instead ([`ANSWER_WITHIN`]); `None` on one node, whose store
+    /// `store-failed` instead (`--answer-within`); `None` on one node, whose store
     /// answers for itself.
     answer_within: Option<Duration>,
     /// History's retention: a named device unused for longer is forgotten.
@@ -112,7 +110,7 @@ impl Broker {
             later: Vec::new(),
             sessions: config.nats.is_none(),
             echo_at_write: config.nats.is_none() && config.history.on(),
-            answer_within: config.nats.as_ref().map(|_| ANSWER_WITHIN),
+            answer_within: config.nats.as_ref().map(|_| config.answer_within),
             retention: config.history.max_age,
             events: shared.events.clone(),
             stalls: 0,
@@ -796,7 +794,7 @@ impl Broker {
         }
     }
 
-    /// Tells each sender whose oldest frame has waited [`ANSWER_WITHIN`] for its outcome
+    /// Tells each sender whose oldest frame has waited `--answer-within` for its outcome
     /// that it was not stored, with the reason, rather than leave it waiting on a node
     /// or a NATS server that is slow or cut off. The frame may still be stored and
     /// delivered (docs/CLUSTER.md): a client that sends it again may repeat it.
