@@ -192,14 +192,19 @@ struct Cluster {
 /// Three NATS servers and two chat nodes, `a` and `b`, for a test that needs no more
 /// (`None`, after one line, without nats-server).
 fn two_nodes() -> Option<(Cluster, ServerProcess, ServerProcess)> {
+    two_nodes_with(&[])
+}
+
+/// [`two_nodes`], each node started with `extra` flags.
+fn two_nodes_with(extra: &[&str]) -> Option<(Cluster, ServerProcess, ServerProcess)> {
     if !nats_available() {
         return None;
     }
     let _slot = slot();
     let nats = Nats::start(3, "");
     let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats, "a", dir.path(), &[]);
-    let b = node(&nats, "b", dir.path(), &[]);
+    let a = node(&nats, "a", dir.path(), extra);
+    let b = node(&nats, "b", dir.path(), extra);
     let cluster = Cluster {
         nats,
         _dir: dir,
@@ -267,7 +272,12 @@ fn the_mailbox_is_shared_and_delivered_once() {
         // Delivered means gone: on either node, the next thing 3 sees is new.
         for addr in [&a.addr, &b.addr] {
             let marker = text(1, 3, &format!("marker for {addr}"));
+            let sent = Instant::now();
             send_confirmed(&mut one, &marker).await;
+            // 3 has just left a node: a batch that reached it as it let go is still
+            // answered, not left to the forward's 5 s.
+            let waited = sent.elapsed();
+            assert!(waited < Duration::from_secs(4), "the echo took {waited:?}");
             let (_three, got) = mailbox_of(addr, 3, 1).await;
             assert_eq!(got, vec![delivered(&marker)]);
         }
@@ -341,7 +351,9 @@ fn a_claim_waiting_for_a_frozen_holder_holds_up_no_other_id() {
 
 #[test]
 fn frames_sent_while_a_batch_waits_for_a_frozen_holder_keep_their_order() {
-    let Some((_cluster, a, mut b)) = two_nodes() else {
+    // The frames wait out the forward's 5 s for the frozen holder: their echoes, not
+    // `--answer-within`'s notices, are what this checks.
+    let Some((_cluster, a, mut b)) = two_nodes_with(&["--answer-within", "15"]) else {
         return;
     };
     chat::rt::block_on(async {
@@ -403,7 +415,8 @@ fn frames_sent_while_a_batch_waits_for_a_frozen_holder_keep_their_order() {
 /// failed in the runs where f1 came first (one of three here).
 #[test]
 fn frames_a_frozen_holder_stores_as_it_lets_go_come_before_later_ones() {
-    let Some((_cluster, a, b)) = two_nodes() else {
+    // As above: echoes after the forward's wait, not `--answer-within`'s notices.
+    let Some((_cluster, a, b)) = two_nodes_with(&["--answer-within", "15"]) else {
         return;
     };
     chat::rt::block_on(async {

@@ -82,9 +82,8 @@ struct Args {
 
     /// With --nats: seconds a sender waits at most for a frame's outcome (it may wait
     /// on another node or on NATS); then it gets `store-failed` saying the frame may
-    /// still be delivered. Below 5 s, frames whose receiver just left another node get
-    /// it too (docs/CLUSTER.md).
-    #[arg(long, env = "CHAT_ANSWER_WITHIN", default_value_t = 6.0)]
+    /// still be delivered (docs/CLUSTER.md).
+    #[arg(long, env = "CHAT_ANSWER_WITHIN", default_value_t = 2.0)]
     answer_within: f64,
 
     /// Bytes that may wait for one receiver before it is cut off as a slow consumer.

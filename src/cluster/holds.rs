@@ -142,9 +142,8 @@ impl Holds {
         let (cancel, cancelled) = oneshot::channel();
         self.held.insert(receiver, cancel);
         self.heard.push(
-            subscriber
+            draining_on(subscriber, cancelled)
                 .map(move |m| (receiver, m))
-                .take_until(cancelled)
                 .boxed(),
         );
         self.rechecks.push(
@@ -225,6 +224,41 @@ impl Holds {
             _ => None,
         }
     }
+}
+
+/// `subscriber`'s messages until `release` fires, then until the subscription is
+/// drained: NATS stops sending to it, and what it sent before (a batch of frames
+/// forwarded as the id was let go, a take request) is still heard and answered.
+/// Dropping the subscriber at once lost such a batch unanswered, and its sender waited
+/// the forward's 5 s before storing it itself, in normal operation.
+fn draining_on(
+    subscriber: Subscriber,
+    release: oneshot::Receiver<()>,
+) -> impl futures::Stream<Item = Message> {
+    futures::stream::unfold(
+        (subscriber, Some(release)),
+        |(mut subscriber, release)| async move {
+            let Some(mut release) = release else {
+                // Draining: what is left, then the end.
+                let msg = subscriber.next().await?;
+                return Some((msg, (subscriber, None)));
+            };
+            futures::select_biased! {
+                msg = subscriber.next().fuse() => {
+                    let msg = msg?;
+                    Some((msg, (subscriber, Some(release))))
+                }
+                _ = (&mut release).fuse() => {
+                    if let Err(e) = subscriber.drain().await {
+                        log::debug!("a released id's subscription not drained: {e}");
+                        return None;
+                    }
+                    let msg = subscriber.next().await?;
+                    Some((msg, (subscriber, None)))
+                }
+            }
+        },
+    )
 }
 
 #[cfg(test)]

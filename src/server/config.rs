@@ -86,7 +86,7 @@ impl Config {
             proxy_protocol: false,
             rate: RateLimits::OFF,
             drain_timeout: Duration::from_secs(30),
-            answer_within: Duration::from_secs(6),
+            answer_within: Duration::from_secs(2),
             max_pending_bytes: 8 * 1024 * 1024,
             mailbox: Limits {
                 max_messages: 10_000,
