@@ -197,6 +197,16 @@ impl Holds {
         }
         match (wire::held(&msg.subject), msg.reply) {
             (Some(Hold::Frames), Some(reply)) => {
+                // This node's own batch, heard on a subscription still draining after
+                // the id was let go: the id's holder answers it, not this node.
+                let own = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(wire::NODE_HEADER))
+                    .is_some_and(|n| n.as_str() == self.node);
+                if own {
+                    return None;
+                }
                 let behind = msg
                     .headers
                     .as_ref()
