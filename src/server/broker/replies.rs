@@ -61,32 +61,24 @@ impl Replies {
         &mut self,
         cutoff: Instant,
         outcome: impl Fn() -> Outcome,
-        mut send: impl FnMut(Outgoing),
+        send: impl FnMut(Outgoing),
     ) -> bool {
-        let mut sent = false;
-        while let Some(front) = self.queue.front_mut() {
-            match front {
+        for pending in self.queue.iter_mut() {
+            match pending {
                 Pending::Echo { since, echo, .. } if *since < cutoff => {
-                    *front = Pending::Ready(Outgoing::reply(answer(echo, outcome())));
+                    *pending = Pending::Ready(Outgoing::reply(answer(echo, outcome())));
                 }
                 Pending::Echo { .. } => break,
                 Pending::Ready(_) => {}
             }
-            if let Some(Pending::Ready(item)) = self.queue.pop_front() {
-                send(item);
-                sent = true;
-            }
         }
-        if self.queue.is_empty() && self.queue.capacity() <= SMALL_QUEUE {
-            self.queue = VecDeque::new();
-        }
-        sent
+        self.send_ready(send)
     }
 
     /// Settles the echo of `seq` with `outcome` (the echo itself, or the notice that
     /// replaces it), then hands `send` every reply that no longer waits, in order.
     /// Returns whether it sent any.
-    pub fn settle(&mut self, seq: u64, outcome: Outcome, mut send: impl FnMut(Outgoing)) -> bool {
+    pub fn settle(&mut self, seq: u64, outcome: Outcome, send: impl FnMut(Outgoing)) -> bool {
         let slot = self
             .queue
             .iter_mut()
@@ -97,6 +89,12 @@ impl Replies {
         if let Pending::Echo { echo, .. } = slot {
             *slot = Pending::Ready(Outgoing::reply(answer(echo, outcome)));
         }
+        self.send_ready(send)
+    }
+
+    /// Hands `send` the replies at the front that no longer wait, in order; whether
+    /// there were any.
+    fn send_ready(&mut self, mut send: impl FnMut(Outgoing)) -> bool {
         let mut sent = false;
         while let Some(Pending::Ready(_)) = self.queue.front() {
             if let Some(Pending::Ready(item)) = self.queue.pop_front() {
