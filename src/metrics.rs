@@ -67,6 +67,8 @@ pub enum Refusal {
     address_busy,
     /// `--proxy-protocol` is on and the connection's header was missing or bad.
     proxy_refused,
+    /// The id is blocked by an operator (the admin API).
+    blocked,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,7 +82,7 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub accepted: Counter,
-    refused: [Counter; 6],
+    refused: [Counter; 7],
     frames_in: [Counter; 6],
     pub bytes_in: Counter,
     frames_out: [Counter; 4],
@@ -134,6 +136,7 @@ impl Metrics {
             Refusal::origin_refused,
             Refusal::address_busy,
             Refusal::proxy_refused,
+            Refusal::blocked,
         ]
         .map(|reason| {
             refused_family
@@ -311,6 +314,7 @@ impl Metrics {
             Refusal::origin_refused => 3,
             Refusal::address_busy => 4,
             Refusal::proxy_refused => 5,
+            Refusal::blocked => 6,
         };
         self.refused[i].inc();
     }

@@ -244,7 +244,11 @@ fn operators_disconnect_a_connection_or_an_id() {
 #[test]
 fn a_blocked_id_is_refused_until_unblocked_even_across_a_restart() {
     rt::block_on(async {
-        let server = admin_server().await;
+        let server = start_with(|c| {
+            admin_config(c);
+            c.metrics_listen = Some("127.0.0.1:0".into());
+        })
+        .await;
         let admin = server.admin.expect("admin");
         for bad in ["{", "[1]", "{\"reason\": 5}", "{\"colour\": \"red\"}"] {
             let (status, body) = call(admin, "PUT", "/v1/blocked/7", Some(TOKEN), bad).await;
@@ -288,6 +292,11 @@ fn a_blocked_id_is_refused_until_unblocked_even_across_a_restart() {
         let detail = expect_notice(&mut seed, Code::AuthFailed).await;
         assert!(detail.contains("blocked"), "{detail}");
         send_confirmed(&mut listener, &text(8, 8, "nothing came before this")).await;
+        let (_, metrics) = http_get(server.metrics.expect("metrics"), "/metrics").await;
+        assert!(
+            metrics.contains("chat_connections_refused_total{reason=\"blocked\"} 2\n"),
+            "the hello and the seed's frame counted as blocked:\n{metrics}"
+        );
 
         let dir = server.stop_keeping_data().await;
         let server = start_in(dir, admin_config).await;

@@ -1095,7 +1095,7 @@ impl Broker {
         }
         log::info!(conn; "refused id {id}: blocked by an operator");
         if let Some(m) = &self.metrics {
-            m.refused(Refusal::auth_failed);
+            m.refused(Refusal::blocked);
         }
         let notice = notice(Code::AuthFailed, format_args!("id {id} is blocked"));
         self.close(
