@@ -3,11 +3,14 @@
 //! receiver moves, and the loss of a chat node or a NATS server.
 //!
 //! Needs `nats-server` (Debian: `apt-get install nats-server`); skipped with one line
-//! when it is missing, unless CHAT_REQUIRE_NATS=1 (CI) makes that a failure.
+//! when it is missing, unless CHAT_REQUIRE_NATS=1 (CI) makes that a failure. The test
+//! that cuts a NATS server off needs root and iptables as well (CHAT_REQUIRE_PARTITIONS).
 
 mod common;
 
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +23,10 @@ use common::*;
 struct Nats {
     servers: Vec<Option<Child>>,
     configs: Vec<std::path::PathBuf>,
+    /// Each server's cluster (route) port.
+    routes: Vec<u16>,
+    /// The user each server runs as, where it is not this test's own.
+    users: Vec<Option<u32>>,
     pub ports: Vec<u16>,
     _dir: tempfile::TempDir,
 }
@@ -44,7 +51,19 @@ fn nats_available() -> bool {
 impl Nats {
     /// Starts `n` servers; `extra` is added to each one's configuration.
     fn start(n: usize, extra: &str) -> Nats {
+        Nats::start_as(&vec![None; n], extra)
+    }
+
+    /// [`Nats::start`], server `i` running as user `users[i]` where it is given (root
+    /// only), so that a firewall rule can tell its packets apart.
+    fn start_as(users: &[Option<u32>], extra: &str) -> Nats {
+        let n = users.len();
         let dir = tempfile::tempdir().expect("temp dir");
+        if users.iter().any(Option::is_some) {
+            // Its configuration and store must be in reach of the other users.
+            let open = std::fs::Permissions::from_mode(0o755);
+            std::fs::set_permissions(dir.path(), open).expect("open the temp dir");
+        }
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let route_list: Vec<String> = routes
@@ -54,6 +73,10 @@ impl Nats {
         let mut configs = Vec::new();
         for i in 0..n {
             let store = dir.path().join(format!("js{i}"));
+            if let Some(uid) = users[i] {
+                std::fs::create_dir(&store).expect("a store dir");
+                std::os::unix::fs::chown(&store, Some(uid), Some(uid)).expect("chown");
+            }
             let cluster = if n > 1 {
                 format!(
                     "cluster {{ name: chat, listen: 127.0.0.1:{}, routes: [{}] }}",
@@ -75,7 +98,9 @@ impl Nats {
         let mut nats = Nats {
             servers: Vec::new(),
             configs,
+            users: users.to_vec(),
             ports,
+            routes,
             _dir: dir,
         };
         for i in 0..n {
@@ -86,7 +111,11 @@ impl Nats {
     }
 
     fn spawn(&self, i: usize) -> Child {
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(uid) = self.users[i] {
+            command.uid(uid).gid(uid);
+        }
+        let child = command
             .arg("-c")
             .arg(&self.configs[i])
             .stdout(Stdio::null())
@@ -449,6 +478,15 @@ fn frames_a_frozen_holder_stores_as_it_lets_go_come_before_later_ones() {
         assert_eq!(got, [0, 99_999, 1, 2], "what the new connection got");
         drop(old);
     });
+    // With every NATS server healthy, neither node left its server (the watch of
+    // JetStream answers through it: tests/cluster.rs's cut test below), not even the
+    // frozen one once it thawed.
+    for node in [&a, &b] {
+        assert!(
+            !node.logged("moving to another"),
+            "a node moved off a healthy server"
+        );
+    }
 }
 
 /// Receives with acks on: acknowledges each data frame as it comes, and returns the
@@ -932,4 +970,182 @@ fn a_sender_waiting_on_a_frozen_node_hears_within_the_bound() {
         assert_eq!(data_frames(&mut two, 1).await, vec![delivered(&late)]);
     });
     drop((a, b, nats));
+}
+
+/// The user the NATS server a test cuts off runs as (a bare uid, no account needed).
+const CUT_USER: u32 = 61_950;
+
+/// Whether this test may cut processes off with iptables (root, iptables installed);
+/// says why not in one line.
+fn partitions_possible() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let iptables = root
+        && Command::new("iptables")
+            .args(["-S", "OUTPUT"])
+            .output()
+            .is_ok_and(|out| out.status.success());
+    if !iptables {
+        skipping(
+            "CHAT_REQUIRE_PARTITIONS",
+            "cutting a NATS server off needs root and iptables",
+        );
+    }
+    iptables
+}
+
+/// A chain of iptables rules of this test's own, hooked into OUTPUT (every loopback
+/// packet passes it); removed when dropped.
+struct Firewall {
+    chain: String,
+}
+
+fn iptables(args: &[&str]) {
+    let out = Command::new("iptables")
+        .args(args)
+        .output()
+        .expect("iptables runs");
+    assert!(
+        out.status.success(),
+        "iptables {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Firewall {
+    /// Cuts NATS server `i` (running as [`CUT_USER`]) off from the other servers,
+    /// both ways, while its clients still reach it: its connections to their route
+    /// ports are marked and dropped, and so is everything to or from its own.
+    fn cut_routes_of(nats: &Nats, i: usize) -> Firewall {
+        let chain = format!("CHATTEST{}", std::process::id());
+        iptables(&["-N", &chain]);
+        let firewall = Firewall { chain };
+        iptables(&["-I", "OUTPUT", "-j", &firewall.chain]);
+        let others: Vec<String> = (0..nats.routes.len())
+            .filter(|&j| j != i)
+            .map(|j| nats.routes[j].to_string())
+            .collect();
+        let own = nats.routes[i].to_string();
+        let uid = CUT_USER.to_string();
+        let others = others.join(",");
+        let rules: [&[&str]; 4] = [
+            &[
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                &uid,
+                "-m",
+                "multiport",
+                "--dports",
+                &others,
+                "-j",
+                "CONNMARK",
+                "--set-mark",
+                "0x4f01",
+            ],
+            &["-m", "connmark", "--mark", "0x4f01", "-j", "DROP"],
+            &["-p", "tcp", "--dport", &own, "-j", "DROP"],
+            &["-p", "tcp", "--sport", &own, "-j", "DROP"],
+        ];
+        for rule in rules {
+            let mut args = vec!["-A", firewall.chain.as_str()];
+            args.extend_from_slice(rule);
+            iptables(&args);
+        }
+        firewall
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        for args in [
+            ["-D", "OUTPUT", "-j", self.chain.as_str()],
+            ["-F", self.chain.as_str(), "", ""],
+            ["-X", self.chain.as_str(), "", ""],
+        ] {
+            let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+            let _ = Command::new("iptables").args(&args).output();
+        }
+    }
+}
+
+#[test]
+fn a_node_on_a_nats_server_cut_off_from_the_others_moves_to_another() {
+    if !nats_available() || !partitions_possible() {
+        return;
+    }
+    let _slot = slot();
+    let nats = Nats::start_as(&[Some(CUT_USER), None, None], "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The node is given server 0 only, so it starts there; it learns the others
+    // from it (as a client of any NATS cluster does).
+    let url = format!("nats://127.0.0.1:{}", nats.ports[0]);
+    let a = ServerProcess::start_within(
+        &dir.path().join("a"),
+        &["--nats", &url, "--node-name", "a", "--nats-replicas", "3"],
+        JOIN,
+    );
+    chat::rt::block_on(async {
+        let mut one = login_at(&a.addr, 1).await;
+        let mut accepted = Vec::new();
+        let first = numbered(1, 9, 0);
+        send_confirmed(&mut one, &first).await;
+        accepted.push(delivered(&first));
+        let cut = Firewall::cut_routes_of(&nats, 0);
+        // Through server 0 JetStream cannot reach its quorum: frames for the offline
+        // id 9 are refused (store-failed) until the node has moved to another server,
+        // then stored again, while the cut lasts.
+        let start = Instant::now();
+        let mut refused = 0;
+        let mut stored_again = false;
+        let mut i = 1;
+        while !stored_again {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "after 60 s with server 0 cut off, {}",
+                if refused == 0 {
+                    "no frame refused"
+                } else {
+                    "still no frame stored"
+                }
+            );
+            let f = numbered(1, 9, i);
+            i += 1;
+            within(one.send(&f)).await.expect("send");
+            let reply = recv(&mut one).await;
+            if reply == delivered(&f) {
+                accepted.push(reply);
+                stored_again = refused > 0;
+            } else {
+                let n = reply.notice().expect("an echo or a notice");
+                assert!(n.is(Code::StoreFailed), "unexpected {n}");
+                refused += 1;
+            }
+        }
+        // Every frame stored, in order, read through the server the node moved to; a
+        // refused one may have been stored too (at least once, docs/CLUSTER.md).
+        let end = numbered(1, 9, 99_999);
+        send_confirmed(&mut one, &end).await;
+        let mut nine = login_at(&a.addr, 9).await;
+        let mut got = Vec::new();
+        loop {
+            let n = number(&data_frames(&mut nine, 1).await[0]);
+            if n == 99_999 {
+                break;
+            }
+            got.push(n);
+        }
+        let want: Vec<usize> = accepted.iter().map(number).collect();
+        got.retain(|n| want.contains(n));
+        got.dedup();
+        assert_eq!(got, want);
+        drop(cut);
+    });
+    assert!(
+        a.logged("moving to another"),
+        "the node never said it left server 0"
+    );
 }

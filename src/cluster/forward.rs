@@ -153,8 +153,14 @@ impl Forwards {
     }
 
     /// Sends `receiver`'s queued frames to the node that holds it, unless a batch is
-    /// still on its way. A batch that could not be sent comes back, to be stored.
-    pub async fn forward(&mut self, client: &Client, receiver: u32) -> Option<Vec<Command>> {
+    /// still on its way. A batch that could not be sent, or that nobody holds the
+    /// receiver for (`nobody_holds`), comes back, to be stored.
+    pub async fn forward(
+        &mut self,
+        client: &Client,
+        receiver: u32,
+        nobody_holds: bool,
+    ) -> Option<Vec<Command>> {
         let route = self.routes.get_mut(&receiver)?;
         if route.busy() {
             return None;
@@ -164,6 +170,9 @@ impl Forwards {
             return None;
         }
         let frames = std::mem::take(&mut route.queue);
+        if nobody_holds {
+            return Some(frames);
+        }
         let mut payload = bytes::BytesMut::new();
         for cmd in &frames {
             if let Command::Append { wire, .. } = cmd {

@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message, Subject, Subscriber};
 use bytes::Bytes;
@@ -36,6 +36,10 @@ pub(super) const CLAIM_WAIT: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_millis(500);
 /// A bounded flush: while the link is down a flush would wait for its return.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// How long after letting an id go by itself a node stores frames for it at once
+/// rather than forwarding them (see [`Holds::let_go_alone`]): longer than its
+/// subscription takes to drain.
+const LET_GO_FOR: Duration = Duration::from_secs(2);
 
 /// What a holder heard, or its own reminder.
 #[derive(Debug)]
@@ -70,6 +74,8 @@ pub(super) struct Holds {
     /// Claims in flight: the take request, then the subscription.
     claims: FuturesUnordered<BoxFuture<'static, (u32, Option<Subscriber>)>>,
     claiming: HashSet<u32>,
+    /// Ids this node let go of with nobody taking them over, and when.
+    let_go: HashMap<u32, Instant>,
 }
 
 impl Holds {
@@ -82,6 +88,7 @@ impl Holds {
             rechecks: FuturesUnordered::new(),
             claims: FuturesUnordered::new(),
             claiming: HashSet::new(),
+            let_go: HashMap::new(),
         }
     }
 
@@ -101,6 +108,7 @@ impl Holds {
         if self.holds(receiver) || !self.claiming.insert(receiver) {
             return false;
         }
+        self.let_go.remove(&receiver);
         let client = client.clone();
         let node = Bytes::from(self.node.clone());
         self.claims.push(
@@ -155,10 +163,26 @@ impl Holds {
         );
     }
 
+    /// Whether this node let `receiver` go by itself a moment ago (its client left,
+    /// nobody took the id over since). Its subscription here may still be draining:
+    /// it would hear a batch this node forwards and leave it to the holder (see
+    /// [`Holds::hear`]), but there is none, and nobody would answer before the
+    /// forward's wait ran out. Such a batch goes straight to the stream instead, as
+    /// when nobody answers; a node claiming the id reads it there.
+    pub fn let_go_alone(&mut self, receiver: u32) -> bool {
+        self.let_go.retain(|_, at| at.elapsed() < LET_GO_FOR);
+        self.let_go.contains_key(&receiver)
+    }
+
     /// Stops holding `receiver` and answers the nodes waiting to take it over.
     pub async fn release(&mut self, client: &Client, receiver: u32) {
         self.held.remove(&receiver);
-        for reply in self.takeovers.remove(&receiver).unwrap_or_default() {
+        let takers = self.takeovers.remove(&receiver).unwrap_or_default();
+        if takers.is_empty() {
+            self.let_go.retain(|_, at| at.elapsed() < LET_GO_FOR);
+            self.let_go.insert(receiver, Instant::now());
+        }
+        for reply in takers {
             if let Err(e) = client.publish(reply, Bytes::new()).await {
                 log::debug!("id {receiver}: release not sent: {e}");
             }
@@ -224,6 +248,8 @@ impl Holds {
             }
             (Some(Hold::Mail), _) => Some(Heard::Mail { receiver }),
             (Some(Hold::Take), Some(reply)) => {
+                // Heard while letting go: the id has a new holder.
+                self.let_go.remove(&receiver);
                 log::debug!(
                     "id {receiver}: node {} takes it over",
                     String::from_utf8_lossy(&msg.payload)

@@ -54,8 +54,8 @@ pub fn start(
             };
             runtime.block_on(async move {
                 let (link_tx, link_rx) = futures::channel::mpsc::unbounded();
-                let client = match connect(&options, link_tx).await {
-                    Ok(client) => client,
+                let (client, servers) = match connect(&options, link_tx).await {
+                    Ok(connected) => connected,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
@@ -78,6 +78,7 @@ pub fn start(
                 let setup = stream::Setup {
                     given_servers: given,
                     client,
+                    servers,
                     node: options.node.clone(),
                     replicas: options.replicas,
                     limits,

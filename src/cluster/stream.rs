@@ -35,7 +35,7 @@ use futures::{FutureExt, StreamExt, TryStreamExt, select_biased};
 use crate::cluster::StartError;
 use crate::cluster::forward::{Due, Forwards, Settled};
 use crate::cluster::holds::{CLAIM_WAIT, Heard, Holds};
-use crate::cluster::link::{Link, sleep, within};
+use crate::cluster::link::{self, Link, Servers, sleep, within};
 use crate::cluster::msg::{FromCluster, ToCluster};
 use crate::cluster::wire::{self, Hold, Refused};
 use crate::metrics::Metrics;
@@ -68,6 +68,8 @@ pub struct Setup {
     /// How many NATS URLs the node was given.
     pub given_servers: usize,
     pub client: async_nats::Client,
+    /// Which NATS server the link is on (see [`link::watch`]).
+    pub(crate) servers: Servers,
     pub node: String,
     pub replicas: Option<usize>,
     pub limits: Limits,
@@ -133,6 +135,12 @@ pub async fn run(
     if ready.send(Ok(store)).is_err() {
         return;
     }
+    let _watch = link::watch(
+        setup.client.clone(),
+        STREAM,
+        setup.servers.clone(),
+        setup.node.clone(),
+    );
     let actor = Actor {
         js,
         client: setup.client,
@@ -612,7 +620,9 @@ impl Actor {
     /// Sends `receiver`'s queued frames to the node that holds it, unless a batch is
     /// still on its way; a batch that could not be sent goes to the stream.
     async fn forward(&mut self, receiver: u32) {
-        if let Some(frames) = self.forwards.forward(&self.client, receiver).await {
+        let nobody_holds = self.holds.let_go_alone(receiver);
+        let forwarding = self.forwards.forward(&self.client, receiver, nobody_holds);
+        if let Some(frames) = forwarding.await {
             self.store_batch(receiver, frames).await;
         }
     }
