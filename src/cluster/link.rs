@@ -19,10 +19,10 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long one probe may take.
 const PROBE_WAIT: Duration = Duration::from_secs(1);
 /// How long JetStream may go without answering through one server before the link
-/// moves to another. Longer than the leaders' election after a server is lost (a few
-/// seconds), during which no server answers, so a NATS server's crash elsewhere does
-/// not move every node.
-const MOVE_AFTER: Duration = Duration::from_secs(6);
+/// moves to another. Longer than an election of the meta leader after a server is
+/// lost (up to 7 s seen on a loaded machine), so that a NATS server's crash elsewhere
+/// does not move every node.
+const MOVE_AFTER: Duration = Duration::from_secs(8);
 /// ... and after this many probes in a row went unanswered.
 const MOVE_AFTER_PROBES: u32 = 3;
 /// After a move, the least time before the next; doubled while JetStream still does
@@ -63,10 +63,23 @@ struct Place {
 }
 
 /// The link's [`Place`], shared by the watch and the client's callbacks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Servers(Arc<Mutex<Place>>);
 
 impl Servers {
+    /// Starting at a random turn, so that the nodes of a cluster spread over its
+    /// servers rather than all taking the first.
+    fn new() -> Servers {
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Servers(Arc::new(Mutex::new(Place {
+            turn: random as usize,
+            ..Place::default()
+        })))
+    }
+
     fn place(&self) -> std::sync::MutexGuard<'_, Place> {
         // A panic while holding it cannot leave a `Place` half-written.
         self.0
@@ -112,7 +125,7 @@ pub(crate) async fn connect(
     options: &Options,
     link: futures::channel::mpsc::UnboundedSender<Link>,
 ) -> Result<(async_nats::Client, Servers), StartError> {
-    let servers = Servers::default();
+    let servers = Servers::new();
     let chooser = servers.clone();
     let arrived = servers.clone();
     let mut connect = async_nats::ConnectOptions::new()
@@ -207,21 +220,28 @@ impl Drop for Watch {
     }
 }
 
-/// Watches that JetStream answers through the server the link is on, asking it for
-/// `stream`'s state every second, and moves the link to another server once it has
-/// not answered for [`MOVE_AFTER`]. A NATS server cut off from the others still takes
-/// the node's requests and answers its pings, so the client never notices by itself;
-/// but the stream's leader and quorum are out of its reach, and every publish and read
-/// through it fails. A node cut off from every server gets no answer either: the move
-/// finds no server, the link goes down, and the node says so at once (`store-failed`)
-/// rather than after the client's pings time out (two minutes).
+/// Watches that JetStream answers through the server the link is on, and moves the
+/// link to another server once it has not for [`MOVE_AFTER`]. A NATS server cut off
+/// from the others still takes the node's requests and answers its pings, so the
+/// client never notices by itself; but the stream's leader and quorum are out of its
+/// reach, and every publish and read through it fails.
+///
+/// Every second it asks for `stream`'s state (answered by the stream's leader) and for
+/// the account's (answered by the cluster's meta leader), and counts the server as
+/// cut off only when neither answers well. While the stream elects a new leader (its
+/// old one died or was cut off) every server fails the first, but the servers of the
+/// majority still reach the meta leader: nodes on them stay where they are, and only
+/// a node on the cut-off server moves. A node cut off from every server gets no
+/// answer either: the move finds no server, the link goes down, and the node says so
+/// at once (`store-failed`) rather than after the client's pings time out (two
+/// minutes).
 pub(crate) fn watch(
     client: async_nats::Client,
     stream: &str,
     servers: Servers,
     node: String,
 ) -> Watch {
-    let subject = format!("$JS.API.STREAM.INFO.{stream}");
+    let stream_info = format!("$JS.API.STREAM.INFO.{stream}");
     Watch(tokio::spawn(async move {
         // Since when probes fail, and how many in a row: a node frozen for a while
         // (a pause) finds one probe late when it thaws, which is not JetStream's fault.
@@ -236,12 +256,19 @@ pub(crate) fn watch(
                 continue;
             }
             let asked = Instant::now();
-            let answered = within(
-                PROBE_WAIT,
-                client.request(subject.clone(), bytes::Bytes::new()),
-            )
-            .await
-            .is_some_and(|reply| reply.is_ok_and(|msg| healthy(&msg.payload)));
+            let ask = |subject: String| {
+                let client = client.clone();
+                async move {
+                    within(PROBE_WAIT, client.request(subject, bytes::Bytes::new()))
+                        .await
+                        .and_then(Result::ok)
+                        .map(|msg| msg.payload)
+                }
+            };
+            let (stream, meta) =
+                futures::join!(ask(stream_info.clone()), ask(ACCOUNT_INFO.to_string()));
+            let answered = stream.is_some_and(|info| healthy(&info))
+                || meta.is_some_and(|info| answers(&info));
             if answered {
                 (failing_since, failures) = (None, 0);
                 again = MOVE_AGAIN;
@@ -273,6 +300,15 @@ pub(crate) fn watch(
             again = (again * 2).min(MOVE_AGAIN_MAX);
         }
     }))
+}
+
+/// Answered by the cluster's JetStream meta leader: a server cut off from the others
+/// cannot reach it (once a leader that was cut off has stepped down).
+const ACCOUNT_INFO: &str = "$JS.API.INFO";
+
+/// Whether a JetStream API answer is one without an error.
+fn answers(payload: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(payload).is_ok_and(|v| v.get("error").is_none())
 }
 
 /// How long ago the stream's leader may have last heard from a replica for the
@@ -345,7 +381,7 @@ pub(crate) async fn within<T>(limit: Duration, future: impl Future<Output = T>) 
 
 #[cfg(test)]
 mod tests {
-    use super::{healthy, pick, redact};
+    use super::{answers, healthy, pick, redact};
     use async_nats::ServerAddr;
 
     fn addr(port: u16) -> ServerAddr {
@@ -388,6 +424,17 @@ mod tests {
             br#"{"type":"x","error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#
         ));
         assert!(!healthy(b"not json"));
+    }
+
+    #[test]
+    fn the_meta_leader_answers_without_an_error() {
+        assert!(answers(
+            br#"{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0,"storage":412,"streams":1}"#
+        ));
+        assert!(!answers(
+            br#"{"type":"x","error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#
+        ));
+        assert!(!answers(b""));
     }
 
     #[test]

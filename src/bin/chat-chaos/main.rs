@@ -74,6 +74,10 @@ struct Args {
     /// Faults at the same time, at most.
     #[arg(long, default_value_t = 2)]
     overlap: usize,
+    /// A fault lasts from 1 s to this long, in seconds (longer cuts show whether a
+    /// node moves off a NATS server cut from the others: it waits 8 s).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    longest: u64,
     /// The longest an answer may take outside a fault window, in seconds.
     #[arg(long, default_value_t = 2.0)]
     bound: f64,
@@ -292,7 +296,8 @@ fn run(args: Args) -> Result<bool, String> {
     let injector = {
         let (world, cluster) = (world.clone(), cluster.clone());
         let (secs, overlap, rng) = (args.secs, args.overlap, Rng::new(rng.next()));
-        std::thread::spawn(move || inject(&world, &cluster, &faults, secs, overlap, rng))
+        let longest = Duration::from_secs(args.longest);
+        std::thread::spawn(move || inject(&world, &cluster, &faults, secs, (overlap, longest), rng))
     };
     let fault_count = injector
         .join()
@@ -353,13 +358,14 @@ fn run(args: Args) -> Result<bool, String> {
     Ok(violations.is_empty())
 }
 
-/// Injects faults for `secs` seconds, up to `overlap` at once; returns how many.
+/// Injects faults for `secs` seconds, up to `overlap` at once, each lasting up to
+/// `longest`; returns how many.
 fn inject(
     world: &Arc<World>,
     cluster: &Arc<Cluster>,
     faults: &[Fault],
     secs: u64,
-    overlap: usize,
+    (overlap, longest): (usize, Duration),
     mut rng: Rng,
 ) -> usize {
     let end = Instant::now() + Duration::from_secs(secs);
@@ -396,7 +402,7 @@ fn inject(
             }
             b.push((group, target));
         }
-        let hold = rng.between(Duration::from_secs(1), Duration::from_secs(5));
+        let hold = rng.between(Duration::from_secs(1), longest);
         let (world, cluster, busy) = (world.clone(), cluster.clone(), busy.clone());
         count += 1;
         running.push(std::thread::spawn(move || {
