@@ -1149,3 +1149,133 @@ fn a_node_on_a_nats_server_cut_off_from_the_others_moves_to_another() {
         "the node never said it left server 0"
     );
 }
+
+/// One request to NATS at `port` in its text protocol, for what a test asks JetStream
+/// directly; the reply's payload.
+fn nats_request(port: u16, subject: &str, payload: &str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
+    stream.set_read_timeout(Some(WAIT)).expect("a timeout");
+    let mut writer = stream.try_clone().expect("a second handle");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("INFO");
+    write!(
+        writer,
+        "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.test 1\r\nPUB {subject} _INBOX.test {}\r\n{payload}\r\n",
+        payload.len()
+    )
+    .expect("request sent");
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("a reply");
+        if line.starts_with("PING") {
+            writer.write_all(b"PONG\r\n").expect("pong");
+        } else if let Some(header) = line.strip_prefix("MSG ") {
+            let len: usize = header
+                .split_whitespace()
+                .last()
+                .and_then(|n| n.parse().ok())
+                .expect("a length");
+            let mut body = vec![0; len + 2];
+            reader.read_exact(&mut body).expect("the payload");
+            body.truncate(len);
+            return String::from_utf8(body).expect("text");
+        }
+    }
+}
+
+/// The NATS server that leads `stream`, asked through the server at `port`.
+fn stream_leader(port: u16) -> Option<String> {
+    let info = nats_request(port, "$JS.API.STREAM.INFO.CHAT_MAILBOX", "");
+    let info: serde_json::Value = serde_json::from_str(&info).ok()?;
+    info.pointer("/cluster/leader")?
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn a_frame_stored_while_its_holder_s_server_was_cut_off_is_delivered_after_the_cut() {
+    if !nats_available() || !partitions_possible() {
+        return;
+    }
+    let _slot = slot();
+    let nats = Nats::start_as(&[Some(CUT_USER), None, None], "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "cut-admin\n").expect("writes");
+    let token = token.to_str().expect("a path");
+    // a holds the receiver through server 0, which is then cut off; b stores through
+    // server 1.
+    let on = |i: usize| format!("nats://127.0.0.1:{}", nats.ports[i]);
+    let (url0, url1) = (on(0), on(1));
+    let a = ServerProcess::start_within(
+        &dir.path().join("a"),
+        &["--nats", &url0, "--node-name", "a", "--nats-replicas", "3"],
+        JOIN,
+    );
+    let b = ServerProcess::start_within(
+        &dir.path().join("b"),
+        &[
+            "--nats",
+            &url1,
+            "--node-name",
+            "b",
+            "--nats-replicas",
+            "3",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            token,
+        ],
+        JOIN,
+    );
+    // The stream must be able to store while server 0 is cut off: its leader elsewhere.
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < WAIT, "the stream's leader never left n0");
+        match stream_leader(nats.ports[1]).as_deref() {
+            Some("n0") => {
+                let stepdown = "$JS.API.STREAM.LEADER.STEPDOWN.CHAT_MAILBOX";
+                nats_request(nats.ports[1], stepdown, "");
+            }
+            Some(_) => break,
+            None => {}
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let admin = b.admin_addr();
+    chat::rt::block_on(async {
+        let mut nine = login_at(&a.addr, 9).await;
+        let mut one = login_at(&b.addr, 1).await;
+        let before = text(1, 9, "before the cut");
+        send_confirmed(&mut one, &before).await;
+        assert_eq!(data_frames(&mut nine, 1).await, vec![delivered(&before)]);
+        let cut = Firewall::cut_routes_of(&nats, 0);
+        // b cannot reach a: its forward goes unanswered, and after the forward's wait
+        // b stores the frame in the stream and mails a, which the cut loses. The
+        // sender hears first (an echo or store-failed: it may still be delivered).
+        let during = text(1, 9, "during the cut");
+        within(one.send(&during)).await.expect("send");
+        let reply = recv(&mut one).await;
+        assert!(
+            reply == delivered(&during) || reply.notice().is_some_and(|n| n.is(Code::StoreFailed)),
+            "unexpected {reply:?}"
+        );
+        let auth = [("Authorization", "Bearer cut-admin")];
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < WAIT, "the frame never reached the stream");
+            let (_, _, body) = http_call(admin, "GET", "/v1/ids/9/stored", &auth, "").await;
+            let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            if json["stored"]["mailbox"]["messages"] == 1 {
+                break;
+            }
+            chat::rt::sleep(Duration::from_millis(100)).await;
+        }
+        // The cut heals before a would move off server 0 (8 s): nothing else tells a
+        // to read, but JetStream answering through its server again.
+        drop(cut);
+        assert_eq!(data_frames(&mut nine, 1).await, vec![delivered(&during)]);
+    });
+}

@@ -25,17 +25,24 @@ const PROBE_WAIT: Duration = Duration::from_secs(1);
 const MOVE_AFTER: Duration = Duration::from_secs(8);
 /// ... and after this many probes in a row went unanswered.
 const MOVE_AFTER_PROBES: u32 = 3;
+/// Probes in a row the stream did not answer well before an answer counts as its
+/// return ([`Link::Recovered`]); one late answer is not an outage.
+const RECOVERED_AFTER: u32 = 2;
 /// After a move, the least time before the next; doubled while JetStream still does
 /// not answer (when every server is cut off, moving does not help), up to
 /// [`MOVE_AGAIN_MAX`].
 const MOVE_AGAIN: Duration = Duration::from_secs(10);
 const MOVE_AGAIN_MAX: Duration = Duration::from_secs(60);
 
-/// The state of the connection to NATS, from the client's events.
+/// The state of the connection to NATS, from the client's events and the watch.
 #[derive(Debug)]
 pub enum Link {
     Up,
     Down,
+    /// JetStream answers through the link's server again after it had not (the
+    /// server was cut off, or leaders were elected): mail sent to this node meanwhile,
+    /// a core NATS message, may have been lost, as across a reconnect.
+    Recovered,
 }
 
 /// How to reach the cluster.
@@ -240,6 +247,7 @@ pub(crate) fn watch(
     stream: &str,
     servers: Servers,
     node: String,
+    link: futures::channel::mpsc::UnboundedSender<Link>,
 ) -> Watch {
     let stream_info = format!("$JS.API.STREAM.INFO.{stream}");
     Watch(tokio::spawn(async move {
@@ -247,12 +255,16 @@ pub(crate) fn watch(
         // (a pause) finds one probe late when it thaws, which is not JetStream's fault.
         let mut failing_since: Option<Instant> = None;
         let mut failures = 0;
+        // Probes in a row the stream did not answer well: its return after an outage
+        // is worth a look at every held mailbox (see [`Link::Recovered`]).
+        let mut stream_failures = 0;
         let mut quiet_until = Instant::now();
         let mut again = MOVE_AGAIN;
         loop {
             sleep(PROBE_EVERY).await;
             if client.connection_state() != async_nats::connection::State::Connected {
-                (failing_since, failures) = (None, 0);
+                // A reconnect reads every held mailbox anyway (`Link::Up`).
+                (failing_since, failures, stream_failures) = (None, 0, 0);
                 continue;
             }
             let asked = Instant::now();
@@ -267,9 +279,13 @@ pub(crate) fn watch(
             };
             let (stream, meta) =
                 futures::join!(ask(stream_info.clone()), ask(ACCOUNT_INFO.to_string()));
-            let answered = stream.is_some_and(|info| healthy(&info))
-                || meta.is_some_and(|info| answers(&info));
-            if answered {
+            let stored = stream.is_some_and(|info| healthy(&info));
+            if !stored {
+                stream_failures += 1;
+            } else if std::mem::take(&mut stream_failures) >= RECOVERED_AFTER {
+                let _ = link.unbounded_send(Link::Recovered);
+            }
+            if stored || meta.is_some_and(|info| answers(&info)) {
                 (failing_since, failures) = (None, 0);
                 again = MOVE_AGAIN;
                 continue;

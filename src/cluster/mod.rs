@@ -54,6 +54,7 @@ pub fn start(
             };
             runtime.block_on(async move {
                 let (link_tx, link_rx) = futures::channel::mpsc::unbounded();
+                let watch_tx = link_tx.clone();
                 let (client, servers) = match connect(&options, link_tx).await {
                     Ok(connected) => connected,
                     Err(e) => {
@@ -85,6 +86,7 @@ pub fn start(
                     max_frame_bytes,
                     metrics,
                     link: link_rx,
+                    watch_link: watch_tx,
                 };
                 stream::run(setup, ready_tx).await;
             });

@@ -76,6 +76,8 @@ pub struct Setup {
     pub max_frame_bytes: u32,
     pub metrics: Option<Arc<Metrics>>,
     pub link: mpsc::UnboundedReceiver<Link>,
+    /// Where the watch says JetStream is back (see [`link::watch`]).
+    pub(crate) watch_link: mpsc::UnboundedSender<Link>,
 }
 
 /// Sets up the stream, reports the store ready (or why not) and serves it until every
@@ -140,6 +142,7 @@ pub async fn run(
         STREAM,
         setup.servers.clone(),
         setup.node.clone(),
+        setup.watch_link.clone(),
     );
     let actor = Actor {
         js,
@@ -158,6 +161,7 @@ pub async fn run(
         live: HashMap::new(),
         pending: FuturesUnordered::new(),
         retries: FuturesUnordered::new(),
+        releases: HashMap::new(),
         mail: HashSet::new(),
         parked: HashMap::new(),
         high_seq: 0,
@@ -309,8 +313,12 @@ struct Actor {
     /// them: a mailbox read after the last page skips them.
     live: HashMap<u32, HashMap<u64, u64>>,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
-    /// Reads that failed, to be tried again, with the mark of their first attempt.
-    retries: FuturesUnordered<BoxFuture<'static, (Command, u64)>>,
+    /// Reads that failed, to be tried again, with the mark of their first attempt and
+    /// how often their id had been let go when they failed (see [`Actor::retry`]).
+    retries: FuturesUnordered<BoxFuture<'static, (Command, u64, u64)>>,
+    /// How often each id was let go by this node: a read retried after its id was let
+    /// go is for a connection that is gone.
+    releases: HashMap<u32, u64>,
     /// The ids this node holds and what it hears for them (see [`crate::cluster::holds`]).
     holds: Holds,
     /// Frames for ids held elsewhere, and batches forwarded here (see
@@ -368,10 +376,13 @@ impl Actor {
                 state = link.next() => match state {
                     Some(Link::Up) => self.link_up().await,
                     Some(Link::Down) => self.link_down("the connection to NATS was lost"),
+                    Some(Link::Recovered) => self.mail_held(),
                     None => {}
                 },
                 done = self.pending.select_next_some() => self.on_done(done),
-                (load, mark) = self.retries.select_next_some() => self.retry(load, mark).await,
+                (load, mark, released) = self.retries.select_next_some() => {
+                    self.retry(load, mark, released).await;
+                }
                 due = self.forwards.next().fuse() => match due {
                     Due::Answer(msg) => {
                         let settled = self.forwards.answered(&msg);
@@ -969,11 +980,22 @@ impl Actor {
             .await;
     }
 
+    /// How often this node let `receiver` go.
+    fn released(&self, receiver: u32) -> u64 {
+        self.releases.get(&receiver).copied().unwrap_or(0)
+    }
+
     /// A read that failed, again. It keeps its first attempt's mark: a first read
     /// asked for again with a later one would take this connection's own live frames,
     /// come since, for stored ones, and deliver them twice. Behind a claim, or while
     /// the link is down, it waits like any command.
-    async fn retry(&mut self, load: Command, mark: u64) {
+    ///
+    /// A read whose id this node let go since it failed is dropped: its connection is
+    /// gone (the broker would drop the page), and a first read asked again would claim
+    /// the id once more. The node then held an id it had no connection for, took the
+    /// frames for it into the stream, and the id's real holder heard of them only by
+    /// mail, which a cut can lose (the chaos run left 95 frames undelivered).
+    async fn retry(&mut self, load: Command, mark: u64, released: u64) {
         let Command::Load {
             ticket,
             receiver,
@@ -984,6 +1006,12 @@ impl Actor {
         else {
             return;
         };
+        if self.released(receiver) != released {
+            log::debug!(
+                "id {receiver}: a read to try again for a connection that has left; dropped"
+            );
+            return;
+        }
         if self.down.is_some() || self.claiming.contains_key(&receiver) {
             return self.on_command(ToCluster::Store(load)).await;
         }
@@ -1027,10 +1055,11 @@ impl Actor {
                     max_bytes,
                     reading: crate::store::Reading::Plain,
                 };
+                let released = self.released(receiver);
                 self.retries.push(
                     async move {
                         sleep(READ_RETRY).await;
-                        (load, mark)
+                        (load, mark, released)
                     }
                     .boxed(),
                 );
@@ -1115,6 +1144,12 @@ impl Actor {
     /// these before them (the chaos run found it: stored while the holder moved, then
     /// passed by the frames their sender sent once they were echoed).
     async fn release(&mut self, receiver: u32) {
+        if self.retries.is_empty() {
+            // No read waits to be tried again: nothing to compare with.
+            self.releases.clear();
+        } else {
+            *self.releases.entry(receiver).or_default() += 1;
+        }
         self.publish_staged(Some(receiver)).await;
         self.settle().await;
         let left_in_stream = self.live.remove(&receiver).is_some_and(|l| !l.is_empty());
@@ -1125,6 +1160,17 @@ impl Actor {
                 log::debug!("mail for id {receiver} not sent: {e}");
             }
         }
+    }
+
+    /// Every id held here reads its mailbox: frames may have been stored for them
+    /// while the mail saying so could not reach this node (mail is a core NATS
+    /// message, lost across a reconnect or a cut).
+    fn mail_held(&mut self) {
+        let mail = self
+            .holds
+            .ids()
+            .map(|receiver| FromCluster::Mail { receiver });
+        self.out.extend(mail);
     }
 
     fn link_down(&mut self, why: &str) {
@@ -1159,12 +1205,7 @@ impl Actor {
             down.since.elapsed().as_secs_f64()
         );
         self.out.push(FromCluster::Store(Reply::Health(None)));
-        // Frames may have been stored for them meanwhile.
-        let mail = self
-            .holds
-            .ids()
-            .map(|receiver| FromCluster::Mail { receiver });
-        self.out.extend(mail);
+        self.mail_held();
         let held: Vec<ToCluster> = self.held.drain(..).collect();
         for cmd in held {
             Box::pin(self.on_command(cmd)).await;
