@@ -59,12 +59,16 @@ pub struct Options {
     pub ca: Option<PathBuf>,
 }
 
-/// Which server the link is on and which one it is leaving: the watch decides to
-/// leave, the client's reconnect callback picks the next server.
+/// Which server the link chose last and which one it is leaving: the watch decides
+/// to leave, the client's reconnect callback picks the next server.
 #[derive(Debug, Default)]
 struct Place {
+    /// The server chosen last: the one the link is on once connected.
     on: Option<ServerAddr>,
     leaving: Option<ServerAddr>,
+    /// Servers tried since leaving one: after every other one, the one left may be
+    /// taken again (it may be the only one that takes connections).
+    tried: usize,
     /// Taking turns among equally good servers.
     turn: usize,
 }
@@ -97,6 +101,13 @@ impl Servers {
     /// The client's choice of the next server to connect to, remembered.
     fn choose(&self, pool: &[async_nats::Server]) -> Option<ServerAddr> {
         let mut place = self.place();
+        if place.leaving.is_some() {
+            if place.tried >= pool.len().saturating_sub(1) {
+                place.leaving = None;
+            } else {
+                place.tried += 1;
+            }
+        }
         let candidates: Vec<(&ServerAddr, usize)> =
             pool.iter().map(|s| (&s.addr, s.failed_attempts)).collect();
         let chosen = pick(&candidates, place.leaving.as_ref(), place.turn)?;
@@ -242,6 +253,11 @@ impl Drop for Watch {
 /// answer either: the move finds no server, the link goes down, and the node says so
 /// at once (`store-failed`) rather than after the client's pings time out (two
 /// minutes).
+///
+/// Moving needs another server to go to: the URLs the node was given, and the
+/// servers its first server told it of when it connected (async-nats learns of no
+/// server later). A node given one URL of a cluster that had not formed yet knows no
+/// other, and stays.
 pub(crate) fn watch(
     client: async_nats::Client,
     stream: &str,
@@ -283,6 +299,10 @@ pub(crate) fn watch(
             if !stored {
                 stream_failures += 1;
             } else if std::mem::take(&mut stream_failures) >= RECOVERED_AFTER {
+                // Not spaced out: mail lost in the next outage would be missed.
+                log::info!(
+                    "node {node}: JetStream answers again; every id held here reads its mailbox"
+                );
                 let _ = link.unbounded_send(Link::Recovered);
             }
             if stored || meta.is_some_and(|info| answers(&info)) {
@@ -301,6 +321,7 @@ pub(crate) fn watch(
             let on = {
                 let mut place = servers.place();
                 place.leaving = place.on.clone();
+                place.tried = 0;
                 place.on.clone()
             };
             log::warn!(

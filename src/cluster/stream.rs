@@ -316,8 +316,9 @@ struct Actor {
     /// Reads that failed, to be tried again, with the mark of their first attempt and
     /// how often their id had been let go when they failed (see [`Actor::retry`]).
     retries: FuturesUnordered<BoxFuture<'static, (Command, u64, u64)>>,
-    /// How often each id was let go by this node: a read retried after its id was let
-    /// go is for a connection that is gone.
+    /// How often each id was let go by this node while reads waited to be tried
+    /// again (cleared when none waits): a read retried after its id was let go is for
+    /// a connection that is gone.
     releases: HashMap<u32, u64>,
     /// The ids this node holds and what it hears for them (see [`crate::cluster::holds`]).
     holds: Holds,
@@ -980,7 +981,19 @@ impl Actor {
             .await;
     }
 
-    /// How often this node let `receiver` go.
+    /// Tries `load` again after [`READ_RETRY`].
+    fn retry_later(&mut self, load: Command, mark: u64, released: u64) {
+        self.retries.push(
+            async move {
+                sleep(READ_RETRY).await;
+                (load, mark, released)
+            }
+            .boxed(),
+        );
+    }
+
+    /// How often this node let `receiver` go, counted while reads wait to be tried
+    /// again (see [`Actor::releases`]).
     fn released(&self, receiver: u32) -> u64 {
         self.releases.get(&receiver).copied().unwrap_or(0)
     }
@@ -988,7 +1001,7 @@ impl Actor {
     /// A read that failed, again. It keeps its first attempt's mark: a first read
     /// asked for again with a later one would take this connection's own live frames,
     /// come since, for stored ones, and deliver them twice. Behind a claim, or while
-    /// the link is down, it waits like any command.
+    /// the link is down, it waits another [`READ_RETRY`].
     ///
     /// A read whose id this node let go since it failed is dropped: its connection is
     /// gone (the broker would drop the page), and a first read asked again would claim
@@ -1013,7 +1026,10 @@ impl Actor {
             return;
         }
         if self.down.is_some() || self.claiming.contains_key(&receiver) {
-            return self.on_command(ToCluster::Store(load)).await;
+            // Not yet: it stays a retry, with its mark and its id's release count, so
+            // that a release meanwhile still drops it.
+            self.retry_later(load, mark, released);
+            return;
         }
         self.load(ticket, receiver, after, max_bytes, mark).await;
     }
@@ -1056,13 +1072,7 @@ impl Actor {
                     reading: crate::store::Reading::Plain,
                 };
                 let released = self.released(receiver);
-                self.retries.push(
-                    async move {
-                        sleep(READ_RETRY).await;
-                        (load, mark, released)
-                    }
-                    .boxed(),
-                );
+                self.retry_later(load, mark, released);
                 return;
             }
         };
