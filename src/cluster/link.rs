@@ -1,6 +1,6 @@
 //! The NATS link: connecting (with credentials, TLS and retries at start), the link's
 //! state as the client reports it, moving to another server when JetStream stops
-//! answering through this one ([`watch`]), and the timer of the link's thread. No
+//! answering through this one (`watch`), and the timer of the link's thread. No
 //! tokio type leaves this module: the stream actor gets plain futures from `sleep`.
 
 use std::path::PathBuf;
