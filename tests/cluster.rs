@@ -258,6 +258,21 @@ fn numbered(sender: u32, receiver: u32, i: usize) -> ClientFrame {
     text(sender, receiver, &format!("frame {i:05}"))
 }
 
+/// Sends an end marker (frame 99,999) from `sender` to `receiver`, binds `receiver`
+/// at `addr` and returns the numbers of the frames it gets before the marker.
+async fn numbers_before_the_end(sender: &mut Client, from: u32, to: u32, addr: &str) -> Vec<usize> {
+    send_confirmed(sender, &numbered(from, to, 99_999)).await;
+    let mut receiver = login_at(addr, to).await;
+    let mut got = Vec::new();
+    loop {
+        let n = number(&data_frames(&mut receiver, 1).await[0]);
+        if n == 99_999 {
+            return got;
+        }
+        got.push(n);
+    }
+}
+
 fn number(f: &ServerFrame) -> usize {
     let body = String::from_utf8_lossy(&f.body);
     body.trim_start_matches("frame ")
@@ -688,17 +703,7 @@ fn losing_one_nats_server_loses_nothing() {
         // Every accepted frame is in the mailbox, read on the other node, in order. A
         // frame refused because its publish timed out may have been stored all the
         // same, and was then sent again: at least once, so repeats are allowed.
-        let end = numbered(1, 4, 99_999);
-        send_confirmed(&mut one, &end).await;
-        let mut four = login_at(&b.addr, 4).await;
-        let mut got_numbers = Vec::new();
-        loop {
-            let n = number(&data_frames(&mut four, 1).await[0]);
-            if n == 99_999 {
-                break;
-            }
-            got_numbers.push(n);
-        }
+        let mut got_numbers = numbers_before_the_end(&mut one, 1, 4, &b.addr).await;
         got_numbers.dedup();
         let want_numbers: Vec<usize> = accepted.iter().map(number).collect();
         assert_eq!(got_numbers, want_numbers);
@@ -1145,17 +1150,7 @@ fn a_node_on_a_nats_server_cut_off_from_the_others_moves_to_another() {
         }
         // Every frame stored, in order, read through the server the node moved to; a
         // refused one may have been stored too (at least once, docs/CLUSTER.md).
-        let end = numbered(1, 9, 99_999);
-        send_confirmed(&mut one, &end).await;
-        let mut nine = login_at(&a.addr, 9).await;
-        let mut got = Vec::new();
-        loop {
-            let n = number(&data_frames(&mut nine, 1).await[0]);
-            if n == 99_999 {
-                break;
-            }
-            got.push(n);
-        }
+        let mut got = numbers_before_the_end(&mut one, 1, 9, &a.addr).await;
         let want: Vec<usize> = accepted.iter().map(number).collect();
         got.retain(|n| want.contains(n));
         got.dedup();
