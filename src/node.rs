@@ -58,6 +58,7 @@ impl Server {
             Some(nats) => crate::cluster::start(
                 nats.clone(),
                 config.mailbox,
+                config.history,
                 config.max_frame_bytes,
                 metrics.clone(),
             )?

@@ -1320,3 +1320,259 @@ fn a_frame_stored_while_its_holder_s_server_was_cut_off_is_delivered_after_the_c
         assert_eq!(data_frames(&mut nine, 1).await, vec![delivered(&during)]);
     });
 }
+
+// Sessions in a cluster: devices of one id on different nodes, history in the stream.
+
+mod sessions {
+    use super::*;
+    use bytes::Bytes;
+    use chat::protocol::session::{Before, Device, Envelope, Query, Received, Record, What};
+
+    /// A session of `id` as `name` on the node at `addr`: the connection and its `sync`.
+    pub async fn open_at(addr: &str, id: u32, name: &str) -> (Client, Record) {
+        let mut c = within(Client::connect(addr)).await.expect("connects");
+        let device = Device::new(name).expect("a device name");
+        let sync = within(c.session(id, &device, None))
+            .await
+            .expect("a session");
+        (c, sync)
+    }
+
+    pub async fn next(c: &mut Client) -> Received {
+        within(c.recv_session())
+            .await
+            .expect("read ok")
+            .expect("a frame, not end of stream")
+    }
+
+    /// The next frame, which must be a message: its author, envelope and payload.
+    pub async fn message(c: &mut Client) -> (u32, Envelope, Bytes) {
+        match next(c).await {
+            Received::Message {
+                sender,
+                envelope,
+                payload,
+                ..
+            } => (sender, envelope, payload),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// What comes before the `synced` record that ends a session's backlog.
+    pub async fn backlog(c: &mut Client) -> Vec<(u32, Envelope, Bytes)> {
+        let mut got = Vec::new();
+        loop {
+            match next(c).await {
+                Received::Record(Record::Synced { .. }) => return got,
+                Received::Message {
+                    sender,
+                    envelope,
+                    payload,
+                    ..
+                } => got.push((sender, envelope, payload)),
+                other => panic!("expected the backlog, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `body` to `to` and returns the envelope of its echo.
+    pub async fn say(c: &mut Client, from: u32, to: u32, body: &str) -> Envelope {
+        within(c.send(&text(from, to, body))).await.expect("send");
+        let (sender, envelope, payload) = message(c).await;
+        assert_eq!(
+            (sender, envelope.what, &payload[..]),
+            (from, What::Echo, body.as_bytes())
+        );
+        envelope
+    }
+
+    /// The payloads of a history page of `id`'s conversation with `with`, newest
+    /// first, and whether it says there is more.
+    pub async fn page(c: &mut Client, id: u32, with: u32, limit: u16) -> (Vec<String>, bool) {
+        let q = Query::History {
+            request: 9,
+            conversation: with,
+            before: Before::Newest,
+            limit,
+        };
+        within(c.send(&q.frame(id))).await.expect("send");
+        let mut got = Vec::new();
+        loop {
+            match next(c).await {
+                Received::Record(Record::PageEnd { request, more, .. }) => {
+                    assert_eq!(request, 9);
+                    return (got, more);
+                }
+                Received::Message {
+                    envelope, payload, ..
+                } => {
+                    assert_eq!((envelope.what, envelope.request), (What::Page, 9));
+                    assert_eq!(envelope.conversation, with);
+                    got.push(String::from_utf8_lossy(&payload).into_owned());
+                }
+                other => panic!("expected a page, got {other:?}"),
+            }
+        }
+    }
+
+    /// The cursor the devices bucket holds for `id`'s device `name`, asked through
+    /// the NATS server at `port`.
+    pub fn cursor_in_bucket(port: u16, id: u32, name: &str) -> Option<u64> {
+        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+        let ask = format!(r#"{{"last_by_subj":"$KV.CHAT_DEVICES.{id}.d{hex}"}}"#);
+        let answer = nats_request(port, "$JS.API.STREAM.MSG.GET.KV_CHAT_DEVICES", &ask);
+        let json: serde_json::Value = serde_json::from_str(&answer).ok()?;
+        let data = json.pointer("/message/data")?.as_str()?;
+        let bytes = base64_decode(data)?;
+        String::from_utf8(bytes).ok()?.parse().ok()
+    }
+
+    fn base64_decode(s: &str) -> Option<Vec<u8>> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = Vec::new();
+        let (mut acc, mut bits) = (0u32, 0);
+        for c in s.bytes().filter(|&c| c != b'=') {
+            let v = ALPHABET.iter().position(|&a| a == c)? as u32;
+            acc = (acc << 6) | v;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
+        }
+        Some(out)
+    }
+
+    #[test]
+    fn devices_of_one_id_on_two_nodes_each_get_every_frame_and_a_third_node_pages_history() {
+        let Some((cluster, a, b)) = two_nodes() else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = node(&cluster.nats, "c", dir.path(), &[]);
+        chat::rt::block_on(async {
+            let (mut laptop, sync) = open_at(&a.addr, 5, "laptop").await;
+            assert!(
+                matches!(
+                    sync,
+                    Record::Sync {
+                        new: true,
+                        missed: 0,
+                        ..
+                    }
+                ),
+                "{sync:?}"
+            );
+            assert!(backlog(&mut laptop).await.is_empty());
+            let (mut phone, _) = open_at(&b.addr, 5, "phone").await;
+            assert!(backlog(&mut phone).await.is_empty());
+            let mut seven = login_at(&c.addr, 7).await;
+
+            // 7 -> 5 from node c reaches both devices, on a and b, with one offset.
+            let hi = text(7, 5, "hi five");
+            send_confirmed(&mut seven, &hi).await;
+            let (a_from, x, a_body) = message(&mut laptop).await;
+            let (b_from, y, b_body) = message(&mut phone).await;
+            assert_eq!((a_from, b_from), (7, 7));
+            assert_eq!((x.what, y.what), (What::Delivery, What::Delivery));
+            assert_eq!((x.conversation, y.conversation), (7, 7));
+            assert_eq!(x.offset, y.offset);
+            assert!(x.offset > 0 && x.time > 1_700_000_000_000);
+            assert_eq!(
+                (&a_body[..], &b_body[..]),
+                (&b"hi five"[..], &b"hi five"[..])
+            );
+
+            // The laptop answers: its echo with the offset, the phone's copy with the
+            // same, and 7's plain frame with today's bytes.
+            let echo = say(&mut laptop, 5, 7, "hello seven").await;
+            assert!(echo.offset > x.offset, "{echo:?} after {x:?}");
+            assert_eq!(echo.conversation, 7);
+            let (from, copy, body) = message(&mut phone).await;
+            assert_eq!((from, copy.what), (5, What::Carbon));
+            assert_eq!((copy.offset, copy.conversation), (echo.offset, 7));
+            assert_eq!(&body[..], b"hello seven");
+            assert_eq!(
+                recv(&mut seven).await,
+                delivered(&text(5, 7, "hello seven"))
+            );
+
+            // The phone's session did not sign the laptop out.
+            within(laptop.ping())
+                .await
+                .expect("the laptop is still connected");
+
+            // A third device, on the third node, pages the conversation back.
+            let (mut tablet, _) = open_at(&c.addr, 5, "tablet").await;
+            backlog(&mut tablet).await;
+            let (got, more) = page(&mut tablet, 5, 7, 10).await;
+            assert_eq!(got, ["hello seven", "hi five"]);
+            assert!(!more);
+            let (got, more) = page(&mut tablet, 5, 7, 1).await;
+            assert_eq!((got, more), (vec!["hello seven".to_string()], true));
+        });
+    }
+
+    #[test]
+    fn a_device_resumes_after_its_cursor_when_its_node_is_killed() {
+        let Some((cluster, mut a, b)) = two_nodes() else {
+            return;
+        };
+        let port = cluster.nats.ports[0];
+        chat::rt::block_on(async {
+            let (mut laptop, _) = open_at(&a.addr, 5, "laptop").await;
+            assert!(backlog(&mut laptop).await.is_empty());
+            let mut seven = login_at(&b.addr, 7).await;
+            let mut last = 0;
+            for i in 0..3 {
+                send_confirmed(&mut seven, &text(7, 5, &format!("live {i}"))).await;
+                let (_, e, body) = message(&mut laptop).await;
+                assert_eq!(&body[..], format!("live {i}").as_bytes());
+                last = e.offset;
+            }
+            // Acknowledge the first two; once the bucket has that cursor, kill -9.
+            within(laptop.send(&ClientFrame::ack(5, 2)))
+                .await
+                .expect("ack");
+            let start = Instant::now();
+            let acked = loop {
+                match cursor_in_bucket(port, 5, "laptop") {
+                    Some(c) if c > 0 && c < last => break c,
+                    _ if start.elapsed() > WAIT => panic!("the cursor was never stored"),
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            a.signal(libc::SIGKILL);
+            a.wait();
+            drop(laptop);
+            for i in 0..2 {
+                send_confirmed(&mut seven, &text(7, 5, &format!("away {i}"))).await;
+            }
+            let (mut laptop, sync) = open_at(&b.addr, 5, "laptop").await;
+            assert!(
+                matches!(
+                    sync,
+                    Record::Sync {
+                        new: false,
+                        missed: 0,
+                        ..
+                    }
+                ),
+                "{sync:?}"
+            );
+            let got = backlog(&mut laptop).await;
+            let bodies: Vec<_> = got
+                .iter()
+                .map(|(_, _, b)| String::from_utf8_lossy(b).into_owned())
+                .collect();
+            assert_eq!(bodies, ["live 2", "away 0", "away 1"]);
+            let offsets: Vec<u64> = got.iter().map(|(_, e, _)| e.offset).collect();
+            assert!(offsets[0] > acked, "{offsets:?} after {acked}");
+            assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+            // And live again.
+            send_confirmed(&mut seven, &text(7, 5, "back")).await;
+            assert_eq!(&message(&mut laptop).await.2[..], b"back");
+        });
+    }
+}

@@ -6,6 +6,8 @@
 //!   stream every node shares; beside it, its two parts for the node-to-node traffic:
 //!   `holds` (the ids this node holds, claiming them and letting them go) and
 //!   `forward` (frames to the node that holds their receiver, and batches from others);
+//!   and `log`, history and named devices (each id's log in a second stream, each
+//!   device's cursor in a key-value bucket), with `echoes`, the replies that wait on it;
 //! - [`wire`]: what nodes say to each other, as typed values with one encoding each;
 //! - [`msg`]: what the broker and the cluster's actor say to each other.
 //!
@@ -14,9 +16,11 @@
 //! embedded store lives on its own thread, and the broker reaches it only through its
 //! two channels ([`msg`]). [`start`] builds that thread.
 
+mod echoes;
 mod forward;
 mod holds;
 pub mod link;
+pub(crate) mod log;
 pub mod msg;
 pub(crate) mod stream;
 pub mod wire;
@@ -24,7 +28,7 @@ pub mod wire;
 use std::sync::Arc;
 
 use crate::metrics::Metrics;
-use crate::store::{Limits, Store};
+use crate::store::{History, Limits, Store};
 pub use link::Options;
 use link::connect;
 use msg::{FromCluster, ToCluster};
@@ -35,6 +39,7 @@ use msg::{FromCluster, ToCluster};
 pub fn start(
     options: Options,
     limits: Limits,
+    history: History,
     max_frame_bytes: u32,
     metrics: Option<Arc<Metrics>>,
 ) -> Result<Store<ToCluster, FromCluster>, StartError> {
@@ -83,6 +88,7 @@ pub fn start(
                     node: options.node.clone(),
                     replicas: options.replicas,
                     limits,
+                    history,
                     max_frame_bytes,
                     metrics,
                     link: link_rx,

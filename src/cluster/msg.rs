@@ -16,7 +16,7 @@
 
 use bytes::Bytes;
 
-use crate::store::{Command, Outcome, Reply};
+use crate::store::{Command, Outcome, Reply, Ticket};
 
 /// The broker's queue to a cluster's actor.
 #[derive(Debug)]
@@ -50,6 +50,23 @@ pub enum FromCluster {
         frames: Vec<Bytes>,
         behind: bool,
     },
+    /// The frame the broker numbered `seq` is at `offset` in its author's log: the
+    /// echo of a session's frame says so. Comes before the frame's `Appended`.
+    Logged {
+        ticket: Ticket,
+        seq: u64,
+        offset: u64,
+    },
+    /// History logs grew: the sessions here of the ids named read on.
+    Grew(Grew),
+}
+
+/// Whose logs grew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grew {
+    Id(u32),
+    /// Any id's: notes may have been lost (the link to NATS was down).
+    All,
 }
 
 impl From<Reply> for FromCluster {

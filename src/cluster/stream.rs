@@ -33,14 +33,18 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt, TryStreamExt, select_biased};
 
 use crate::cluster::StartError;
+use crate::cluster::echoes::Echoes;
 use crate::cluster::forward::{Due, Forwards, Settled};
 use crate::cluster::holds::{CLAIM_WAIT, Heard, Holds};
 use crate::cluster::link::{self, Link, Servers, sleep, within};
-use crate::cluster::msg::{FromCluster, ToCluster};
+use crate::cluster::log::{Log, Logged};
+use crate::cluster::msg::{FromCluster, Grew, ToCluster};
 use crate::cluster::wire::{self, Hold, Refused};
+use crate::ids::Endpoint;
 use crate::metrics::Metrics;
 use crate::store::{
-    Command, Failure, Limits, Outcome, QUEUE, Reply, Stage, Store, Stored, Ticket, answer, settled,
+    Command, DeviceChange, Failure, History, Limits, Outcome, QUEUE, Reply, Stage, Store, Stored,
+    Ticket, answer, author_of, settled,
 };
 
 /// The stream that holds every node's frames.
@@ -73,6 +77,9 @@ pub struct Setup {
     pub node: String,
     pub replicas: Option<usize>,
     pub limits: Limits,
+    /// History's bounds; with history on, sessions are offered and each id's log is
+    /// kept in the stream [`crate::cluster::log::STREAM`].
+    pub history: History,
     pub max_frame_bytes: u32,
     pub metrics: Option<Arc<Metrics>>,
     pub link: mpsc::UnboundedReceiver<Link>,
@@ -114,6 +121,58 @@ pub async fn run(
             return;
         }
     };
+    let log = match setup.history.on() {
+        false => None,
+        true => {
+            let replicas = stream.cached_info().config.num_replicas;
+            let max_frame = setup.max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN;
+            let started = Instant::now();
+            let made = loop {
+                match crate::cluster::log::ensure(&js, &setup.history, replicas, max_frame).await {
+                    Ok(made) => break Ok(made),
+                    Err(e) if started.elapsed() < SETUP_LIMIT => {
+                        log::debug!("history stream not ready yet: {e}");
+                        sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            let made = match made {
+                Ok((history, kv)) => {
+                    let reads = jetstream::ContextBuilder::new()
+                        .timeout(READ_WAIT)
+                        .build(setup.client.clone())
+                        .get_stream_no_info(crate::cluster::log::STREAM)
+                        .await
+                        .map_err(|e| e.to_string());
+                    match reads {
+                        Ok(reads) => {
+                            Log::new(js.clone(), setup.client.clone(), reads, history, kv).await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match made {
+                Ok(log) => {
+                    log::info!(
+                        "node {}: history kept in stream {}",
+                        setup.node,
+                        crate::cluster::log::STREAM
+                    );
+                    Some(log)
+                }
+                Err(reason) => {
+                    let _ = ready.send(Err(StartError::Stream {
+                        stream: crate::cluster::log::STREAM,
+                        reason,
+                    }));
+                    return;
+                }
+            }
+        }
+    };
     let (commands, rx) = mpsc::channel(QUEUE);
     let (reply_tx, replies) = mpsc::unbounded();
     let (closed_tx, closed) = oneshot::channel();
@@ -122,7 +181,7 @@ pub async fn run(
         replies,
         // The broker's numbers need only be unique within this process.
         next_seq: 1,
-        // Sessions are not offered in a cluster yet: no devices to know.
+        // Each node numbers the named devices it sees; their cursors are in the bucket.
         devices: Vec::new(),
         closed,
     };
@@ -168,6 +227,8 @@ pub async fn run(
         down: None,
         held: VecDeque::new(),
         claiming: HashMap::new(),
+        log,
+        echoes: Echoes::default(),
     };
     actor.run(rx, setup.link).await;
     let _ = closed_tx.send(());
@@ -339,6 +400,10 @@ struct Actor {
     /// commands for the id that came meanwhile, in order. They go on once the claim is
     /// done; commands for other ids go on at once.
     claiming: HashMap<u32, (FirstRead, VecDeque<ToCluster>)>,
+    /// History and named devices (see [`crate::cluster::log`]); `None` with history off.
+    log: Option<Log>,
+    /// Echoes waiting on the log too (see [`crate::cluster::echoes`]).
+    echoes: Echoes,
 }
 
 /// A first read of an id's mailbox, waiting for this node's claim of the id.
@@ -395,6 +460,7 @@ impl Actor {
                     }
                 },
                 heard = self.holds.next().fuse() => self.heard(heard).await,
+                logged = log_next(&mut self.log).fuse() => self.logged(logged),
                 cmd = rx.next() => match cmd {
                     Some(cmd) => {
                         self.on_command(cmd).await;
@@ -444,8 +510,23 @@ impl Actor {
         log::debug!("JetStream store closed");
     }
 
-    /// Sends the replies gathered so far and the mail for receivers held elsewhere.
+    /// Sends the replies gathered so far and the mail for receivers held elsewhere;
+    /// publishes the history blocks filled meanwhile.
     async fn flush(&mut self) {
+        if let Some(log) = &mut self.log {
+            for (waits, why) in log.flush().await {
+                let failed = Err(why);
+                for (index, wait) in waits {
+                    self.echoes.logged(wait, index, &failed);
+                }
+            }
+        }
+        let out = std::mem::take(&mut self.out);
+        self.out = out
+            .into_iter()
+            .filter_map(|reply| self.echoes.reply(reply))
+            .collect();
+        self.out.extend(self.echoes.ready());
         if !self.out.is_empty() {
             let _ = self.replies.unbounded_send(std::mem::take(&mut self.out));
         }
@@ -500,6 +581,10 @@ impl Actor {
             }
             return;
         }
+        let cmd = match self.logging(cmd) {
+            Some(cmd) => cmd,
+            None => return,
+        };
         match cmd {
             // Older frames for the receiver are still on their way to its previous
             // holder, or to the stream: this one goes behind them, whichever way they
@@ -525,9 +610,47 @@ impl Actor {
                 self.forwards.queue(receiver, cmd);
                 self.forward(receiver).await;
             }
+            Command::Delete {
+                seqs,
+                receiver,
+                device,
+            } if device != 0 => {
+                if let (Some(log), Some(&upto)) = (&mut self.log, seqs.iter().max()) {
+                    log.ack(
+                        Endpoint {
+                            id: receiver,
+                            device,
+                        },
+                        upto,
+                    );
+                }
+            }
             Command::Delete { seqs, receiver, .. } => {
                 for seq in seqs {
                     self.delete(receiver, seq);
+                }
+            }
+            Command::Load {
+                ticket,
+                receiver,
+                device,
+                after,
+                max_bytes,
+                ..
+            } if device != 0 => {
+                let endpoint = Endpoint {
+                    id: receiver,
+                    device,
+                };
+                match &mut self.log {
+                    Some(log) => log.load(ticket, endpoint, after, max_bytes),
+                    None => self.out.push(FromCluster::Store(Reply::Page {
+                        ticket,
+                        receiver,
+                        held: Vec::new(),
+                        frames: Vec::new(),
+                        sync: None,
+                    })),
                 }
             }
             Command::Load {
@@ -540,9 +663,14 @@ impl Actor {
                 let mark = self.high_seq;
                 self.load(ticket, receiver, after, max_bytes, mark).await;
             }
-            // The broker opens no sessions in a cluster yet, so it asks nothing of
-            // devices or history; answer rather than leave a query hanging.
-            Command::Device { .. } => {}
+            Command::Device { endpoint, change } => {
+                if let Some(log) = &mut self.log {
+                    match change {
+                        DeviceChange::Seen { name, .. } => log.seen(endpoint, &name),
+                        DeviceChange::Forget => log.forget(endpoint),
+                    }
+                }
+            }
             Command::Measure { id, answer } => {
                 // Behind what this node stages for it, as a load would be.
                 self.publish_staged(Some(id)).await;
@@ -560,10 +688,24 @@ impl Actor {
                 if let Some(purged) = self.purge(id).await {
                     self.live.remove(&id);
                     self.mail.remove(&id);
+                    let mut history = 0;
+                    if let Some(log) = &mut self.log {
+                        match within(OPERATOR_WAIT, log.purge(id)).await {
+                            Some(Ok(n)) => history = n,
+                            Some(Err(e)) => log::warn!("id {id}: history not purged: {e}"),
+                            None => log::warn!("id {id}: history not purged in {OPERATOR_WAIT:?}"),
+                        }
+                    }
                     let _ = answer.send(Stored {
                         mailbox_messages: purged,
+                        history_messages: history,
                         ..Stored::default()
                     });
+                }
+            }
+            Command::Query { ticket, query, id } if self.log.is_some() => {
+                if let Some(log) = &mut self.log {
+                    log.query(ticket, id, query);
                 }
             }
             Command::Query { ticket, query, .. } => {
@@ -576,6 +718,89 @@ impl Actor {
                     frames: vec![failed.encode()],
                 }));
             }
+        }
+    }
+
+    /// With history on, a frame a connection here sent goes into its sender's and its
+    /// receiver's logs. Hands the append back for the mailbox, unless its receiver is
+    /// used only from sessions and nobody delivers it live here: then the log is all
+    /// there is to it.
+    fn logging(&mut self, cmd: Command) -> Option<Command> {
+        let Some(log) = &mut self.log else {
+            return Some(cmd);
+        };
+        let Command::Append {
+            ticket: ticket @ Ticket::Conn(_),
+            receiver,
+            seq,
+            wire,
+            live,
+            time,
+            fanout,
+        } = &cmd
+        else {
+            return Some(cmd);
+        };
+        let origin = fanout.as_ref().and_then(|f| f.origin);
+        let sessions_only = !*live && log.sessions_only(*receiver);
+        let sender = author_of(wire);
+        log.append(
+            sender,
+            *receiver,
+            origin,
+            wire,
+            *time,
+            *seq,
+            origin.is_some(),
+            sessions_only,
+        );
+        self.echoes
+            .expect(*seq, *ticket, wire.len(), origin.is_some(), sessions_only);
+        match sessions_only {
+            true => None,
+            false => Some(cmd),
+        }
+    }
+
+    /// What the log's work came to.
+    fn logged(&mut self, logged: Logged) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        match logged {
+            Logged::Stored { id, waits, result } => {
+                if result.is_ok() {
+                    log.stored(id);
+                } else if let Err(e) = &result {
+                    log::warn!("id {id}: a history block was not stored: {e}");
+                }
+                for (index, wait) in waits {
+                    self.echoes.logged(wait, index, &result);
+                }
+            }
+            Logged::Page {
+                ticket,
+                endpoint,
+                through,
+                frames,
+                sync,
+            } => {
+                log.read_through(endpoint, through);
+                self.out.push(FromCluster::Store(Reply::Page {
+                    ticket,
+                    receiver: endpoint.id,
+                    held: Vec::new(),
+                    frames,
+                    sync,
+                }));
+            }
+            Logged::Answer { ticket, frames } => {
+                self.out
+                    .push(FromCluster::Store(Reply::Answer { ticket, frames }));
+            }
+            Logged::Grew { id } => self.out.push(FromCluster::Grew(Grew::Id(id))),
+            Logged::Key(key) => log.key(key),
+            Logged::Done => {}
         }
     }
 
@@ -1181,6 +1406,9 @@ impl Actor {
             .ids()
             .map(|receiver| FromCluster::Mail { receiver });
         self.out.extend(mail);
+        if self.log.is_some() {
+            self.out.push(FromCluster::Grew(Grew::All));
+        }
     }
 
     fn link_down(&mut self, why: &str) {
@@ -1220,6 +1448,14 @@ impl Actor {
         for cmd in held {
             Box::pin(self.on_command(cmd)).await;
         }
+    }
+}
+
+/// The log's next news; never, with history off.
+async fn log_next(log: &mut Option<Log>) -> Logged {
+    match log {
+        Some(log) => log.next().await,
+        None => futures::future::pending().await,
     }
 }
 

@@ -7,6 +7,11 @@
 //! - A forwarded batch is its frames, back to back in their server -> client encoding.
 //! - The answer to a forwarded batch is one line per frame, in the batch's order:
 //!   `stored`, `full <why>` or `failed <why>`.
+//! - History (sessions): each id's log in the stream `CHAT_HISTORY`, one subject per
+//!   conversation (`chat.log.<id>.<peer>`), each message a [`Block`] of frames; after a
+//!   block is stored, `chat.note.<id>` tells the nodes with sessions of the id to read
+//!   on; each named device's place in its id's log under a key of `CHAT_DEVICES`
+//!   ([`DeviceKey`]).
 //!
 //! Nodes of the previous release write and read the same subjects, headers and lines,
 //! so old and new nodes understand each other during a rolling upgrade.
@@ -25,6 +30,175 @@ pub const BEHIND_HEADER: &str = "Chat-Behind";
 /// `receiver`'s subject in the mailbox stream.
 pub fn mailbox(receiver: u32) -> String {
     format!("chat.mb.{receiver}")
+}
+
+/// The history stream's subjects: one per conversation of each id.
+pub const LOG_SUBJECTS: &str = "chat.log.*.*";
+/// Every note that an id's log grew.
+pub const NOTE_SUBJECTS: &str = "chat.note.*";
+
+/// `id`'s log of its conversation with `peer`.
+pub fn log(id: u32, peer: u32) -> String {
+    format!("chat.log.{id}.{peer}")
+}
+
+/// Every conversation of `id`'s log.
+pub fn log_of(id: u32) -> String {
+    format!("chat.log.{id}.*")
+}
+
+/// Every conversation's log with `peer` in it, whoever keeps it (an operator's
+/// forgetting of `peer` takes them too).
+pub fn logs_with(peer: u32) -> String {
+    format!("chat.log.*.{peer}")
+}
+
+/// The id and peer of a log subject.
+pub fn logged(subject: &str) -> Option<(u32, u32)> {
+    let rest = subject.strip_prefix("chat.log.")?;
+    let (id, peer) = rest.split_once('.')?;
+    Some((id.parse().ok()?, peer.parse().ok()?))
+}
+
+/// Where the nodes hear that `id`'s log grew.
+pub fn note(id: u32) -> String {
+    format!("chat.note.{id}")
+}
+
+/// The id a note is for.
+pub fn noted(subject: &str) -> Option<u32> {
+    subject.strip_prefix("chat.note.")?.parse().ok()
+}
+
+/// Entries in one block, at most: an offset is its block's stream sequence times this
+/// plus its place in the block.
+pub const BLOCK_ENTRIES: usize = 256;
+
+/// The offset of entry `index` of the block stored at stream sequence `seq`.
+pub fn offset(seq: u64, index: usize) -> u64 {
+    (seq << 8) | (index as u64 & 0xff)
+}
+
+/// The block and the place in it an offset names.
+pub fn place(offset: u64) -> (u64, usize) {
+    (offset >> 8, (offset & 0xff) as usize)
+}
+
+/// One frame in an id's log: when it was accepted (ms since the epoch), which named
+/// device of its author sent it (empty: none, or the author is the peer), and the frame
+/// in its server -> client encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub time: u64,
+    pub device: String,
+    pub wire: Bytes,
+}
+
+/// A message of the history stream: frames of one conversation of one id, in order.
+/// `version u8 (1)`, then per entry `time u64 | device_len u8 | device | frame`, the
+/// frame with its own 9-byte header saying its length.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Block {
+    pub entries: Vec<Entry>,
+}
+
+const BLOCK_VERSION: u8 = 1;
+
+impl Block {
+    pub fn encode(&self) -> Bytes {
+        let size: usize = self
+            .entries
+            .iter()
+            .map(|e| 9 + e.device.len() + e.wire.len())
+            .sum();
+        let mut v = Vec::with_capacity(1 + size);
+        v.push(BLOCK_VERSION);
+        for e in &self.entries {
+            v.extend_from_slice(&e.time.to_be_bytes());
+            let device = e.device.as_bytes();
+            let len = device.len().min(u8::MAX as usize);
+            v.push(len as u8);
+            v.extend_from_slice(&device[..len]);
+            v.extend_from_slice(&e.wire);
+        }
+        Bytes::from(v)
+    }
+
+    /// A block read back; `None` if it is not one this release can read.
+    pub fn decode(payload: &Bytes) -> Option<Block> {
+        let (&version, _) = payload.split_first()?;
+        if version != BLOCK_VERSION {
+            return None;
+        }
+        let header = crate::protocol::SERVER_HEADER_LEN;
+        let mut entries = Vec::new();
+        let mut at = 1;
+        while at < payload.len() {
+            let time = u64::from_be_bytes(payload.get(at..at + 8)?.try_into().ok()?);
+            let len = *payload.get(at + 8)? as usize;
+            let device = payload.get(at + 9..at + 9 + len)?;
+            let device = std::str::from_utf8(device).ok()?.to_string();
+            let start = at + 9 + len;
+            let body = payload.get(start + 5..start + header)?;
+            let body = u32::from_be_bytes(body.try_into().ok()?) as usize;
+            let end = start.checked_add(header)?.checked_add(body)?;
+            payload.get(start..end)?;
+            entries.push(Entry {
+                time,
+                device,
+                wire: payload.slice(start..end),
+            });
+            at = end;
+        }
+        Some(Block { entries })
+    }
+}
+
+/// A key of the devices bucket: what it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKey {
+    /// A named device: its value is its cursor, the offset it acknowledged last.
+    Named { id: u32, name: String },
+    /// The id's default device (connections without a session) has been used since
+    /// the id got a named device: frames for it also wait in its mailbox.
+    Default { id: u32 },
+    /// The newest cursor of any of the id's devices: where a new device starts.
+    Top { id: u32 },
+}
+
+impl DeviceKey {
+    /// The key; a name is written in hex (keys allow few characters).
+    pub fn key(&self) -> String {
+        match self {
+            DeviceKey::Named { id, name } => {
+                let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+                format!("{id}.d{hex}")
+            }
+            DeviceKey::Default { id } => format!("{id}.default"),
+            DeviceKey::Top { id } => format!("{id}.top"),
+        }
+    }
+
+    pub fn parse(key: &str) -> Option<DeviceKey> {
+        let (id, rest) = key.split_once('.')?;
+        let id = id.parse().ok()?;
+        match rest {
+            "default" => Some(DeviceKey::Default { id }),
+            "top" => Some(DeviceKey::Top { id }),
+            _ => {
+                let hex = rest.strip_prefix('d')?;
+                if hex.len() % 2 != 0 {
+                    return None;
+                }
+                let bytes: Option<Vec<u8>> = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                    .collect();
+                let name = String::from_utf8(bytes?).ok()?;
+                Some(DeviceKey::Named { id, name })
+            }
+        }
+    }
 }
 
 /// What one node asks of the node that holds an id.
@@ -181,6 +355,70 @@ mod tests {
         assert_eq!(answers("_INBOX.abc"), "_INBOX.abc.*");
         assert_eq!(answered("_INBOX.abc.12"), Some(12));
         assert_eq!(answered("_INBOX.abc.x"), None);
+    }
+
+    #[test]
+    fn log_subjects_offsets_and_device_keys_read_back() {
+        assert_eq!(log(7, 5), "chat.log.7.5");
+        assert_eq!(logged(&log(7, 5)), Some((7, 5)));
+        assert_eq!(logged("chat.log.7"), None);
+        assert_eq!(logged("chat.mb.7"), None);
+        assert_eq!(log_of(7), "chat.log.7.*");
+        assert_eq!(noted(&note(9)), Some(9));
+        assert_eq!(noted("chat.note.x"), None);
+        assert_eq!(place(offset(1000, 3)), (1000, 3));
+        assert!(
+            offset(1000, 255) < offset(1001, 0),
+            "offsets grow with the stream"
+        );
+        for key in [
+            DeviceKey::Named {
+                id: 7,
+                name: "laptop é".into(),
+            },
+            DeviceKey::Default { id: 7 },
+            DeviceKey::Top { id: 7 },
+        ] {
+            assert_eq!(DeviceKey::parse(&key.key()), Some(key.clone()), "{key:?}");
+            assert!(
+                key.key()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.'),
+                "a key NATS takes: {}",
+                key.key()
+            );
+        }
+        assert_eq!(DeviceKey::parse("7.dzz"), None);
+        assert_eq!(DeviceKey::parse("x.top"), None);
+    }
+
+    #[test]
+    fn a_block_reads_back_and_a_cut_one_does_not() {
+        let a = crate::protocol::notice(crate::protocol::Code::Pong, "a");
+        let b = crate::protocol::notice(crate::protocol::Code::Pong, "bb");
+        let block = Block {
+            entries: vec![
+                Entry {
+                    time: 5,
+                    device: "phone".into(),
+                    wire: a,
+                },
+                Entry {
+                    time: 6,
+                    device: String::new(),
+                    wire: b,
+                },
+            ],
+        };
+        let bytes = block.encode();
+        assert_eq!(Block::decode(&bytes), Some(block));
+        assert_eq!(Block::decode(&bytes.slice(..bytes.len() - 1)), None);
+        assert_eq!(
+            Block::decode(&Bytes::from_static(&[2])),
+            None,
+            "a later version"
+        );
+        assert_eq!(Block::decode(&Bytes::new()), None);
     }
 
     #[test]

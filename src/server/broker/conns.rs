@@ -40,6 +40,8 @@ pub(super) struct Conn {
     pub start: Option<bool>,
     /// Its queries the store has not answered yet (at most [`MAX_QUERIES`]).
     pub queries: u8,
+    /// A session has had its `synced` record (it goes once, after the first backlog).
+    pub synced: bool,
     /// Closing: its writer is finishing; it takes nothing new.
     pub closing: bool,
     /// Replies in the order their frames arrived (see [`super::replies`]).
@@ -108,6 +110,7 @@ impl Registry {
             session: None,
             start: None,
             queries: 0,
+            synced: false,
             closing,
             replies: Replies::default(),
             mailbox: Mailbox::default(),

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt, select_biased};
 
-use crate::cluster::msg::{FromCluster, ToCluster};
+use crate::cluster::msg::{FromCluster, Grew, ToCluster};
 use crate::ids::Endpoint;
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol::session::{Device, Envelope, Query, Record, What};
@@ -75,8 +75,12 @@ pub struct Broker {
     /// Store commands from where the broker cannot wait (a close), sent once the
     /// current event is handled.
     later: Vec<Command>,
-    /// Whether sessions are offered: on one node (a cluster keeps no history yet).
+    /// Whether sessions are offered: on one node, and in a cluster that keeps history.
     sessions: bool,
+    /// In a cluster, sessions read everything from their id's log in the stream (see
+    /// [`crate::cluster`]): nothing is pushed to them live from here, and the echo of
+    /// a session's frame learns its offset from the cluster.
+    cluster_sessions: bool,
     /// Whether a live frame's echo goes once it is written (see [`Broker::route_wire`]).
     echo_at_write: bool,
     /// In a cluster, how long a sender waits for a frame's outcome before it is told
@@ -108,7 +112,8 @@ impl Broker {
             ack_timeout: config.frame_timeout,
             devices: Devices::new(devices, config.max_devices),
             later: Vec::new(),
-            sessions: config.nats.is_none(),
+            sessions: config.nats.is_none() || config.history.on(),
+            cluster_sessions: config.nats.is_some() && config.history.on(),
             echo_at_write: config.nats.is_none() && config.history.on(),
             answer_within: config.nats.as_ref().map(|_| config.answer_within),
             retention: config.history.max_age,
@@ -361,8 +366,8 @@ impl Broker {
             return;
         }
         if !self.sessions {
-            let detail = "sessions (control operation 4) are not offered with --nats yet; \
-                          use hello with acks (operation 3)";
+            let detail = "sessions (control operation 4) need history, which this cluster \
+                          does not keep (--history-max-age 0); use hello with acks (operation 3)";
             return self.reply(conn, notice(Code::BadControl, detail));
         }
         let Some(c) = self.conns.live(conn) else {
@@ -608,7 +613,9 @@ impl Broker {
         }
         // The named devices that take it now: the receiver's, and the sender's others.
         let mut named = Vec::new();
-        if self.conns.has_sessions(receiver) || self.conns.has_sessions(sender) {
+        if !self.cluster_sessions
+            && (self.conns.has_sessions(receiver) || self.conns.has_sessions(sender))
+        {
             let mut devices: Vec<(Endpoint, ConnId, What, u32)> = Vec::new();
             for (device, rc) in self.conns.sessions_of(receiver) {
                 let e = Endpoint {
@@ -640,8 +647,10 @@ impl Broker {
                 }
             }
         }
+        // In a cluster the offset comes with the frame's outcome (0 until then).
+        let offset = if self.cluster_sessions { 0 } else { seq };
         let echo = match origin {
-            Some(_) => envelope(What::Echo, seq, time, receiver).wrap(&frame_wire),
+            Some(_) => envelope(What::Echo, offset, time, receiver).wrap(&frame_wire),
             None => frame_wire.clone(),
         };
         if self.storage.down().is_some() {
@@ -879,6 +888,17 @@ impl Broker {
                 frames,
                 behind,
             } => self.forwarded(token, receiver, frames, behind).await,
+            FromCluster::Logged {
+                ticket: Ticket::Conn(conn),
+                seq,
+                offset,
+            } => {
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.replies.set_offset(seq, offset);
+                }
+            }
+            FromCluster::Logged { .. } => {}
+            FromCluster::Grew(grew) => self.log_grew(grew).await,
             FromCluster::Takeover { receiver } => match self.conns.online(receiver) {
                 Some(conn) => {
                     log::info!("id {receiver}: bound on another node; closing here");
@@ -939,7 +959,8 @@ impl Broker {
                     Page::Ignore => {}
                     Page::ReadAgain { after } => self.load_page(conn, after).await,
                     Page::CaughtUp(held) => {
-                        if session {
+                        // Once: in a cluster a session catches up after every read.
+                        if session && !std::mem::replace(&mut c.synced, true) {
                             let head = c.mailbox.paged().unwrap_or(0);
                             let _ = c
                                 .outbox
@@ -1185,6 +1206,34 @@ impl Broker {
             .and_then(|c| c.mailbox.stored_elsewhere());
         if let Some(after) = after {
             self.load_page(conn, Some(after)).await;
+        }
+    }
+
+    /// In a cluster, the logs of ids with sessions here grew: each such session reads
+    /// on, now or after the read it is doing.
+    async fn log_grew(&mut self, grew: Grew) {
+        let conns: Vec<ConnId> = match grew {
+            Grew::Id(id) => self
+                .conns
+                .sessions_of(id)
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect(),
+            Grew::All => self
+                .conns
+                .all()
+                .into_iter()
+                .filter(|&c| self.is_session(c))
+                .collect(),
+        };
+        for conn in conns {
+            let after = self
+                .conns
+                .live(conn)
+                .and_then(|c| c.mailbox.stored_elsewhere());
+            if let Some(after) = after {
+                self.load_page(conn, Some(after)).await;
+            }
         }
     }
 

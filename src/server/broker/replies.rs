@@ -53,6 +53,24 @@ impl Replies {
         });
     }
 
+    /// The echo of `seq` names its frame's offset (a cluster learns it once the frame's
+    /// history block is stored): written into the echo's envelope.
+    pub fn set_offset(&mut self, seq: u64, offset: u64) {
+        let slot = self
+            .queue
+            .iter_mut()
+            .find(|r| matches!(r, Pending::Echo { seq: s, .. } if *s == seq));
+        if let Some(Pending::Echo { echo, .. }) = slot {
+            // The envelope follows the 9-byte header: its length, its kind, the offset.
+            let at = crate::protocol::SERVER_HEADER_LEN + 2;
+            if echo.len() >= at + 8 {
+                let mut patched = echo.to_vec();
+                patched[at..at + 8].copy_from_slice(&offset.to_be_bytes());
+                *echo = Bytes::from(patched);
+            }
+        }
+    }
+
     /// Answers every echo that has waited since before `cutoff` with `outcome`, and
     /// hands `send` every reply that no longer waits, in order; the echo's own outcome,
     /// when it comes, finds nothing to settle. Echoes wait in the order they came, so

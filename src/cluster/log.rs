@@ -1,0 +1,799 @@
+//! History and devices in a cluster: each id's log in the JetStream stream
+//! `CHAT_HISTORY`, and each named device's place in it in the key-value bucket
+//! `CHAT_DEVICES`. Part of the cluster's actor ([`super::stream`]), on the NATS link's
+//! thread.
+//!
+//! Why the stream numbers the log, not a node: a session's device may be on any node,
+//! and so may the other devices of its id and its peers. If one node numbered an id's
+//! log (its holder, as for the default device's mailbox), every frame for the id and
+//! from it would first travel to that node, and a device elsewhere would depend on it.
+//! Here every node appends to the log what its own connections send, and JetStream
+//! orders the appends: an offset is the stream sequence of the block a frame is in,
+//! times 256, plus its place in the block ([`wire::offset`]). Offsets grow along each
+//! id's log, with gaps (other ids' blocks), and are the same for every device.
+//!
+//! - **Appending.** A frame from A to B goes into B's log (`chat.log.B.A`) and A's
+//!   (`chat.log.A.B`, so A's other devices get their copy). The frames of one turn of
+//!   the actor for one subject go in one block, one publish (JetStream's rate is per
+//!   message: a block of 40 frames costs what one costs). Once a block is stored,
+//!   `chat.note.<id>` tells every node to read on for that id's sessions.
+//! - **Reading.** A session reads its id's log after its cursor (`STREAM.MSG.GET`,
+//!   `next_by_subj` with `chat.log.<id>.*`, which the stream's leader answers: it
+//!   sees every acknowledged block), leaving out what its own device sent (it had the
+//!   echo). Live frames come the same way, after a note: one path, one order.
+//! - **Cursors.** Acknowledged offsets are written to `CHAT_DEVICES` at the end of the
+//!   actor's turn (`<id>.d<name in hex>`), with the id's newest (`<id>.top`), where a
+//!   new device starts. The bucket keeps an entry for `--history-max-age` after its
+//!   last write: a device unused that long is forgotten (its next session is new).
+//! - **Pages back in time.** `STREAM.MSG.GET` finds the first message at or after a
+//!   sequence, not the one before: a page before an offset reads forward through
+//!   windows that grow four times each round, until it has enough.
+//! - **The default device.** Connections without a session keep today's path (the
+//!   holder, the mailbox stream). Once an id has a named device, frames wait in its
+//!   mailbox only if its default device has been used since (`<id>.default`): an id
+//!   used only from sessions would otherwise fill a mailbox nobody reads.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesUnordered};
+use futures::{FutureExt, StreamExt};
+
+use crate::cluster::link::sleep;
+use crate::cluster::wire::{self, Block, DeviceKey, Entry};
+use crate::ids::{Endpoint, Ticket};
+use crate::protocol::session::{Before, Envelope, MAX_PAGE, Query, Record, What};
+use crate::store::{History, author_of};
+
+/// The stream of every id's log.
+pub const STREAM: &str = "CHAT_HISTORY";
+/// The bucket of every named device's cursor.
+pub const BUCKET: &str = "CHAT_DEVICES";
+/// Blocks one read of a session's log looks at, at most.
+const READ_BLOCKS: usize = 256;
+/// Frames in one page of a session's log, at most.
+const READ_FRAMES: usize = 256;
+/// The most bytes of frames one query's answer holds (at least one frame), as on one
+/// node.
+const ANSWER_BYTES: usize = 1024 * 1024;
+/// Blocks one query reads, at most, before it answers with what it found (and `more`).
+const SCAN_BLOCKS: usize = 4096;
+/// A read that failed is tried again after this long, this many times.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+const RETRIES: usize = 20;
+
+/// What the log asks of the actor's reply: an offset for an echo, or the outcome of a
+/// frame whose receiver keeps no mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// The frame's offset in its author's log, for the echo of a session's frame.
+    Offset { seq: u64 },
+    /// Storing the frame in its receiver's log is all there is to it.
+    Outcome { seq: u64 },
+}
+
+/// A block being filled this turn.
+struct Filling {
+    id: u32,
+    peer: u32,
+    block: Block,
+    /// Which entries someone waits for.
+    waits: Vec<(usize, Wait)>,
+}
+
+/// What the log's work came to.
+pub(crate) enum Logged {
+    /// A block was stored at `seq` (or not: why), with what waited for its entries.
+    Stored {
+        id: u32,
+        waits: Vec<(usize, Wait)>,
+        result: Result<u64, String>,
+    },
+    /// A page of a session's log.
+    Page {
+        ticket: Ticket,
+        endpoint: Endpoint,
+        /// Where the session reads from after this page, frames left out included.
+        through: u64,
+        frames: Vec<(u64, Bytes)>,
+        sync: Option<Bytes>,
+    },
+    /// A query's answer.
+    Answer { ticket: Ticket, frames: Vec<Bytes> },
+    /// A note that `id`'s log grew, heard from any node.
+    Grew { id: u32 },
+    /// What the devices bucket says (or said, at start).
+    Key(DeviceKey),
+    /// Background work finished.
+    Done,
+}
+
+pub(crate) struct Log {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    /// The history stream, for reads that wait `READ_WAIT` at most.
+    reads: stream::Stream<()>,
+    stream: stream::Stream,
+    kv: kv::Store,
+    /// The names of named devices, by the broker's numbers.
+    names: HashMap<Endpoint, String>,
+    /// Where each session's next read starts (after this offset), when its last read
+    /// left out frames its broker never sees (its own).
+    starts: HashMap<Endpoint, u64>,
+    /// Cursors acknowledged and not yet written.
+    acked: HashMap<Endpoint, u64>,
+    /// The newest cursor written for each id.
+    tops: HashMap<u32, u64>,
+    /// Ids with named devices, and whether their default device is used too.
+    ids: HashMap<u32, bool>,
+    filling: Vec<Filling>,
+    index: HashMap<(u32, u32), usize>,
+    /// Ids whose logs grew since notes were last sent.
+    grew: HashSet<u32>,
+    work: FuturesUnordered<BoxFuture<'static, Logged>>,
+    /// Notes from every node and the bucket's keys.
+    heard: futures::stream::SelectAll<BoxStream<'static, Logged>>,
+}
+
+/// Sets up the history stream and the devices bucket with `replicas`.
+pub(crate) async fn ensure(
+    js: &jetstream::Context,
+    history: &History,
+    replicas: usize,
+    max_frame: usize,
+) -> Result<(stream::Stream, kv::Store), String> {
+    let config = stream::Config {
+        name: STREAM.into(),
+        subjects: vec![wire::LOG_SUBJECTS.into()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_age: history.max_age,
+        // Blocks per conversation; the oldest goes first.
+        max_messages_per_subject: i64::try_from(history.max_messages).unwrap_or(i64::MAX),
+        discard: stream::DiscardPolicy::Old,
+        max_message_size: i32::try_from(max_frame * wire::BLOCK_ENTRIES + 64 * 1024)
+            .unwrap_or(i32::MAX),
+        ..Default::default()
+    };
+    let stream = match js.get_stream(STREAM).await {
+        Ok(mut existing) => {
+            let info = existing.info().await.map_err(|e| e.to_string())?;
+            let mut wanted = config.clone();
+            wanted.num_replicas = info.config.num_replicas;
+            if info.config != wanted {
+                js.update_stream(&wanted).await.map_err(|e| e.to_string())?;
+            }
+            existing
+        }
+        Err(_) => js.create_stream(config).await.map_err(|e| e.to_string())?,
+    };
+    // The bucket's stream as async-nats would make it; made here because its
+    // `create_key_value` first asks for the account's details in a form nats-server
+    // 2.9 does not answer in.
+    let bucket = stream::Config {
+        name: format!("KV_{BUCKET}"),
+        subjects: vec![format!("$KV.{BUCKET}.>")],
+        max_messages_per_subject: 1,
+        max_age: history.max_age,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: replicas,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if js.get_stream(&bucket.name).await.is_err() {
+        js.create_stream(bucket).await.map_err(|e| e.to_string())?;
+    }
+    let kv = js.get_key_value(BUCKET).await.map_err(|e| e.to_string())?;
+    Ok((stream, kv))
+}
+
+impl Log {
+    pub async fn new(
+        js: jetstream::Context,
+        client: async_nats::Client,
+        reads: stream::Stream<()>,
+        stream: stream::Stream,
+        kv: kv::Store,
+    ) -> Result<Log, String> {
+        let mut log = Log {
+            js,
+            client,
+            reads,
+            stream,
+            kv,
+            names: HashMap::new(),
+            starts: HashMap::new(),
+            acked: HashMap::new(),
+            tops: HashMap::new(),
+            ids: HashMap::new(),
+            filling: Vec::new(),
+            index: HashMap::new(),
+            grew: HashSet::new(),
+            work: FuturesUnordered::new(),
+            heard: futures::stream::SelectAll::new(),
+        };
+        log.listen().await?;
+        Ok(log)
+    }
+
+    /// Listens for notes and for the bucket's keys (again, after the link was lost).
+    pub async fn listen(&mut self) -> Result<(), String> {
+        let notes = self
+            .client
+            .subscribe(wire::NOTE_SUBJECTS)
+            .await
+            .map_err(|e| e.to_string())?;
+        let notes = notes.filter_map(|msg| async move {
+            wire::noted(&msg.subject).map(|id| Logged::Grew { id })
+        });
+        let keys = self.kv.watch_all().await.map_err(|e| e.to_string())?;
+        let keys = keys.filter_map(|entry| async move {
+            let entry = entry.ok()?;
+            if entry.operation != kv::Operation::Put {
+                return None;
+            }
+            DeviceKey::parse(&entry.key).map(Logged::Key)
+        });
+        self.heard = futures::stream::SelectAll::new();
+        self.heard.push(notes.boxed());
+        self.heard.push(keys.boxed());
+        Ok(())
+    }
+
+    /// The next piece of finished work or news.
+    pub async fn next(&mut self) -> Logged {
+        loop {
+            futures::select_biased! {
+                done = self.work.select_next_some() => return done,
+                heard = self.heard.select_next_some() => return heard,
+                complete => futures::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// Whether frames for `id` should skip its mailbox: it has named devices and its
+    /// default device has not been used since.
+    pub fn sessions_only(&self, id: u32) -> bool {
+        self.ids.get(&id) == Some(&false)
+    }
+
+    /// What the bucket says.
+    pub fn key(&mut self, key: DeviceKey) {
+        match key {
+            DeviceKey::Named { id, .. } => {
+                self.ids.entry(id).or_insert(false);
+            }
+            DeviceKey::Default { id } => {
+                self.ids.insert(id, true);
+            }
+            DeviceKey::Top { .. } => {}
+        }
+    }
+
+    /// A device of `e.id` was seen: a named one's name is remembered; the default
+    /// device of an id with named devices is written down, so frames for it wait in
+    /// its mailbox from now on.
+    pub fn seen(&mut self, e: Endpoint, name: &str) {
+        if e.device != 0 {
+            self.names.insert(e, name.to_string());
+            return;
+        }
+        if self.sessions_only(e.id) {
+            self.ids.insert(e.id, true);
+            let key = DeviceKey::Default { id: e.id }.key();
+            let kv = self.kv.clone();
+            self.work.push(
+                async move {
+                    if let Err(e) = kv.put(key, Bytes::from_static(b"1")).await {
+                        log::warn!("the default device's key was not written: {e}");
+                    }
+                    Logged::Done
+                }
+                .boxed(),
+            );
+        }
+    }
+
+    /// A named device is forgotten: its cursor goes.
+    pub fn forget(&mut self, e: Endpoint) {
+        let Some(name) = self.names.remove(&e) else {
+            return;
+        };
+        self.starts.remove(&e);
+        self.acked.remove(&e);
+        let key = DeviceKey::Named { id: e.id, name }.key();
+        let kv = self.kv.clone();
+        self.work.push(
+            async move {
+                if let Err(e) = kv.purge(key).await {
+                    log::warn!("a forgotten device's cursor was not removed: {e}");
+                }
+                Logged::Done
+            }
+            .boxed(),
+        );
+    }
+
+    /// Adds a frame from `sender` to `receiver` to both their logs; `origin` is the
+    /// sender's named device that sent it. `offset`: the echo waits for the frame's
+    /// offset in the sender's log; `outcome`: its outcome is its receiver's log.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &mut self,
+        sender: u32,
+        receiver: u32,
+        origin: Option<u16>,
+        wire: &Bytes,
+        time: u64,
+        seq: u64,
+        offset: bool,
+        outcome: bool,
+    ) {
+        let device = origin
+            .and_then(|device| self.names.get(&Endpoint { id: sender, device }))
+            .cloned()
+            .unwrap_or_default();
+        let theirs = Entry {
+            time,
+            device: String::new(),
+            wire: wire.clone(),
+        };
+        let ours = Entry {
+            time,
+            device,
+            wire: wire.clone(),
+        };
+        self.fill(
+            receiver,
+            sender,
+            theirs,
+            outcome.then_some(Wait::Outcome { seq }),
+        );
+        self.fill(
+            sender,
+            receiver,
+            ours,
+            offset.then_some(Wait::Offset { seq }),
+        );
+    }
+
+    fn fill(&mut self, id: u32, peer: u32, entry: Entry, wait: Option<Wait>) {
+        let i = match self.index.get(&(id, peer)) {
+            Some(&i) if self.filling[i].block.entries.len() < wire::BLOCK_ENTRIES => i,
+            _ => {
+                self.filling.push(Filling {
+                    id,
+                    peer,
+                    block: Block::default(),
+                    waits: Vec::new(),
+                });
+                let i = self.filling.len() - 1;
+                self.index.insert((id, peer), i);
+                i
+            }
+        };
+        let filling = &mut self.filling[i];
+        if let Some(wait) = wait {
+            filling.waits.push((filling.block.entries.len(), wait));
+        }
+        filling.block.entries.push(entry);
+    }
+
+    /// Publishes this turn's blocks, in order; writes acknowledged cursors; sends the
+    /// notes for logs that grew. Returns the waits of blocks that could not be sent.
+    pub async fn flush(&mut self) -> Vec<(Vec<(usize, Wait)>, String)> {
+        let mut failed = Vec::new();
+        self.index.clear();
+        for filling in std::mem::take(&mut self.filling) {
+            let subject = wire::log(filling.id, filling.peer);
+            let id = filling.id;
+            let waits = filling.waits;
+            match self.js.publish(subject, filling.block.encode()).await {
+                Ok(ack) => self.work.push(
+                    async move {
+                        let result = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
+                        Logged::Stored { id, waits, result }
+                    }
+                    .boxed(),
+                ),
+                Err(e) => failed.push((waits, e.to_string())),
+            }
+        }
+        for (e, cursor) in std::mem::take(&mut self.acked) {
+            let Some(name) = self.names.get(&e).cloned() else {
+                continue;
+            };
+            let top = self.tops.get(&e.id).is_none_or(|&t| t < cursor);
+            if top {
+                self.tops.insert(e.id, cursor);
+            }
+            let kv = self.kv.clone();
+            self.work.push(
+                async move {
+                    let value = Bytes::from(cursor.to_string());
+                    let key = DeviceKey::Named { id: e.id, name }.key();
+                    if let Err(err) = kv.put(key, value.clone()).await {
+                        log::warn!("id {}: a device's cursor was not written: {err}", e.id);
+                    }
+                    if top && let Err(err) = kv.put(DeviceKey::Top { id: e.id }.key(), value).await
+                    {
+                        log::debug!("id {}: the newest cursor was not written: {err}", e.id);
+                    }
+                    Logged::Done
+                }
+                .boxed(),
+            );
+        }
+        for id in std::mem::take(&mut self.grew) {
+            if let Err(e) = self.client.publish(wire::note(id), Bytes::new()).await {
+                log::debug!("note for id {id} not sent: {e}");
+            }
+        }
+        failed
+    }
+
+    /// A block of `id`'s log was stored: the nodes hear of it once this turn ends.
+    pub fn stored(&mut self, id: u32) {
+        self.grew.insert(id);
+    }
+
+    /// A session acknowledged frames up to `offset`.
+    pub fn ack(&mut self, e: Endpoint, offset: u64) {
+        let cursor = self.acked.entry(e).or_default();
+        *cursor = (*cursor).max(offset);
+    }
+
+    /// Reads a page of `e`'s log after `after` (`None`: its first read, which starts
+    /// after its cursor and begins with its `sync` record).
+    pub fn load(&mut self, ticket: Ticket, e: Endpoint, after: Option<u64>, max_bytes: usize) {
+        let Some(name) = self.names.get(&e).cloned() else {
+            log::warn!("id {}: a session read for a device with no name", e.id);
+            return;
+        };
+        if after.is_none() {
+            // A new connection of the device: it starts after its cursor, whatever an
+            // earlier one here read.
+            self.starts.remove(&e);
+        }
+        let start = self.starts.get(&e).copied().unwrap_or(0);
+        let reads = self.reads.clone();
+        let kv = self.kv.clone();
+        self.work.push(
+            async move {
+                let mut tries = 0;
+                loop {
+                    let read = read_session(&reads, &kv, e, &name, after, start, max_bytes);
+                    match read.await {
+                        Ok((through, frames, sync)) => {
+                            return Logged::Page {
+                                ticket,
+                                endpoint: e,
+                                through,
+                                frames,
+                                sync,
+                            };
+                        }
+                        Err(err) if tries < RETRIES => {
+                            tries += 1;
+                            log::warn!("id {}: history read failed, trying again: {err}", e.id);
+                            sleep(RETRY_AFTER).await;
+                        }
+                        Err(err) => {
+                            log::error!("id {}: history read failed: {err}", e.id);
+                            return Logged::Page {
+                                ticket,
+                                endpoint: e,
+                                through: 0,
+                                frames: Vec::new(),
+                                sync: None,
+                            };
+                        }
+                    }
+                }
+            }
+            .boxed(),
+        );
+    }
+
+    /// A page was read for `e`: its next read starts after `through` at least.
+    pub fn read_through(&mut self, e: Endpoint, through: u64) {
+        if through > 0 {
+            let start = self.starts.entry(e).or_default();
+            *start = (*start).max(through);
+        }
+    }
+
+    /// Answers a session's query about `id`'s history.
+    pub fn query(&mut self, ticket: Ticket, id: u32, query: Query) {
+        let reads = self.reads.clone();
+        self.work.push(
+            async move {
+                let request = query.request();
+                let frames = match query {
+                    Query::History {
+                        request,
+                        conversation,
+                        before,
+                        limit,
+                    } => {
+                        let page = history_page(&reads, id, conversation, before, limit, request);
+                        match page.await {
+                            Ok(frames) => frames,
+                            Err(why) => failed(request, format!("history unavailable: {why}")),
+                        }
+                    }
+                    Query::Conversations { .. } | Query::Read { .. } => failed(
+                        request,
+                        "the conversation list and read markers are not kept in a cluster yet"
+                            .into(),
+                    ),
+                };
+                Logged::Answer { ticket, frames }
+            }
+            .boxed(),
+        );
+    }
+
+    /// Purges `id`'s logs and the logs of its conversations kept by others, and its
+    /// devices: how many blocks went.
+    pub async fn purge(&mut self, id: u32) -> Result<u64, String> {
+        let mut purged = 0;
+        for subject in [wire::log_of(id), wire::logs_with(id)] {
+            let done = self.stream.purge().filter(subject).await;
+            purged += done.map_err(|e| e.to_string())?.purged;
+        }
+        self.names.retain(|e, _| e.id != id);
+        self.starts.retain(|e, _| e.id != id);
+        self.tops.remove(&id);
+        self.ids.remove(&id);
+        let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
+        let prefix = format!("{id}.");
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| e.to_string())?;
+            if key.starts_with(&prefix) {
+                self.kv.purge(&key).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(purged)
+    }
+}
+
+fn failed(request: u32, why: String) -> Vec<Bytes> {
+    vec![Record::QueryFailed { request, why }.encode()]
+}
+
+/// The first message of `subject` at or after stream sequence `from`; `None` when
+/// there is none.
+async fn first_at(
+    reads: &stream::Stream<()>,
+    subject: &str,
+    from: u64,
+) -> Result<Option<(u64, String, Bytes)>, String> {
+    use jetstream::stream::RawMessageErrorKind;
+    match reads.get_first_raw_message_by_subject(subject, from).await {
+        Ok(msg) => Ok(Some((msg.sequence, msg.subject.to_string(), msg.payload))),
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The offset of the newest frame in `id`'s log (0: none).
+async fn head(reads: &stream::Stream<()>, id: u32) -> Result<u64, String> {
+    use jetstream::stream::LastRawMessageErrorKind;
+    match reads
+        .get_last_raw_message_by_subject(&wire::log_of(id))
+        .await
+    {
+        Ok(msg) => {
+            let n = Block::decode(&msg.payload).map_or(1, |b| b.entries.len());
+            Ok(wire::offset(msg.sequence, n.saturating_sub(1)))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The cursor of a device from the bucket; `None` for a device it does not know.
+async fn cursor(kv: &kv::Store, key: DeviceKey) -> Result<Option<u64>, String> {
+    let value = kv.get(key.key()).await.map_err(|e| e.to_string())?;
+    Ok(value.and_then(|v| std::str::from_utf8(v.as_ref()).ok()?.parse().ok()))
+}
+
+/// Reads a page of session `e`'s log: where its next read starts, the frames with
+/// their envelopes, and on its first read the `sync` record.
+async fn read_session(
+    reads: &stream::Stream<()>,
+    kv: &kv::Store,
+    e: Endpoint,
+    name: &str,
+    after: Option<u64>,
+    start: u64,
+    max_bytes: usize,
+) -> Result<(u64, Vec<(u64, Bytes)>, Option<Bytes>), String> {
+    let (after, sync) = match after {
+        Some(after) => (after.max(start), None),
+        None => {
+            let named = DeviceKey::Named {
+                id: e.id,
+                name: name.to_string(),
+            };
+            let head = head(reads, e.id).await?;
+            let oldest = match first_at(reads, &wire::log_of(e.id), 1).await? {
+                Some((seq, ..)) => wire::offset(seq, 0),
+                None => 0,
+            };
+            let (new, resume) = match cursor(kv, named.clone()).await? {
+                Some(cursor) => (false, cursor),
+                None => {
+                    // New: after the newest cursor of the id's devices, or live.
+                    let top = cursor(kv, DeviceKey::Top { id: e.id }).await?;
+                    let resume = top.unwrap_or(head);
+                    let value = Bytes::from(resume.to_string());
+                    kv.put(named.key(), value)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    (true, resume)
+                }
+            };
+            let sync = Record::Sync {
+                new,
+                head,
+                oldest,
+                backlog: 0,
+                missed: 0,
+            };
+            (resume.max(start), Some(sync.encode()))
+        }
+    };
+    let subject = wire::log_of(e.id);
+    let (mut seq, skip) = match after {
+        0 => (1, None),
+        a => {
+            let (seq, index) = wire::place(a);
+            (seq, Some((seq, index)))
+        }
+    };
+    let mut frames = Vec::new();
+    let mut bytes = 0;
+    let mut through = after;
+    'blocks: for _ in 0..READ_BLOCKS {
+        let Some((at, subject_read, payload)) = first_at(reads, &subject, seq).await? else {
+            break;
+        };
+        seq = at + 1;
+        let Some((_, peer)) = wire::logged(&subject_read) else {
+            continue;
+        };
+        let Some(block) = Block::decode(&payload) else {
+            log::warn!("id {}: a history block it cannot read, left out", e.id);
+            continue;
+        };
+        for (i, entry) in block.entries.into_iter().enumerate() {
+            if skip.is_some_and(|(s, index)| s == at && i <= index) {
+                continue;
+            }
+            if frames.len() >= READ_FRAMES || (bytes >= max_bytes && !frames.is_empty()) {
+                break 'blocks;
+            }
+            let offset = wire::offset(at, i);
+            through = offset;
+            let author = author_of(&entry.wire);
+            let what = if author != e.id {
+                What::Delivery
+            } else if entry.device == name {
+                // Its own frame: it had the echo.
+                continue;
+            } else {
+                What::Carbon
+            };
+            let envelope = Envelope {
+                what,
+                offset,
+                time: entry.time,
+                conversation: peer,
+                request: 0,
+            };
+            let wrapped = envelope.wrap(&entry.wire);
+            bytes += wrapped.len();
+            frames.push((offset, wrapped));
+        }
+    }
+    Ok((through, frames, sync))
+}
+
+/// A page of `id`'s conversation with `conversation` before `before`, newest first,
+/// then its `page-end`.
+async fn history_page(
+    reads: &stream::Stream<()>,
+    id: u32,
+    conversation: u32,
+    before: Before,
+    limit: u16,
+    request: u32,
+) -> Result<Vec<Bytes>, String> {
+    use jetstream::stream::LastRawMessageErrorKind;
+    let limit = usize::from(limit.min(MAX_PAGE));
+    let end = match before {
+        Before::Newest => u64::MAX,
+        Before::Offset(o) => o,
+    };
+    let subject = wire::log(id, conversation);
+    let last = match reads.get_last_raw_message_by_subject(&subject).await {
+        Ok(msg) => msg.sequence,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
+        Err(e) => return Err(e.to_string()),
+    };
+    // The newest entries before `end`, oldest first, at most `limit + 1`.
+    let mut found: VecDeque<(u64, Entry)> = VecDeque::new();
+    let mut hi = last.min(wire::place(end).0);
+    let mut window = 64u64;
+    let mut scanned = 0;
+    while hi > 0 && found.len() <= limit && scanned < SCAN_BLOCKS {
+        let lo = hi.saturating_sub(window).max(1);
+        let mut older = Vec::new();
+        let mut seq = lo;
+        while seq <= hi {
+            let Some((at, _, payload)) = first_at(reads, &subject, seq).await? else {
+                break;
+            };
+            if at > hi {
+                break;
+            }
+            seq = at + 1;
+            scanned += 1;
+            let Some(block) = Block::decode(&payload) else {
+                continue;
+            };
+            for (i, entry) in block.entries.into_iter().enumerate() {
+                let offset = wire::offset(at, i);
+                if offset < end {
+                    older.push((offset, entry));
+                }
+            }
+        }
+        for item in older.into_iter().rev() {
+            found.push_front(item);
+        }
+        hi = lo - 1;
+        window = window.saturating_mul(4);
+    }
+    let more = found.len() > limit || (hi > 0 && scanned >= SCAN_BLOCKS);
+    let mut frames = Vec::new();
+    let mut bytes = 0;
+    let mut next = 0;
+    let mut cut = false;
+    for (offset, entry) in found.iter().rev().take(limit) {
+        if bytes >= ANSWER_BYTES && !frames.is_empty() {
+            cut = true;
+            break;
+        }
+        let envelope = Envelope {
+            what: What::Page,
+            offset: *offset,
+            time: entry.time,
+            conversation,
+            request,
+        };
+        let wrapped = envelope.wrap(&entry.wire);
+        bytes += wrapped.len();
+        frames.push(wrapped);
+        next = *offset;
+    }
+    let more = more || cut;
+    let next = if more { next } else { 0 };
+    frames.push(
+        Record::PageEnd {
+            request,
+            more,
+            next,
+        }
+        .encode(),
+    );
+    Ok(frames)
+}
