@@ -1575,4 +1575,102 @@ mod sessions {
             assert_eq!(&message(&mut laptop).await.2[..], b"back");
         });
     }
+
+    /// The rows of `id`'s conversation list, as (peer, unread, read), most recent first.
+    async fn conversation_list(c: &mut Client, id: u32) -> Vec<(u32, u32, u64)> {
+        let q = Query::Conversations {
+            request: 3,
+            before: Before::Newest,
+            limit: 10,
+        };
+        within(c.send(&q.frame(id))).await.expect("send");
+        let mut rows = Vec::new();
+        loop {
+            match next(c).await {
+                Received::Record(Record::Conversation {
+                    request,
+                    peer,
+                    unread,
+                    read,
+                    ..
+                }) => {
+                    assert_eq!(request, 3);
+                    rows.push((peer, unread, read));
+                }
+                Received::Record(Record::PageEnd {
+                    request: 3, more, ..
+                }) => {
+                    assert!(!more);
+                    return rows;
+                }
+                other => panic!("expected the list, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_conversation_list_and_read_markers_agree_on_devices_on_two_nodes() {
+        let Some((_cluster, a, b)) = two_nodes() else {
+            return;
+        };
+        chat::rt::block_on(async {
+            let (mut laptop, _) = open_at(&a.addr, 5, "laptop").await;
+            backlog(&mut laptop).await;
+            let (mut phone, _) = open_at(&b.addr, 5, "phone").await;
+            backlog(&mut phone).await;
+            let mut seven = login_at(&a.addr, 7).await;
+            let mut nine = login_at(&b.addr, 9).await;
+            let mut from_seven = Vec::new();
+            for i in 0..3 {
+                send_confirmed(&mut seven, &text(7, 5, &format!("seven {i}"))).await;
+                from_seven.push(message(&mut laptop).await.1.offset);
+                message(&mut phone).await;
+            }
+            for i in 0..2 {
+                send_confirmed(&mut nine, &text(9, 5, &format!("nine {i}"))).await;
+                message(&mut laptop).await;
+                message(&mut phone).await;
+            }
+            assert_eq!(
+                conversation_list(&mut laptop, 5).await,
+                [(9, 2, 0), (7, 3, 0)]
+            );
+
+            // The laptop reads 7's first two: both devices hear the marker move.
+            let read = Query::Read {
+                request: 4,
+                conversation: 7,
+                upto: from_seven[1],
+            };
+            within(laptop.send(&read.frame(5))).await.expect("send");
+            let moved = Record::Read {
+                conversation: 7,
+                upto: from_seven[1],
+                unread: 1,
+            };
+            for device in [&mut laptop, &mut phone] {
+                match next(device).await {
+                    Received::Record(r) => assert_eq!(r, moved),
+                    other => panic!("expected the read record, got {other:?}"),
+                }
+            }
+            assert_eq!(
+                conversation_list(&mut phone, 5).await,
+                [(9, 2, 0), (7, 1, from_seven[1])]
+            );
+            // A marker never goes back.
+            let back = Query::Read {
+                request: 5,
+                conversation: 7,
+                upto: from_seven[0],
+            };
+            within(phone.send(&back.frame(5))).await.expect("send");
+            for device in [&mut laptop, &mut phone] {
+                match next(device).await {
+                    Received::Record(r) => assert_eq!(r, moved),
+                    other => panic!("expected the read record, got {other:?}"),
+                }
+            }
+        });
+    }
 }

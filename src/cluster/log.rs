@@ -105,6 +105,8 @@ pub(crate) enum Logged {
     Answer { ticket: Ticket, frames: Vec<Bytes> },
     /// A note that `id`'s log grew, heard from any node.
     Grew { id: u32 },
+    /// A read marker of `id` moved (heard from any node, this one too): its record.
+    Read { id: u32, record: Bytes },
     /// What the devices bucket says (or said, at start).
     Key(DeviceKey),
     /// Background work finished.
@@ -232,6 +234,18 @@ impl Log {
         let notes = notes.filter_map(|msg| async move {
             wire::noted(&msg.subject).map(|id| Logged::Grew { id })
         });
+        let reads = self
+            .client
+            .subscribe(wire::READ_SUBJECTS)
+            .await
+            .map_err(|e| e.to_string())?;
+        let reads = reads.filter_map(|msg| async move {
+            let id = wire::read_by(&msg.subject)?;
+            Some(Logged::Read {
+                id,
+                record: msg.payload,
+            })
+        });
         let keys = self.kv.watch_all().await.map_err(|e| e.to_string())?;
         let keys = keys.filter_map(|entry| async move {
             let entry = entry.ok()?;
@@ -242,6 +256,7 @@ impl Log {
         });
         self.heard = futures::stream::SelectAll::new();
         self.heard.push(notes.boxed());
+        self.heard.push(reads.boxed());
         self.heard.push(keys.boxed());
         Ok(())
     }
@@ -272,7 +287,7 @@ impl Log {
             DeviceKey::Default { id } => {
                 self.ids.insert(id, true);
             }
-            DeviceKey::Top { .. } => {}
+            DeviceKey::Top { .. } | DeviceKey::Read { .. } => {}
         }
     }
 
@@ -512,6 +527,8 @@ impl Log {
     /// Answers a session's query about `id`'s history.
     pub fn query(&mut self, ticket: Ticket, id: u32, query: Query) {
         let reads = self.reads.clone();
+        let kv = self.kv.clone();
+        let client = self.client.clone();
         self.work.push(
             async move {
                 let request = query.request();
@@ -528,11 +545,26 @@ impl Log {
                             Err(why) => failed(request, format!("history unavailable: {why}")),
                         }
                     }
-                    Query::Conversations { .. } | Query::Read { .. } => failed(
-                        request,
-                        "the conversation list and read markers are not kept in a cluster yet"
-                            .into(),
-                    ),
+                    Query::Conversations { before, limit, .. } => {
+                        match conversations(&reads, &kv, id, before, limit, request).await {
+                            Ok(frames) => frames,
+                            Err(why) => failed(request, format!("history unavailable: {why}")),
+                        }
+                    }
+                    Query::Read {
+                        conversation, upto, ..
+                    } => match mark_read(&reads, &kv, id, conversation, upto).await {
+                        // Every session of the id hears it through the note, this one too.
+                        Ok(Some(record)) => match client.publish(wire::read(id), record).await {
+                            Ok(()) => Vec::new(),
+                            Err(e) => failed(request, format!("not sent to the devices: {e}")),
+                        },
+                        Ok(None) => failed(
+                            request,
+                            format!("id {id} has no conversation with {conversation}"),
+                        ),
+                        Err(why) => failed(request, format!("history unavailable: {why}")),
+                    },
                 };
                 Logged::Answer { ticket, frames }
             }
@@ -705,6 +737,190 @@ async fn read_session(
         }
     }
     Ok((through, frames, sync))
+}
+
+/// The newest offset of `id`'s conversation with `peer` and when it was accepted;
+/// `None` when there is none.
+async fn last_of(
+    reads: &stream::Stream<()>,
+    id: u32,
+    peer: u32,
+) -> Result<Option<(u64, u64)>, String> {
+    use jetstream::stream::LastRawMessageErrorKind;
+    match reads
+        .get_last_raw_message_by_subject(&wire::log(id, peer))
+        .await
+    {
+        Ok(msg) => {
+            let block = Block::decode(&msg.payload).unwrap_or_default();
+            let n = block.entries.len();
+            let time = block.entries.last().map_or(0, |e| e.time);
+            Ok(Some((
+                wire::offset(msg.sequence, n.saturating_sub(1)),
+                time,
+            )))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `id`'s read marker in its conversation with `peer` (0: none), and its revision.
+async fn marker(kv: &kv::Store, id: u32, peer: u32) -> Result<(u64, Option<u64>), String> {
+    let key = DeviceKey::Read { id, peer }.key();
+    let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+        return Ok((0, None));
+    };
+    let read = std::str::from_utf8(&entry.value)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((read, Some(entry.revision)))
+}
+
+/// Messages from `peer` in `id`'s conversation with it after offset `read`, counted
+/// over [`SCAN_BLOCKS`] blocks at most.
+async fn unread(reads: &stream::Stream<()>, id: u32, peer: u32, read: u64) -> Result<u32, String> {
+    let subject = wire::log(id, peer);
+    let (mut seq, _) = wire::place(read);
+    seq = seq.max(1);
+    let mut unread = 0u32;
+    for _ in 0..SCAN_BLOCKS {
+        let Some((at, _, payload)) = first_at(reads, &subject, seq).await? else {
+            break;
+        };
+        seq = at + 1;
+        let Some(block) = Block::decode(&payload) else {
+            continue;
+        };
+        for (i, entry) in block.entries.iter().enumerate() {
+            if wire::offset(at, i) > read && author_of(&entry.wire) != id {
+                unread = unread.saturating_add(1);
+            }
+        }
+    }
+    Ok(unread)
+}
+
+/// The conversation list of `id`: the most recently active first, those whose last
+/// message is before `before`, then its `page-end`.
+async fn conversations(
+    reads: &stream::Stream<()>,
+    kv: &kv::Store,
+    id: u32,
+    before: Before,
+    limit: u16,
+    request: u32,
+) -> Result<Vec<Bytes>, String> {
+    let end = match before {
+        Before::Newest => u64::MAX,
+        Before::Offset(o) => o,
+    };
+    let limit = usize::from(limit.min(MAX_PAGE));
+    let mut info = reads
+        .info_with_subjects(wire::log_of(id))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut peers = Vec::new();
+    while let Some((subject, _)) = info.next().await.transpose().map_err(|e| e.to_string())? {
+        if let Some((_, peer)) = wire::logged(&subject) {
+            peers.push(peer);
+        }
+        if peers.len() >= SCAN_BLOCKS {
+            break;
+        }
+    }
+    let mut rows = Vec::new();
+    for peer in peers {
+        if let Some((last, time)) = last_of(reads, id, peer).await?
+            && last < end
+        {
+            rows.push((peer, last, time));
+        }
+    }
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more {
+        rows.last().map_or(0, |r| r.1)
+    } else {
+        0
+    };
+    let mut frames = Vec::new();
+    for (peer, last, time) in rows {
+        let (read, _) = marker(kv, id, peer).await?;
+        let unread = unread(reads, id, peer, read).await?;
+        frames.push(
+            Record::Conversation {
+                request,
+                peer,
+                last,
+                time,
+                unread,
+                read,
+            }
+            .encode(),
+        );
+    }
+    frames.push(
+        Record::PageEnd {
+            request,
+            more,
+            next,
+        }
+        .encode(),
+    );
+    Ok(frames)
+}
+
+/// Moves `id`'s read marker in its conversation with `peer` forward to `upto` (at
+/// most its last message; a marker never goes back): its `read` record, or `None`
+/// when there is no such conversation.
+async fn mark_read(
+    reads: &stream::Stream<()>,
+    kv: &kv::Store,
+    id: u32,
+    peer: u32,
+    upto: u64,
+) -> Result<Option<Bytes>, String> {
+    let Some((last, _)) = last_of(reads, id, peer).await? else {
+        return Ok(None);
+    };
+    let upto = upto.min(last);
+    let key = DeviceKey::Read { id, peer }.key();
+    let mut read = upto;
+    // Compare and set: two devices reading at once both move it forward only.
+    for _ in 0..RETRIES {
+        let (current, revision) = marker(kv, id, peer).await?;
+        if current >= upto {
+            read = current;
+            break;
+        }
+        let value = Bytes::from(upto.to_string());
+        let set = match revision {
+            Some(revision) => kv.update(&key, value, revision).await.map(|_| ()),
+            None => kv.create(&key, value).await.map(|_| ()).map_err(|e| {
+                async_nats::jetstream::kv::UpdateError::with_source(
+                    async_nats::jetstream::kv::UpdateErrorKind::Other,
+                    e,
+                )
+            }),
+        };
+        if set.is_ok() {
+            read = upto;
+            break;
+        }
+    }
+    let unread = unread(reads, id, peer, read).await?;
+    Ok(Some(
+        Record::Read {
+            conversation: peer,
+            upto: read,
+            unread,
+        }
+        .encode(),
+    ))
 }
 
 /// A page of `id`'s conversation with `conversation` before `before`, newest first,

@@ -59,6 +59,8 @@ pub enum FromCluster {
     },
     /// History logs grew: the sessions here of the ids named read on.
     Grew(Grew),
+    /// A read marker of `id` moved, on any node: its sessions here get the record.
+    Read { id: u32, record: Bytes },
 }
 
 /// Whose logs grew.

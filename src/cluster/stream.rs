@@ -799,6 +799,7 @@ impl Actor {
                     .push(FromCluster::Store(Reply::Answer { ticket, frames }));
             }
             Logged::Grew { id } => self.out.push(FromCluster::Grew(Grew::Id(id))),
+            Logged::Read { id, record } => self.out.push(FromCluster::Read { id, record }),
             Logged::Key(key) => log.key(key),
             Logged::Done => {}
         }

@@ -10,8 +10,9 @@
 //! - History (sessions): each id's log in the stream `CHAT_HISTORY`, one subject per
 //!   conversation (`chat.log.<id>.<peer>`), each message a [`Block`] of frames; after a
 //!   block is stored, `chat.note.<id>` tells the nodes with sessions of the id to read
-//!   on; each named device's place in its id's log under a key of `CHAT_DEVICES`
-//!   ([`DeviceKey`]).
+//!   on; each named device's place in its id's log, and each read marker, under a key
+//!   of `CHAT_DEVICES` ([`DeviceKey`]); `chat.read.<id>` carries a moved marker's
+//!   `read` record to the id's sessions on every node.
 //!
 //! Nodes of the previous release write and read the same subjects, headers and lines,
 //! so old and new nodes understand each other during a rolling upgrade.
@@ -36,6 +37,18 @@ pub fn mailbox(receiver: u32) -> String {
 pub const LOG_SUBJECTS: &str = "chat.log.*.*";
 /// Every note that an id's log grew.
 pub const NOTE_SUBJECTS: &str = "chat.note.*";
+/// Every note that an id's read marker moved: its `read` record, for its sessions.
+pub const READ_SUBJECTS: &str = "chat.read.*";
+
+/// Where the nodes hear that a read marker of `id` moved.
+pub fn read(id: u32) -> String {
+    format!("chat.read.{id}")
+}
+
+/// The id a read marker's note is for.
+pub fn read_by(subject: &str) -> Option<u32> {
+    subject.strip_prefix("chat.read.")?.parse().ok()
+}
 
 /// `id`'s log of its conversation with `peer`.
 pub fn log(id: u32, peer: u32) -> String {
@@ -164,6 +177,8 @@ pub enum DeviceKey {
     Default { id: u32 },
     /// The newest cursor of any of the id's devices: where a new device starts.
     Top { id: u32 },
+    /// The id's read marker in its conversation with `peer`: the offset read up to.
+    Read { id: u32, peer: u32 },
 }
 
 impl DeviceKey {
@@ -176,6 +191,7 @@ impl DeviceKey {
             }
             DeviceKey::Default { id } => format!("{id}.default"),
             DeviceKey::Top { id } => format!("{id}.top"),
+            DeviceKey::Read { id, peer } => format!("{id}.r{peer}"),
         }
     }
 
@@ -185,6 +201,10 @@ impl DeviceKey {
         match rest {
             "default" => Some(DeviceKey::Default { id }),
             "top" => Some(DeviceKey::Top { id }),
+            _ if rest.starts_with('r') => {
+                let peer = rest.strip_prefix('r')?.parse().ok()?;
+                Some(DeviceKey::Read { id, peer })
+            }
             _ => {
                 let hex = rest.strip_prefix('d')?;
                 if hex.len() % 2 != 0 {
@@ -366,6 +386,7 @@ mod tests {
         assert_eq!(log_of(7), "chat.log.7.*");
         assert_eq!(noted(&note(9)), Some(9));
         assert_eq!(noted("chat.note.x"), None);
+        assert_eq!(read_by(&read(9)), Some(9));
         assert_eq!(place(offset(1000, 3)), (1000, 3));
         assert!(
             offset(1000, 255) < offset(1001, 0),
@@ -378,6 +399,7 @@ mod tests {
             },
             DeviceKey::Default { id: 7 },
             DeviceKey::Top { id: 7 },
+            DeviceKey::Read { id: 7, peer: 9 },
         ] {
             assert_eq!(DeviceKey::parse(&key.key()), Some(key.clone()), "{key:?}");
             assert!(

@@ -899,6 +899,11 @@ impl Broker {
             }
             FromCluster::Logged { .. } => {}
             FromCluster::Grew(grew) => self.log_grew(grew).await,
+            FromCluster::Read { id, record } => {
+                for (_, conn) in self.conns.sessions_of(id) {
+                    self.reply(conn, record.clone());
+                }
+            }
             FromCluster::Takeover { receiver } => match self.conns.online(receiver) {
                 Some(conn) => {
                     log::info!("id {receiver}: bound on another node; closing here");
