@@ -1673,4 +1673,88 @@ mod sessions {
             }
         });
     }
+
+    /// Publishes `payload` to `subject` through the NATS server at `port` and returns
+    /// JetStream's answer.
+    fn publish_bytes(port: u16, subject: &str, payload: &[u8]) -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
+        stream.set_read_timeout(Some(WAIT)).expect("a timeout");
+        let mut writer = stream.try_clone().expect("a second handle");
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("INFO");
+        let head = format!(
+            "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.pub 1\r\nPUB {subject} _INBOX.pub {}\r\n",
+            payload.len()
+        );
+        writer.write_all(head.as_bytes()).expect("sent");
+        writer.write_all(payload).expect("sent");
+        writer.write_all(b"\r\n").expect("sent");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("a reply");
+            if line.starts_with("PING") {
+                writer.write_all(b"PONG\r\n").expect("pong");
+            } else if let Some(header) = line.strip_prefix("MSG ") {
+                let len: usize = header
+                    .split_whitespace()
+                    .last()
+                    .and_then(|n| n.parse().ok())
+                    .expect("a length");
+                let mut body = vec![0; len + 2];
+                reader.read_exact(&mut body).expect("the payload");
+                body.truncate(len);
+                return String::from_utf8(body).expect("text");
+            }
+        }
+    }
+
+    #[test]
+    fn frames_waiting_in_the_mailbox_stream_reach_the_id_s_first_session_in_order() {
+        let Some((cluster, a, b)) = two_nodes() else {
+            return;
+        };
+        chat::rt::block_on(async {
+            // 5 has never connected: frames wait in its subject of the mailbox stream.
+            // First one as the previous release stored it (the frame alone, in its
+            // server -> client encoding, no headers)...
+            let old = delivered(&text(7, 5, "stored by the previous release"));
+            let mut bytes = Vec::new();
+            old.encode(&mut bytes);
+            let ack = publish_bytes(cluster.nats.ports[0], "chat.mb.5", &bytes);
+            assert!(ack.contains("\"seq\""), "{ack}");
+            // ...then as this one does.
+            let mut seven = login_at(&a.addr, 7).await;
+            for i in 0..3 {
+                send_confirmed(&mut seven, &text(7, 5, &format!("waiting {i}"))).await;
+            }
+            let (mut web, sync) = open_at(&b.addr, 5, "web").await;
+            assert!(matches!(sync, Record::Sync { new: true, .. }), "{sync:?}");
+            let got = backlog(&mut web).await;
+            let seen: Vec<_> = got
+                .iter()
+                .map(|(from, e, b)| (*from, e.what, String::from_utf8_lossy(b).into_owned()))
+                .collect();
+            eprintln!(
+                "SYNC: {sync:?} GOT {got:?} LOGS {:?}",
+                b.logs.lock().unwrap()
+            );
+            // This release's frames are in 5's log since they were accepted; the
+            // previous release's are appended to it as they move.
+            let mut want: Vec<_> = (0..3)
+                .map(|i| (7, What::Delivery, format!("waiting {i}")))
+                .collect();
+            want.push((7, What::Delivery, "stored by the previous release".into()));
+            assert_eq!(seen, want);
+            // They moved: a plain connection of 5 finds nothing waiting.
+            let mut plain = login_at(&a.addr, 5).await;
+            within(plain.ping())
+                .await
+                .expect("a pong, and no frame before it");
+            // And the moved frames are history.
+            let (got, more) = page(&mut web, 5, 7, 10).await;
+            assert_eq!((got.len(), more), (4, false), "each once: {got:?}");
+        });
+    }
 }

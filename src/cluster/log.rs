@@ -59,6 +59,9 @@ const READ_FRAMES: usize = 256;
 /// The most bytes of frames one query's answer holds (at least one frame), as on one
 /// node.
 const ANSWER_BYTES: usize = 1024 * 1024;
+/// Frames one move of a mailbox into a log takes, at most (a mailbox holds at most
+/// `--mailbox-max-messages`; a later mail moves the rest).
+const IMPORT_FRAMES: usize = 100_000;
 /// Blocks one query reads, at most, before it answers with what it found (and `more`).
 const SCAN_BLOCKS: usize = 4096;
 /// A read that failed is tried again after this long, this many times.
@@ -107,14 +110,29 @@ pub(crate) enum Logged {
     Grew { id: u32 },
     /// A read marker of `id` moved (heard from any node, this one too): its record.
     Read { id: u32, record: Bytes },
+    /// Frames were stored in `id`'s mailbox (a node's mail to its holder, if any).
+    Mail { id: u32 },
+    /// What waited in `id`'s mailbox was moved into its log.
+    Imported { id: u32 },
     /// What the devices bucket says (or said, at start).
     Key(DeviceKey),
     /// Background work finished.
     Done,
 }
 
+/// The mailbox stream, for moving into an id's log what waits for it there.
+#[derive(Clone)]
+pub(crate) struct Mailbox {
+    pub reads: stream::Stream<()>,
+    pub stream: stream::Stream,
+}
+
 pub(crate) struct Log {
     js: jetstream::Context,
+    mailbox: Mailbox,
+    /// Ids whose mailboxes are being moved into their logs, and whether to go again
+    /// when that is done (more was stored meanwhile).
+    importing: HashMap<u32, bool>,
     client: async_nats::Client,
     /// The history stream, for reads that wait `READ_WAIT` at most.
     reads: stream::Stream<()>,
@@ -198,6 +216,7 @@ pub(crate) async fn ensure(
 impl Log {
     pub async fn new(
         js: jetstream::Context,
+        mailbox: Mailbox,
         client: async_nats::Client,
         reads: stream::Stream<()>,
         stream: stream::Stream,
@@ -205,6 +224,8 @@ impl Log {
     ) -> Result<Log, String> {
         let mut log = Log {
             js,
+            mailbox,
+            importing: HashMap::new(),
             client,
             reads,
             stream,
@@ -246,6 +267,14 @@ impl Log {
                 record: msg.payload,
             })
         });
+        let mail = self
+            .client
+            .subscribe(wire::all_mail())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mail = mail.filter_map(|msg| async move {
+            wire::mailed(&msg.subject).map(|id| Logged::Mail { id })
+        });
         let keys = self.kv.watch_all().await.map_err(|e| e.to_string())?;
         let keys = keys.filter_map(|entry| async move {
             let entry = entry.ok()?;
@@ -257,6 +286,7 @@ impl Log {
         self.heard = futures::stream::SelectAll::new();
         self.heard.push(notes.boxed());
         self.heard.push(reads.boxed());
+        self.heard.push(mail.boxed());
         self.heard.push(keys.boxed());
         Ok(())
     }
@@ -288,6 +318,49 @@ impl Log {
                 self.ids.insert(id, true);
             }
             DeviceKey::Top { .. } | DeviceKey::Read { .. } => {}
+        }
+    }
+
+    /// Frames were stored in `id`'s mailbox: if the id is used only from sessions,
+    /// they go into its log (a node of the previous release stored them, or this
+    /// release did before it learnt the id has named devices).
+    pub fn mail(&mut self, id: u32) {
+        if self.sessions_only(id) {
+            self.import(id);
+        }
+    }
+
+    fn import(&mut self, id: u32) {
+        if let Some(again) = self.importing.get_mut(&id) {
+            *again = true;
+            return;
+        }
+        self.importing.insert(id, false);
+        let (js, mailbox, client) = (self.js.clone(), self.mailbox.clone(), self.client.clone());
+        self.work.push(
+            async move {
+                match import(&js, &mailbox, id).await {
+                    Ok((0, _)) => {}
+                    Ok((n, _)) => {
+                        log::info!("id {id}: {n} frames moved from its mailbox into its history");
+                        if let Err(e) = client.publish(wire::note(id), Bytes::new()).await {
+                            log::debug!("note for id {id} not sent: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("id {id}: its mailbox was not moved into its history: {e}")
+                    }
+                }
+                Logged::Imported { id }
+            }
+            .boxed(),
+        );
+    }
+
+    /// An import is done; another goes if more was stored meanwhile.
+    pub fn imported(&mut self, id: u32) {
+        if self.importing.remove(&id) == Some(true) {
+            self.import(id);
         }
     }
 
@@ -479,11 +552,46 @@ impl Log {
         let start = self.starts.get(&e).copied().unwrap_or(0);
         let reads = self.reads.clone();
         let kv = self.kv.clone();
+        let moving = (after.is_none()).then(|| (self.js.clone(), self.mailbox.clone()));
         self.work.push(
             async move {
                 let mut tries = 0;
                 loop {
-                    let read = read_session(&reads, &kv, e, &name, after, start, max_bytes);
+                    // Where a new device starts if the id has no cursor: its log's
+                    // head before anything is moved into it.
+                    let mut live_from = None;
+                    if let Some((js, mailbox)) = &moving {
+                        // A first read: what waits in the id's mailbox for no default
+                        // device is what no device has had: a new device starts before
+                        // it (frames of the previous release are appended).
+                        let default = DeviceKey::Default { id: e.id }.key();
+                        match kv.get(default).await {
+                            Ok(None) => {
+                                let before = head(&reads, e.id).await.ok();
+                                live_from = before;
+                                match import(js, mailbox, e.id).await {
+                                    Ok((_, Some(oldest))) => {
+                                        let upto = before.unwrap_or(0);
+                                        match offset_before(&reads, e.id, upto, oldest).await {
+                                            Ok(before) => live_from = Some(before),
+                                            Err(err) => log::warn!(
+                                                "id {}: where its mailbox starts in its history is unknown: {err}",
+                                                e.id
+                                            ),
+                                        }
+                                    }
+                                    Ok((_, None)) => {}
+                                    Err(err) => {
+                                        log::warn!("id {}: its mailbox was not moved: {err}", e.id)
+                                    }
+                                }
+                            }
+                            Ok(Some(_)) => {}
+                            Err(err) => log::warn!("id {}: bucket unreadable: {err}", e.id),
+                        }
+                    }
+                    let read =
+                        read_session(&reads, &kv, e, &name, after, start, max_bytes, live_from);
                     match read.await {
                         Ok((through, frames, sync)) => {
                             return Logged::Page {
@@ -596,6 +704,119 @@ impl Log {
     }
 }
 
+/// Moves what waits in `id`'s mailbox into its log, oldest first: how many frames
+/// were appended, and the acceptance time of the oldest frame that was in the log
+/// already.
+///
+/// This release writes every frame to the log as it accepts it, and marks its copy in
+/// the mailbox with [`wire::TIME_HEADER`]: such a copy only leaves the mailbox. A frame
+/// without the mark (stored by a node of the previous release) is appended, with a
+/// message id of its place in the mailbox, so that two nodes moving it at once, or a
+/// move repeated after a crash between its append and its delete, store it once
+/// (within JetStream's duplicate window, two minutes).
+async fn import(
+    js: &jetstream::Context,
+    mailbox: &Mailbox,
+    id: u32,
+) -> Result<(usize, Option<u64>), String> {
+    use jetstream::stream::RawMessageErrorKind;
+    let subject = wire::mailbox(id);
+    let mut moved = 0;
+    let mut oldest_logged: Option<u64> = None;
+    let mut seq = 1;
+    for _ in 0..IMPORT_FRAMES {
+        let msg = match mailbox
+            .reads
+            .get_first_raw_message_by_subject(&subject, seq)
+            .await
+        {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
+            Err(e) => return Err(e.to_string()),
+        };
+        let at = msg.sequence;
+        seq = at + 1;
+        let logged = msg
+            .headers
+            .get(wire::TIME_HEADER)
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        match logged {
+            Some(time) => {
+                oldest_logged = Some(oldest_logged.map_or(time, |t| t.min(time)));
+            }
+            None => {
+                let time = (msg.time.unix_timestamp_nanos() / 1_000_000) as u64;
+                let peer = author_of(&msg.payload);
+                let block = Block {
+                    entries: vec![Entry {
+                        time,
+                        device: String::new(),
+                        wire: msg.payload,
+                    }],
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("chat-moved-{at}").as_str());
+                let ack = js
+                    .publish_with_headers(wire::log(id, peer), headers, block.encode())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map_err(|e| e.to_string())?;
+                moved += 1;
+            }
+        }
+        if let Err(e) = mailbox.stream.delete_message(at).await {
+            log::debug!("mailbox sequence {at} not removed after its move: {e}");
+        }
+    }
+    Ok((moved, oldest_logged))
+}
+
+/// The offset of the newest frame in `id`'s log up to offset `upto` accepted before
+/// `time` (0: none), found by reading back through windows that grow four times each
+/// round.
+async fn offset_before(
+    reads: &stream::Stream<()>,
+    id: u32,
+    upto: u64,
+    time: u64,
+) -> Result<u64, String> {
+    let subject = wire::log_of(id);
+    let mut hi = wire::place(upto).0;
+    let mut window = 64u64;
+    let mut scanned = 0;
+    while hi > 0 && scanned < SCAN_BLOCKS {
+        let lo = hi.saturating_sub(window).max(1);
+        let mut seq = lo;
+        let mut before = None;
+        while seq <= hi {
+            let Some((at, _, payload)) = first_at(reads, &subject, seq).await? else {
+                break;
+            };
+            if at > hi {
+                break;
+            }
+            seq = at + 1;
+            scanned += 1;
+            for (i, entry) in Block::decode(&payload)
+                .unwrap_or_default()
+                .entries
+                .iter()
+                .enumerate()
+            {
+                if entry.time < time && wire::offset(at, i) <= upto {
+                    before = Some(wire::offset(at, i));
+                }
+            }
+        }
+        if let Some(before) = before {
+            return Ok(before);
+        }
+        hi = lo - 1;
+        window = window.saturating_mul(4);
+    }
+    Ok(0)
+}
+
 fn failed(request: u32, why: String) -> Vec<Bytes> {
     vec![Record::QueryFailed { request, why }.encode()]
 }
@@ -638,7 +859,9 @@ async fn cursor(kv: &kv::Store, key: DeviceKey) -> Result<Option<u64>, String> {
 }
 
 /// Reads a page of session `e`'s log: where its next read starts, the frames with
-/// their envelopes, and on its first read the `sync` record.
+/// their envelopes, and on its first read the `sync` record. A new device starts
+/// after the id's newest cursor, or else after `live_from` (or the log's head).
+#[allow(clippy::too_many_arguments)]
 async fn read_session(
     reads: &stream::Stream<()>,
     kv: &kv::Store,
@@ -647,6 +870,7 @@ async fn read_session(
     after: Option<u64>,
     start: u64,
     max_bytes: usize,
+    live_from: Option<u64>,
 ) -> Result<(u64, Vec<(u64, Bytes)>, Option<Bytes>), String> {
     let (after, sync) = match after {
         Some(after) => (after.max(start), None),
@@ -665,7 +889,7 @@ async fn read_session(
                 None => {
                     // New: after the newest cursor of the id's devices, or live.
                     let top = cursor(kv, DeviceKey::Top { id: e.id }).await?;
-                    let resume = top.unwrap_or(head);
+                    let resume = top.or(live_from).unwrap_or(head);
                     let value = Bytes::from(resume.to_string());
                     kv.put(named.key(), value)
                         .await

@@ -139,15 +139,20 @@ pub async fn run(
             };
             let made = match made {
                 Ok((history, kv)) => {
-                    let reads = jetstream::ContextBuilder::new()
+                    let history_reads = jetstream::ContextBuilder::new()
                         .timeout(READ_WAIT)
                         .build(setup.client.clone())
                         .get_stream_no_info(crate::cluster::log::STREAM)
                         .await
                         .map_err(|e| e.to_string());
-                    match reads {
-                        Ok(reads) => {
-                            Log::new(js.clone(), setup.client.clone(), reads, history, kv).await
+                    match history_reads {
+                        Ok(history_reads) => {
+                            let mailbox = crate::cluster::log::Mailbox {
+                                reads: reads.clone(),
+                                stream: stream.clone(),
+                            };
+                            let client = setup.client.clone();
+                            Log::new(js.clone(), mailbox, client, history_reads, history, kv).await
                         }
                         Err(e) => Err(e),
                     }
@@ -800,6 +805,8 @@ impl Actor {
             }
             Logged::Grew { id } => self.out.push(FromCluster::Grew(Grew::Id(id))),
             Logged::Read { id, record } => self.out.push(FromCluster::Read { id, record }),
+            Logged::Mail { id } => log.mail(id),
+            Logged::Imported { id } => log.imported(id),
             Logged::Key(key) => log.key(key),
             Logged::Done => {}
         }
@@ -923,13 +930,25 @@ impl Actor {
             seq,
             wire: frame,
             live,
+            time,
             ..
         } = cmd
         else {
             return false;
         };
         let len = frame.len();
-        match self.js.publish(wire::mailbox(receiver), frame).await {
+        let published = match (&self.log, ticket) {
+            // In the receiver's log too (see `logging`): marked, so that moving the
+            // mailbox into the log does not append it twice.
+            (Some(_), Ticket::Conn(_)) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(wire::TIME_HEADER, time.to_string().as_str());
+                let subject = wire::mailbox(receiver);
+                self.js.publish_with_headers(subject, headers, frame).await
+            }
+            _ => self.js.publish(wire::mailbox(receiver), frame).await,
+        };
+        match published {
             Ok(ack) => {
                 if live {
                     self.published.insert(

@@ -73,6 +73,10 @@ pub fn logged(subject: &str) -> Option<(u32, u32)> {
     Some((id.parse().ok()?, peer.parse().ok()?))
 }
 
+/// On a frame in the mailbox stream that is in its receiver's log too: when it was
+/// accepted (ms since the epoch). Frames of the previous release have none.
+pub const TIME_HEADER: &str = "Chat-Time";
+
 /// Where the nodes hear that `id`'s log grew.
 pub fn note(id: u32) -> String {
     format!("chat.note.{id}")
@@ -247,6 +251,19 @@ pub fn hold(receiver: u32, what: Hold) -> String {
     format!("chat.hold.{receiver}.{}", what.word())
 }
 
+/// Every id's mail: nodes with sessions move what is stored for an id used only
+/// from sessions into its log.
+pub fn all_mail() -> String {
+    format!("chat.hold.*.{}", Hold::Mail.word())
+}
+
+/// The id a mail on `subject` is for.
+pub fn mailed(subject: &str) -> Option<u32> {
+    let rest = subject.strip_prefix("chat.hold.")?;
+    let id = rest.strip_suffix(".mail")?;
+    id.parse().ok()
+}
+
 /// Every subject `receiver`'s holder listens on.
 pub fn holds(receiver: u32) -> String {
     format!("chat.hold.{receiver}.*")
@@ -370,6 +387,9 @@ mod tests {
             assert_eq!(held(&hold(42, h)), Some(h));
         }
         assert_eq!(held("chat.hold.7.unmail"), None);
+        assert_eq!(mailed(&hold(7, Hold::Mail)), Some(7));
+        assert_eq!(mailed(&hold(7, Hold::Take)), None);
+        assert_eq!(all_mail(), "chat.hold.*.mail");
         assert_eq!(held("chat.hold.7.other"), None);
         assert_eq!(answer_to("_INBOX.abc", 12), "_INBOX.abc.12");
         assert_eq!(answers("_INBOX.abc"), "_INBOX.abc.*");
