@@ -10,6 +10,8 @@ export CHAT_MAX_CONNECTIONS_PER_IP=0
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
 ROUNDS=${ROUNDS:-2}
+# Flags for both chat nodes, e.g. EXTRA="--history-max-age 0" (history off).
+EXTRA=${EXTRA:-}
 command -v nats-server >/dev/null || { echo "bench/cluster.sh: needs nats-server (apt-get install nats-server)" >&2; exit 1; }
 cargo build --release -q --bins
 dir=$(mktemp -d)
@@ -30,9 +32,9 @@ done
 NATS=nats://127.0.0.1:18321,nats://127.0.0.1:18322,nats://127.0.0.1:18323
 A=127.0.0.1:18001
 B=127.0.0.1:18002
-target/release/chat-server --listen $A --nats $NATS --node-name a --log-level warn >"$dir/a.log" 2>&1 &
+target/release/chat-server --listen $A --nats $NATS --node-name a --log-level warn $EXTRA >"$dir/a.log" 2>&1 &
 pids+=($!)
-target/release/chat-server --listen $B --nats $NATS --node-name b --log-level warn >"$dir/b.log" 2>&1 &
+target/release/chat-server --listen $B --nats $NATS --node-name b --log-level warn $EXTRA >"$dir/b.log" 2>&1 &
 pids+=($!)
 for addr in $A $B; do
   for _ in $(seq 1 60); do

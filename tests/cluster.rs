@@ -1677,6 +1677,12 @@ mod sessions {
     /// Publishes `payload` to `subject` through the NATS server at `port` and returns
     /// JetStream's answer.
     fn publish_bytes(port: u16, subject: &str, payload: &[u8]) -> String {
+        request_bytes(port, subject, None, payload)
+    }
+
+    /// Asks `subject` through the NATS server at `port`, with `headers` (a NATS/1.0
+    /// header block) if given, and returns the answer.
+    fn request_bytes(port: u16, subject: &str, headers: Option<&str>, payload: &[u8]) -> String {
         use std::io::{BufRead, BufReader, Read, Write};
         let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
         stream.set_read_timeout(Some(WAIT)).expect("a timeout");
@@ -1684,10 +1690,17 @@ mod sessions {
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         reader.read_line(&mut line).expect("INFO");
-        let head = format!(
-            "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.pub 1\r\nPUB {subject} _INBOX.pub {}\r\n",
-            payload.len()
-        );
+        let head = match headers {
+            None => format!(
+                "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.pub 1\r\nPUB {subject} _INBOX.pub {}\r\n",
+                payload.len()
+            ),
+            Some(h) => format!(
+                "CONNECT {{\"verbose\":false,\"headers\":true}}\r\nSUB _INBOX.pub 1\r\nHPUB {subject} _INBOX.pub {} {}\r\n{h}",
+                h.len(),
+                h.len() + payload.len()
+            ),
+        };
         writer.write_all(head.as_bytes()).expect("sent");
         writer.write_all(payload).expect("sent");
         writer.write_all(b"\r\n").expect("sent");
@@ -1696,7 +1709,10 @@ mod sessions {
             reader.read_line(&mut line).expect("a reply");
             if line.starts_with("PING") {
                 writer.write_all(b"PONG\r\n").expect("pong");
-            } else if let Some(header) = line.strip_prefix("MSG ") {
+            } else if let Some(header) = line
+                .strip_prefix("MSG ")
+                .or_else(|| line.strip_prefix("HMSG "))
+            {
                 let len: usize = header
                     .split_whitespace()
                     .last()
@@ -1705,9 +1721,37 @@ mod sessions {
                 let mut body = vec![0; len + 2];
                 reader.read_exact(&mut body).expect("the payload");
                 body.truncate(len);
-                return String::from_utf8(body).expect("text");
+                return String::from_utf8_lossy(&body).into_owned();
             }
         }
+    }
+
+    #[test]
+    fn a_batch_a_node_of_the_previous_release_forwards_reaches_the_receiver_s_sessions() {
+        let Some((cluster, a, b)) = two_nodes() else {
+            return;
+        };
+        chat::rt::block_on(async {
+            // 5's default device on node a (which holds the id), a session on b.
+            let mut plain = login_at(&a.addr, 5).await;
+            let (mut web, _) = open_at(&b.addr, 5, "web").await;
+            backlog(&mut web).await;
+            // A node of the previous release forwards a batch to a: no Chat-Logged.
+            let frame = delivered(&text(7, 5, "from an old node"));
+            let mut bytes = Vec::new();
+            frame.encode(&mut bytes);
+            let headers = "NATS/1.0\r\nChat-Node: old\r\n\r\n";
+            let port = cluster.nats.ports[0];
+            let answer = request_bytes(port, "chat.hold.5.frames", Some(headers), &bytes);
+            assert!(answer.contains("stored"), "{answer}");
+            assert_eq!(recv(&mut plain).await, frame);
+            // a wrote it to 5's log, as the old node did not: the session gets it.
+            let (from, e, body) = message(&mut web).await;
+            assert_eq!(
+                (from, e.what, &body[..]),
+                (7, What::Delivery, &b"from an old node"[..])
+            );
+        });
     }
 
     #[test]

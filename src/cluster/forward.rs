@@ -90,11 +90,18 @@ pub(super) struct Forwards {
     /// where to answer.
     answering: HashMap<u64, Subject>,
     next_answering: u64,
+    /// This node writes the frames it accepts to their logs: its batches say so.
+    logged: bool,
 }
 
 impl Forwards {
     /// `answers`: the subscription to [`wire::answers`] of `inbox`.
-    pub fn new(node: String, inbox: String, answers: BoxStream<'static, Message>) -> Forwards {
+    pub fn new(
+        node: String,
+        inbox: String,
+        answers: BoxStream<'static, Message>,
+        logged: bool,
+    ) -> Forwards {
         Forwards {
             node,
             routes: HashMap::new(),
@@ -106,6 +113,7 @@ impl Forwards {
             kicked: Vec::new(),
             answering: HashMap::new(),
             next_answering: 1,
+            logged,
         }
     }
 
@@ -183,6 +191,9 @@ impl Forwards {
         headers.insert(wire::NODE_HEADER, self.node.as_str());
         if route.behind {
             headers.insert(wire::BEHIND_HEADER, "1");
+        }
+        if self.logged {
+            headers.insert(wire::LOGGED_HEADER, "1");
         }
         let token = self.next_token;
         self.next_token += 1;
@@ -363,6 +374,7 @@ mod tests {
             "a".into(),
             "_INBOX.a".into(),
             futures::stream::empty().boxed(),
+            false,
         )
     }
 

@@ -50,6 +50,8 @@ pub(super) enum Heard {
         receiver: u32,
         frames: Vec<Bytes>,
         behind: bool,
+        /// The forwarding node wrote them to their logs.
+        logged: bool,
         reply: Subject,
     },
     /// Frames for `receiver` were stored: read them (also [`RECHECK`]'s reminder).
@@ -235,6 +237,10 @@ impl Holds {
                     .headers
                     .as_ref()
                     .is_some_and(|h| h.get(wire::BEHIND_HEADER).is_some());
+                let logged = msg
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(wire::LOGGED_HEADER).is_some());
                 let Some(frames) = wire::split_frames(&msg.payload) else {
                     log::warn!("id {receiver}: malformed frames from another node; ignored");
                     return None;
@@ -243,6 +249,7 @@ impl Holds {
                     receiver,
                     frames,
                     behind,
+                    logged,
                     reply,
                 })
             }

@@ -34,7 +34,7 @@
 //!   used only from sessions would otherwise fill a mailbox nobody reads.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
@@ -64,6 +64,18 @@ const ANSWER_BYTES: usize = 1024 * 1024;
 const IMPORT_FRAMES: usize = 100_000;
 /// Blocks one query reads, at most, before it answers with what it found (and `more`).
 const SCAN_BLOCKS: usize = 4096;
+/// How long a block waits for company: JetStream's cost is per message, and a pair
+/// of ids exchanging frames fills a block only if its frames can gather (in a turn of
+/// the actor there are one or two per conversation). The echo of a session's frame
+/// and the live delivery to sessions wait as long; a plain sender's echo does not.
+const LOG_WAIT: Duration = Duration::from_millis(5);
+/// Past this many bytes filled, the blocks go without waiting.
+const LOG_BYTES: usize = 1024 * 1024;
+/// Room left in a NATS message beside a block (its headers).
+const BLOCK_ROOM: usize = 1024;
+/// What a block adds to a frame at most: its version byte, and the entry's time and
+/// device name (at most 64 bytes, and its length).
+pub(crate) const BLOCK_OVERHEAD: usize = 1 + 8 + 1 + 64 + BLOCK_ROOM;
 /// A read that failed is tried again after this long, this many times.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
 const RETRIES: usize = 20;
@@ -83,6 +95,8 @@ struct Filling {
     id: u32,
     peer: u32,
     block: Block,
+    /// Its encoding's size so far.
+    bytes: usize,
     /// Which entries someone waits for.
     waits: Vec<(usize, Wait)>,
 }
@@ -151,6 +165,12 @@ pub(crate) struct Log {
     ids: HashMap<u32, bool>,
     filling: Vec<Filling>,
     index: HashMap<(u32, u32), usize>,
+    /// When the oldest entry being filled came, and the bytes filled.
+    filling_since: Option<Instant>,
+    filled: usize,
+    /// The most bytes one block holds: the NATS servers' `max_payload`, less room for
+    /// the message's headers. A frame larger alone is a block of its own.
+    max_block: usize,
     /// Ids whose logs grew since notes were last sent.
     grew: HashSet<u32>,
     work: FuturesUnordered<BoxFuture<'static, Logged>>,
@@ -222,6 +242,7 @@ impl Log {
         stream: stream::Stream,
         kv: kv::Store,
     ) -> Result<Log, String> {
+        let max_block = client.server_info().max_payload.saturating_sub(BLOCK_ROOM);
         let mut log = Log {
             js,
             mailbox,
@@ -237,6 +258,9 @@ impl Log {
             ids: HashMap::new(),
             filling: Vec::new(),
             index: HashMap::new(),
+            filling_since: None,
+            filled: 0,
+            max_block,
             grew: HashSet::new(),
             work: FuturesUnordered::new(),
             heard: futures::stream::SelectAll::new(),
@@ -452,13 +476,18 @@ impl Log {
     }
 
     fn fill(&mut self, id: u32, peer: u32, entry: Entry, wait: Option<Wait>) {
+        let size = 9 + entry.device.len() + entry.wire.len();
+        let room = |f: &Filling| {
+            f.block.entries.len() < wire::BLOCK_ENTRIES && f.bytes + size <= self.max_block
+        };
         let i = match self.index.get(&(id, peer)) {
-            Some(&i) if self.filling[i].block.entries.len() < wire::BLOCK_ENTRIES => i,
+            Some(&i) if room(&self.filling[i]) => i,
             _ => {
                 self.filling.push(Filling {
                     id,
                     peer,
                     block: Block::default(),
+                    bytes: 1,
                     waits: Vec::new(),
                 });
                 let i = self.filling.len() - 1;
@@ -470,15 +499,43 @@ impl Log {
         if let Some(wait) = wait {
             filling.waits.push((filling.block.entries.len(), wait));
         }
+        filling.bytes += size;
         filling.block.entries.push(entry);
+        self.filled += size;
+        self.filling_since.get_or_insert_with(Instant::now);
     }
 
-    /// Publishes this turn's blocks, in order; writes acknowledged cursors; sends the
-    /// notes for logs that grew. Returns the waits of blocks that could not be sent.
-    pub async fn flush(&mut self) -> Vec<(Vec<(usize, Wait)>, String)> {
+    /// Finishes the work in flight (the node is stopping): what it came to.
+    pub async fn settle(&mut self) -> Vec<Logged> {
+        let mut done = Vec::new();
+        while let Some(d) = self.work.next().await {
+            done.push(d);
+        }
+        done
+    }
+
+    /// How long until the blocks being filled are due; `None` when there are none.
+    pub fn next_due(&self) -> Option<Duration> {
+        self.filling_since
+            .map(|since| LOG_WAIT.saturating_sub(since.elapsed()))
+    }
+
+    /// Publishes the blocks filled, in order, once they are due (or `all`, or enough
+    /// to go at once); writes acknowledged cursors; sends the notes for logs that
+    /// grew. Returns the waits of blocks that could not be sent.
+    pub async fn flush(&mut self, all: bool) -> Vec<(Vec<(usize, Wait)>, String)> {
         let mut failed = Vec::new();
-        self.index.clear();
-        for filling in std::mem::take(&mut self.filling) {
+        let due = all || self.filled >= LOG_BYTES || self.next_due() == Some(Duration::ZERO);
+        let blocks = match due {
+            true => {
+                self.index.clear();
+                self.filling_since = None;
+                self.filled = 0;
+                std::mem::take(&mut self.filling)
+            }
+            false => Vec::new(),
+        };
+        for filling in blocks {
             let subject = wire::log(filling.id, filling.peer);
             let id = filling.id;
             let waits = filling.waits;

@@ -67,7 +67,12 @@ pub fn start(
                         return;
                     }
                 };
-                let needed = max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN;
+                // With history, a frame also travels in a block of its log.
+                let block = match history.on() {
+                    true => log::BLOCK_OVERHEAD,
+                    false => 0,
+                };
+                let needed = max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN + block;
                 let max_payload = client.server_info().max_payload;
                 if max_payload < needed {
                     let _ = ready_tx.send(Err(StartError::PayloadTooSmall {
@@ -116,7 +121,7 @@ pub enum StartError {
         limit: std::time::Duration,
     },
     #[error(
-        "NATS max_payload is {max_payload} bytes, less than a frame of --max-frame-bytes {max_frame_bytes}; raise max_payload in nats-server.conf or lower --max-frame-bytes"
+        "NATS max_payload is {max_payload} bytes, less than a frame of --max-frame-bytes {max_frame_bytes} (and, with history, 1,098 bytes of its history block); raise max_payload in nats-server.conf or lower --max-frame-bytes"
     )]
     PayloadTooSmall {
         max_payload: usize,

@@ -214,7 +214,7 @@ pub async fn run(
         stream,
         reads,
         holds: Holds::new(setup.node.clone()),
-        forwards: Forwards::new(setup.node.clone(), inbox, answers),
+        forwards: Forwards::new(setup.node.clone(), inbox, answers, log.is_some()),
         node: setup.node,
         max_frame: setup.max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN,
         metrics: setup.metrics,
@@ -234,6 +234,7 @@ pub async fn run(
         claiming: HashMap::new(),
         log,
         echoes: Echoes::default(),
+        unlogged: HashSet::new(),
     };
     actor.run(rx, setup.link).await;
     let _ = closed_tx.send(());
@@ -409,6 +410,9 @@ struct Actor {
     log: Option<Log>,
     /// Echoes waiting on the log too (see [`crate::cluster::echoes`]).
     echoes: Echoes,
+    /// Forwarded batches whose frames are in no log yet (a node of the previous
+    /// release sent them), until answered: this node writes them.
+    unlogged: HashSet<u64>,
 }
 
 /// A first read of an id's mailbox, waiting for this node's claim of the id.
@@ -438,7 +442,11 @@ impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<ToCluster>, link: mpsc::UnboundedReceiver<Link>) {
         let mut link = link.fuse();
         loop {
-            let due = self.staged.next_due();
+            let logging = self.log.as_ref().and_then(Log::next_due);
+            let due = match (self.staged.next_due(), logging) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let mut timer = match due {
                 Some(left) => sleep(left).boxed().fuse(),
                 None => futures::future::pending().boxed().fuse(),
@@ -510,6 +518,14 @@ impl Actor {
         }
         self.publish_staged(None).await;
         self.settle().await;
+        self.flush_log(true).await;
+        let logged = match &mut self.log {
+            Some(log) => within(ACK_WAIT, log.settle()).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        for done in logged {
+            self.logged(done);
+        }
         self.flush().await;
         let _ = within(ACK_WAIT, self.client.flush()).await;
         log::debug!("JetStream store closed");
@@ -518,14 +534,24 @@ impl Actor {
     /// Sends the replies gathered so far and the mail for receivers held elsewhere;
     /// publishes the history blocks filled meanwhile.
     async fn flush(&mut self) {
+        self.flush_log(false).await;
+        self.send_out().await;
+    }
+
+    /// Publishes the history blocks that are due (or all of them).
+    async fn flush_log(&mut self, all: bool) {
         if let Some(log) = &mut self.log {
-            for (waits, why) in log.flush().await {
+            for (waits, why) in log.flush(all).await {
                 let failed = Err(why);
                 for (index, wait) in waits {
                     self.echoes.logged(wait, index, &failed);
                 }
             }
         }
+    }
+
+    /// Sends the replies gathered so far and the mail for receivers held elsewhere.
+    async fn send_out(&mut self) {
         let out = std::mem::take(&mut self.out);
         self.out = out
             .into_iter()
@@ -553,6 +579,7 @@ impl Actor {
         match cmd {
             ToCluster::Store(cmd) => self.on_store(cmd).await,
             ToCluster::Answer { token, outcomes } => {
+                self.unlogged.remove(&token);
                 self.forwards.answer(&self.client, token, &outcomes).await;
             }
             // Behind the loads and deletes held before it.
@@ -735,7 +762,7 @@ impl Actor {
             return Some(cmd);
         };
         let Command::Append {
-            ticket: ticket @ Ticket::Conn(_),
+            ticket,
             receiver,
             seq,
             wire,
@@ -746,6 +773,15 @@ impl Actor {
         else {
             return Some(cmd);
         };
+        // Frames from a connection here; and frames a node of the previous release
+        // forwarded, which it did not log.
+        let ours = match ticket {
+            Ticket::Conn(_) => true,
+            Ticket::Remote(token) => self.unlogged.contains(token),
+        };
+        if !ours {
+            return Some(cmd);
+        }
         let origin = fanout.as_ref().and_then(|f| f.origin);
         let sessions_only = !*live && log.sessions_only(*receiver);
         let sender = author_of(wire);
@@ -909,13 +945,20 @@ impl Actor {
                 receiver,
                 frames,
                 behind,
+                logged,
                 reply,
-            } => FromCluster::Forwarded {
-                token: self.forwards.answering(reply),
-                receiver,
-                frames,
-                behind,
-            },
+            } => {
+                let token = self.forwards.answering(reply);
+                if !logged && self.log.is_some() {
+                    self.unlogged.insert(token);
+                }
+                FromCluster::Forwarded {
+                    token,
+                    receiver,
+                    frames,
+                    behind,
+                }
+            }
             Heard::Mail { receiver } => FromCluster::Mail { receiver },
             Heard::Take { receiver } => FromCluster::Takeover { receiver },
         };

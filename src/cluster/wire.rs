@@ -27,6 +27,9 @@ pub const MAILBOX_SUBJECTS: &str = "chat.mb.*";
 pub const NODE_HEADER: &str = "Chat-Node";
 /// Present when the receiver's mailbox holds earlier frames of the batch's senders.
 pub const BEHIND_HEADER: &str = "Chat-Behind";
+/// Present when the forwarding node wrote the batch's frames to their ids' logs
+/// (history on); a node of the previous release did not, and the holder does.
+pub const LOGGED_HEADER: &str = "Chat-Logged";
 
 /// `receiver`'s subject in the mailbox stream.
 pub fn mailbox(receiver: u32) -> String {
