@@ -64,11 +64,13 @@ const ANSWER_BYTES: usize = 1024 * 1024;
 const IMPORT_FRAMES: usize = 100_000;
 /// Blocks one query reads, at most, before it answers with what it found (and `more`).
 const SCAN_BLOCKS: usize = 4096;
-/// How long a block waits for company: JetStream's cost is per message, and a pair
+/// How long a block waits for company (10 ms; bench/cluster.sh, pairs on one node of a
+/// cluster, one run each: 5 ms 165-188k msg/s, 20 ms 181-253k, history off 422-472k):
+/// JetStream's cost is per message, and a pair
 /// of ids exchanging frames fills a block only if its frames can gather (in a turn of
 /// the actor there are one or two per conversation). The echo of a session's frame
 /// and the live delivery to sessions wait as long; a plain sender's echo does not.
-const LOG_WAIT: Duration = Duration::from_millis(5);
+const LOG_WAIT: Duration = Duration::from_millis(10);
 /// Past this many bytes filled, the blocks go without waiting.
 const LOG_BYTES: usize = 1024 * 1024;
 /// Room left in a NATS message beside a block (its headers).
