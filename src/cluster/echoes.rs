@@ -31,6 +31,9 @@ struct Waiting {
     /// was not stored: the echo says the frame is not kept).
     offset: Option<u64>,
     outcome: Option<Outcome>,
+    /// Its receiver keeps no mailbox: a node that holds the receiver may still take
+    /// it, but nobody stores it in the mailbox.
+    from_log: bool,
 }
 
 impl Echoes {
@@ -47,8 +50,14 @@ impl Echoes {
                 len,
                 offset: (!offset).then_some(0),
                 outcome: None,
+                from_log,
             },
         );
+    }
+
+    /// Whether frame `seq` stays out of the mailbox (its outcome is its log's).
+    pub fn from_log(&self, seq: u64) -> bool {
+        self.waiting.get(&seq).is_some_and(|w| w.from_log)
     }
 
     /// A reply about to go to the broker: held if its frame waits here, else handed

@@ -73,6 +73,8 @@ const SCAN_BLOCKS: usize = 4096;
 const LOG_WAIT: Duration = Duration::from_millis(10);
 /// Past this many bytes filled, the blocks go without waiting.
 const LOG_BYTES: usize = 1024 * 1024;
+/// How far acceptance times of different nodes may disagree with the log's order.
+const CLOCK_SLACK_MS: u64 = 1000;
 /// Room left in a NATS message beside a block (its headers).
 const BLOCK_ROOM: usize = 1024;
 /// What a block adds to a frame at most: its version byte, and the entry's time and
@@ -94,8 +96,8 @@ pub(crate) enum Wait {
 
 /// A block being filled this turn.
 struct Filling {
-    id: u32,
-    peer: u32,
+    /// The conversation's ids, lower first.
+    ids: (u32, u32),
     block: Block,
     /// Its encoding's size so far.
     bytes: usize,
@@ -107,7 +109,8 @@ struct Filling {
 pub(crate) enum Logged {
     /// A block was stored at `seq` (or not: why), with what waited for its entries.
     Stored {
-        id: u32,
+        /// The conversation's ids: both their logs grew.
+        ids: (u32, u32),
         waits: Vec<(usize, Wait)>,
         result: Result<u64, String>,
     },
@@ -159,6 +162,9 @@ pub(crate) struct Log {
     /// Where each session's next read starts (after this offset), when its last read
     /// left out frames its broker never sees (its own).
     starts: HashMap<Endpoint, u64>,
+    /// The connection each device's reads are for now: a page read for an earlier one
+    /// moves nothing.
+    current: HashMap<Endpoint, Ticket>,
     /// Cursors acknowledged and not yet written.
     acked: HashMap<Endpoint, u64>,
     /// The newest cursor written for each id.
@@ -255,6 +261,7 @@ impl Log {
             kv,
             names: HashMap::new(),
             starts: HashMap::new(),
+            current: HashMap::new(),
             acked: HashMap::new(),
             tops: HashMap::new(),
             ids: HashMap::new(),
@@ -391,14 +398,15 @@ impl Log {
     }
 
     /// A device of `e.id` was seen: a named one's name is remembered; the default
-    /// device of an id with named devices is written down, so frames for it wait in
-    /// its mailbox from now on.
+    /// device is written down (each time it binds: the bucket forgets what is not
+    /// written for `--history-max-age`), so that frames for it wait in its mailbox
+    /// once its id also has named devices.
     pub fn seen(&mut self, e: Endpoint, name: &str) {
         if e.device != 0 {
             self.names.insert(e, name.to_string());
             return;
         }
-        if self.sessions_only(e.id) {
+        {
             self.ids.insert(e.id, true);
             let key = DeviceKey::Default { id: e.id }.key();
             let kv = self.kv.clone();
@@ -434,9 +442,9 @@ impl Log {
         );
     }
 
-    /// Adds a frame from `sender` to `receiver` to both their logs; `origin` is the
-    /// sender's named device that sent it. `offset`: the echo waits for the frame's
-    /// offset in the sender's log; `outcome`: its outcome is its receiver's log.
+    /// Adds a frame from `sender` to `receiver` to their conversation, which is in
+    /// both their logs; `origin` is the sender's named device that sent it. `offset`:
+    /// the echo waits for the frame's offset; `outcome`: its outcome is the log's.
     #[allow(clippy::too_many_arguments)]
     pub fn append(
         &mut self,
@@ -453,52 +461,40 @@ impl Log {
             .and_then(|device| self.names.get(&Endpoint { id: sender, device }))
             .cloned()
             .unwrap_or_default();
-        let theirs = Entry {
-            time,
-            device: String::new(),
-            wire: wire.clone(),
-        };
-        let ours = Entry {
+        let entry = Entry {
             time,
             device,
             wire: wire.clone(),
         };
-        self.fill(
-            receiver,
-            sender,
-            theirs,
-            outcome.then_some(Wait::Outcome { seq }),
-        );
-        self.fill(
-            sender,
-            receiver,
-            ours,
+        let waits = [
             offset.then_some(Wait::Offset { seq }),
-        );
+            outcome.then_some(Wait::Outcome { seq }),
+        ];
+        let ids = (sender.min(receiver), sender.max(receiver));
+        self.fill(ids, entry, waits.into_iter().flatten());
     }
 
-    fn fill(&mut self, id: u32, peer: u32, entry: Entry, wait: Option<Wait>) {
+    fn fill(&mut self, ids: (u32, u32), entry: Entry, waits: impl Iterator<Item = Wait>) {
         let size = 9 + entry.device.len() + entry.wire.len();
         let room = |f: &Filling| {
             f.block.entries.len() < wire::BLOCK_ENTRIES && f.bytes + size <= self.max_block
         };
-        let i = match self.index.get(&(id, peer)) {
+        let i = match self.index.get(&ids) {
             Some(&i) if room(&self.filling[i]) => i,
             _ => {
                 self.filling.push(Filling {
-                    id,
-                    peer,
+                    ids,
                     block: Block::default(),
                     bytes: 1,
                     waits: Vec::new(),
                 });
                 let i = self.filling.len() - 1;
-                self.index.insert((id, peer), i);
+                self.index.insert(ids, i);
                 i
             }
         };
         let filling = &mut self.filling[i];
-        if let Some(wait) = wait {
+        for wait in waits {
             filling.waits.push((filling.block.entries.len(), wait));
         }
         filling.bytes += size;
@@ -538,14 +534,14 @@ impl Log {
             false => Vec::new(),
         };
         for filling in blocks {
-            let subject = wire::log(filling.id, filling.peer);
-            let id = filling.id;
+            let subject = wire::conversation(filling.ids.0, filling.ids.1);
+            let ids = filling.ids;
             let waits = filling.waits;
             match self.js.publish(subject, filling.block.encode()).await {
                 Ok(ack) => self.work.push(
                     async move {
                         let result = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
-                        Logged::Stored { id, waits, result }
+                        Logged::Stored { ids, waits, result }
                     }
                     .boxed(),
                 ),
@@ -585,9 +581,11 @@ impl Log {
         failed
     }
 
-    /// A block of `id`'s log was stored: the nodes hear of it once this turn ends.
-    pub fn stored(&mut self, id: u32) {
-        self.grew.insert(id);
+    /// A block of the conversation between `ids` was stored: the nodes hear that
+    /// both their logs grew once this turn ends.
+    pub fn stored(&mut self, ids: (u32, u32)) {
+        self.grew.insert(ids.0);
+        self.grew.insert(ids.1);
     }
 
     /// A session acknowledged frames up to `offset`.
@@ -596,22 +594,39 @@ impl Log {
         *cursor = (*cursor).max(offset);
     }
 
-    /// Reads a page of `e`'s log after `after` (`None`: its first read, which starts
-    /// after its cursor and begins with its `sync` record).
-    pub fn load(&mut self, ticket: Ticket, e: Endpoint, after: Option<u64>, max_bytes: usize) {
+    /// Reads a page of `e`'s log after `after` (`None`: from its cursor). A session's
+    /// first read (`first`) begins with its `sync` record.
+    pub fn load(
+        &mut self,
+        ticket: Ticket,
+        e: Endpoint,
+        after: Option<u64>,
+        max_bytes: usize,
+        first: bool,
+    ) {
         let Some(name) = self.names.get(&e).cloned() else {
+            // Forgotten meanwhile (an operator): nothing to read.
             log::warn!("id {}: a session read for a device with no name", e.id);
+            let empty = Logged::Page {
+                ticket,
+                endpoint: e,
+                through: 0,
+                frames: Vec::new(),
+                sync: None,
+            };
+            self.work.push(async move { empty }.boxed());
             return;
         };
-        if after.is_none() {
+        if first {
             // A new connection of the device: it starts after its cursor, whatever an
             // earlier one here read.
             self.starts.remove(&e);
+            self.current.insert(e, ticket);
         }
         let start = self.starts.get(&e).copied().unwrap_or(0);
         let reads = self.reads.clone();
         let kv = self.kv.clone();
-        let moving = (after.is_none()).then(|| (self.js.clone(), self.mailbox.clone()));
+        let moving = first.then(|| (self.js.clone(), self.mailbox.clone()));
         self.work.push(
             async move {
                 let mut tries = 0;
@@ -631,6 +646,9 @@ impl Log {
                                 match import(js, mailbox, e.id).await {
                                     Ok((_, Some(oldest))) => {
                                         let upto = before.unwrap_or(0);
+                                        // Nodes' clocks and blocks' waits differ: start a
+                                        // second early (what comes twice is at least once).
+                                        let oldest = oldest.saturating_sub(CLOCK_SLACK_MS);
                                         match offset_before(&reads, e.id, upto, oldest).await {
                                             Ok(before) => live_from = Some(before),
                                             Err(err) => log::warn!(
@@ -649,8 +667,9 @@ impl Log {
                             Err(err) => log::warn!("id {}: bucket unreadable: {err}", e.id),
                         }
                     }
-                    let read =
-                        read_session(&reads, &kv, e, &name, after, start, max_bytes, live_from);
+                    let read = read_session(
+                        &reads, &kv, e, &name, after, start, max_bytes, live_from, first,
+                    );
                     match read.await {
                         Ok((through, frames, sync)) => {
                             return Logged::Page {
@@ -684,8 +703,8 @@ impl Log {
     }
 
     /// A page was read for `e`: its next read starts after `through` at least.
-    pub fn read_through(&mut self, e: Endpoint, through: u64) {
-        if through > 0 {
+    pub fn read_through(&mut self, e: Endpoint, ticket: Ticket, through: u64) {
+        if through > 0 && self.current.get(&e) == Some(&ticket) {
             let start = self.starts.entry(e).or_default();
             *start = (*start).max(through);
         }
@@ -743,7 +762,7 @@ impl Log {
     /// devices: how many blocks went.
     pub async fn purge(&mut self, id: u32) -> Result<u64, String> {
         let mut purged = 0;
-        for subject in [wire::log_of(id), wire::logs_with(id)] {
+        for subject in wire::logs_of(id) {
             let done = self.stream.purge().filter(subject).await;
             purged += done.map_err(|e| e.to_string())?.purged;
         }
@@ -816,7 +835,7 @@ async fn import(
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Nats-Msg-Id", format!("chat-moved-{at}").as_str());
                 let ack = js
-                    .publish_with_headers(wire::log(id, peer), headers, block.encode())
+                    .publish_with_headers(wire::conversation(id, peer), headers, block.encode())
                     .await
                     .map_err(|e| e.to_string())?;
                 ack.await.map_err(|e| e.to_string())?;
@@ -839,7 +858,20 @@ async fn offset_before(
     upto: u64,
     time: u64,
 ) -> Result<u64, String> {
-    let subject = wire::log_of(id);
+    let mut before = 0;
+    for subject in wire::logs_of(id) {
+        before = before.max(offset_before_in(reads, &subject, upto, time).await?);
+    }
+    Ok(before)
+}
+
+/// [`offset_before`] in one of an id's two subjects.
+async fn offset_before_in(
+    reads: &stream::Stream<()>,
+    subject: &str,
+    upto: u64,
+    time: u64,
+) -> Result<u64, String> {
     let mut hi = wire::place(upto).0;
     let mut window = 64u64;
     let mut scanned = 0;
@@ -848,7 +880,7 @@ async fn offset_before(
         let mut seq = lo;
         let mut before = None;
         while seq <= hi {
-            let Some((at, _, payload)) = first_at(reads, &subject, seq).await? else {
+            let Some((at, _, payload)) = first_at(reads, subject, seq).await? else {
                 break;
             };
             if at > hi {
@@ -898,17 +930,18 @@ async fn first_at(
 /// The offset of the newest frame in `id`'s log (0: none).
 async fn head(reads: &stream::Stream<()>, id: u32) -> Result<u64, String> {
     use jetstream::stream::LastRawMessageErrorKind;
-    match reads
-        .get_last_raw_message_by_subject(&wire::log_of(id))
-        .await
-    {
-        Ok(msg) => {
-            let n = Block::decode(&msg.payload).map_or(1, |b| b.entries.len());
-            Ok(wire::offset(msg.sequence, n.saturating_sub(1)))
+    let mut head = 0;
+    for subject in wire::logs_of(id) {
+        match reads.get_last_raw_message_by_subject(&subject).await {
+            Ok(msg) => {
+                let n = Block::decode(&msg.payload).map_or(1, |b| b.entries.len());
+                head = head.max(wire::offset(msg.sequence, n.saturating_sub(1)));
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(e.to_string()),
         }
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-        Err(e) => Err(e.to_string()),
     }
+    Ok(head)
 }
 
 /// The cursor of a device from the bucket; `None` for a device it does not know.
@@ -930,6 +963,7 @@ async fn read_session(
     start: u64,
     max_bytes: usize,
     live_from: Option<u64>,
+    first: bool,
 ) -> Result<(u64, Vec<(u64, Bytes)>, Option<Bytes>), String> {
     let (after, sync) = match after {
         Some(after) => (after.max(start), None),
@@ -939,7 +973,7 @@ async fn read_session(
                 name: name.to_string(),
             };
             let head = head(reads, e.id).await?;
-            let oldest = match first_at(reads, &wire::log_of(e.id), 1).await? {
+            let oldest = match Both::new(reads, e.id, 1).next().await? {
                 Some((seq, ..)) => wire::offset(seq, 0),
                 None => 0,
             };
@@ -963,26 +997,29 @@ async fn read_session(
                 backlog: 0,
                 missed: 0,
             };
-            (resume.max(start), Some(sync.encode()))
+            (resume.max(start), first.then(|| sync.encode()))
         }
     };
-    let subject = wire::log_of(e.id);
-    let (mut seq, skip) = match after {
+    let (seq, skip) = match after {
         0 => (1, None),
         a => {
             let (seq, index) = wire::place(a);
             (seq, Some((seq, index)))
         }
     };
+    let mut log = Both::new(reads, e.id, seq);
     let mut frames = Vec::new();
     let mut bytes = 0;
     let mut through = after;
-    'blocks: for _ in 0..READ_BLOCKS {
-        let Some((at, subject_read, payload)) = first_at(reads, &subject, seq).await? else {
+    // Past READ_BLOCKS only while nothing was found: a device's own frames, left out,
+    // must not end its reading early.
+    let mut looked = 0;
+    'blocks: while looked < READ_BLOCKS || (frames.is_empty() && looked < SCAN_BLOCKS) {
+        looked += 1;
+        let Some((at, subject_read, payload)) = log.next().await? else {
             break;
         };
-        seq = at + 1;
-        let Some((_, peer)) = wire::logged(&subject_read) else {
+        let Some(peer) = wire::peer_in(&subject_read, e.id) else {
             continue;
         };
         let Some(block) = Block::decode(&payload) else {
@@ -1022,6 +1059,51 @@ async fn read_session(
     Ok((through, frames, sync))
 }
 
+/// An id's log: its two subjects ([`wire::logs_of`]) read as one, in stream order.
+struct Both<'a> {
+    reads: &'a stream::Stream<()>,
+    subjects: [String; 2],
+    /// Where each subject is read from next, and what was read there and not taken.
+    from: [u64; 2],
+    ahead: [Option<Option<(u64, String, Bytes)>>; 2],
+}
+
+impl<'a> Both<'a> {
+    fn new(reads: &'a stream::Stream<()>, id: u32, from: u64) -> Both<'a> {
+        Both {
+            reads,
+            subjects: wire::logs_of(id),
+            from: [from; 2],
+            ahead: [None, None],
+        }
+    }
+
+    /// The next block of the log: its sequence, subject and payload.
+    async fn next(&mut self) -> Result<Option<(u64, String, Bytes)>, String> {
+        for k in 0..2 {
+            if self.ahead[k].is_none() {
+                let read = first_at(self.reads, &self.subjects[k], self.from[k]).await?;
+                self.ahead[k] = Some(read);
+            }
+        }
+        let seq = |k: usize| match &self.ahead[k] {
+            Some(Some((seq, ..))) => Some(*seq),
+            _ => None,
+        };
+        let k = match (seq(0), seq(1)) {
+            (Some(a), Some(b)) if b < a => 1,
+            (Some(_), _) => 0,
+            (None, Some(_)) => 1,
+            (None, None) => return Ok(None),
+        };
+        let taken = self.ahead[k].take().flatten();
+        if let Some((seq, ..)) = &taken {
+            self.from[k] = seq + 1;
+        }
+        Ok(taken)
+    }
+}
+
 /// The newest offset of `id`'s conversation with `peer` and when it was accepted;
 /// `None` when there is none.
 async fn last_of(
@@ -1031,7 +1113,7 @@ async fn last_of(
 ) -> Result<Option<(u64, u64)>, String> {
     use jetstream::stream::LastRawMessageErrorKind;
     match reads
-        .get_last_raw_message_by_subject(&wire::log(id, peer))
+        .get_last_raw_message_by_subject(&wire::conversation(id, peer))
         .await
     {
         Ok(msg) => {
@@ -1065,7 +1147,7 @@ async fn marker(kv: &kv::Store, id: u32, peer: u32) -> Result<(u64, Option<u64>)
 /// Messages from `peer` in `id`'s conversation with it after offset `read`, counted
 /// over [`SCAN_BLOCKS`] blocks at most.
 async fn unread(reads: &stream::Stream<()>, id: u32, peer: u32, read: u64) -> Result<u32, String> {
-    let subject = wire::log(id, peer);
+    let subject = wire::conversation(id, peer);
     let (mut seq, _) = wire::place(read);
     seq = seq.max(1);
     let mut unread = 0u32;
@@ -1101,17 +1183,19 @@ async fn conversations(
         Before::Offset(o) => o,
     };
     let limit = usize::from(limit.min(MAX_PAGE));
-    let mut info = reads
-        .info_with_subjects(wire::log_of(id))
-        .await
-        .map_err(|e| e.to_string())?;
     let mut peers = Vec::new();
-    while let Some((subject, _)) = info.next().await.transpose().map_err(|e| e.to_string())? {
-        if let Some((_, peer)) = wire::logged(&subject) {
-            peers.push(peer);
-        }
-        if peers.len() >= SCAN_BLOCKS {
-            break;
+    for subjects in wire::logs_of(id) {
+        let mut info = reads
+            .info_with_subjects(subjects)
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some((subject, _)) = info.next().await.transpose().map_err(|e| e.to_string())? {
+            if let Some(peer) = wire::peer_in(&subject, id) {
+                peers.push(peer);
+            }
+            if peers.len() >= SCAN_BLOCKS {
+                break;
+            }
         }
     }
     let mut rows = Vec::new();
@@ -1172,12 +1256,12 @@ async fn mark_read(
     };
     let upto = upto.min(last);
     let key = DeviceKey::Read { id, peer }.key();
-    let mut read = upto;
+    let mut read = None;
     // Compare and set: two devices reading at once both move it forward only.
     for _ in 0..RETRIES {
         let (current, revision) = marker(kv, id, peer).await?;
         if current >= upto {
-            read = current;
+            read = Some(current);
             break;
         }
         let value = Bytes::from(upto.to_string());
@@ -1191,10 +1275,11 @@ async fn mark_read(
             }),
         };
         if set.is_ok() {
-            read = upto;
+            read = Some(upto);
             break;
         }
     }
+    let read = read.ok_or_else(|| "the read marker is busy; ask again".to_string())?;
     let unread = unread(reads, id, peer, read).await?;
     Ok(Some(
         Record::Read {
@@ -1222,7 +1307,7 @@ async fn history_page(
         Before::Newest => u64::MAX,
         Before::Offset(o) => o,
     };
-    let subject = wire::log(id, conversation);
+    let subject = wire::conversation(id, conversation);
     let last = match reads.get_last_raw_message_by_subject(&subject).await {
         Ok(msg) => msg.sequence,
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
@@ -1235,7 +1320,9 @@ async fn history_page(
     let mut scanned = 0;
     while hi > 0 && found.len() <= limit && scanned < SCAN_BLOCKS {
         let lo = hi.saturating_sub(window).max(1);
-        let mut older = Vec::new();
+        // Only the newest `limit + 1` of a window can be needed.
+        let room = limit + 1 - found.len().min(limit + 1);
+        let mut older: VecDeque<(u64, Entry)> = VecDeque::new();
         let mut seq = lo;
         while seq <= hi {
             let Some((at, _, payload)) = first_at(reads, &subject, seq).await? else {
@@ -1252,7 +1339,10 @@ async fn history_page(
             for (i, entry) in block.entries.into_iter().enumerate() {
                 let offset = wire::offset(at, i);
                 if offset < end {
-                    older.push((offset, entry));
+                    older.push_back((offset, entry));
+                    if older.len() > room {
+                        older.pop_front();
+                    }
                 }
             }
         }

@@ -613,10 +613,7 @@ impl Actor {
             }
             return;
         }
-        let cmd = match self.logging(cmd) {
-            Some(cmd) => cmd,
-            None => return,
-        };
+        let cmd = self.logging(cmd);
         match cmd {
             // Older frames for the receiver are still on their way to its previous
             // holder, or to the stream: this one goes behind them, whichever way they
@@ -668,14 +665,15 @@ impl Actor {
                 device,
                 after,
                 max_bytes,
-                ..
+                reading,
             } if device != 0 => {
                 let endpoint = Endpoint {
                     id: receiver,
                     device,
                 };
+                let first = matches!(reading, crate::store::Reading::SessionStart { .. });
                 match &mut self.log {
-                    Some(log) => log.load(ticket, endpoint, after, max_bytes),
+                    Some(log) => log.load(ticket, endpoint, after, max_bytes, first),
                     None => self.out.push(FromCluster::Store(Reply::Page {
                         ticket,
                         receiver,
@@ -753,13 +751,13 @@ impl Actor {
         }
     }
 
-    /// With history on, a frame a connection here sent goes into its sender's and its
-    /// receiver's logs. Hands the append back for the mailbox, unless its receiver is
-    /// used only from sessions and nobody delivers it live here: then the log is all
-    /// there is to it.
-    fn logging(&mut self, cmd: Command) -> Option<Command> {
+    /// With history on, a frame a connection here sent goes into its conversation's
+    /// log. Hands the append back for the mailbox's path; when its receiver is used
+    /// only from sessions, that path goes as far as a node that holds the receiver
+    /// (one that bound it a moment ago), and nobody stores it in the mailbox.
+    fn logging(&mut self, cmd: Command) -> Command {
         let Some(log) = &mut self.log else {
-            return Some(cmd);
+            return cmd;
         };
         let Command::Append {
             ticket,
@@ -771,7 +769,7 @@ impl Actor {
             fanout,
         } = &cmd
         else {
-            return Some(cmd);
+            return cmd;
         };
         // Frames from a connection here; and frames a node of the previous release
         // forwarded, which it did not log.
@@ -780,7 +778,7 @@ impl Actor {
             Ticket::Remote(token) => self.unlogged.contains(token),
         };
         if !ours {
-            return Some(cmd);
+            return cmd;
         }
         let origin = fanout.as_ref().and_then(|f| f.origin);
         let sessions_only = !*live && log.sessions_only(*receiver);
@@ -797,10 +795,7 @@ impl Actor {
         );
         self.echoes
             .expect(*seq, *ticket, wire.len(), origin.is_some(), sessions_only);
-        match sessions_only {
-            true => None,
-            false => Some(cmd),
-        }
+        cmd
     }
 
     /// What the log's work came to.
@@ -809,11 +804,12 @@ impl Actor {
             return;
         };
         match logged {
-            Logged::Stored { id, waits, result } => {
+            Logged::Stored { ids, waits, result } => {
                 if result.is_ok() {
-                    log.stored(id);
+                    log.stored(ids);
                 } else if let Err(e) = &result {
-                    log::warn!("id {id}: a history block was not stored: {e}");
+                    let (a, b) = ids;
+                    log::warn!("ids {a} and {b}: a history block was not stored: {e}");
                 }
                 for (index, wait) in waits {
                     self.echoes.logged(wait, index, &result);
@@ -826,7 +822,7 @@ impl Actor {
                 frames,
                 sync,
             } => {
-                log.read_through(endpoint, through);
+                log.read_through(endpoint, ticket, through);
                 self.out.push(FromCluster::Store(Reply::Page {
                     ticket,
                     receiver: endpoint.id,
@@ -843,7 +839,16 @@ impl Actor {
             Logged::Read { id, record } => self.out.push(FromCluster::Read { id, record }),
             Logged::Mail { id } => log.mail(id),
             Logged::Imported { id } => log.imported(id),
-            Logged::Key(key) => log.key(key),
+            Logged::Key(key) => {
+                // An id held here by its default device got a named device: frames
+                // must keep waiting in its mailbox.
+                if let wire::DeviceKey::Named { id, .. } = key
+                    && self.holds.holds(id)
+                {
+                    log.seen(Endpoint::default_of(id), "");
+                }
+                log.key(key);
+            }
             Logged::Done => {}
         }
     }
@@ -924,6 +929,12 @@ impl Actor {
     async fn store_batch(&mut self, receiver: u32, batch: Vec<Command>) {
         let (mut queued, mut gap) = (0, false);
         for cmd in batch {
+            if let Command::Append { seq, .. } = cmd
+                && self.echoes.from_log(seq)
+            {
+                // Nobody took it: its receiver's log has it, and no mailbox.
+                continue;
+            }
             // Only these are counted back when they land (see `on_done`); a live
             // frame queued behind them keeps its place by being published after them.
             let counted = matches!(cmd, Command::Append { live: false, .. });
@@ -980,16 +991,17 @@ impl Actor {
             return false;
         };
         let len = frame.len();
-        let published = match (&self.log, ticket) {
-            // In the receiver's log too (see `logging`): marked, so that moving the
-            // mailbox into the log does not append it twice.
-            (Some(_), Ticket::Conn(_)) => {
+        let published = match &self.log {
+            // In its conversation's log too (see `logging`; a forwarded frame by the
+            // node that forwarded it, or here): marked, so that moving the mailbox
+            // into the log does not append it twice.
+            Some(_) => {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(wire::TIME_HEADER, time.to_string().as_str());
                 let subject = wire::mailbox(receiver);
                 self.js.publish_with_headers(subject, headers, frame).await
             }
-            _ => self.js.publish(wire::mailbox(receiver), frame).await,
+            None => self.js.publish(wire::mailbox(receiver), frame).await,
         };
         match published {
             Ok(ack) => {
@@ -1231,7 +1243,12 @@ impl Actor {
                 return;
             }
             for cmd in self.forwards.take_queue(receiver) {
-                self.publish(cmd).await;
+                match cmd {
+                    Command::Append { seq, .. } if self.echoes.from_log(seq) => {}
+                    cmd => {
+                        self.publish(cmd).await;
+                    }
+                }
             }
         }
         // A load sees every append and delete sent before it.
@@ -1506,6 +1523,11 @@ impl Actor {
             down.since.elapsed().as_secs_f64()
         );
         self.out.push(FromCluster::Store(Reply::Health(None)));
+        if let Some(log) = &mut self.log
+            && let Err(e) = log.listen().await
+        {
+            log::warn!("node {}: history notes not heard again: {e}", self.node);
+        }
         self.mail_held();
         let held: Vec<ToCluster> = self.held.drain(..).collect();
         for cmd in held {

@@ -7,10 +7,10 @@
 //! - A forwarded batch is its frames, back to back in their server -> client encoding.
 //! - The answer to a forwarded batch is one line per frame, in the batch's order:
 //!   `stored`, `full <why>` or `failed <why>`.
-//! - History (sessions): each id's log in the stream `CHAT_HISTORY`, one subject per
-//!   conversation (`chat.log.<id>.<peer>`), each message a [`Block`] of frames; after a
-//!   block is stored, `chat.note.<id>` tells the nodes with sessions of the id to read
-//!   on; each named device's place in its id's log, and each read marker, under a key
+//! - History (sessions): every conversation in the stream `CHAT_HISTORY`, one subject
+//!   per pair of ids (`chat.log.<lower>.<higher>`), each message a [`Block`] of frames;
+//!   an id's log is its conversations' subjects; after a block is stored,
+//!   `chat.note.<id>` tells the nodes with sessions of either id to read on; each named device's place in its id's log, and each read marker, under a key
 //!   of `CHAT_DEVICES` ([`DeviceKey`]); `chat.read.<id>` carries a moved marker's
 //!   `read` record to the id's sessions on every node.
 //!
@@ -53,27 +53,33 @@ pub fn read_by(subject: &str) -> Option<u32> {
     subject.strip_prefix("chat.read.")?.parse().ok()
 }
 
-/// `id`'s log of its conversation with `peer`.
-pub fn log(id: u32, peer: u32) -> String {
-    format!("chat.log.{id}.{peer}")
+/// The log of the conversation between `a` and `b`: one subject for both, the lower id
+/// first, so that a frame is stored once and has one offset in both ids' logs.
+pub fn conversation(a: u32, b: u32) -> String {
+    format!("chat.log.{}.{}", a.min(b), a.max(b))
 }
 
-/// Every conversation of `id`'s log.
-pub fn log_of(id: u32) -> String {
-    format!("chat.log.{id}.*")
+/// The two subjects that hold every conversation of `id`: those where it is the lower
+/// id, and those where it is the higher.
+pub fn logs_of(id: u32) -> [String; 2] {
+    [format!("chat.log.{id}.*"), format!("chat.log.*.{id}")]
 }
 
-/// Every conversation's log with `peer` in it, whoever keeps it (an operator's
-/// forgetting of `peer` takes them too).
-pub fn logs_with(peer: u32) -> String {
-    format!("chat.log.*.{peer}")
-}
-
-/// The id and peer of a log subject.
+/// The two ids of a conversation's subject, lower first.
 pub fn logged(subject: &str) -> Option<(u32, u32)> {
     let rest = subject.strip_prefix("chat.log.")?;
-    let (id, peer) = rest.split_once('.')?;
-    Some((id.parse().ok()?, peer.parse().ok()?))
+    let (lo, hi) = rest.split_once('.')?;
+    Some((lo.parse().ok()?, hi.parse().ok()?))
+}
+
+/// The other id of a conversation's subject, seen from `id`.
+pub fn peer_in(subject: &str, id: u32) -> Option<u32> {
+    let (lo, hi) = logged(subject)?;
+    match id {
+        _ if lo == id => Some(hi),
+        _ if hi == id => Some(lo),
+        _ => None,
+    }
 }
 
 /// On a frame in the mailbox stream that is in its receiver's log too: when it was
@@ -402,11 +408,19 @@ mod tests {
 
     #[test]
     fn log_subjects_offsets_and_device_keys_read_back() {
-        assert_eq!(log(7, 5), "chat.log.7.5");
-        assert_eq!(logged(&log(7, 5)), Some((7, 5)));
+        assert_eq!(conversation(7, 5), "chat.log.5.7");
+        assert_eq!(
+            conversation(5, 7),
+            conversation(7, 5),
+            "one subject for both"
+        );
+        assert_eq!(logged(&conversation(7, 5)), Some((5, 7)));
+        assert_eq!(peer_in(&conversation(7, 5), 7), Some(5));
+        assert_eq!(peer_in(&conversation(7, 5), 5), Some(7));
+        assert_eq!(peer_in(&conversation(7, 5), 9), None);
         assert_eq!(logged("chat.log.7"), None);
         assert_eq!(logged("chat.mb.7"), None);
-        assert_eq!(log_of(7), "chat.log.7.*");
+        assert_eq!(logs_of(7), ["chat.log.7.*", "chat.log.*.7"]);
         assert_eq!(noted(&note(9)), Some(9));
         assert_eq!(noted("chat.note.x"), None);
         assert_eq!(read_by(&read(9)), Some(9));
