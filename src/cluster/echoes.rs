@@ -56,7 +56,7 @@ impl Echoes {
     }
 
     /// Whether frame `seq` stays out of the mailbox (its outcome is its log's).
-    pub fn from_log(&self, seq: u64) -> bool {
+    pub fn mailbox_free(&self, seq: u64) -> bool {
         self.waiting.get(&seq).is_some_and(|w| w.from_log)
     }
 
