@@ -11,7 +11,7 @@
 //! Such a frame's reply is held here until both are known; then the offset goes to the
 //! broker first ([`FromCluster::Logged`]), its `Appended` right after.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::cluster::log::Wait;
 use crate::cluster::msg::FromCluster;
@@ -22,6 +22,10 @@ use crate::store::{Failure, Outcome, Reply};
 #[derive(Default)]
 pub(crate) struct Echoes {
     waiting: HashMap<u64, Waiting>,
+    /// Frames for ids used only from sessions still on the mailbox's path (on their way
+    /// to a node that may hold the receiver), whether or not their echo went: none is
+    /// stored in the mailbox, and a second outcome for one is dropped.
+    mailbox_free: HashSet<u64>,
 }
 
 struct Waiting {
@@ -31,9 +35,6 @@ struct Waiting {
     /// was not stored: the echo says the frame is not kept).
     offset: Option<u64>,
     outcome: Option<Outcome>,
-    /// Its receiver keeps no mailbox: a node that holds the receiver may still take
-    /// it, but nobody stores it in the mailbox.
-    from_log: bool,
 }
 
 impl Echoes {
@@ -50,14 +51,17 @@ impl Echoes {
                 len,
                 offset: (!offset).then_some(0),
                 outcome: None,
-                from_log,
             },
         );
+        if from_log {
+            self.mailbox_free.insert(seq);
+        }
     }
 
-    /// Whether frame `seq` stays out of the mailbox (its outcome is its log's).
-    pub fn mailbox_free(&self, seq: u64) -> bool {
-        self.waiting.get(&seq).is_some_and(|w| w.from_log)
+    /// Whether frame `seq` stays out of the mailbox (its outcome is its log's); it
+    /// leaves the mailbox's path here.
+    pub fn take_mailbox_free(&mut self, seq: u64) -> bool {
+        self.mailbox_free.remove(&seq)
     }
 
     /// A reply about to go to the broker: held if its frame waits here, else handed
@@ -66,12 +70,16 @@ impl Echoes {
         let FromCluster::Store(Reply::Appended { seq, outcome, .. }) = &reply else {
             return Some(reply);
         };
+        let mailbox_free = self.mailbox_free.remove(seq);
         match self.waiting.get_mut(seq) {
             Some(w) if w.outcome.is_none() => {
                 w.outcome = Some(outcome.clone());
                 None
             }
-            _ => Some(reply),
+            // Answered by its log already (or taken by a holder and answered twice).
+            _ if mailbox_free => None,
+            Some(_) => None,
+            None => Some(reply),
         }
     }
 
@@ -194,6 +202,23 @@ mod tests {
             e.reply(appended(8, Outcome::Stored)).is_some(),
             "waits for nothing"
         );
+    }
+
+    #[test]
+    fn a_frame_kept_out_of_the_mailbox_is_answered_once_and_stays_out_until_it_leaves() {
+        let mut e = Echoes::default();
+        e.expect(3, Ticket::Conn(1), 10, false, true);
+        e.logged(Wait::Outcome { seq: 3 }, 0, &Ok(40));
+        assert_eq!(e.ready().len(), 1, "answered by its log");
+        // Still on its way to a holder: it stays out of the mailbox, once.
+        assert!(e.take_mailbox_free(3));
+        assert!(!e.take_mailbox_free(3));
+        // A holder that took it answers too: dropped, the broker had its answer.
+        e.expect(4, Ticket::Conn(1), 10, false, true);
+        e.logged(Wait::Outcome { seq: 4 }, 0, &Ok(41));
+        e.ready();
+        assert!(e.reply(appended(4, Outcome::Stored)).is_none());
+        assert!(!e.take_mailbox_free(4), "it left the path with that answer");
     }
 
     #[test]

@@ -12,14 +12,16 @@
 //! times 256, plus its place in the block ([`wire::offset`]). Offsets grow along each
 //! id's log, with gaps (other ids' blocks), and are the same for every device.
 //!
-//! - **Appending.** A frame from A to B goes into B's log (`chat.log.B.A`) and A's
-//!   (`chat.log.A.B`, so A's other devices get their copy). The frames of one turn of
-//!   the actor for one subject go in one block, one publish (JetStream's rate is per
-//!   message: a block of 40 frames costs what one costs). Once a block is stored,
-//!   `chat.note.<id>` tells every node to read on for that id's sessions.
+//! - **Appending.** A frame from A to B goes into their conversation,
+//!   `chat.log.<lower>.<higher>`, which is in both their logs (so A's other devices get
+//!   their copy, with the offset B's devices see). The frames of one conversation
+//!   within [`LOG_WAIT`] go in one block, one publish (JetStream's rate is per message:
+//!   a block of 40 frames costs what one costs). Once a block is stored,
+//!   `chat.note.<id>` tells every node to read on for both ids' sessions.
 //! - **Reading.** A session reads its id's log after its cursor (`STREAM.MSG.GET`,
 //!   `next_by_subj` with `chat.log.<id>.*`, which the stream's leader answers: it
-//!   sees every acknowledged block), leaving out what its own device sent (it had the
+//!   sees every acknowledged block; and `chat.log.*.<id>`, merged in stream order),
+//!   leaving out what its own device sent (it had the
 //!   echo). Live frames come the same way, after a note: one path, one order.
 //! - **Cursors.** Acknowledged offsets are written to `CHAT_DEVICES` at the end of the
 //!   actor's turn (`<id>.d<name in hex>`), with the id's newest (`<id>.top`), where a
@@ -370,9 +372,10 @@ impl Log {
         }
         self.importing.insert(id, false);
         let (js, mailbox, client) = (self.js.clone(), self.mailbox.clone(), self.client.clone());
+        let kv = self.kv.clone();
         self.work.push(
             async move {
-                match import(&js, &mailbox, id).await {
+                match import(&js, &mailbox, &kv, id).await {
                     Ok((0, _)) => {}
                     Ok((n, _)) => {
                         log::info!("id {id}: {n} frames moved from its mailbox into its history");
@@ -643,8 +646,11 @@ impl Log {
                             Ok(None) => {
                                 let before = head(&reads, e.id).await.ok();
                                 live_from = before;
-                                match import(js, mailbox, e.id).await {
-                                    Ok((_, Some(oldest))) => {
+                                match import(js, mailbox, &kv, e.id).await {
+                                    // Without the head, where the mailbox starts in the
+                                    // log is not looked for (the device starts at the
+                                    // head, as read later).
+                                    Ok((_, Some(oldest))) if before.is_some() => {
                                         let upto = before.unwrap_or(0);
                                         // Nodes' clocks and blocks' waits differ: start a
                                         // second early (what comes twice is at least once).
@@ -657,7 +663,7 @@ impl Log {
                                             ),
                                         }
                                     }
-                                    Ok((_, None)) => {}
+                                    Ok(_) => {}
                                     Err(err) => {
                                         log::warn!("id {}: its mailbox was not moved: {err}", e.id)
                                     }
@@ -782,7 +788,8 @@ impl Log {
     }
 }
 
-/// Moves what waits in `id`'s mailbox into its log, oldest first: how many frames
+/// Moves what waits in `id`'s mailbox into its log, unless its default device is in use
+/// (its mailbox is its own then), oldest first: how many frames
 /// were appended, and the acceptance time of the oldest frame that was in the log
 /// already.
 ///
@@ -795,9 +802,15 @@ impl Log {
 async fn import(
     js: &jetstream::Context,
     mailbox: &Mailbox,
+    kv: &kv::Store,
     id: u32,
 ) -> Result<(usize, Option<u64>), String> {
     use jetstream::stream::RawMessageErrorKind;
+    // Asked here, not of what this node has heard: the bucket may know more.
+    let default = kv.get(DeviceKey::Default { id }.key()).await;
+    if default.map_err(|e| e.to_string())?.is_some() {
+        return Ok((0, None));
+    }
     let subject = wire::mailbox(id);
     let mut moved = 0;
     let mut oldest_logged: Option<u64> = None;
@@ -1078,10 +1091,12 @@ impl<'a> Both<'a> {
         }
     }
 
-    /// The next block of the log: its sequence, subject and payload.
+    /// The next block of the log: its sequence, subject and payload. A subject that
+    /// had nothing is asked again each time: a block stored there meanwhile may come
+    /// before what the other subject has.
     async fn next(&mut self) -> Result<Option<(u64, String, Bytes)>, String> {
         for k in 0..2 {
-            if self.ahead[k].is_none() {
+            if !matches!(self.ahead[k], Some(Some(_))) {
                 let read = first_at(self.reads, &self.subjects[k], self.from[k]).await?;
                 self.ahead[k] = Some(read);
             }

@@ -930,7 +930,7 @@ impl Actor {
         let (mut queued, mut gap) = (0, false);
         for cmd in batch {
             if let Command::Append { seq, .. } = cmd
-                && self.echoes.mailbox_free(seq)
+                && self.echoes.take_mailbox_free(seq)
             {
                 // Nobody took it: its receiver's log has it, and no mailbox.
                 continue;
@@ -1244,7 +1244,7 @@ impl Actor {
             }
             for cmd in self.forwards.take_queue(receiver) {
                 match cmd {
-                    Command::Append { seq, .. } if self.echoes.mailbox_free(seq) => {}
+                    Command::Append { seq, .. } if self.echoes.take_mailbox_free(seq) => {}
                     cmd => {
                         self.publish(cmd).await;
                     }
