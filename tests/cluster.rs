@@ -916,11 +916,23 @@ fn an_operator_sees_and_forgets_an_id_s_mailbox_in_the_stream() {
         assert_eq!(body["stored"]["mailbox"]["messages"], 4, "{body}");
         assert_eq!(body["stored"]["mailbox"]["bytes"], serde_json::Value::Null);
         assert_eq!(body["node"], "a");
+        // History (on by default) has the conversation with 3: in blocks, counted as
+        // such.
+        let blocks = body["stored"]["history"]["messages"].as_u64().unwrap_or(0);
+        assert!((1..=4).contains(&blocks), "{body}");
         let (status, body) = ask("DELETE", "/v1/ids/1".into()).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["deleted"]["mailbox"]["messages"], 4, "{body}");
+        assert_eq!(body["deleted"]["history"]["messages"], blocks, "{body}");
         let (_, body) = ask("GET", "/v1/ids/1/stored".into()).await;
         assert_eq!(body["stored"]["mailbox"]["messages"], 0, "{body}");
+        assert_eq!(body["stored"]["history"]["messages"], 0, "{body}");
+        // 3's side of that conversation went with it: a session of 3 pages nothing.
+        let (mut desk, _) = sessions::open_at(&b.addr, 3, "desk").await;
+        sessions::backlog(&mut desk).await;
+        let (got, more) = sessions::page(&mut desk, 3, 1, 10).await;
+        assert_eq!((got.len(), more), (0, false), "{got:?}");
+        drop(desk);
         // Nothing of it reaches 1 on either node; 2's frame is still 2's.
         let after = numbered(3, 1, 5);
         send_confirmed(&mut three, &after).await;

@@ -521,6 +521,28 @@ impl Log {
             .map(|since| LOG_WAIT.saturating_sub(since.elapsed()))
     }
 
+    /// Publishes every block being filled and waits until JetStream has each (an
+    /// operator's count or purge of an id sees them): what came of them.
+    pub async fn store_now(&mut self) -> Vec<Logged> {
+        self.index.clear();
+        self.filling_since = None;
+        self.filled = 0;
+        let mut done = Vec::new();
+        for filling in std::mem::take(&mut self.filling) {
+            let subject = wire::conversation(filling.ids.0, filling.ids.1);
+            let result = match self.js.publish(subject, filling.block.encode()).await {
+                Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            done.push(Logged::Stored {
+                ids: filling.ids,
+                waits: filling.waits,
+                result,
+            });
+        }
+        done
+    }
+
     /// Publishes the blocks filled, in order, once they are due (or `all`, or enough
     /// to go at once); writes acknowledged cursors; sends the notes for logs that
     /// grew. Returns the waits of blocks that could not be sent.
@@ -764,8 +786,23 @@ impl Log {
         );
     }
 
-    /// Purges `id`'s logs and the logs of its conversations kept by others, and its
-    /// devices: how many blocks went.
+    /// How many blocks `id`'s conversations hold (each up to 256 messages).
+    pub async fn blocks(&self, id: u32) -> Result<u64, String> {
+        let mut blocks = 0;
+        for subjects in wire::logs_of(id) {
+            let mut info = self
+                .reads
+                .info_with_subjects(subjects)
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some((_, n)) = info.next().await.transpose().map_err(|e| e.to_string())? {
+                blocks += n as u64;
+            }
+        }
+        Ok(blocks)
+    }
+
+    /// Purges `id`'s conversations, and its devices: how many blocks went.
     pub async fn purge(&mut self, id: u32) -> Result<u64, String> {
         let mut purged = 0;
         for subject in wire::logs_of(id) {

@@ -550,6 +550,17 @@ impl Actor {
         }
     }
 
+    /// Stores every history block being filled, and waits for them.
+    async fn store_log_now(&mut self) {
+        let stored = match &mut self.log {
+            Some(log) => log.store_now().await,
+            None => Vec::new(),
+        };
+        for done in stored {
+            self.logged(done);
+        }
+    }
+
     /// Sends the replies gathered so far and the mail for receivers held elsewhere.
     async fn send_out(&mut self) {
         let out = std::mem::take(&mut self.out);
@@ -705,9 +716,19 @@ impl Actor {
                 // Behind what this node stages for it, as a load would be.
                 self.publish_staged(Some(id)).await;
                 self.settle().await;
+                self.store_log_now().await;
                 if let Some(waiting) = self.waiting_in_stream(id).await {
+                    let mut history = 0;
+                    if let Some(log) = &self.log {
+                        match within(OPERATOR_WAIT, log.blocks(id)).await {
+                            Some(Ok(n)) => history = n,
+                            Some(Err(e)) => log::warn!("id {id}: history not counted: {e}"),
+                            None => log::warn!("id {id}: history not counted in {OPERATOR_WAIT:?}"),
+                        }
+                    }
                     let _ = answer.send(Stored {
                         mailbox_messages: waiting,
+                        history_messages: history,
                         ..Stored::default()
                     });
                 }
@@ -715,6 +736,7 @@ impl Actor {
             Command::Forget { id, answer } => {
                 self.publish_staged(Some(id)).await;
                 self.settle().await;
+                self.store_log_now().await;
                 if let Some(purged) = self.purge(id).await {
                     self.live.remove(&id);
                     self.mail.remove(&id);
