@@ -652,6 +652,7 @@ impl Log {
         let reads = self.reads.clone();
         let kv = self.kv.clone();
         let moving = first.then(|| (self.js.clone(), self.mailbox.clone()));
+        let client = self.client.clone();
         self.work.push(
             async move {
                 let mut tries = 0;
@@ -659,20 +660,24 @@ impl Log {
                     // Where a new device starts if the id has no cursor: its log's
                     // head before anything is moved into it.
                     let mut live_from = None;
-                    if let Some((js, mailbox)) = &moving {
+                    let mut to_move = false;
+                    if let Some((_, mailbox)) = &moving {
                         // A first read: what waits in the id's mailbox for no default
                         // device is what no device has had: a new device starts before
-                        // it (frames of the previous release are appended).
+                        // it. Nothing leaves the mailbox before the device's cursor is
+                        // written (the read below): a read that fails and is tried again
+                        // must find the same.
                         let default = DeviceKey::Default { id: e.id }.key();
                         match kv.get(default).await {
                             Ok(None) => {
+                                to_move = true;
                                 let before = head(&reads, e.id).await.ok();
                                 live_from = before;
-                                match import(js, mailbox, &kv, e.id).await {
+                                match oldest_logged(mailbox, e.id).await {
                                     // Without the head, where the mailbox starts in the
                                     // log is not looked for (the device starts at the
                                     // head, as read later).
-                                    Ok((_, Some(oldest))) if before.is_some() => {
+                                    Ok(Some(oldest)) if before.is_some() => {
                                         let upto = before.unwrap_or(0);
                                         // Nodes' clocks and blocks' waits differ: start a
                                         // second early (what comes twice is at least once).
@@ -687,7 +692,7 @@ impl Log {
                                     }
                                     Ok(_) => {}
                                     Err(err) => {
-                                        log::warn!("id {}: its mailbox was not moved: {err}", e.id)
+                                        log::warn!("id {}: its mailbox was not read: {err}", e.id)
                                     }
                                 }
                             }
@@ -700,6 +705,22 @@ impl Log {
                     );
                     match read.await {
                         Ok((through, frames, sync)) => {
+                            if let (true, Some((js, mailbox))) = (to_move, &moving) {
+                                // Its cursor is written: what waited moves (the previous
+                                // release's frames are appended, read on the next note).
+                                match import(js, mailbox, &kv, e.id).await {
+                                    Ok((0, _)) => {}
+                                    Ok(_) => {
+                                        let note = client.publish(wire::note(e.id), Bytes::new());
+                                        if let Err(err) = note.await {
+                                            log::debug!("note for id {} not sent: {err}", e.id);
+                                        }
+                                    }
+                                    Err(err) => {
+                                        log::warn!("id {}: its mailbox was not moved: {err}", e.id)
+                                    }
+                                }
+                            }
                             return Logged::Page {
                                 ticket,
                                 endpoint: e,
@@ -897,6 +918,35 @@ async fn import(
         }
     }
     Ok((moved, oldest_logged))
+}
+
+/// The acceptance time of the oldest frame in `id`'s mailbox that is in its log too
+/// (marked with [`wire::TIME_HEADER`]); nothing is moved.
+async fn oldest_logged(mailbox: &Mailbox, id: u32) -> Result<Option<u64>, String> {
+    use jetstream::stream::RawMessageErrorKind;
+    let subject = wire::mailbox(id);
+    let mut oldest: Option<u64> = None;
+    let mut seq = 1;
+    for _ in 0..IMPORT_FRAMES {
+        let msg = match mailbox
+            .reads
+            .get_first_raw_message_by_subject(&subject, seq)
+            .await
+        {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
+            Err(e) => return Err(e.to_string()),
+        };
+        seq = msg.sequence + 1;
+        let time = msg
+            .headers
+            .get(wire::TIME_HEADER)
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        if let Some(time) = time {
+            oldest = Some(oldest.map_or(time, |t| t.min(time)));
+        }
+    }
+    Ok(oldest)
 }
 
 /// The offset of the newest frame in `id`'s log up to offset `upto` accepted before

@@ -64,6 +64,11 @@ const READ_WAIT: Duration = Duration::from_secs(1);
 const ACK_WAIT: Duration = Duration::from_secs(5);
 /// How long an operator's count or purge of a mailbox may take.
 const OPERATOR_WAIT: Duration = Duration::from_secs(5);
+/// How often every session here reads on, whatever it heard: a note is a core NATS
+/// message, and one lost (a NATS server cut off for a moment) would leave a session
+/// behind until its id's next frame. (A `chat-chaos` run with sessions found a device
+/// that never got a frame.)
+const SWEEP: Duration = Duration::from_secs(5);
 /// Commands applied before replies are sent and timers looked at.
 const BATCH: usize = 1024;
 
@@ -235,6 +240,7 @@ pub async fn run(
         log,
         echoes: Echoes::default(),
         unlogged: HashSet::new(),
+        next_sweep: Instant::now() + SWEEP,
     };
     actor.run(rx, setup.link).await;
     let _ = closed_tx.send(());
@@ -413,6 +419,8 @@ struct Actor {
     /// Forwarded batches whose frames are in no log yet (a node of the previous
     /// release sent them), until answered: this node writes them.
     unlogged: HashSet<u64>,
+    /// When the sessions here next read on regardless (see [`SWEEP`]).
+    next_sweep: Instant,
 }
 
 /// A first read of an id's mailbox, waiting for this node's claim of the id.
@@ -443,10 +451,14 @@ impl Actor {
         let mut link = link.fuse();
         loop {
             let logging = self.log.as_ref().and_then(Log::next_due);
-            let due = match (self.staged.next_due(), logging) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let sweep = self
+                .log
+                .as_ref()
+                .map(|_| self.next_sweep.saturating_duration_since(Instant::now()));
+            let due = [self.staged.next_due(), logging, sweep]
+                .into_iter()
+                .flatten()
+                .min();
             let mut timer = match due {
                 Some(left) => sleep(left).boxed().fuse(),
                 None => futures::future::pending().boxed().fuse(),
@@ -486,7 +498,10 @@ impl Actor {
                     }
                     None => break,
                 },
-                () = timer => self.publish_due().await,
+                () = timer => {
+                    self.publish_due().await;
+                    self.sweep();
+                }
             }
             for receiver in self.forwards.kicked() {
                 if let Some(loads) = self.parked.remove(&receiver) {
@@ -1496,6 +1511,14 @@ impl Actor {
             if let Err(e) = self.client.publish(subject, self.node.clone().into()).await {
                 log::debug!("mail for id {receiver} not sent: {e}");
             }
+        }
+    }
+
+    /// Every session here reads on, every [`SWEEP`].
+    fn sweep(&mut self) {
+        if self.log.is_some() && Instant::now() >= self.next_sweep {
+            self.next_sweep = Instant::now() + SWEEP;
+            self.out.push(FromCluster::Grew(Grew::All));
         }
     }
 

@@ -95,6 +95,11 @@ struct Args {
     /// Writes the history here, one event per line.
     #[arg(long)]
     history: Option<PathBuf>,
+    /// Receivers, of the first ones, that use sessions instead of a hello with acks:
+    /// each has two devices, on nodes drawn at random, and each device must get every
+    /// frame (needs history on, the default).
+    #[arg(long, default_value_t = 0)]
+    sessions: u32,
 }
 
 fn main() -> ExitCode {
@@ -281,15 +286,26 @@ fn run(args: Args) -> Result<bool, String> {
             plan,
             Rng::new(rng.next()),
         )));
-        let plan = ReceiverPlan {
-            id: to,
-            wanders: i % 2 == 1,
+        let devices = match i < args.sessions {
+            true => ["laptop", "phone"]
+                .iter()
+                .filter_map(|name| chat::protocol::session::Device::new(name).ok())
+                .map(Some)
+                .collect(),
+            false => vec![None],
         };
-        tasks.push(rt::spawn(workload::receiver(
-            world.clone(),
-            plan,
-            Rng::new(rng.next()),
-        )));
+        for device in devices {
+            let plan = ReceiverPlan {
+                id: to,
+                wanders: i % 2 == 1,
+                device,
+            };
+            tasks.push(rt::spawn(workload::receiver(
+                world.clone(),
+                plan,
+                Rng::new(rng.next()),
+            )));
+        }
     }
 
     // The faults, on threads: starting a process blocks.
@@ -327,13 +343,24 @@ fn run(args: Args) -> Result<bool, String> {
     });
     drop(cluster);
 
+    let missing_on_devices = world.missing_on_devices();
     let history = std::mem::take(&mut *world.history.lock().unwrap_or_else(|e| e.into_inner()));
     if let Some(path) = &args.history {
         write_history(path, &history)?;
     }
     let report = check::check(&history, args.bound, args.grace);
     print(&report, seed, args.bound);
-    let violations = report.violations(args.bound);
+    let mut violations = report.violations(args.bound);
+    if args.sessions > 0 {
+        println!(
+            "frames a session's device missed (each device gets every frame): {missing_on_devices}"
+        );
+        if missing_on_devices > 0 {
+            violations.push(format!(
+                "{missing_on_devices} echoed frames never reached one of their receiver's devices"
+            ));
+        }
+    }
     for v in &violations {
         eprintln!("chat-chaos: VIOLATION: {v}");
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use futures::future::{Either, select};
 
 use chat::client::{Acker, Client, Receiver, Sender};
+use chat::protocol::session::{Device, Received};
 use chat::protocol::{ClientFrame, Code, ServerFrame, TEXT};
 use chat::rt;
 
@@ -66,6 +67,8 @@ pub struct World {
     /// A client that has frames unanswered and hears nothing for this long gives the
     /// connection up (and it is recorded as a silence).
     pub silence: Duration,
+    /// The device each session's connection is, by connection number.
+    devices: Mutex<std::collections::HashMap<u64, String>>,
 }
 
 impl World {
@@ -79,6 +82,7 @@ impl World {
             next_conn: AtomicU64::new(1),
             senders_left: AtomicUsize::new(senders),
             silence,
+            devices: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -86,28 +90,79 @@ impl World {
         self.started.elapsed().as_secs_f64()
     }
 
-    /// Every frame echoed so far has been delivered at least once.
+    /// Every frame echoed so far has been delivered at least once, to each device of
+    /// its receiver that uses a session.
     pub fn all_delivered(&self) -> bool {
+        self.missing_on_devices() == 0
+    }
+
+    /// Frames echoed so far and not delivered to a place they are for: their receiver
+    /// (any connection without a session), and each device of it with a session that
+    /// was connected before the echo (a new device starts after what its id's other
+    /// devices have: docs/PROTOCOL.md).
+    pub fn missing_on_devices(&self) -> usize {
+        use std::collections::{HashMap, HashSet};
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        let mut echoed = std::collections::HashSet::new();
-        let mut delivered = std::collections::HashSet::new();
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let place = |conn: &u64| devices.get(conn).cloned().unwrap_or_default();
+        let mut to: HashMap<u32, u32> = HashMap::new();
+        let mut echoed = Vec::new();
+        let mut places: HashMap<u32, HashMap<String, f64>> = HashMap::new();
+        let mut delivered = HashSet::new();
         for e in history.iter() {
             match e {
+                Event::Sent {
+                    sender, receiver, ..
+                } => {
+                    to.insert(*sender, *receiver);
+                }
                 Event::Answered {
                     sender,
                     n,
                     answer: Answer::Echo,
+                    at,
+                } => echoed.push((*sender, *n, *at)),
+                Event::Connected { id, conn, at, .. } => {
+                    places
+                        .entry(*id)
+                        .or_default()
+                        .entry(place(conn))
+                        .or_insert(*at);
+                }
+                Event::Delivered {
+                    receiver,
+                    sender,
+                    n,
+                    conn,
                     ..
                 } => {
-                    echoed.insert((*sender, *n));
-                }
-                Event::Delivered { sender, n, .. } => {
-                    delivered.insert((*sender, *n));
+                    delivered.insert((*receiver, place(conn), *sender, *n));
                 }
                 _ => {}
             }
         }
-        echoed.is_subset(&delivered)
+        let mut missing = 0;
+        for (sender, n, at) in echoed {
+            let Some(&receiver) = to.get(&sender) else {
+                continue;
+            };
+            let Some(all) = places.get(&receiver) else {
+                missing += 1;
+                continue;
+            };
+            let mut got = false;
+            let mut owed = 0;
+            for (p, &since) in all {
+                let here = delivered.contains(&(receiver, p.clone(), sender, n));
+                got |= here;
+                if !here && (p.is_empty() || since <= at) {
+                    owed += 1;
+                }
+            }
+            // Nowhere at all: owed to every place.
+            missing += if got { owed } else { owed.max(1) };
+        }
+        missing
     }
 
     pub fn record(&self, event: Event) {
@@ -117,9 +172,16 @@ impl World {
             .push(event);
     }
 
-    /// Connects to a random node and binds `id` (with acks when asked), trying nodes
-    /// until one welcomes it; the connection's number is recorded with its node.
-    async fn connect(&self, id: u32, acks: bool, rng: &mut Rng) -> Option<(Client, u64)> {
+    /// Connects to a random node and binds `id` (with acks when asked, as a session's
+    /// `device` when given), trying nodes until one welcomes it; the connection's
+    /// number is recorded with its node.
+    async fn connect(
+        &self,
+        id: u32,
+        acks: bool,
+        device: Option<&Device>,
+        rng: &mut Rng,
+    ) -> Option<(Client, u64)> {
         loop {
             if self.stop_receiving.load(Ordering::Relaxed) {
                 return None;
@@ -128,7 +190,9 @@ impl World {
             let addr = &self.addrs[node];
             let attempt = rt::timeout(Duration::from_secs(3), async {
                 let mut c = Client::connect(addr).await?;
-                if acks {
+                if let Some(device) = device {
+                    c.session(id, device, None).await?;
+                } else if acks {
                     c.hello_acks(id, None).await?;
                 } else {
                     c.hello(id, None).await?;
@@ -139,6 +203,12 @@ impl World {
             match attempt {
                 Some(Ok(c)) => {
                     let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                    if let Some(device) = device {
+                        self.devices
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(conn, device.to_string());
+                    }
                     self.record(Event::Connected {
                         id,
                         conn,
@@ -181,7 +251,12 @@ fn frame(plan: &SenderPlan, n: u64) -> ClientFrame {
 
 /// The number a frame's body starts with.
 pub fn number(f: &ServerFrame) -> Option<u64> {
-    std::str::from_utf8(f.body.get(..20)?).ok()?.parse().ok()
+    number_in(&f.body)
+}
+
+/// The number a payload carries.
+fn number_in(body: &[u8]) -> Option<u64> {
+    std::str::from_utf8(body.get(..20)?).ok()?.parse().ok()
 }
 
 /// Sends numbered frames until told to stop, then until every one has its answer.
@@ -197,7 +272,7 @@ async fn send_all(world: &Arc<World>, plan: SenderPlan, mut rng: Rng) {
         if world.stop_sending.load(Ordering::Relaxed) && unanswered.is_empty() {
             return;
         }
-        let Some((client, conn)) = world.connect(plan.id, false, &mut rng).await else {
+        let Some((client, conn)) = world.connect(plan.id, false, None, &mut rng).await else {
             return;
         };
         let (mut tx, mut rx) = client.split();
@@ -336,11 +411,14 @@ async fn converse(
 }
 
 /// How a receiver behaves.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReceiverPlan {
     pub id: u32,
     /// Goes offline now and then (its mailbox fills meanwhile).
     pub wanders: bool,
+    /// A session's device rather than a hello with acks: one of the id's devices,
+    /// which each get every frame (its deliveries are the id's, per connection).
+    pub device: Option<Device>,
 }
 
 /// Receives and acknowledges until told to stop.
@@ -352,7 +430,10 @@ pub async fn receiver(world: Arc<World>, plan: ReceiverPlan, mut rng: Rng) {
         }
         let (c, conn) = match client.take() {
             Some(c) => c,
-            None => match world.connect(plan.id, true, &mut rng).await {
+            None => match world
+                .connect(plan.id, true, plan.device.as_ref(), &mut rng)
+                .await
+            {
                 Some(c) => c,
                 None => return,
             },
@@ -363,14 +444,17 @@ pub async fn receiver(world: Arc<World>, plan: ReceiverPlan, mut rng: Rng) {
             None
         };
         let (mut tx, mut rx) = c.split();
-        receive(&world, plan.id, conn, &mut tx, &mut rx, online).await;
+        let session = plan.device.is_some();
+        receive(&world, plan.id, conn, &mut tx, &mut rx, online, session).await;
         if world.stop_receiving.load(Ordering::Relaxed) {
             return;
         }
         if online.is_some() {
             if rng.chance(0.3) {
                 // A takeover: the next connection binds while this one is open.
-                client = world.connect(plan.id, true, &mut rng).await;
+                client = world
+                    .connect(plan.id, true, plan.device.as_ref(), &mut rng)
+                    .await;
                 drop((tx, rx));
                 continue;
             }
@@ -388,6 +472,7 @@ async fn receive(
     tx: &mut Sender,
     rx: &mut Receiver,
     online: Option<Duration>,
+    session: bool,
 ) {
     let started = Instant::now();
     let mut acker = Acker::new(id);
@@ -404,6 +489,46 @@ async fn receive(
             Some(_) => return,
             None => continue,
         };
+        if session {
+            let (sender, n, what) = match Received::read(frame) {
+                Ok(Received::Message {
+                    sender,
+                    envelope,
+                    payload,
+                    ..
+                }) => (sender, number_in(&payload), envelope.what),
+                Ok(Received::Notice(n)) => {
+                    if n.is(Code::Replaced) || n.is(Code::SlowConsumer) || n.is(Code::ShuttingDown)
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Received::Record(_)) => continue,
+                Err(e) => {
+                    eprintln!("chat-chaos: id {id}: a malformed session frame: {e}");
+                    return;
+                }
+            };
+            let Some(n) = n else {
+                eprintln!("chat-chaos: id {id}: a message without a number from {sender}");
+                continue;
+            };
+            world.record(Event::Delivered {
+                receiver: id,
+                sender,
+                n,
+                conn,
+                at: world.now(),
+            });
+            acker.handled_what(what);
+            if let Some(ack) = acker.ack()
+                && tx.send(&ack).await.is_err()
+            {
+                return;
+            }
+            continue;
+        }
         if let Some(n) = frame.notice() {
             if n.is(Code::Replaced) || n.is(Code::SlowConsumer) || n.is(Code::ShuttingDown) {
                 return;
