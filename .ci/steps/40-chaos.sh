@@ -13,9 +13,9 @@ for seed in 7 "$(date +%s)"; do
   CHAT_REQUIRE_PARTITIONS=1 target/release/chat-chaos --secs 45 --seed "$seed" \
     --faults kill,pause,nats-pause,nats-cut,node-cut
 done
-# One node with its embedded store: kills, pauses and a full disk under it.
 # Sessions: six receivers with two devices each, every device checked.
 CHAT_REQUIRE_PARTITIONS=1 target/release/chat-chaos --secs 45 --seed 7 --sessions 6 \
   --faults kill,pause,nats-pause,nats-cut,node-cut
+# One node with its embedded store: kills, pauses and a full disk under it.
 CHAT_REQUIRE_PARTITIONS=1 target/release/chat-chaos --nats 0 --nodes 1 --secs 30 --seed 7 \
   --faults kill,pause,disk-full
