@@ -1178,6 +1178,12 @@ fn a_node_on_a_nats_server_cut_off_from_the_others_moves_to_another() {
 /// One request to NATS at `port` in its text protocol, for what a test asks JetStream
 /// directly; the reply's payload.
 fn nats_request(port: u16, subject: &str, payload: &str) -> String {
+    request_bytes(port, subject, None, payload.as_bytes())
+}
+
+/// Asks `subject` through the NATS server at `port`, with `headers` (a NATS/1.0
+/// header block) if given, and returns the answer.
+fn request_bytes(port: u16, subject: &str, headers: Option<&str>, payload: &[u8]) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
     let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
     stream.set_read_timeout(Some(WAIT)).expect("a timeout");
@@ -1185,18 +1191,29 @@ fn nats_request(port: u16, subject: &str, payload: &str) -> String {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).expect("INFO");
-    write!(
-        writer,
-        "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.test 1\r\nPUB {subject} _INBOX.test {}\r\n{payload}\r\n",
-        payload.len()
-    )
-    .expect("request sent");
+    let head = match headers {
+        None => format!(
+            "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.pub 1\r\nPUB {subject} _INBOX.pub {}\r\n",
+            payload.len()
+        ),
+        Some(h) => format!(
+            "CONNECT {{\"verbose\":false,\"headers\":true}}\r\nSUB _INBOX.pub 1\r\nHPUB {subject} _INBOX.pub {} {}\r\n{h}",
+            h.len(),
+            h.len() + payload.len()
+        ),
+    };
+    writer.write_all(head.as_bytes()).expect("sent");
+    writer.write_all(payload).expect("sent");
+    writer.write_all(b"\r\n").expect("sent");
     loop {
         line.clear();
         reader.read_line(&mut line).expect("a reply");
         if line.starts_with("PING") {
             writer.write_all(b"PONG\r\n").expect("pong");
-        } else if let Some(header) = line.strip_prefix("MSG ") {
+        } else if let Some(header) = line
+            .strip_prefix("MSG ")
+            .or_else(|| line.strip_prefix("HMSG "))
+        {
             let len: usize = header
                 .split_whitespace()
                 .last()
@@ -1205,7 +1222,7 @@ fn nats_request(port: u16, subject: &str, payload: &str) -> String {
             let mut body = vec![0; len + 2];
             reader.read_exact(&mut body).expect("the payload");
             body.truncate(len);
-            return String::from_utf8(body).expect("text");
+            return String::from_utf8_lossy(&body).into_owned();
         }
     }
 }
@@ -1699,52 +1716,6 @@ mod sessions {
     /// JetStream's answer.
     fn publish_bytes(port: u16, subject: &str, payload: &[u8]) -> String {
         request_bytes(port, subject, None, payload)
-    }
-
-    /// Asks `subject` through the NATS server at `port`, with `headers` (a NATS/1.0
-    /// header block) if given, and returns the answer.
-    fn request_bytes(port: u16, subject: &str, headers: Option<&str>, payload: &[u8]) -> String {
-        use std::io::{BufRead, BufReader, Read, Write};
-        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
-        stream.set_read_timeout(Some(WAIT)).expect("a timeout");
-        let mut writer = stream.try_clone().expect("a second handle");
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("INFO");
-        let head = match headers {
-            None => format!(
-                "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.pub 1\r\nPUB {subject} _INBOX.pub {}\r\n",
-                payload.len()
-            ),
-            Some(h) => format!(
-                "CONNECT {{\"verbose\":false,\"headers\":true}}\r\nSUB _INBOX.pub 1\r\nHPUB {subject} _INBOX.pub {} {}\r\n{h}",
-                h.len(),
-                h.len() + payload.len()
-            ),
-        };
-        writer.write_all(head.as_bytes()).expect("sent");
-        writer.write_all(payload).expect("sent");
-        writer.write_all(b"\r\n").expect("sent");
-        loop {
-            line.clear();
-            reader.read_line(&mut line).expect("a reply");
-            if line.starts_with("PING") {
-                writer.write_all(b"PONG\r\n").expect("pong");
-            } else if let Some(header) = line
-                .strip_prefix("MSG ")
-                .or_else(|| line.strip_prefix("HMSG "))
-            {
-                let len: usize = header
-                    .split_whitespace()
-                    .last()
-                    .and_then(|n| n.parse().ok())
-                    .expect("a length");
-                let mut body = vec![0; len + 2];
-                reader.read_exact(&mut body).expect("the payload");
-                body.truncate(len);
-                return String::from_utf8_lossy(&body).into_owned();
-            }
-        }
     }
 
     #[test]

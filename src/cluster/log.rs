@@ -863,7 +863,6 @@ async fn import(
     kv: &kv::Store,
     id: u32,
 ) -> Result<(usize, Option<u64>), String> {
-    use jetstream::stream::RawMessageErrorKind;
     // Asked here, not of what this node has heard: the bucket may know more.
     let default = kv.get(DeviceKey::Default { id }.key()).await;
     if default.map_err(|e| e.to_string())?.is_some() {
@@ -874,22 +873,12 @@ async fn import(
     let mut oldest_logged: Option<u64> = None;
     let mut seq = 1;
     for _ in 0..IMPORT_FRAMES {
-        let msg = match mailbox
-            .reads
-            .get_first_raw_message_by_subject(&subject, seq)
-            .await
-        {
-            Ok(msg) => msg,
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
-            Err(e) => return Err(e.to_string()),
+        let Some(msg) = first_message(&mailbox.reads, &subject, seq).await? else {
+            break;
         };
         let at = msg.sequence;
         seq = at + 1;
-        let logged = msg
-            .headers
-            .get(wire::TIME_HEADER)
-            .and_then(|v| v.as_str().parse::<u64>().ok());
-        match logged {
+        match logged_time(&msg) {
             Some(time) => {
                 oldest_logged = Some(oldest_logged.map_or(time, |t| t.min(time)));
             }
@@ -923,26 +912,15 @@ async fn import(
 /// The acceptance time of the oldest frame in `id`'s mailbox that is in its log too
 /// (marked with [`wire::TIME_HEADER`]); nothing is moved.
 async fn oldest_logged(mailbox: &Mailbox, id: u32) -> Result<Option<u64>, String> {
-    use jetstream::stream::RawMessageErrorKind;
     let subject = wire::mailbox(id);
     let mut oldest: Option<u64> = None;
     let mut seq = 1;
     for _ in 0..IMPORT_FRAMES {
-        let msg = match mailbox
-            .reads
-            .get_first_raw_message_by_subject(&subject, seq)
-            .await
-        {
-            Ok(msg) => msg,
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
-            Err(e) => return Err(e.to_string()),
+        let Some(msg) = first_message(&mailbox.reads, &subject, seq).await? else {
+            break;
         };
         seq = msg.sequence + 1;
-        let time = msg
-            .headers
-            .get(wire::TIME_HEADER)
-            .and_then(|v| v.as_str().parse::<u64>().ok());
-        if let Some(time) = time {
+        if let Some(time) = logged_time(&msg) {
             oldest = Some(oldest.map_or(time, |t| t.min(time)));
         }
     }
@@ -1019,12 +997,28 @@ async fn first_at(
     subject: &str,
     from: u64,
 ) -> Result<Option<(u64, String, Bytes)>, String> {
+    let msg = first_message(reads, subject, from).await?;
+    Ok(msg.map(|m| (m.sequence, m.subject.to_string(), m.payload)))
+}
+
+/// [`first_at`], the whole message (with its headers and time).
+async fn first_message(
+    reads: &stream::Stream<()>,
+    subject: &str,
+    from: u64,
+) -> Result<Option<jetstream::message::StreamMessage>, String> {
     use jetstream::stream::RawMessageErrorKind;
     match reads.get_first_raw_message_by_subject(subject, from).await {
-        Ok(msg) => Ok(Some((msg.sequence, msg.subject.to_string(), msg.payload))),
+        Ok(msg) => Ok(Some(msg)),
         Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// The acceptance time a frame in the mailbox carries when it is in its log too.
+fn logged_time(msg: &jetstream::message::StreamMessage) -> Option<u64> {
+    let time = msg.headers.get(wire::TIME_HEADER)?;
+    time.as_str().parse().ok()
 }
 
 /// The offset of the newest frame in `id`'s log (0: none).
