@@ -61,11 +61,13 @@ pub enum Event {
         conn: u64,
         at: f64,
     },
-    /// Client `id` opened connection `conn` to chat node `node` (its index).
+    /// Client `id` opened connection `conn` to chat node `node` (its index), as one of
+    /// its session's devices when `device` is given.
     Connected {
         id: u32,
         conn: u64,
         node: usize,
+        device: Option<String>,
         at: f64,
     },
     /// A client waited `waited` seconds with frames unanswered and nothing heard, and
@@ -306,15 +308,20 @@ pub fn check(events: &[Event], bound: f64, grace: f64) -> Report {
 }
 
 /// Counts ids bound on two nodes at once, and the frames split between the two
-/// connections (see the module's doc).
+/// connections (see the module's doc). A session's devices are apart: two devices of
+/// one id on two nodes is what sessions are for; one device on two nodes counts.
 fn double_binds(events: &[Event]) -> (usize, usize) {
     let mut node_of: HashMap<u64, usize> = HashMap::new();
+    let mut device_of: HashMap<u64, Option<String>> = HashMap::new();
     // Per receiving connection: its id and the times of its deliveries, in order.
     let mut got: HashMap<u64, (u32, Vec<f64>)> = HashMap::new();
     for e in events {
         match e {
-            Event::Connected { conn, node, .. } => {
+            Event::Connected {
+                conn, node, device, ..
+            } => {
                 node_of.insert(*conn, *node);
+                device_of.insert(*conn, device.clone());
             }
             Event::Delivered {
                 receiver, conn, at, ..
@@ -326,9 +333,12 @@ fn double_binds(events: &[Event]) -> (usize, usize) {
             _ => {}
         }
     }
-    let mut by_id: HashMap<u32, Vec<(u64, &Vec<f64>)>> = HashMap::new();
+    // Per id and device: its receiving connections and their deliveries' times.
+    type Place = (u32, Option<String>);
+    let mut by_id: HashMap<Place, Vec<(u64, &Vec<f64>)>> = HashMap::new();
     for (conn, (id, times)) in &got {
-        by_id.entry(*id).or_default().push((*conn, times));
+        let device = device_of.get(conn).cloned().flatten();
+        by_id.entry((*id, device)).or_default().push((*conn, times));
     }
     let (mut pairs, mut split) = (0, 0);
     for conns in by_id.values_mut() {
@@ -408,7 +418,9 @@ pub fn story(events: &[Event], receiver: u32, key: Key) -> Vec<String> {
                     format!("{at:8.3} s  delivered {m} on conn {conn} ({})", node(conn)),
                 ));
             }
-            Event::Connected { id, conn, node, at } if *id == sender || *id == receiver => {
+            Event::Connected {
+                id, conn, node, at, ..
+            } if *id == sender || *id == receiver => {
                 lines.push((
                     *at,
                     format!("{at:8.3} s  id {id} opened conn {conn} on chat{node}"),
@@ -466,6 +478,7 @@ mod tests {
             id: 2,
             conn,
             node,
+            device: None,
             at: 0.0,
         };
         let got_at = |n, conn, at| Event::Delivered {
@@ -624,6 +637,7 @@ mod tests {
             id: 1,
             conn,
             node,
+            device: None,
             at: 0.0,
         };
         let fault = |what: &str, start: f64, end: f64| Event::Fault {

@@ -213,6 +213,7 @@ impl World {
                         id,
                         conn,
                         node,
+                        device: device.map(|d| d.to_string()),
                         at: self.now(),
                     });
                     return Some((c, conn));
