@@ -112,21 +112,23 @@ struct Args {
 
     /// How long conversations are kept after delivery, for sessions' history queries:
     /// 30d, 12h, 90m, 45s (or seconds); 0 turns history off (a frame is removed once
-    /// every device of its receiver has it).
+    /// every device of its receiver has it; with --nats, sessions are then refused).
     #[arg(long, env = "CHAT_HISTORY_MAX_AGE", default_value = "30d", value_parser = parse_age)]
     history_max_age: Duration,
 
-    /// Messages one conversation's history may hold; the oldest go first.
+    /// Messages one conversation's history may hold; the oldest go first. With
+    /// --nats: blocks of up to 256 messages.
     #[arg(long, env = "CHAT_HISTORY_MAX_MESSAGES", default_value_t = 50_000)]
     history_max_messages: u64,
 
-    /// Bytes one conversation's history may hold; the oldest go first.
+    /// Bytes one conversation's history may hold; the oldest go first. One node only
+    /// (JetStream 2.9 bounds no subject's bytes).
     #[arg(long, env = "CHAT_HISTORY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     history_max_bytes: u64,
 
     /// Named devices (sessions) one id may have; a new one past it replaces the one
     /// seen longest ago that is offline. Clients without a session are the id's
-    /// default device, which does not count.
+    /// default device, which does not count. With --nats: the devices each node saw.
     #[arg(long, env = "CHAT_MAX_DEVICES", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     max_devices: u16,
