@@ -1202,9 +1202,14 @@ impl Broker {
     /// Frames for `receiver` were stored where this node did not see them (by another
     /// node, or forwarded behind stored ones): its connection here reads them.
     async fn stored_elsewhere(&mut self, receiver: u32) {
-        let Some(conn) = self.conns.online(receiver) else {
-            return;
-        };
+        if let Some(conn) = self.conns.online(receiver) {
+            self.read_on(conn).await;
+        }
+    }
+
+    /// `conn` reads what was stored for it after its last page, now or after the read
+    /// it is doing.
+    async fn read_on(&mut self, conn: ConnId) {
         let after = self
             .conns
             .live(conn)
@@ -1232,13 +1237,7 @@ impl Broker {
                 .collect(),
         };
         for conn in conns {
-            let after = self
-                .conns
-                .live(conn)
-                .and_then(|c| c.mailbox.stored_elsewhere());
-            if let Some(after) = after {
-                self.load_page(conn, Some(after)).await;
-            }
+            self.read_on(conn).await;
         }
     }
 
