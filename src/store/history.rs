@@ -251,14 +251,32 @@ impl Kept {
             return Ok(());
         }
         let (lo, hi) = key;
+        // The oldest blocks that bring it within its bounds, and one more: each row read
+        // is a whole block from the disk, so the walk stops there rather than reading
+        // the conversation (which made pruning the store's largest cost).
         let mut firsts = Vec::new();
+        let mut dropping = Usage::default();
         for row in t.history.range((lo, hi, 0)..=(lo, hi, u64::MAX))? {
-            firsts.push(row?.0.value().2);
-            if firsts.len() >= 1024 {
+            let first = row?.0.value().2;
+            firsts.push(first);
+            let left = Usage {
+                messages: u.messages.saturating_sub(dropping.messages),
+                bytes: u.bytes.saturating_sub(dropping.bytes),
+            };
+            if !over(left) || firsts.len() > 1024 {
                 break;
             }
+            if let Some(meta) = t
+                .blocks
+                .get(first)?
+                .and_then(|m| BlockMeta::decode(m.value()))
+            {
+                dropping.messages += u64::from(meta.count);
+                dropping.bytes += meta.bytes;
+            }
         }
-        // The newest block stays, whatever the bounds say.
+        // The last one read stays: it is past what must go, or it is the newest block,
+        // which stays whatever the bounds say.
         firsts.pop();
         for first in firsts {
             if !self.conversations.get(&key).copied().is_some_and(over) {
