@@ -1473,6 +1473,76 @@ mod sessions {
         Some(out)
     }
 
+    /// Whether any client of the cluster listens on `subject`, asked through the NATS
+    /// server at `port`: a request with `no_responders` gets status 503 at once when
+    /// nobody does, before the answer to the PING behind it.
+    fn listened(port: u16, subject: &str) -> bool {
+        use std::io::{BufRead, BufReader, Write};
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
+        stream.set_read_timeout(Some(WAIT)).expect("a timeout");
+        let mut writer = stream.try_clone().expect("a second handle");
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("INFO");
+        let ask = format!(
+            "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB _INBOX.who 1\r\nPUB {subject} _INBOX.who 0\r\n\r\nPING\r\n"
+        );
+        writer.write_all(ask.as_bytes()).expect("sent");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("an answer");
+            if line.starts_with("HMSG") {
+                return false;
+            }
+            if line.starts_with("PONG") {
+                return true;
+            }
+        }
+    }
+
+    /// Waits until every NATS server of `cluster` says `subject` is listened to (or
+    /// not), within [`WAIT`]: interest travels between servers on their own time.
+    fn until_listened(cluster: &Cluster, subject: &str, wanted: bool) {
+        let start = Instant::now();
+        for &port in &cluster.nats.ports {
+            while listened(port, subject) != wanted {
+                assert!(
+                    start.elapsed() < WAIT,
+                    "{subject} listened to: {} on the NATS server at {port}, wanted {wanted}",
+                    !wanted
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// A node listens to the notes of an id's log only while it has sessions of it:
+    /// none before, from the first session (a plain connection of the id is not one),
+    /// none once the last has gone. Every note went to every node before.
+    #[test]
+    fn a_node_hears_an_id_s_notes_only_while_it_has_sessions_of_it() {
+        let Some((cluster, a, b)) = two_nodes() else {
+            return;
+        };
+        chat::rt::block_on(async {
+            let note = "chat.note.71";
+            let mut plain = login_at(&b.addr, 71).await;
+            until_listened(&cluster, note, false);
+            for addr in [&b.addr, &a.addr] {
+                let (session, _) = open_at(addr, 71, "phone").await;
+                until_listened(&cluster, note, true);
+                drop(session);
+                until_listened(&cluster, note, false);
+            }
+            assert!(
+                !listened(cluster.nats.ports[0], "chat.note.72"),
+                "another id"
+            );
+            // The plain connection still works.
+            send_confirmed(&mut plain, &text(71, 71, "still here")).await;
+        });
+    }
+
     #[test]
     fn devices_of_one_id_on_two_nodes_each_get_every_frame_and_a_third_node_pages_history() {
         let Some((cluster, a, b)) = two_nodes() else {

@@ -17,7 +17,8 @@
 //!   their copy, with the offset B's devices see). The frames of one conversation
 //!   within [`LOG_WAIT`] go in one block, one publish (JetStream's rate is per message:
 //!   a block of 40 frames costs what one costs). Once a block is stored,
-//!   `chat.note.<id>` tells every node to read on for both ids' sessions.
+//!   `chat.note.<id>` tells the nodes with sessions of either id to read on: a node
+//!   listens to the notes of the ids it has sessions of, and no others.
 //! - **Reading.** A session reads its id's log after its cursor (`STREAM.MSG.GET`,
 //!   `next_by_subj` with `chat.log.<id>.*`, which the stream's leader answers: it
 //!   sees every acknowledged block; and `chat.log.*.<id>`, merged in stream order),
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::stream::{BoxStream, FuturesUnordered};
+use futures::stream::{AbortHandle, BoxStream, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 
 use crate::cluster::link::sleep;
@@ -183,6 +184,9 @@ pub(crate) struct Log {
     max_block: usize,
     /// Ids whose logs grew since notes were last sent.
     grew: HashSet<u32>,
+    /// The ids with sessions here, whose notes this node listens to: ending one's
+    /// stream of notes drops its subscription.
+    hearing: HashMap<u32, AbortHandle>,
     work: FuturesUnordered<BoxFuture<'static, Logged>>,
     /// Notes from every node and the bucket's keys.
     heard: futures::stream::SelectAll<BoxStream<'static, Logged>>,
@@ -273,6 +277,7 @@ impl Log {
             filled: 0,
             max_block,
             grew: HashSet::new(),
+            hearing: HashMap::new(),
             work: FuturesUnordered::new(),
             heard: futures::stream::SelectAll::new(),
         };
@@ -280,16 +285,9 @@ impl Log {
         Ok(log)
     }
 
-    /// Listens for notes and for the bucket's keys (again, after the link was lost).
+    /// Listens for read markers, mail, the bucket's keys and the notes of the ids
+    /// with sessions here (again, after the link was lost).
     pub async fn listen(&mut self) -> Result<(), String> {
-        let notes = self
-            .client
-            .subscribe(wire::NOTE_SUBJECTS)
-            .await
-            .map_err(|e| e.to_string())?;
-        let notes = notes.filter_map(|msg| async move {
-            wire::noted(&msg.subject).map(|id| Logged::Grew { id })
-        });
         let reads = self
             .client
             .subscribe(wire::READ_SUBJECTS)
@@ -319,11 +317,38 @@ impl Log {
             DeviceKey::parse(&entry.key).map(Logged::Key)
         });
         self.heard = futures::stream::SelectAll::new();
-        self.heard.push(notes.boxed());
         self.heard.push(reads.boxed());
         self.heard.push(mail.boxed());
         self.heard.push(keys.boxed());
+        let ids: Vec<u32> = self.hearing.drain().map(|(id, _)| id).collect();
+        for id in ids {
+            self.hear(id, true).await;
+        }
         Ok(())
+    }
+
+    /// Listens to the notes of `id` (`on`: it has sessions here now), or stops.
+    pub async fn hear(&mut self, id: u32, on: bool) {
+        if !on {
+            if let Some(handle) = self.hearing.remove(&id) {
+                handle.abort();
+            }
+            return;
+        }
+        if self.hearing.contains_key(&id) {
+            return;
+        }
+        // Lost, the subscription leaves the sessions to read on each sweep.
+        let notes = match self.client.subscribe(wire::note(id)).await {
+            Ok(notes) => notes,
+            Err(e) => {
+                log::warn!("id {id}: notes that its log grew not heard: {e}");
+                return;
+            }
+        };
+        let (notes, handle) = futures::stream::abortable(notes.map(move |_| Logged::Grew { id }));
+        self.hearing.insert(id, handle);
+        self.heard.push(notes.boxed());
     }
 
     /// The next piece of finished work or news.
@@ -586,10 +611,13 @@ impl Log {
                 async move {
                     let value = Bytes::from(cursor.to_string());
                     let key = DeviceKey::Named { id: e.id, name }.key();
-                    if let Err(err) = kv.put(key, value.clone()).await {
+                    if let Err(err) = kv.put(key, value).await {
                         log::warn!("id {}: a device's cursor was not written: {err}", e.id);
                     }
-                    if top && let Err(err) = kv.put(DeviceKey::Top { id: e.id }.key(), value).await
+                    // Another node may move it at once: forward only.
+                    if top
+                        && let Err(err) =
+                            raise(&kv, &DeviceKey::Top { id: e.id }.key(), cursor).await
                     {
                         log::debug!("id {}: the newest cursor was not written: {err}", e.id);
                     }
@@ -1228,16 +1256,41 @@ async fn last_of(
 
 /// `id`'s read marker in its conversation with `peer` (0: none), and its revision.
 async fn marker(kv: &kv::Store, id: u32, peer: u32) -> Result<(u64, Option<u64>), String> {
-    let key = DeviceKey::Read { id, peer }.key();
+    offset_at(kv, &DeviceKey::Read { id, peer }.key()).await
+}
+
+/// The offset under `key` (0: none), and its revision.
+async fn offset_at(kv: &kv::Store, key: &str) -> Result<(u64, Option<u64>), String> {
     let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
     let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
         return Ok((0, None));
     };
-    let read = std::str::from_utf8(&entry.value)
+    let offset = std::str::from_utf8(&entry.value)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    Ok((read, Some(entry.revision)))
+    Ok((offset, Some(entry.revision)))
+}
+
+/// Moves the offset under `key` forward to `to`, never back: compare and set, since
+/// several nodes may move it at once. Returns the offset it holds now; an error if it
+/// stayed busy for [`RETRIES`] tries.
+async fn raise(kv: &kv::Store, key: &str, to: u64) -> Result<u64, String> {
+    for _ in 0..RETRIES {
+        let (current, revision) = offset_at(kv, key).await?;
+        if current >= to {
+            return Ok(current);
+        }
+        let value = Bytes::from(to.to_string());
+        let set = match revision {
+            Some(revision) => kv.update(key, value, revision).await.is_ok(),
+            None => kv.create(key, value).await.is_ok(),
+        };
+        if set {
+            return Ok(to);
+        }
+    }
+    Err(format!("{key} is busy; ask again"))
 }
 
 /// Messages from `peer` in `id`'s conversation with it after offset `read`, counted
@@ -1351,31 +1404,10 @@ async fn mark_read(
         return Ok(None);
     };
     let upto = upto.min(last);
-    let key = DeviceKey::Read { id, peer }.key();
-    let mut read = None;
-    // Compare and set: two devices reading at once both move it forward only.
-    for _ in 0..RETRIES {
-        let (current, revision) = marker(kv, id, peer).await?;
-        if current >= upto {
-            read = Some(current);
-            break;
-        }
-        let value = Bytes::from(upto.to_string());
-        let set = match revision {
-            Some(revision) => kv.update(&key, value, revision).await.map(|_| ()),
-            None => kv.create(&key, value).await.map(|_| ()).map_err(|e| {
-                async_nats::jetstream::kv::UpdateError::with_source(
-                    async_nats::jetstream::kv::UpdateErrorKind::Other,
-                    e,
-                )
-            }),
-        };
-        if set.is_ok() {
-            read = Some(upto);
-            break;
-        }
-    }
-    let read = read.ok_or_else(|| "the read marker is busy; ask again".to_string())?;
+    // Two devices reading at once both move it forward only.
+    let read = raise(kv, &DeviceKey::Read { id, peer }.key(), upto)
+        .await
+        .map_err(|_| "the read marker is busy; ask again".to_string())?;
     let unread = unread(reads, id, peer, read).await?;
     Ok(Some(
         Record::Read {

@@ -30,6 +30,11 @@ pub enum ToCluster {
     /// The outcomes of frames another node forwarded here
     /// ([`FromCluster::Forwarded`]), in their order.
     Answer { token: u64, outcomes: Vec<Outcome> },
+    /// `id` has sessions here now (`on`), or its last one closed: this node hears
+    /// the notes that its log grew only while it has sessions of it (every note to
+    /// every node was a message per node for each block stored). Sent before the
+    /// first session's first read.
+    Hear { id: u32, on: bool },
 }
 
 /// What a cluster's actor tells the broker.

@@ -442,7 +442,8 @@ fn concerns(cmd: &ToCluster) -> Option<u32> {
         | ToCluster::Left { receiver } => Some(*receiver),
         ToCluster::Store(Command::Measure { id, .. } | Command::Forget { id, .. }) => Some(*id),
         ToCluster::Store(Command::Device { .. } | Command::Query { .. })
-        | ToCluster::Answer { .. } => None,
+        | ToCluster::Answer { .. }
+        | ToCluster::Hear { .. } => None,
     }
 }
 
@@ -611,6 +612,11 @@ impl Actor {
             // Behind the loads and deletes held before it.
             left @ ToCluster::Left { .. } if self.down.is_some() => self.held.push_back(left),
             ToCluster::Left { receiver } => self.release(receiver).await,
+            ToCluster::Hear { id, on } => {
+                if let Some(log) = &mut self.log {
+                    log.hear(id, on).await;
+                }
+            }
         }
     }
 

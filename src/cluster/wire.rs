@@ -38,8 +38,6 @@ pub fn mailbox(receiver: u32) -> String {
 
 /// The history stream's subjects: one per conversation of each id.
 pub const LOG_SUBJECTS: &str = "chat.log.*.*";
-/// Every note that an id's log grew.
-pub const NOTE_SUBJECTS: &str = "chat.note.*";
 /// Every note that an id's read marker moved: its `read` record, for its sessions.
 pub const READ_SUBJECTS: &str = "chat.read.*";
 
@@ -89,11 +87,6 @@ pub const TIME_HEADER: &str = "Chat-Time";
 /// Where the nodes hear that `id`'s log grew.
 pub fn note(id: u32) -> String {
     format!("chat.note.{id}")
-}
-
-/// The id a note is for.
-pub fn noted(subject: &str) -> Option<u32> {
-    subject.strip_prefix("chat.note.")?.parse().ok()
 }
 
 /// Entries in one block, at most: an offset is its block's stream sequence times this
@@ -421,8 +414,7 @@ mod tests {
         assert_eq!(logged("chat.log.7"), None);
         assert_eq!(logged("chat.mb.7"), None);
         assert_eq!(logs_of(7), ["chat.log.7.*", "chat.log.*.7"]);
-        assert_eq!(noted(&note(9)), Some(9));
-        assert_eq!(noted("chat.note.x"), None);
+        assert_eq!(note(9), "chat.note.9");
         assert_eq!(read_by(&read(9)), Some(9));
         assert_eq!(place(offset(1000, 3)), (1000, 3));
         assert!(

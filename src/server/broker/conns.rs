@@ -91,6 +91,10 @@ pub(super) struct Registry {
     online: HashMap<Endpoint, ConnId>,
     /// The named devices online of each id that has any.
     sessions: HashMap<u32, Vec<u16>>,
+    /// Ids that got their first session here (true) or lost their last (false), in
+    /// order, since the broker last took them: a cluster's node hears of their logs
+    /// only while it has sessions of them.
+    hearing: Vec<(u32, bool)>,
     /// Devices whose previous connection's writer has not finished yet, with a count.
     returning: HashMap<Endpoint, usize>,
 }
@@ -167,6 +171,12 @@ impl Registry {
             .collect()
     }
 
+    /// Ids whose first session came or whose last went since this was last asked, in
+    /// order (see `hearing`).
+    pub fn take_hearing(&mut self) -> Vec<(u32, bool)> {
+        std::mem::take(&mut self.hearing)
+    }
+
     /// Whether `id` has a named device online here.
     pub fn has_sessions(&self, id: u32) -> bool {
         // Checked for every frame's sender and receiver: no hashing while no session
@@ -206,6 +216,9 @@ impl Registry {
                 c.session = session.map(Box::new);
                 let replaced = self.online.insert(e, conn);
                 if e.device != 0 {
+                    if !self.sessions.contains_key(&id) {
+                        self.hearing.push((id, true));
+                    }
                     let online = self.sessions.entry(id).or_default();
                     if !online.contains(&e.device) {
                         online.push(e.device);
@@ -247,6 +260,7 @@ impl Registry {
                     online.retain(|&d| d != e.device);
                     if online.is_empty() {
                         self.sessions.remove(&id);
+                        self.hearing.push((id, false));
                     }
                 }
             }
@@ -431,7 +445,12 @@ mod tests {
             wait: false,
         };
         assert_eq!(r.bind(1, 7), new, "the default device");
+        assert!(
+            r.take_hearing().is_empty(),
+            "a plain connection is no session"
+        );
         assert_eq!(r.bind_at(2, laptop, name("laptop")), new);
+        assert_eq!(r.take_hearing(), [(7, true)], "the first session");
         assert_eq!(r.bind_at(3, phone, name("phone")), new);
         assert_eq!(r.online(7), Some(1));
         assert_eq!(r.sessions_of(7), vec![(1, 2), (2, 3)]);
@@ -460,8 +479,10 @@ mod tests {
             Finished::Nothing,
             "a session releases nothing"
         );
+        assert!(r.take_hearing().is_empty(), "sessions of 7 are still here");
         r.close(4, quiet());
         assert!(!r.has_sessions(7));
+        assert_eq!(r.take_hearing(), [(7, false)], "the last session went");
     }
 
     #[test]

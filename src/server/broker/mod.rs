@@ -446,6 +446,8 @@ impl Broker {
                     origin: Origin::AcksOn,
                 });
                 self.pushed.push(outbox);
+                // Listening before the first read: a note after it is heard.
+                self.send_hearing().await;
                 if !wait {
                     self.load_page(conn, None).await;
                 }
@@ -853,7 +855,18 @@ impl Broker {
         }
     }
 
+    /// Tells a cluster's actor which ids got their first session here or lost their
+    /// last: it listens for their logs' notes meanwhile.
+    async fn send_hearing(&mut self) {
+        for (id, on) in self.conns.take_hearing() {
+            if self.cluster_sessions {
+                self.storage.send_cluster(ToCluster::Hear { id, on }).await;
+            }
+        }
+    }
+
     async fn send_answers(&mut self) {
+        self.send_hearing().await;
         for answer in std::mem::take(&mut self.answers) {
             self.storage.send_cluster(answer).await;
         }
