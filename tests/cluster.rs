@@ -928,8 +928,8 @@ fn an_operator_sees_and_forgets_an_id_s_mailbox_in_the_stream() {
         assert_eq!(body["stored"]["mailbox"]["messages"], 0, "{body}");
         assert_eq!(body["stored"]["history"]["messages"], 0, "{body}");
         // 3's side of that conversation went with it: a session of 3 pages nothing.
-        let (mut desk, _) = sessions::open_at(&b.addr, 3, "desk").await;
-        sessions::backlog(&mut desk).await;
+        let (mut desk, _) = common::sessions::open_at(&b.addr, 3, "desk").await;
+        common::sessions::backlog(&mut desk).await;
         let (got, more) = sessions::page(&mut desk, 3, 1, 10).await;
         assert_eq!((got.len(), more), (0, false), "{got:?}");
         drop(desk);
@@ -1353,67 +1353,9 @@ fn a_frame_stored_while_its_holder_s_server_was_cut_off_is_delivered_after_the_c
 // Sessions in a cluster: devices of one id on different nodes, history in the stream.
 
 mod sessions {
+    use super::common::sessions::*;
     use super::*;
-    use bytes::Bytes;
-    use chat::protocol::session::{Before, Device, Envelope, Query, Received, Record, What};
-
-    /// A session of `id` as `name` on the node at `addr`: the connection and its `sync`.
-    pub async fn open_at(addr: &str, id: u32, name: &str) -> (Client, Record) {
-        let mut c = within(Client::connect(addr)).await.expect("connects");
-        let device = Device::new(name).expect("a device name");
-        let sync = within(c.session(id, &device, None))
-            .await
-            .expect("a session");
-        (c, sync)
-    }
-
-    pub async fn next(c: &mut Client) -> Received {
-        within(c.recv_session())
-            .await
-            .expect("read ok")
-            .expect("a frame, not end of stream")
-    }
-
-    /// The next frame, which must be a message: its author, envelope and payload.
-    pub async fn message(c: &mut Client) -> (u32, Envelope, Bytes) {
-        match next(c).await {
-            Received::Message {
-                sender,
-                envelope,
-                payload,
-                ..
-            } => (sender, envelope, payload),
-            other => panic!("expected a message, got {other:?}"),
-        }
-    }
-
-    /// What comes before the `synced` record that ends a session's backlog.
-    pub async fn backlog(c: &mut Client) -> Vec<(u32, Envelope, Bytes)> {
-        let mut got = Vec::new();
-        loop {
-            match next(c).await {
-                Received::Record(Record::Synced { .. }) => return got,
-                Received::Message {
-                    sender,
-                    envelope,
-                    payload,
-                    ..
-                } => got.push((sender, envelope, payload)),
-                other => panic!("expected the backlog, got {other:?}"),
-            }
-        }
-    }
-
-    /// Sends `body` to `to` and returns the envelope of its echo.
-    pub async fn say(c: &mut Client, from: u32, to: u32, body: &str) -> Envelope {
-        within(c.send(&text(from, to, body))).await.expect("send");
-        let (sender, envelope, payload) = message(c).await;
-        assert_eq!(
-            (sender, envelope.what, &payload[..]),
-            (from, What::Echo, body.as_bytes())
-        );
-        envelope
-    }
+    use chat::protocol::session::{Before, Query, Received, Record, What};
 
     /// The payloads of a history page of `id`'s conversation with `with`, newest
     /// first, and whether it says there is more.

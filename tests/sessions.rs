@@ -8,27 +8,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chat::client::{Acker, Client};
-use chat::protocol::session::{Before, Device, Envelope, Query, Received, Record, What};
+use chat::protocol::session::{Before, Query, Received, Record, What};
 use chat::protocol::{ClientFrame, Code, ServerFrame};
 use chat::rt;
+use common::sessions::*;
 use common::*;
-
-fn device(name: &str) -> Device {
-    Device::new(name).expect("a device name")
-}
 
 /// A session of `id` as `name`: the connection and its `sync` record.
 async fn open(server: &TestServer, id: u32, name: &str) -> (Client, Record) {
     let mut c = connect(server).await;
-    let sync = within(c.session(id, &device(name), None))
-        .await
-        .expect("a session");
-    (c, sync)
-}
-
-/// A session of `id` as `name` on the server at `addr`: the connection and its `sync`.
-async fn open_at(addr: &str, id: u32, name: &str) -> (Client, Record) {
-    let mut c = within(Client::connect(addr)).await.expect("connects");
     let sync = within(c.session(id, &device(name), None))
         .await
         .expect("a session");
@@ -65,42 +53,11 @@ async fn open_when_room(server: &TestServer, id: u32, name: &str) -> (Client, Re
     .unwrap_or_else(|| panic!("{name} never got in"))
 }
 
-async fn next(c: &mut Client) -> Received {
-    within(c.recv_session())
-        .await
-        .expect("read ok")
-        .expect("a frame, not end of stream")
-}
-
-/// The next frame, which must be a message: its author, envelope and payload.
-async fn message(c: &mut Client) -> (u32, Envelope, Bytes) {
-    match next(c).await {
-        Received::Message {
-            sender,
-            envelope,
-            payload,
-            ..
-        } => (sender, envelope, payload),
-        other => panic!("expected a message, got {other:?}"),
-    }
-}
-
 async fn record(c: &mut Client) -> Record {
     match next(c).await {
         Received::Record(r) => r,
         other => panic!("expected a record, got {other:?}"),
     }
-}
-
-/// Sends `body` to `to` and returns the envelope of its echo.
-async fn say(c: &mut Client, from: u32, to: u32, body: &str) -> Envelope {
-    within(c.send(&text(from, to, body))).await.expect("send");
-    let (sender, envelope, payload) = message(c).await;
-    assert_eq!(
-        (sender, envelope.what, &payload[..]),
-        (from, What::Echo, body.as_bytes())
-    );
-    envelope
 }
 
 /// Reads a whole query answer: its entries (or rows) and its `page-end`.
@@ -122,24 +79,6 @@ fn payloads(items: &[Received]) -> Vec<String> {
             other => panic!("expected a message, got {other:?}"),
         })
         .collect()
-}
-
-/// Waits for the `synced` record that ends a session's backlog, returning what came
-/// before it.
-async fn backlog(c: &mut Client) -> Vec<(u32, Envelope, Bytes)> {
-    let mut got = Vec::new();
-    loop {
-        match next(c).await {
-            Received::Record(Record::Synced { .. }) => return got,
-            Received::Message {
-                sender,
-                envelope,
-                payload,
-                ..
-            } => got.push((sender, envelope, payload)),
-            other => panic!("expected the backlog, got {other:?}"),
-        }
-    }
 }
 
 #[test]

@@ -14,6 +14,8 @@ use chat::protocol::{ClientFrame, Code, ServerFrame, TEXT};
 use chat::rt;
 use chat::server::Config;
 
+pub mod sessions;
+
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
