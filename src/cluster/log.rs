@@ -185,8 +185,9 @@ pub(crate) struct Log {
     /// Ids whose logs grew since notes were last sent.
     grew: HashSet<u32>,
     /// The ids with sessions here, whose notes this node listens to: ending one's
-    /// stream of notes drops its subscription.
-    hearing: HashMap<u32, AbortHandle>,
+    /// stream of notes drops its subscription. `None`: the subscription failed; the
+    /// next [`Log::listen`] tries again (the sessions read on each sweep meanwhile).
+    hearing: HashMap<u32, Option<AbortHandle>>,
     work: FuturesUnordered<BoxFuture<'static, Logged>>,
     /// Notes from every node and the bucket's keys.
     heard: futures::stream::SelectAll<BoxStream<'static, Logged>>,
@@ -320,9 +321,10 @@ impl Log {
         self.heard.push(reads.boxed());
         self.heard.push(mail.boxed());
         self.heard.push(keys.boxed());
-        let ids: Vec<u32> = self.hearing.drain().map(|(id, _)| id).collect();
+        // The old subscriptions went with the old streams.
+        let ids: Vec<u32> = self.hearing.keys().copied().collect();
         for id in ids {
-            self.hear(id, true).await;
+            self.subscribe_notes(id).await;
         }
         Ok(())
     }
@@ -330,25 +332,30 @@ impl Log {
     /// Listens to the notes of `id` (`on`: it has sessions here now), or stops.
     pub async fn hear(&mut self, id: u32, on: bool) {
         if !on {
-            if let Some(handle) = self.hearing.remove(&id) {
+            if let Some(Some(handle)) = self.hearing.remove(&id) {
                 handle.abort();
             }
             return;
         }
-        if self.hearing.contains_key(&id) {
-            return;
+        if !matches!(self.hearing.get(&id), Some(Some(_))) {
+            self.subscribe_notes(id).await;
         }
-        // Lost, the subscription leaves the sessions to read on each sweep.
-        let notes = match self.client.subscribe(wire::note(id)).await {
-            Ok(notes) => notes,
+    }
+
+    async fn subscribe_notes(&mut self, id: u32) {
+        let handle = match self.client.subscribe(wire::note(id)).await {
+            Ok(notes) => {
+                let notes = notes.map(move |_| Logged::Grew { id });
+                let (notes, handle) = futures::stream::abortable(notes);
+                self.heard.push(notes.boxed());
+                Some(handle)
+            }
             Err(e) => {
                 log::warn!("id {id}: notes that its log grew not heard: {e}");
-                return;
+                None
             }
         };
-        let (notes, handle) = futures::stream::abortable(notes.map(move |_| Logged::Grew { id }));
         self.hearing.insert(id, handle);
-        self.heard.push(notes.boxed());
     }
 
     /// The next piece of finished work or news.
@@ -1276,7 +1283,16 @@ async fn offset_at(kv: &kv::Store, key: &str) -> Result<(u64, Option<u64>), Stri
 /// several nodes may move it at once. Returns the offset it holds now; an error if it
 /// stayed busy for [`RETRIES`] tries.
 async fn raise(kv: &kv::Store, key: &str, to: u64) -> Result<u64, String> {
-    for _ in 0..RETRIES {
+    for attempt in 0..RETRIES {
+        if attempt > 0 {
+            // Another writer won, or the entry read was a replica's, behind: give
+            // either a moment, a different one for each of two racing writers.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let jitter = u64::from(nanos % 5);
+            sleep(Duration::from_millis(2 + jitter + 2 * attempt as u64)).await;
+        }
         let (current, revision) = offset_at(kv, key).await?;
         if current >= to {
             return Ok(current);
@@ -1290,7 +1306,7 @@ async fn raise(kv: &kv::Store, key: &str, to: u64) -> Result<u64, String> {
             return Ok(to);
         }
     }
-    Err(format!("{key} is busy; ask again"))
+    Err("busy; ask again".into())
 }
 
 /// Messages from `peer` in `id`'s conversation with it after offset `read`, counted
@@ -1407,7 +1423,7 @@ async fn mark_read(
     // Two devices reading at once both move it forward only.
     let read = raise(kv, &DeviceKey::Read { id, peer }.key(), upto)
         .await
-        .map_err(|_| "the read marker is busy; ask again".to_string())?;
+        .map_err(|e| format!("the read marker: {e}"))?;
     let unread = unread(reads, id, peer, read).await?;
     Ok(Some(
         Record::Read {
