@@ -911,6 +911,20 @@ fn an_operator_sees_and_forgets_an_id_s_mailbox_in_the_stream() {
             send_confirmed(&mut three, &numbered(3, 1, i)).await;
         }
         send_confirmed(&mut three, &numbered(3, 2, 9)).await;
+        // Node b writes the frames to their conversation's log within 10 ms of their
+        // echoes, and node a counts what is stored: wait until a page read on b holds
+        // all four, so that the count below is final.
+        let (mut poll, _) = common::sessions::open_at(&b.addr, 3, "poll").await;
+        common::sessions::backlog(&mut poll).await;
+        let start = Instant::now();
+        while sessions::page(&mut poll, 3, 1, 10).await.0.len() < 4 {
+            assert!(
+                start.elapsed() < WAIT,
+                "the frames to 1 never reached its log"
+            );
+            chat::rt::sleep(Duration::from_millis(20)).await;
+        }
+        drop(poll);
         let (status, body) = ask("GET", "/v1/ids/1/stored".into()).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["stored"]["mailbox"]["messages"], 4, "{body}");
@@ -1181,16 +1195,25 @@ fn nats_request(port: u16, subject: &str, payload: &str) -> String {
     request_bytes(port, subject, None, payload.as_bytes())
 }
 
+/// A raw connection to the NATS server at `port`, its `INFO` line read: a handle to
+/// write to and a buffered one to read lines from.
+fn raw_nats(port: u16) -> (std::net::TcpStream, std::io::BufReader<std::net::TcpStream>) {
+    use std::io::BufRead;
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
+    stream.set_read_timeout(Some(WAIT)).expect("a timeout");
+    let writer = stream.try_clone().expect("a second handle");
+    let mut reader = std::io::BufReader::new(stream);
+    let mut info = String::new();
+    reader.read_line(&mut info).expect("INFO");
+    (writer, reader)
+}
+
 /// Asks `subject` through the NATS server at `port`, with `headers` (a NATS/1.0
 /// header block) if given, and returns the answer.
 fn request_bytes(port: u16, subject: &str, headers: Option<&str>, payload: &[u8]) -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
-    stream.set_read_timeout(Some(WAIT)).expect("a timeout");
-    let mut writer = stream.try_clone().expect("a second handle");
-    let mut reader = BufReader::new(stream);
+    use std::io::{BufRead, Read, Write};
+    let (mut writer, mut reader) = raw_nats(port);
     let mut line = String::new();
-    reader.read_line(&mut line).expect("INFO");
     let head = match headers {
         None => format!(
             "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.pub 1\r\nPUB {subject} _INBOX.pub {}\r\n",
@@ -1419,13 +1442,9 @@ mod sessions {
     /// server at `port`: a request with `no_responders` gets status 503 at once when
     /// nobody does, before the answer to the PING behind it.
     fn listened(port: u16, subject: &str) -> bool {
-        use std::io::{BufRead, BufReader, Write};
-        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("NATS reachable");
-        stream.set_read_timeout(Some(WAIT)).expect("a timeout");
-        let mut writer = stream.try_clone().expect("a second handle");
-        let mut reader = BufReader::new(stream);
+        use std::io::{BufRead, Write};
+        let (mut writer, mut reader) = raw_nats(port);
         let mut line = String::new();
-        reader.read_line(&mut line).expect("INFO");
         let ask = format!(
             "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB _INBOX.who 1\r\nPUB {subject} _INBOX.who 0\r\n\r\nPING\r\n"
         );
