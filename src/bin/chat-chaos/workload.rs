@@ -67,8 +67,6 @@ pub struct World {
     /// A client that has frames unanswered and hears nothing for this long gives the
     /// connection up (and it is recorded as a silence).
     pub silence: Duration,
-    /// The device each session's connection is, by connection number.
-    devices: Mutex<std::collections::HashMap<u64, String>>,
 }
 
 impl World {
@@ -82,7 +80,6 @@ impl World {
             next_conn: AtomicU64::new(1),
             senders_left: AtomicUsize::new(senders),
             silence,
-            devices: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -103,8 +100,9 @@ impl World {
     pub fn missing_on_devices(&self) -> usize {
         use std::collections::{HashMap, HashSet};
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        let place = |conn: &u64| devices.get(conn).cloned().unwrap_or_default();
+        // Each connection's device ("" without a session), from its `Connected`, which
+        // comes before its deliveries.
+        let mut place: HashMap<u64, String> = HashMap::new();
         let mut to: HashMap<u32, u32> = HashMap::new();
         let mut echoed = Vec::new();
         let mut places: HashMap<u32, HashMap<String, f64>> = HashMap::new();
@@ -122,12 +120,16 @@ impl World {
                     answer: Answer::Echo,
                     at,
                 } => echoed.push((*sender, *n, *at)),
-                Event::Connected { id, conn, at, .. } => {
-                    places
-                        .entry(*id)
-                        .or_default()
-                        .entry(place(conn))
-                        .or_insert(*at);
+                Event::Connected {
+                    id,
+                    conn,
+                    device,
+                    at,
+                    ..
+                } => {
+                    let device = device.clone().unwrap_or_default();
+                    place.insert(*conn, device.clone());
+                    places.entry(*id).or_default().entry(device).or_insert(*at);
                 }
                 Event::Delivered {
                     receiver,
@@ -136,7 +138,8 @@ impl World {
                     conn,
                     ..
                 } => {
-                    delivered.insert((*receiver, place(conn), *sender, *n));
+                    let device = place.get(conn).cloned().unwrap_or_default();
+                    delivered.insert((*receiver, device, *sender, *n));
                 }
                 _ => {}
             }
@@ -203,12 +206,6 @@ impl World {
             match attempt {
                 Some(Ok(c)) => {
                     let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-                    if let Some(device) = device {
-                        self.devices
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(conn, device.to_string());
-                    }
                     self.record(Event::Connected {
                         id,
                         conn,

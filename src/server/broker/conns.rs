@@ -216,10 +216,10 @@ impl Registry {
                 c.session = session.map(Box::new);
                 let replaced = self.online.insert(e, conn);
                 if e.device != 0 {
-                    if !self.sessions.contains_key(&id) {
+                    let online = self.sessions.entry(id).or_insert_with(|| {
                         self.hearing.push((id, true));
-                    }
-                    let online = self.sessions.entry(id).or_default();
+                        Vec::new()
+                    });
                     if !online.contains(&e.device) {
                         online.push(e.device);
                     }
