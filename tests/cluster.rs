@@ -449,6 +449,143 @@ fn frames_sent_while_a_batch_waits_for_a_frozen_holder_keep_their_order() {
     });
 }
 
+/// What a NATS spy heard of the frames one node forwards to another: per batch, its
+/// subject's kind and, for a batch of sections, how many frames each section holds.
+struct Forwarded {
+    /// Batches to an id's own subject (`chat.hold.<id>.frames`).
+    to_ids: usize,
+    /// Batches to a node's subject: each section's frame count.
+    to_node: Vec<Vec<usize>>,
+}
+
+/// Listens to every forwarded batch through the NATS server at `port`.
+fn spy_on_forwards(port: u16) -> std::io::BufReader<std::net::TcpStream> {
+    use std::io::{BufRead, Write};
+    let (mut writer, mut reader) = raw_nats(port);
+    let subs = "CONNECT {\"verbose\":false,\"headers\":true}\r\nSUB chat.node.*.frames 1\r\nSUB chat.hold.*.frames 2\r\nPING\r\n";
+    writer.write_all(subs.as_bytes()).expect("sent");
+    let mut line = String::new();
+    while !line.starts_with("PONG") {
+        line.clear();
+        reader.read_line(&mut line).expect("PONG");
+    }
+    reader
+}
+
+/// Reads the spy's batches until those to node subjects hold `frames` frames.
+fn forwarded_until(spy: &mut std::io::BufReader<std::net::TcpStream>, frames: usize) -> Forwarded {
+    use std::io::{BufRead, Read};
+    let mut seen = Forwarded {
+        to_ids: 0,
+        to_node: Vec::new(),
+    };
+    while seen.to_node.iter().flatten().sum::<usize>() < frames {
+        let mut line = String::new();
+        spy.read_line(&mut line).expect("a batch within the wait");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (Some(&"HMSG"), Some(subject), Some(total), Some(head)) = (
+            words.first(),
+            words.get(1),
+            words.last().and_then(|n| n.parse::<usize>().ok()),
+            words
+                .get(words.len() - 2)
+                .and_then(|n| n.parse::<usize>().ok()),
+        ) else {
+            continue;
+        };
+        let mut body = vec![0; total + 2];
+        spy.read_exact(&mut body).expect("the batch");
+        let payload = &body[head..total];
+        if subject.starts_with("chat.hold.") {
+            seen.to_ids += 1;
+            continue;
+        }
+        // Sections: receiver u32 | behind u8 | length u32 | frames (9-byte headers).
+        let mut sections = Vec::new();
+        let mut at = 0;
+        while at + 9 <= payload.len() {
+            let len = u32::from_be_bytes(payload[at + 5..at + 9].try_into().expect("4 bytes"));
+            let end = at + 9 + len as usize;
+            let (mut n, mut f) = (0, at + 9);
+            while f + 9 <= end {
+                f += 9 + u32::from_be_bytes(payload[f + 5..f + 9].try_into().expect("4")) as usize;
+                n += 1;
+            }
+            sections.push(n);
+            at = end;
+        }
+        seen.to_node.push(sections);
+    }
+    seen
+}
+
+/// Once a node has learned from their answers which node holds some receivers, their
+/// frames go to that node's subject, one batch in flight per node, in sections: node a
+/// forwards frames for three receivers on node b while b is frozen, and they cross in
+/// two batches (the one in flight, then all the rest), not one or more per receiver.
+/// Each receiver gets its frames in order, and the sender its echoes.
+#[test]
+fn frames_for_receivers_held_on_one_node_travel_to_it_together_in_order() {
+    let Some((cluster, a, b)) = two_nodes() else {
+        return;
+    };
+    let mut spy = spy_on_forwards(cluster.nats.ports[0]);
+    chat::rt::block_on(async {
+        let mut one = login_at(&a.addr, 1).await;
+        let mut two = login_at(&a.addr, 2).await;
+        let mut four = login_at(&a.addr, 4).await;
+        let mut receivers = Vec::new();
+        for id in [11, 12, 13] {
+            receivers.push((id, login_at(&b.addr, id).await));
+        }
+        // The first frame to each goes to the id's subject; b's answer names b.
+        for (id, receiver) in &mut receivers {
+            let f = numbered(1, *id, 0);
+            send_confirmed(&mut one, &f).await;
+            assert_eq!(data_frames(receiver, 1).await, vec![delivered(&f)]);
+        }
+        b.signal(libc::SIGSTOP);
+        let mut sent = Vec::new();
+        for i in 1..=3 {
+            for (id, _) in &receivers {
+                let f = numbered(1, *id, i);
+                within(one.send(&f)).await.expect("send");
+                sent.push(f);
+            }
+        }
+        // Node a's broker has taken 1's frames in once 4 gets the frame sent after
+        // them; its store has them once a frame sent after that is echoed.
+        let taken = text(1, 4, "node a has taken them");
+        within(one.send(&taken)).await.expect("send");
+        assert_eq!(data_frames(&mut four, 1).await, vec![delivered(&taken)]);
+        send_confirmed(&mut two, &text(2, 4, "and its store too")).await;
+        b.signal(libc::SIGCONT);
+        for (id, receiver) in &mut receivers {
+            let want: Vec<ServerFrame> = (1..=3).map(|i| delivered(&numbered(1, *id, i))).collect();
+            assert_eq!(
+                data_frames(receiver, 3).await,
+                want,
+                "receiver {id}'s order"
+            );
+        }
+        for f in sent.iter().chain([&taken]) {
+            assert_eq!(recv(&mut one).await, delivered(f), "echoes in order");
+        }
+    });
+    let seen = forwarded_until(&mut spy, 9);
+    assert_eq!(seen.to_ids, 3, "one batch per id until its holder is known");
+    assert!(
+        seen.to_node.len() <= 2,
+        "the frames waiting for b's answer go in one batch: {:?}",
+        seen.to_node
+    );
+    assert!(
+        seen.to_node.iter().any(|sections| sections.len() >= 2),
+        "several receivers in one batch: {:?}",
+        seen.to_node
+    );
+}
+
 /// A node that was frozen while another bound its id (the claim waited out its 5 s and
 /// bound anyway) wakes up still holding the id. A frame it takes in for its own,
 /// unacknowledging connection before it lets go lands in the stream after the new

@@ -1,13 +1,26 @@
 //! Frames for ids held on other nodes, forwarded to the node that holds them, and the
 //! batches other nodes forward here.
 //!
-//! A frame for an id bound elsewhere goes straight to its holder
-//! ([`Hold::Frames`], request/reply), in batches, one batch in flight per receiver:
-//! that keeps them in order whichever way each batch goes. The holder routes them as
-//! its own senders' frames and answers with each one's outcome. A batch nobody takes
-//! (no responders, or no answer within [`FORWARD_WAIT`]) is published to the stream
-//! instead, and the next batch tells the holder to read its mailbox first. The actor
-//! does the publishing; this part keeps the routes and the batches in flight.
+//! A frame for an id bound elsewhere goes straight to its holder, in batches, one
+//! batch in flight per receiver: that keeps them in order whichever way each batch
+//! goes. The holder routes them as its own senders' frames and answers with each
+//! one's outcome. A batch nobody takes (no responders, or no answer within
+//! [`FORWARD_WAIT`]) is published to the stream instead, and the next batch tells the
+//! holder to read its mailbox first. The actor does the publishing; this part keeps
+//! the routes and the batches in flight.
+//!
+//! Where a batch goes: while this node does not know the holder, to the receiver's
+//! subject ([`Hold::Frames`]), which only its holder hears. A holder's answer names the
+//! subject on which it takes batches for every id it holds ([`wire::HOLDER_HEADER`]);
+//! from then on, the receiver's frames travel in one batch with those of the other
+//! receivers held on that node, one section each ([`wire::Section`]). Across two nodes
+//! that is one request and one answer per round for all their pairs, where it was one
+//! per receiver, and NATS carried most of the cluster's work. Each section still waits
+//! for its own answer before the next, so the order rule is unchanged. A node that no
+//! longer holds an id takes its section as any frames from another node (it sends them
+//! on, or stores them) and answers it `gone`: the next batch goes to the id's subject
+//! again. A node that restarted has a new subject, so a batch for its old one finds no
+//! responders and is stored, as a batch for an id nobody holds.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -15,17 +28,28 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::{Client, Message, StatusCode, Subject};
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::{FutureExt, StreamExt};
 
 use crate::cluster::link::sleep;
-use crate::cluster::wire::{self, Hold};
-use crate::store::{Command, Reply, answer};
+use crate::cluster::wire::{self, Hold, Section, SectionAnswer};
+use crate::store::{Command, Outcome, Reply, answer};
 
 /// How long a node waits for the holder of an id to take frames forwarded to it
 /// before it stores them in the stream itself (they may then arrive twice).
 pub(super) const FORWARD_WAIT: Duration = Duration::from_secs(5);
+
+/// A batch for several receivers is cut after this many bytes (a single receiver's
+/// frames go whole, as in a batch of their own): well under NATS's default
+/// `max_payload` of 1 MiB, and large enough that a round between two busy nodes is
+/// one batch.
+const NODE_BATCH_BYTES: usize = 256 * 1024;
+
+/// How many receivers' holders a node remembers; past it, it forgets them all and
+/// learns them again from the next answers, one batch each.
+const MAX_HOLDERS: usize = 65_536;
 
 /// Frames waiting to be forwarded to the node holding their receiver.
 #[derive(Default)]
@@ -40,6 +64,8 @@ struct Route {
     behind: bool,
     /// A frame of the batch being stored could not be stored.
     gap: bool,
+    /// Waits in [`Forwards::ready`] for the next batch to its holder.
+    ready: bool,
 }
 
 impl Route {
@@ -48,10 +74,12 @@ impl Route {
     }
 }
 
-/// A batch in flight.
+/// A batch in flight: the frames of one receiver, or sections for several held on one
+/// node.
 struct Batch {
-    receiver: u32,
-    frames: Vec<Command>,
+    sections: Vec<(u32, Vec<Command>)>,
+    /// Sent to this node's batch subject (by its token): answered per section.
+    to_node: Option<String>,
 }
 
 /// What became of a batch this node forwarded.
@@ -60,9 +88,9 @@ pub(super) enum Settled {
     Nothing,
     /// The holder answered: the appends' replies, with their outcomes.
     Answered(Vec<Reply>),
-    /// Nobody took it: the actor publishes these to the stream, then calls
-    /// [`Forwards::storing`].
-    Unclaimed { receiver: u32, frames: Vec<Command> },
+    /// Nobody took them: the actor publishes each receiver's frames to the stream,
+    /// then calls [`Forwards::storing`].
+    Unclaimed(Vec<(u32, Vec<Command>)>),
 }
 
 /// What the forwarding part waits for.
@@ -73,10 +101,36 @@ pub(super) enum Due {
     Timeout(u64),
 }
 
+/// A batch another node forwarded here, waiting for the broker's outcomes.
+enum Answering {
+    /// Frames for one receiver, from its subject.
+    One { reply: Subject, receiver: u32 },
+    /// Section `index` of a batch for several receivers.
+    Part { group: u64, index: usize },
+}
+
+/// A batch for several receivers forwarded here: answered once every section is.
+struct Group {
+    reply: Subject,
+    receivers: Vec<u32>,
+    outcomes: Vec<Option<Vec<Outcome>>>,
+    left: usize,
+}
+
 pub(super) struct Forwards {
     /// This node's name, sent with each batch.
     node: String,
+    /// This node's batch token (see [`wire::node_batches`]).
+    token: String,
     routes: HashMap<u32, Route>,
+    /// Routes whose holder is known, with frames for the next batch to it.
+    ready: Vec<u32>,
+    /// The batch token of the node that last answered as each receiver's holder. Kept
+    /// while a receiver's route comes and goes, up to [`MAX_HOLDERS`].
+    holders: HashMap<u32, String>,
+    /// Holders with a batch of sections in flight, by how many: the frames for the
+    /// receivers they hold wait for its answer and go together in the next.
+    to_nodes: HashMap<String, usize>,
     /// Batches forwarded and not yet answered, by token.
     in_flight: HashMap<u64, Batch>,
     next_token: u64,
@@ -86,9 +140,9 @@ pub(super) struct Forwards {
     timeouts: FuturesUnordered<BoxFuture<'static, u64>>,
     /// Routes that may forward their next batch, or whose parked reads may go on.
     kicked: Vec<u32>,
-    /// Batches other nodes forwarded here, waiting for the broker's outcomes, with
-    /// where to answer.
-    answering: HashMap<u64, Subject>,
+    /// Batches other nodes forwarded here, waiting for the broker's outcomes.
+    answering: HashMap<u64, Answering>,
+    groups: HashMap<u64, Group>,
     next_answering: u64,
     /// This node writes the frames it accepts to their logs: its batches say so.
     logged: bool,
@@ -104,7 +158,11 @@ impl Forwards {
     ) -> Forwards {
         Forwards {
             node,
+            token: wire::batch_token(&inbox).to_string(),
             routes: HashMap::new(),
+            ready: Vec::new(),
+            holders: HashMap::new(),
+            to_nodes: HashMap::new(),
             in_flight: HashMap::new(),
             next_token: 1,
             inbox,
@@ -112,6 +170,7 @@ impl Forwards {
             timeouts: FuturesUnordered::new(),
             kicked: Vec::new(),
             answering: HashMap::new(),
+            groups: HashMap::new(),
             next_answering: 1,
             logged,
         }
@@ -149,6 +208,7 @@ impl Forwards {
     /// This node is to hold `receiver` now: what it still had queued for another
     /// holder, to publish in order.
     pub fn take_queue(&mut self, receiver: u32) -> Vec<Command> {
+        self.holders.remove(&receiver);
         self.routes
             .remove(&receiver)
             .map(|r| r.queue)
@@ -161,8 +221,10 @@ impl Forwards {
     }
 
     /// Sends `receiver`'s queued frames to the node that holds it, unless a batch is
-    /// still on its way. A batch that could not be sent, or that nobody holds the
-    /// receiver for (`nobody_holds`), comes back, to be stored.
+    /// still on its way; where the holder is known, they wait for
+    /// [`Forwards::send_ready`], to go with other receivers' frames. A batch that could
+    /// not be sent, or that nobody holds the receiver for (`nobody_holds`), comes back,
+    /// to be stored.
     pub async fn forward(
         &mut self,
         client: &Client,
@@ -177,38 +239,155 @@ impl Forwards {
             self.routes.remove(&receiver);
             return None;
         }
-        let frames = std::mem::take(&mut route.queue);
         if nobody_holds {
-            return Some(frames);
+            self.holders.remove(&receiver);
+            return Some(std::mem::take(&mut route.queue));
         }
-        let mut payload = bytes::BytesMut::new();
+        if self.holders.contains_key(&receiver) {
+            if !std::mem::replace(&mut route.ready, true) {
+                self.ready.push(receiver);
+            }
+            return None;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        route.forwarding = Some(token);
+        let behind = route.behind;
+        let frames = std::mem::take(&mut route.queue);
+        let mut payload = BytesMut::new();
         for cmd in &frames {
             if let Command::Append { wire, .. } = cmd {
                 payload.extend_from_slice(wire);
             }
         }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(wire::NODE_HEADER, self.node.as_str());
-        if route.behind {
+        let mut headers = self.headers();
+        if behind {
             headers.insert(wire::BEHIND_HEADER, "1");
         }
+        let subject = wire::hold(receiver, Hold::Frames);
+        let batch = Batch {
+            sections: vec![(receiver, frames)],
+            to_node: None,
+        };
+        self.send(client, subject, token, headers, payload.freeze(), batch)
+            .await
+            .and_then(|mut back| back.pop().map(|(_, frames)| frames))
+    }
+
+    /// Sends the frames of the routes [`Forwards::forward`] left ready, one batch per
+    /// holder (cut at [`NODE_BATCH_BYTES`]) once its batch in flight, if any, is
+    /// answered: then one round carries what every receiver on the node gathered
+    /// meanwhile, where batches of a few receivers each would stay apart. What could
+    /// not be sent comes back, per receiver, to be stored.
+    pub async fn send_ready(&mut self, client: &Client) -> Vec<(u32, Vec<Command>)> {
+        let mut by_node: HashMap<String, Vec<(u32, Vec<Command>)>> = HashMap::new();
+        let mut waiting = Vec::new();
+        for receiver in std::mem::take(&mut self.ready) {
+            let Some(route) = self.routes.get_mut(&receiver) else {
+                continue;
+            };
+            if route.busy() || route.queue.is_empty() {
+                route.ready = false;
+                continue;
+            }
+            let Some(holder) = self.holders.get(&receiver).cloned() else {
+                route.ready = false;
+                self.kicked.push(receiver);
+                continue;
+            };
+            if self.to_nodes.contains_key(&holder) {
+                waiting.push(receiver);
+                continue;
+            }
+            route.ready = false;
+            let frames = std::mem::take(&mut route.queue);
+            by_node.entry(holder).or_default().push((receiver, frames));
+        }
+        let mut back = Vec::new();
+        for (holder, sections) in by_node {
+            let mut cut: Vec<(u32, Vec<Command>)> = Vec::new();
+            let mut payload = BytesMut::new();
+            for (receiver, frames) in sections {
+                let wires: Vec<Bytes> = frames
+                    .iter()
+                    .filter_map(|cmd| match cmd {
+                        Command::Append { wire, .. } => Some(wire.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let len = Section::encoded_len(wires.iter().map(Bytes::len).sum());
+                if !cut.is_empty() && payload.len() + len > NODE_BATCH_BYTES {
+                    let sent = std::mem::take(&mut cut);
+                    let full = std::mem::take(&mut payload).freeze();
+                    back.extend(self.send_node(client, &holder, full, sent).await);
+                }
+                let behind = self.routes.get(&receiver).is_some_and(|r| r.behind);
+                Section::encode(receiver, behind, &wires, &mut payload);
+                cut.push((receiver, frames));
+            }
+            if !cut.is_empty() {
+                back.extend(self.send_node(client, &holder, payload.freeze(), cut).await);
+            }
+        }
+        self.ready.extend(waiting);
+        back
+    }
+
+    /// Sends `sections` to `holder`'s batch subject.
+    async fn send_node(
+        &mut self,
+        client: &Client,
+        holder: &str,
+        payload: Bytes,
+        sections: Vec<(u32, Vec<Command>)>,
+    ) -> Vec<(u32, Vec<Command>)> {
+        let token = self.next_token;
+        self.next_token += 1;
+        for (receiver, _) in &sections {
+            if let Some(route) = self.routes.get_mut(receiver) {
+                route.forwarding = Some(token);
+            }
+        }
+        *self.to_nodes.entry(holder.to_string()).or_default() += 1;
+        let batch = Batch {
+            sections,
+            to_node: Some(holder.to_string()),
+        };
+        let headers = self.headers();
+        let subject = wire::node_batches(holder);
+        self.send(client, subject, token, headers, payload, batch)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// The headers every batch carries.
+    fn headers(&self) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(wire::NODE_HEADER, self.node.as_str());
         if self.logged {
             headers.insert(wire::LOGGED_HEADER, "1");
         }
-        let token = self.next_token;
-        self.next_token += 1;
-        route.forwarding = Some(token);
+        headers
+    }
+
+    /// Publishes `batch` as `token`, to be answered on this node's inbox; if it could
+    /// not be sent, its routes are free again and its frames come back.
+    async fn send(
+        &mut self,
+        client: &Client,
+        subject: String,
+        token: u64,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+        batch: Batch,
+    ) -> Option<Vec<(u32, Vec<Command>)>> {
+        let reply = wire::answer_to(&self.inbox, token);
         let sent = client
-            .publish_with_reply_and_headers(
-                wire::hold(receiver, Hold::Frames),
-                wire::answer_to(&self.inbox, token),
-                headers,
-                payload.freeze(),
-            )
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
             .await;
         match sent {
             Ok(()) => {
-                self.in_flight.insert(token, Batch { receiver, frames });
+                self.in_flight.insert(token, batch);
                 self.timeouts.push(
                     async move {
                         sleep(FORWARD_WAIT).await;
@@ -219,8 +398,17 @@ impl Forwards {
                 None
             }
             Err(e) => {
-                log::debug!("id {receiver}: frames not forwarded: {e}");
-                Some(frames)
+                if let Some(holder) = &batch.to_node {
+                    self.node_answered(holder);
+                }
+                for (receiver, _) in &batch.sections {
+                    log::debug!("id {receiver}: frames not forwarded: {e}");
+                    if let Some(route) = self.routes.get_mut(receiver) {
+                        route.forwarding = None;
+                    }
+                    self.holders.remove(receiver);
+                }
+                Some(batch.sections)
             }
         }
     }
@@ -289,63 +477,201 @@ impl Forwards {
     /// What an answer on this node's inbox says of its batch.
     pub fn answered(&mut self, msg: &Message) -> Settled {
         let batch = wire::answered(&msg.subject).and_then(|t| self.in_flight.remove(&t));
-        let Some(Batch { receiver, frames }) = batch else {
+        let Some(Batch { sections, to_node }) = batch else {
             return Settled::Nothing;
         };
+        if let Some(holder) = &to_node {
+            self.node_answered(holder);
+        }
         if msg.status == Some(StatusCode::NO_RESPONDERS) {
-            // Nobody holds the id: the frames go to its mailbox.
-            return Settled::Unclaimed { receiver, frames };
+            // Nobody holds the id, or the node is gone: the frames go to the mailbox.
+            self.forget_holders(&sections);
+            return Settled::Unclaimed(sections);
         }
         let text = String::from_utf8_lossy(&msg.payload);
-        let mut lines = text.lines();
-        let replies = frames
-            .into_iter()
-            .filter_map(|cmd| answer(cmd, wire::decode_outcome(lines.next())))
-            .collect();
-        if let Some(route) = self.routes.get_mut(&receiver) {
-            route.forwarding = None;
-            route.behind = false;
+        let answers = if to_node.is_some() {
+            let counts: Vec<usize> = sections.iter().map(|(_, f)| f.len()).collect();
+            SectionAnswer::decode_all(&text, &counts)
+        } else {
+            let holder = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(wire::HOLDER_HEADER))
+                .map(|v| v.as_str().to_string());
+            let n = sections.first().map_or(0, |(_, f)| f.len());
+            let mut lines = text.lines();
+            let outcomes = (0..n).map(|_| wire::decode_outcome(lines.next())).collect();
+            if let Some(&(receiver, _)) = sections.first() {
+                // Never this node's own token: a batch it heard on a subscription still
+                // draining is left to the holder, not answered.
+                match holder.filter(|h| *h != self.token) {
+                    Some(holder) => {
+                        if self.holders.len() >= MAX_HOLDERS {
+                            self.holders.clear();
+                        }
+                        self.holders.insert(receiver, holder);
+                    }
+                    None => {
+                        self.holders.remove(&receiver);
+                    }
+                }
+            }
+            vec![SectionAnswer {
+                held: true,
+                outcomes,
+            }]
+        };
+        let mut replies = Vec::new();
+        for ((receiver, frames), answered) in sections.into_iter().zip(answers) {
+            replies.extend(
+                frames
+                    .into_iter()
+                    .zip(answered.outcomes)
+                    .filter_map(|(cmd, outcome)| answer(cmd, outcome)),
+            );
+            if let Some(route) = self.routes.get_mut(&receiver) {
+                route.forwarding = None;
+                route.behind = false;
+            }
+            if !answered.held {
+                self.holders.remove(&receiver);
+            }
+            self.kicked.push(receiver);
         }
-        self.kicked.push(receiver);
         Settled::Answered(replies)
     }
 
     /// Batch `token` waited [`FORWARD_WAIT`]: if it is still in flight, nobody took it.
     pub fn timed_out(&mut self, token: u64) -> Settled {
-        match self.in_flight.remove(&token) {
-            Some(Batch { receiver, frames }) => {
-                log::warn!(
-                    "id {receiver}: its node did not answer within {FORWARD_WAIT:?}; storing {} frames in the stream (they may arrive twice)",
-                    frames.len()
-                );
-                Settled::Unclaimed { receiver, frames }
+        let Some(Batch { sections, to_node }) = self.in_flight.remove(&token) else {
+            return Settled::Nothing;
+        };
+        if let Some(holder) = to_node {
+            self.node_answered(&holder);
+        }
+        for (receiver, frames) in &sections {
+            log::warn!(
+                "id {receiver}: its node did not answer within {FORWARD_WAIT:?}; storing {} frames in the stream (they may arrive twice)",
+                frames.len()
+            );
+        }
+        self.forget_holders(&sections);
+        Settled::Unclaimed(sections)
+    }
+
+    /// A batch to `holder`'s subject is settled: the routes waiting for it may go.
+    fn node_answered(&mut self, holder: &str) {
+        if let Some(n) = self.to_nodes.get_mut(holder) {
+            *n -= 1;
+            if *n == 0 {
+                self.to_nodes.remove(holder);
             }
-            None => Settled::Nothing,
         }
     }
 
-    /// Another node forwarded a batch that waits on `reply`: the token the broker
-    /// answers it by.
-    pub fn answering(&mut self, reply: Subject) -> u64 {
+    /// The node these receivers' frames went to did not take them: the next batch goes
+    /// to each receiver's subject.
+    fn forget_holders(&mut self, sections: &[(u32, Vec<Command>)]) {
+        for (receiver, _) in sections {
+            self.holders.remove(receiver);
+        }
+    }
+
+    /// Another node forwarded a batch for `receiver` that waits on `reply`: the token
+    /// the broker answers it by.
+    pub fn answering(&mut self, reply: Subject, receiver: u32) -> u64 {
         let token = self.next_answering;
         self.next_answering += 1;
-        self.answering.insert(token, reply);
+        self.answering
+            .insert(token, Answering::One { reply, receiver });
         token
     }
 
-    /// Tells the node that forwarded batch `token` what became of its frames.
+    /// Another node forwarded a batch for several `receivers` that waits on `reply`:
+    /// the token the broker answers each section by.
+    pub fn answering_sections(&mut self, reply: Subject, receivers: Vec<u32>) -> Vec<u64> {
+        let group = self.next_answering;
+        let tokens: Vec<u64> = (0..receivers.len())
+            .map(|index| {
+                let token = self.next_answering;
+                self.next_answering += 1;
+                self.answering
+                    .insert(token, Answering::Part { group, index });
+                token
+            })
+            .collect();
+        if !tokens.is_empty() {
+            self.groups.insert(
+                group,
+                Group {
+                    reply,
+                    outcomes: vec![None; receivers.len()],
+                    left: receivers.len(),
+                    receivers,
+                },
+            );
+        }
+        tokens
+    }
+
+    /// Tells the node that forwarded batch `token` what became of its frames, and
+    /// whether this node (`holds`) still holds their receiver. A section's answer waits
+    /// for the rest of its batch.
     pub async fn answer(
         &mut self,
         client: &Client,
         token: u64,
-        outcomes: &[crate::store::Outcome],
+        outcomes: &[Outcome],
+        holds: impl Fn(u32) -> bool,
     ) {
-        let Some(reply) = self.answering.remove(&token) else {
+        let Some((reply, headers, text)) = self.answer_of(token, outcomes, holds) else {
             return;
         };
-        let text = wire::encode_outcomes(outcomes);
-        if let Err(e) = client.publish(reply, text.into()).await {
+        let sent = client
+            .publish_with_headers(reply, headers, text.into())
+            .await;
+        if let Err(e) = sent {
             log::debug!("answer not sent: {e}");
+        }
+    }
+
+    /// The answer [`Forwards::answer`] sends, once there is one to send.
+    fn answer_of(
+        &mut self,
+        token: u64,
+        outcomes: &[Outcome],
+        holds: impl Fn(u32) -> bool,
+    ) -> Option<(Subject, async_nats::HeaderMap, String)> {
+        let mut headers = async_nats::HeaderMap::new();
+        match self.answering.remove(&token)? {
+            Answering::One { reply, receiver } => {
+                if holds(receiver) {
+                    headers.insert(wire::HOLDER_HEADER, self.token.as_str());
+                }
+                Some((reply, headers, wire::encode_outcomes(outcomes)))
+            }
+            Answering::Part { group, index } => {
+                let g = self.groups.get_mut(&group)?;
+                if let Some(slot) = g.outcomes.get_mut(index)
+                    && slot.replace(outcomes.to_vec()).is_none()
+                {
+                    g.left -= 1;
+                }
+                if g.left > 0 {
+                    return None;
+                }
+                let g = self.groups.remove(&group)?;
+                let answers: Vec<SectionAnswer> = g
+                    .receivers
+                    .iter()
+                    .zip(g.outcomes)
+                    .map(|(&receiver, outcomes)| SectionAnswer {
+                        held: holds(receiver),
+                        outcomes: outcomes.unwrap_or_default(),
+                    })
+                    .collect();
+                Some((g.reply, headers, SectionAnswer::encode_all(&answers)))
+            }
         }
     }
 }
@@ -395,11 +721,21 @@ mod tests {
         f.in_flight.insert(
             token,
             Batch {
-                receiver: 7,
-                frames,
+                sections: vec![(7, frames)],
+                to_node: None,
             },
         );
         f.routes.entry(7).or_default().forwarding = Some(token);
+    }
+
+    fn seqs(replies: Vec<Reply>) -> Vec<(u64, Outcome)> {
+        replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Appended { seq, outcome, .. } => (seq, outcome),
+                other => panic!("{other:?}"),
+            })
+            .collect()
     }
 
     #[test]
@@ -413,15 +749,8 @@ mod tests {
         else {
             panic!("answered");
         };
-        let outcomes: Vec<_> = replies
-            .into_iter()
-            .map(|r| match r {
-                Reply::Appended { seq, outcome, .. } => (seq, outcome),
-                other => panic!("{other:?}"),
-            })
-            .collect();
         assert_eq!(
-            outcomes,
+            seqs(replies),
             [
                 (10, Outcome::Stored),
                 (11, Outcome::Full("at the limit".into()))
@@ -445,10 +774,11 @@ mod tests {
         let mut f = forwards();
         in_flight(&mut f, 4, &[10]);
         let nobody = answer_msg(4, b"", Some(StatusCode::NO_RESPONDERS));
-        let Settled::Unclaimed { receiver, frames } = f.answered(&nobody) else {
+        let Settled::Unclaimed(sections) = f.answered(&nobody) else {
             panic!("unclaimed");
         };
-        assert_eq!((receiver, frames.len()), (7, 1));
+        assert_eq!(sections.len(), 1);
+        assert_eq!((sections[0].0, sections[0].1.len()), (7, 1));
         assert!(f.storing(7, 2, false).is_empty());
         assert!(f.busy(7), "storing");
         assert!(f.stored_one(7, true).is_empty());
@@ -463,7 +793,7 @@ mod tests {
             "the holder reads first"
         );
         in_flight(&mut f, 5, &[11]);
-        assert!(matches!(f.timed_out(5), Settled::Unclaimed { .. }));
+        assert!(matches!(f.timed_out(5), Settled::Unclaimed(_)));
         assert!(matches!(f.timed_out(5), Settled::Nothing));
     }
 
@@ -482,7 +812,7 @@ mod tests {
         );
         assert!(f.unqueue(7, 10).is_none(), "once");
         assert!(f.unqueue(8, 11).is_none(), "another receiver's route");
-        assert!(matches!(f.timed_out(6), Settled::Unclaimed { .. }));
+        assert!(matches!(f.timed_out(6), Settled::Unclaimed(_)));
         assert!(f.storing(7, 0, false).is_empty());
         let queued: Vec<u64> = f
             .take_queue(7)
@@ -500,7 +830,7 @@ mod tests {
     fn a_frame_that_could_not_be_stored_turns_back_the_frames_queued_behind_it() {
         let mut f = forwards();
         in_flight(&mut f, 4, &[10, 11]);
-        assert!(matches!(f.timed_out(4), Settled::Unclaimed { .. }));
+        assert!(matches!(f.timed_out(4), Settled::Unclaimed(_)));
         assert!(f.storing(7, 2, false).is_empty());
         f.queue(7, append(12));
         assert!(f.stored_one(7, false).is_empty(), "the batch is not done");
@@ -515,7 +845,7 @@ mod tests {
             .collect();
         assert_eq!(back, [12, 13], "both queued behind the gap");
         in_flight(&mut f, 5, &[15]);
-        assert!(matches!(f.timed_out(5), Settled::Unclaimed { .. }));
+        assert!(matches!(f.timed_out(5), Settled::Unclaimed(_)));
         f.queue(7, append(16));
         assert_eq!(
             f.storing(7, 0, true).len(),
@@ -528,14 +858,122 @@ mod tests {
     }
 
     #[test]
-    fn batches_forwarded_here_are_answered_once() {
+    fn batches_forwarded_here_are_answered_once_and_name_this_holder_while_it_holds() {
         let mut f = forwards();
-        let a = f.answering("_INBOX.b.1".into());
-        let b = f.answering("_INBOX.b.2".into());
+        let a = f.answering("_INBOX.b.1".into(), 7);
+        let b = f.answering("_INBOX.b.2".into(), 8);
         assert_ne!(a, b);
+        let (reply, headers, text) = f
+            .answer_of(a, &[Outcome::Stored], |r| r == 7)
+            .expect("answered");
+        assert_eq!((reply.as_str(), text.as_str()), ("_INBOX.b.1", "stored\n"));
         assert_eq!(
-            f.answering.remove(&a).map(|s| s.to_string()),
-            Some("_INBOX.b.1".into())
+            headers.get(wire::HOLDER_HEADER).map(|v| v.as_str()),
+            Some("a"),
+            "this node's batch token"
         );
+        assert!(
+            f.answer_of(a, &[Outcome::Stored], |_| true).is_none(),
+            "once"
+        );
+        let (_, headers, _) = f.answer_of(b, &[], |r| r == 7).expect("answered");
+        assert!(
+            headers.get(wire::HOLDER_HEADER).is_none(),
+            "not held here: no holder named"
+        );
+    }
+
+    #[test]
+    fn a_batch_of_sections_is_answered_once_every_section_is_in_its_order() {
+        let mut f = forwards();
+        let tokens = f.answering_sections("_INBOX.b.9".into(), vec![7, 8]);
+        assert_eq!(tokens.len(), 2);
+        assert!(
+            f.answer_of(tokens[1], &[Outcome::Stored], |_| true)
+                .is_none(),
+            "waits for the first section"
+        );
+        let (reply, _, text) = f
+            .answer_of(tokens[0], &[Outcome::Full("at the limit".into())], |r| {
+                r == 8
+            })
+            .expect("every section answered");
+        assert_eq!(reply.as_str(), "_INBOX.b.9");
+        assert_eq!(text, "gone\nfull at the limit\nheld\nstored\n");
+        assert!(f.groups.is_empty() && f.answering.is_empty());
+        assert!(
+            f.answering_sections("_INBOX.b.10".into(), vec![])
+                .is_empty()
+        );
+        assert!(f.groups.is_empty(), "an empty batch waits for nothing");
+    }
+
+    #[test]
+    fn a_holder_learned_from_an_answer_takes_the_next_frames_with_others_until_it_says_gone() {
+        let mut f = forwards();
+        in_flight(&mut f, 3, &[10]);
+        let mut named = answer_msg(3, b"stored\n", None);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(wire::HOLDER_HEADER, "b");
+        named.headers = Some(headers);
+        assert!(matches!(f.answered(&named), Settled::Answered(_)));
+        assert_eq!(f.holders.get(&7).map(String::as_str), Some("b"));
+
+        // This node's own token is never learned.
+        in_flight(&mut f, 4, &[11]);
+        let mut own = answer_msg(4, b"stored\n", None);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(wire::HOLDER_HEADER, "a");
+        own.headers = Some(headers);
+        f.answered(&own);
+        assert_eq!(f.holders.get(&7), None);
+
+        // Two receivers held on b, in one batch: the first section answered gone.
+        for receiver in [7, 8] {
+            f.holders.insert(receiver, "b".into());
+            let route = f.routes.entry(receiver).or_default();
+            route.forwarding = Some(5);
+            route.behind = true;
+        }
+        f.in_flight.insert(
+            5,
+            Batch {
+                sections: vec![(7, vec![append(20), append(21)]), (8, vec![append(30)])],
+                to_node: Some("b".into()),
+            },
+        );
+        f.kicked();
+        let Settled::Answered(replies) = f.answered(&answer_msg(
+            5,
+            b"gone\nstored\nstored\nheld\nfailed no room\n",
+            None,
+        )) else {
+            panic!("answered");
+        };
+        let got = seqs(replies);
+        assert_eq!(got.len(), 3);
+        assert_eq!((got[0].0, got[1].0, got[2].0), (20, 21, 30));
+        assert_eq!(got[0].1, Outcome::Stored);
+        assert!(matches!(got[2].1, Outcome::Failed(_)));
+        assert_eq!(f.holders.get(&7), None, "gone: back to the id's subject");
+        assert_eq!(f.holders.get(&8).map(String::as_str), Some("b"));
+        assert!(!f.busy(7) && !f.busy(8));
+        assert!(!f.routes[&7].behind && !f.routes[&8].behind);
+        assert_eq!(f.kicked(), [7, 8]);
+
+        // Nobody at b's subject any more (it restarted): stored, and forgotten.
+        if let Some(route) = f.routes.get_mut(&8) {
+            route.forwarding = Some(6);
+        }
+        f.in_flight.insert(
+            6,
+            Batch {
+                sections: vec![(8, vec![append(31)])],
+                to_node: Some("b".into()),
+            },
+        );
+        let nobody = answer_msg(6, b"", Some(StatusCode::NO_RESPONDERS));
+        assert!(matches!(f.answered(&nobody), Settled::Unclaimed(s) if s.len() == 1));
+        assert_eq!(f.holders.get(&8), None);
     }
 }

@@ -54,6 +54,13 @@ pub(super) enum Heard {
         logged: bool,
         reply: Subject,
     },
+    /// Another node forwarded frames for several receivers it believes are held here,
+    /// one section each, and waits on `reply` for their outcomes, section by section.
+    Batch {
+        sections: Vec<wire::Section>,
+        logged: bool,
+        reply: Subject,
+    },
     /// Frames for `receiver` were stored: read them (also [`RECHECK`]'s reminder).
     Mail { receiver: u32 },
     /// Another node binds `receiver`; it is answered once the id is released here.
@@ -69,6 +76,8 @@ pub(super) struct Holds {
     /// Ids held here; dropping the sender ends the id's subscription.
     held: HashMap<u32, oneshot::Sender<()>>,
     heard: SelectAll<BoxStream<'static, (u32, Message)>>,
+    /// This node's batch subject ([`wire::node_batches`]).
+    batches: BoxStream<'static, Message>,
     /// Nodes waiting for this one to let an id go, by their reply subjects.
     takeovers: HashMap<u32, Vec<Subject>>,
     /// Ids to look at once more after they were claimed (see [`RECHECK`]).
@@ -81,11 +90,13 @@ pub(super) struct Holds {
 }
 
 impl Holds {
-    pub fn new(node: String) -> Holds {
+    /// `batches`: the subscription to this node's batch subject.
+    pub fn new(node: String, batches: BoxStream<'static, Message>) -> Holds {
         Holds {
             node,
             held: HashMap::new(),
             heard: SelectAll::new(),
+            batches,
             takeovers: HashMap::new(),
             rechecks: FuturesUnordered::new(),
             claims: FuturesUnordered::new(),
@@ -205,6 +216,12 @@ impl Holds {
                     }
                     continue;
                 }
+                if let Poll::Ready(Some(msg)) = self.batches.poll_next_unpin(cx) {
+                    if let Some(heard) = hear_batch(msg) {
+                        return Poll::Ready(heard);
+                    }
+                    continue;
+                }
                 let Poll::Ready(Some((receiver, msg))) = self.heard.poll_next_unpin(cx) else {
                     return Poll::Pending;
                 };
@@ -269,6 +286,30 @@ impl Holds {
     }
 }
 
+/// What a batch on this node's batch subject says, unless it is malformed. Its
+/// sections go to the broker whether or not this node holds their receivers: it sends
+/// frames for an id held elsewhere on, or stores them, as any other node's frames, and
+/// the answer says the id is gone from here.
+fn hear_batch(msg: Message) -> Option<Heard> {
+    let Some(reply) = msg.reply else {
+        log::warn!("a batch from another node without a reply subject; ignored");
+        return None;
+    };
+    let logged = msg
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(wire::LOGGED_HEADER).is_some());
+    let Some(sections) = wire::Section::decode_all(&msg.payload) else {
+        log::warn!("malformed batch of frames from another node; ignored");
+        return None;
+    };
+    Some(Heard::Batch {
+        sections,
+        logged,
+        reply,
+    })
+}
+
 /// `subscriber`'s messages until `release` fires, then until the subscription is
 /// drained: NATS stops sending to it, and what it sent before (a batch of frames
 /// forwarded as the id was let go, a take request) is still heard and answered.
@@ -322,7 +363,7 @@ mod tests {
 
     #[test]
     fn a_holder_hears_takes_mail_and_frames_but_not_its_own_words() {
-        let mut h = Holds::new("node-a".into());
+        let mut h = Holds::new("node-a".into(), futures::stream::empty().boxed());
         let take = msg(wire::hold(7, Hold::Take), b"node-b", Some("_INBOX.x"));
         assert!(matches!(h.hear(7, take), Some(Heard::Take { receiver: 7 })));
         assert_eq!(

@@ -203,6 +203,17 @@ pub async fn run(
             return;
         }
     };
+    let batches = match setup
+        .client
+        .subscribe(wire::node_batches(wire::batch_token(&inbox)))
+        .await
+    {
+        Ok(sub) => sub.fuse().boxed(),
+        Err(e) => {
+            let _ = ready.send(Err(StartError::Subscribe(e.to_string())));
+            return;
+        }
+    };
     if ready.send(Ok(store)).is_err() {
         return;
     }
@@ -218,7 +229,7 @@ pub async fn run(
         client: setup.client,
         stream,
         reads,
-        holds: Holds::new(setup.node.clone()),
+        holds: Holds::new(setup.node.clone(), batches),
         forwards: Forwards::new(setup.node.clone(), inbox, answers, log.is_some()),
         node: setup.node,
         max_frame: setup.max_frame_bytes as usize + crate::protocol::SERVER_HEADER_LEN,
@@ -551,7 +562,16 @@ impl Actor {
     /// publishes the history blocks filled meanwhile.
     async fn flush(&mut self) {
         self.flush_log(false).await;
+        self.send_ready().await;
         self.send_out().await;
+    }
+
+    /// Sends the frames waiting for a batch to their receivers' known holders; what
+    /// could not be sent goes to the stream.
+    async fn send_ready(&mut self) {
+        for (receiver, frames) in self.forwards.send_ready(&self.client).await {
+            self.store_batch(receiver, frames).await;
+        }
     }
 
     /// Publishes the history blocks that are due (or all of them).
@@ -607,7 +627,11 @@ impl Actor {
             ToCluster::Store(cmd) => self.on_store(cmd).await,
             ToCluster::Answer { token, outcomes } => {
                 self.unlogged.remove(&token);
-                self.forwards.answer(&self.client, token, &outcomes).await;
+                let holds = &self.holds;
+                let held = |receiver| holds.holds(receiver);
+                self.forwards
+                    .answer(&self.client, token, &outcomes, held)
+                    .await;
             }
             // Behind the loads and deletes held before it.
             left @ ToCluster::Left { .. } if self.down.is_some() => self.held.push_back(left),
@@ -963,7 +987,11 @@ impl Actor {
             Settled::Answered(replies) => {
                 self.out.extend(replies.into_iter().map(FromCluster::Store));
             }
-            Settled::Unclaimed { receiver, frames } => self.store_batch(receiver, frames).await,
+            Settled::Unclaimed(sections) => {
+                for (receiver, frames) in sections {
+                    self.store_batch(receiver, frames).await;
+                }
+            }
         }
     }
 
@@ -1002,7 +1030,7 @@ impl Actor {
                 logged,
                 reply,
             } => {
-                let token = self.forwards.answering(reply);
+                let token = self.forwards.answering(reply, receiver);
                 if !logged && self.log.is_some() {
                     self.unlogged.insert(token);
                 }
@@ -1012,6 +1040,26 @@ impl Actor {
                     frames,
                     behind,
                 }
+            }
+            Heard::Batch {
+                sections,
+                logged,
+                reply,
+            } => {
+                let receivers = sections.iter().map(|s| s.receiver).collect();
+                let tokens = self.forwards.answering_sections(reply, receivers);
+                for (section, token) in sections.into_iter().zip(tokens) {
+                    if !logged && self.log.is_some() {
+                        self.unlogged.insert(token);
+                    }
+                    self.out.push(FromCluster::Forwarded {
+                        token,
+                        receiver: section.receiver,
+                        frames: section.frames,
+                        behind: section.behind,
+                    });
+                }
+                return;
             }
             Heard::Mail { receiver } => FromCluster::Mail { receiver },
             Heard::Take { receiver } => FromCluster::Takeover { receiver },

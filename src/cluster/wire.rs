@@ -6,7 +6,11 @@
 //!   holds earlier frames of its senders.
 //! - A forwarded batch is its frames, back to back in their server -> client encoding.
 //! - The answer to a forwarded batch is one line per frame, in the batch's order:
-//!   `stored`, `full <why>` or `failed <why>`.
+//!   `stored`, `full <why>` or `failed <why>`; a holder that still holds the id names
+//!   its batch subject in [`HOLDER_HEADER`].
+//! - A node's batch subject (`chat.node.<token>.frames`) takes the frames for several
+//!   ids it holds at once, in [`Section`]s; the answer is, per section, `held` or
+//!   `gone` and then its frames' lines ([`SectionAnswer`]).
 //! - History (sessions): every conversation in the stream `CHAT_HISTORY`, one subject
 //!   per pair of ids (`chat.log.<lower>.<higher>`), each message a [`Block`] of frames;
 //!   an id's log is its conversations' subjects; after a block is stored,
@@ -30,6 +34,9 @@ pub const BEHIND_HEADER: &str = "Chat-Behind";
 /// Present when the forwarding node wrote the batch's frames to their ids' logs
 /// (history on); a node of the previous release did not, and the holder does.
 pub const LOGGED_HEADER: &str = "Chat-Logged";
+/// In the answer to a batch for one id: the answering node holds the id, and takes
+/// batches for the ids it holds on [`node_batches`] of this token.
+pub const HOLDER_HEADER: &str = "Chat-Holder";
 
 /// `receiver`'s subject in the mailbox stream.
 pub fn mailbox(receiver: u32) -> String {
@@ -297,6 +304,112 @@ pub fn answered(subject: &str) -> Option<u64> {
     subject.rsplit('.').next().and_then(|t| t.parse().ok())
 }
 
+/// Where the node whose batch token is `token` hears batches for several ids it holds.
+/// The token is the random part of the node's inbox: unique to one run of one node, so
+/// a batch for a node that restarted finds nobody rather than a stranger.
+pub fn node_batches(token: &str) -> String {
+    format!("chat.node.{token}.frames")
+}
+
+/// A node's batch token: the last part of its inbox.
+pub fn batch_token(inbox: &str) -> &str {
+    inbox.rsplit('.').next().unwrap_or(inbox)
+}
+
+/// One receiver's part of a batch for several receivers held on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    pub receiver: u32,
+    /// The receiver's mailbox holds earlier frames of these senders (as
+    /// [`BEHIND_HEADER`]).
+    pub behind: bool,
+    /// Whole frames in their server -> client encoding.
+    pub frames: Vec<Bytes>,
+}
+
+/// Bytes before a section's frames: receiver u32, behind u8, length u32.
+const SECTION_HEADER: usize = 9;
+
+impl Section {
+    /// How many bytes the section takes in a batch.
+    pub fn encoded_len(frames: usize) -> usize {
+        SECTION_HEADER + frames
+    }
+
+    /// Appends the section to `out`: `receiver u32 | behind u8 | length u32 | frames`,
+    /// big-endian like the client protocol.
+    pub fn encode(receiver: u32, behind: bool, frames: &[Bytes], out: &mut bytes::BytesMut) {
+        let len: usize = frames.iter().map(Bytes::len).sum();
+        out.extend_from_slice(&receiver.to_be_bytes());
+        out.extend_from_slice(&[u8::from(behind)]);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        for frame in frames {
+            out.extend_from_slice(frame);
+        }
+    }
+
+    /// A batch's sections; `None` unless it is whole sections of whole frames.
+    pub fn decode_all(payload: &Bytes) -> Option<Vec<Section>> {
+        let mut sections = Vec::new();
+        let mut at = 0;
+        while at < payload.len() {
+            let head = payload.get(at..at + SECTION_HEADER)?;
+            let receiver = u32::from_be_bytes(head[0..4].try_into().ok()?);
+            let behind = match head[4] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            let len = u32::from_be_bytes(head[5..9].try_into().ok()?) as usize;
+            let start = at + SECTION_HEADER;
+            let end = start.checked_add(len)?;
+            payload.get(start..end)?;
+            let frames = split_frames(&payload.slice(start..end))?;
+            sections.push(Section {
+                receiver,
+                behind,
+                frames,
+            });
+            at = end;
+        }
+        Some(sections)
+    }
+}
+
+/// What became of one section of a batch for several receivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SectionAnswer {
+    /// The answering node still holds the receiver: the next batch may come to it.
+    pub held: bool,
+    pub outcomes: Vec<Outcome>,
+}
+
+impl SectionAnswer {
+    /// Per section, `held` or `gone`, then one line per outcome ([`encode_outcomes`]).
+    pub fn encode_all(answers: &[SectionAnswer]) -> String {
+        let mut text = String::new();
+        for answer in answers {
+            text.push_str(if answer.held { "held\n" } else { "gone\n" });
+            text.push_str(&encode_outcomes(&answer.outcomes));
+        }
+        text
+    }
+
+    /// The answers to sections of `counts[i]` frames each. A section the text does not
+    /// cover is `gone`, its frames without an answer ([`decode_outcome`]).
+    pub fn decode_all(text: &str, counts: &[usize]) -> Vec<SectionAnswer> {
+        let mut lines = text.lines();
+        counts
+            .iter()
+            .map(|&n| {
+                let held = lines.next() == Some("held");
+                let outcomes = (0..n).map(|_| decode_outcome(lines.next())).collect();
+                SectionAnswer { held, outcomes }
+            })
+            .collect()
+    }
+}
+
 /// Cuts a forwarded batch into its server -> client frames; `None` if it is not
 /// whole frames.
 pub fn split_frames(payload: &Bytes) -> Option<Vec<Bytes>> {
@@ -470,6 +583,61 @@ mod tests {
             "a later version"
         );
         assert_eq!(Block::decode(&Bytes::new()), None);
+    }
+
+    #[test]
+    fn sections_and_their_answers_read_back_and_a_cut_batch_does_not() {
+        assert_eq!(node_batches("abc"), "chat.node.abc.frames");
+        assert_eq!(batch_token("_INBOX.XyZ12"), "XyZ12");
+        let one = crate::protocol::notice(crate::protocol::Code::Pong, "one");
+        let two = crate::protocol::notice(crate::protocol::Code::Pong, "two");
+        let mut out = bytes::BytesMut::new();
+        Section::encode(7, false, &[one.clone(), two.clone()], &mut out);
+        Section::encode(9, true, std::slice::from_ref(&one), &mut out);
+        let payload = out.freeze();
+        assert_eq!(
+            &payload[..9],
+            &[0, 0, 0, 7, 0, 0, 0, 0, (one.len() + two.len()) as u8]
+        );
+        let sections = Section::decode_all(&payload).expect("whole");
+        assert_eq!(sections.len(), 2);
+        assert_eq!((sections[0].receiver, sections[0].behind), (7, false));
+        assert_eq!(sections[0].frames, [one.clone(), two.clone()]);
+        assert_eq!((sections[1].receiver, sections[1].behind), (9, true));
+        assert_eq!(sections[1].frames, std::slice::from_ref(&one));
+        let first = Section::encoded_len(one.len() + two.len());
+        for cut in 1..payload.len() {
+            let read = Section::decode_all(&payload.slice(..cut));
+            match cut == first {
+                true => assert_eq!(read.map(|s| s.len()), Some(1), "the first section whole"),
+                false => assert_eq!(read, None, "cut at {cut}"),
+            }
+        }
+        let mut bad = payload.to_vec();
+        bad[4] = 2;
+        assert_eq!(
+            Section::decode_all(&Bytes::from(bad)),
+            None,
+            "behind is 0 or 1"
+        );
+
+        let answers = [
+            SectionAnswer {
+                held: true,
+                outcomes: vec![Outcome::Stored, Outcome::Full("at the limit".into())],
+            },
+            SectionAnswer {
+                held: false,
+                outcomes: vec![Outcome::Stored],
+            },
+        ];
+        let text = SectionAnswer::encode_all(&answers);
+        assert_eq!(text, "held\nstored\nfull at the limit\ngone\nstored\n");
+        assert_eq!(SectionAnswer::decode_all(&text, &[2, 1]), answers);
+        let short = SectionAnswer::decode_all("held\nstored\n", &[2, 1]);
+        assert!(short[0].held);
+        assert_eq!(short[0].outcomes[1], Outcome::Failed(Failure::NoAnswer));
+        assert!(!short[1].held, "not covered: gone");
     }
 
     #[test]
