@@ -31,9 +31,44 @@ struct Nats {
     _dir: tempfile::TempDir,
 }
 
+/// A port for a NATS server. Not from `bind(0)`: that and every outgoing connection
+/// take their ports from Linux's ephemeral range (32768-60999), so a port found free
+/// there could be taken before the server bound it, or while it was down for a restart
+/// (the server then never listened, and the test failed after its wait). These come
+/// from below that range, handed out in turn under a lock file that the test processes
+/// share (nextest runs each test in a process of its own), and checked free.
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    l.local_addr().expect("address").port()
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
+    let path = std::env::temp_dir().join("chat-test-nats-ports");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .expect("the port file");
+    // SAFETY: flock(2) on a descriptor this function owns; released when it closes.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(locked, 0, "cannot lock {}", path.display());
+    let mut text = String::new();
+    file.read_to_string(&mut text).expect("read the port file");
+    let mut next = text.trim().parse().unwrap_or(FIRST).clamp(FIRST, LAST);
+    let mut port = None;
+    for _ in FIRST..=LAST {
+        let p = next;
+        next = if next >= LAST { FIRST } else { next + 1 };
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            port = Some(p);
+            break;
+        }
+    }
+    file.set_len(0).expect("write the port file");
+    file.rewind().expect("write the port file");
+    write!(file, "{next}").expect("write the port file");
+    port.unwrap_or_else(|| panic!("no free port in {FIRST}-{LAST}"))
 }
 
 fn nats_available() -> bool {
@@ -115,14 +150,29 @@ impl Nats {
         if let Some(uid) = self.users[i] {
             command.uid(uid).gid(uid);
         }
+        // Its log, to say why if it never listens.
+        let log = self.configs[i].with_extension("log");
+        let file = std::fs::File::create(&log).expect("nats-server's log");
         let child = command
             .arg("-c")
             .arg(&self.configs[i])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(file)
             .spawn()
             .expect("nats-server starts");
-        wait_for_port(self.ports[i]);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.ports[i])).is_err() {
+            if start.elapsed() > WAIT {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(10).collect();
+                panic!(
+                    "nats-server n{i} never listened on {}; its log ends:\n{}",
+                    self.ports[i],
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         child
     }
 
@@ -154,15 +204,6 @@ impl Drop for Nats {
         for i in 0..self.servers.len() {
             self.kill(i);
         }
-    }
-}
-
-/// Waits until something accepts connections on `port`.
-fn wait_for_port(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < WAIT, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -449,20 +490,54 @@ fn frames_sent_while_a_batch_waits_for_a_frozen_holder_keep_their_order() {
     });
 }
 
-/// What a NATS spy heard of the frames one node forwards to another: per batch, its
-/// subject's kind and, for a batch of sections, how many frames each section holds.
-struct Forwarded {
-    /// Batches to an id's own subject (`chat.hold.<id>.frames`).
-    to_ids: usize,
-    /// Batches to a node's subject: each section's frame count.
-    to_node: Vec<Vec<usize>>,
-}
-
-/// Listens to every forwarded batch through the NATS server at `port`.
-fn spy_on_forwards(port: u16) -> std::io::BufReader<std::net::TcpStream> {
+/// Whether any client of the cluster listens on `subject`, asked through the NATS
+/// server at `port`: a request with `no_responders` gets status 503 at once when
+/// nobody does, before the answer to the PING behind it.
+fn listened(port: u16, subject: &str) -> bool {
     use std::io::{BufRead, Write};
     let (mut writer, mut reader) = raw_nats(port);
-    let subs = "CONNECT {\"verbose\":false,\"headers\":true}\r\nSUB chat.node.*.frames 1\r\nSUB chat.hold.*.frames 2\r\nPING\r\n";
+    let mut line = String::new();
+    let ask = format!(
+        "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB _INBOX.who 1\r\nPUB {subject} _INBOX.who 0\r\n\r\nPING\r\n"
+    );
+    writer.write_all(ask.as_bytes()).expect("sent");
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("an answer");
+        if line.starts_with("HMSG") {
+            return false;
+        }
+        if line.starts_with("PONG") {
+            return true;
+        }
+    }
+}
+
+/// Waits until every NATS server of `cluster` says `subject` is listened to (or
+/// not), within [`WAIT`]: interest travels between servers on their own time.
+fn until_listened(cluster: &Cluster, subject: &str, wanted: bool) {
+    let start = Instant::now();
+    for &port in &cluster.nats.ports {
+        while listened(port, subject) != wanted {
+            assert!(
+                start.elapsed() < WAIT,
+                "{subject} listened to: {} on the NATS server at {port}, wanted {wanted}",
+                !wanted
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Listens to the batches nodes send to each other's batch subjects, through the NATS
+/// server at `port`. Not to `chat.hold.<id>.frames`: a listener there would be a
+/// responder, and a batch sent before the holder subscribed would wait for its answer
+/// instead of being told that nobody holds the id.
+fn spy_on_node_batches(port: u16) -> std::io::BufReader<std::net::TcpStream> {
+    use std::io::{BufRead, Write};
+    let (mut writer, mut reader) = raw_nats(port);
+    let subs =
+        "CONNECT {\"verbose\":false,\"headers\":true}\r\nSUB chat.node.*.frames 1\r\nPING\r\n";
     writer.write_all(subs.as_bytes()).expect("sent");
     let mut line = String::new();
     while !line.starts_with("PONG") {
@@ -472,20 +547,20 @@ fn spy_on_forwards(port: u16) -> std::io::BufReader<std::net::TcpStream> {
     reader
 }
 
-/// Reads the spy's batches until those to node subjects hold `frames` frames.
-fn forwarded_until(spy: &mut std::io::BufReader<std::net::TcpStream>, frames: usize) -> Forwarded {
+/// Reads the spy's batches until they hold `frames` frames: per batch, how many frames
+/// each of its sections holds.
+fn node_batches_until(
+    spy: &mut std::io::BufReader<std::net::TcpStream>,
+    frames: usize,
+) -> Vec<Vec<usize>> {
     use std::io::{BufRead, Read};
-    let mut seen = Forwarded {
-        to_ids: 0,
-        to_node: Vec::new(),
-    };
-    while seen.to_node.iter().flatten().sum::<usize>() < frames {
+    let mut seen: Vec<Vec<usize>> = Vec::new();
+    while seen.iter().flatten().sum::<usize>() < frames {
         let mut line = String::new();
         spy.read_line(&mut line).expect("a batch within the wait");
         let words: Vec<&str> = line.split_whitespace().collect();
-        let (Some(&"HMSG"), Some(subject), Some(total), Some(head)) = (
+        let (Some(&"HMSG"), Some(total), Some(head)) = (
             words.first(),
-            words.get(1),
             words.last().and_then(|n| n.parse::<usize>().ok()),
             words
                 .get(words.len() - 2)
@@ -496,10 +571,6 @@ fn forwarded_until(spy: &mut std::io::BufReader<std::net::TcpStream>, frames: us
         let mut body = vec![0; total + 2];
         spy.read_exact(&mut body).expect("the batch");
         let payload = &body[head..total];
-        if subject.starts_with("chat.hold.") {
-            seen.to_ids += 1;
-            continue;
-        }
         // Sections: receiver u32 | behind u8 | length u32 | frames (9-byte headers).
         let mut sections = Vec::new();
         let mut at = 0;
@@ -514,7 +585,7 @@ fn forwarded_until(spy: &mut std::io::BufReader<std::net::TcpStream>, frames: us
             sections.push(n);
             at = end;
         }
-        seen.to_node.push(sections);
+        seen.push(sections);
     }
     seen
 }
@@ -529,7 +600,7 @@ fn frames_for_receivers_held_on_one_node_travel_to_it_together_in_order() {
     let Some((cluster, a, b)) = two_nodes() else {
         return;
     };
-    let mut spy = spy_on_forwards(cluster.nats.ports[0]);
+    let mut spy = spy_on_node_batches(cluster.nats.ports[0]);
     chat::rt::block_on(async {
         let mut one = login_at(&a.addr, 1).await;
         let mut two = login_at(&a.addr, 2).await;
@@ -537,6 +608,8 @@ fn frames_for_receivers_held_on_one_node_travel_to_it_together_in_order() {
         let mut receivers = Vec::new();
         for id in [11, 12, 13] {
             receivers.push((id, login_at(&b.addr, id).await));
+            // b holds the id (else the first frame is stored, and b is not learnt).
+            until_listened(&cluster, &format!("chat.hold.{id}.frames"), true);
         }
         // The first frame to each goes to the id's subject; b's answer names b.
         for (id, receiver) in &mut receivers {
@@ -572,17 +645,15 @@ fn frames_for_receivers_held_on_one_node_travel_to_it_together_in_order() {
             assert_eq!(recv(&mut one).await, delivered(f), "echoes in order");
         }
     });
-    let seen = forwarded_until(&mut spy, 9);
-    assert_eq!(seen.to_ids, 3, "one batch per id until its holder is known");
+    // The first frames went to the ids' subjects, the nine after them to b's.
+    let seen = node_batches_until(&mut spy, 9);
     assert!(
-        seen.to_node.len() <= 2,
-        "the frames waiting for b's answer go in one batch: {:?}",
-        seen.to_node
+        seen.len() <= 2,
+        "the frames waiting for b's answer go in one batch: {seen:?}"
     );
     assert!(
-        seen.to_node.iter().any(|sections| sections.len() >= 2),
-        "several receivers in one batch: {:?}",
-        seen.to_node
+        seen.iter().any(|sections| sections.len() >= 2),
+        "several receivers in one batch: {seen:?}"
     );
 }
 
@@ -1573,45 +1644,6 @@ mod sessions {
             }
         }
         Some(out)
-    }
-
-    /// Whether any client of the cluster listens on `subject`, asked through the NATS
-    /// server at `port`: a request with `no_responders` gets status 503 at once when
-    /// nobody does, before the answer to the PING behind it.
-    fn listened(port: u16, subject: &str) -> bool {
-        use std::io::{BufRead, Write};
-        let (mut writer, mut reader) = raw_nats(port);
-        let mut line = String::new();
-        let ask = format!(
-            "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB _INBOX.who 1\r\nPUB {subject} _INBOX.who 0\r\n\r\nPING\r\n"
-        );
-        writer.write_all(ask.as_bytes()).expect("sent");
-        loop {
-            line.clear();
-            reader.read_line(&mut line).expect("an answer");
-            if line.starts_with("HMSG") {
-                return false;
-            }
-            if line.starts_with("PONG") {
-                return true;
-            }
-        }
-    }
-
-    /// Waits until every NATS server of `cluster` says `subject` is listened to (or
-    /// not), within [`WAIT`]: interest travels between servers on their own time.
-    fn until_listened(cluster: &Cluster, subject: &str, wanted: bool) {
-        let start = Instant::now();
-        for &port in &cluster.nats.ports {
-            while listened(port, subject) != wanted {
-                assert!(
-                    start.elapsed() < WAIT,
-                    "{subject} listened to: {} on the NATS server at {port}, wanted {wanted}",
-                    !wanted
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
     }
 
     /// A node listens to the notes of an id's log only while it has sessions of it:

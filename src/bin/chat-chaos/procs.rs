@@ -10,9 +10,27 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A port nobody listens on now.
+/// A port nobody listens on now, below Linux's ephemeral range (32768-60999). A port
+/// from `bind(0)` comes from that range, where every outgoing connection takes its
+/// own: one could take it while its process was down for a restart, which then could
+/// not listen again. Runs started at once start at different places (by process id).
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + i) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port in 20000-31999",
+    ))
 }
 
 /// Waits until `port` on loopback takes connections.
