@@ -35,14 +35,17 @@ struct Nats {
 /// take their ports from Linux's ephemeral range (32768-60999), so a port found free
 /// there could be taken before the server bound it, or while it was down for a restart
 /// (the server then never listened, and the test failed after its wait). These come
-/// from below that range, handed out in turn under a lock file that the test processes
-/// share (nextest runs each test in a process of its own), and checked free.
+/// from below that range (20000-25999; chat-chaos takes 26000-31999), handed out in
+/// turn under a lock file that the test processes of one user share (nextest runs each
+/// test in a process of its own), and checked free.
 fn free_port() -> u16 {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
     const FIRST: u16 = 20_000;
-    const LAST: u16 = 32_000;
-    let path = std::env::temp_dir().join("chat-test-nats-ports");
+    const LAST: u16 = 25_999;
+    // SAFETY: getuid(2) cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let path = std::env::temp_dir().join(format!("chat-test-nats-ports-{uid}"));
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -505,7 +508,12 @@ fn listened(port: u16, subject: &str) -> bool {
         line.clear();
         reader.read_line(&mut line).expect("an answer");
         if line.starts_with("HMSG") {
-            return false;
+            // 503 is nobody; a holder's answer (it has headers too) is somebody.
+            let mut status = String::new();
+            reader.read_line(&mut status).expect("its headers");
+            if status.contains("503") {
+                return false;
+            }
         }
         if line.starts_with("PONG") {
             return true;
@@ -563,7 +571,9 @@ fn node_batches_until(
             words.first(),
             words.last().and_then(|n| n.parse::<usize>().ok()),
             words
-                .get(words.len() - 2)
+                .len()
+                .checked_sub(2)
+                .and_then(|i| words.get(i))
                 .and_then(|n| n.parse::<usize>().ok()),
         ) else {
             continue;

@@ -35,7 +35,7 @@ use futures::{FutureExt, StreamExt};
 
 use crate::cluster::link::sleep;
 use crate::cluster::wire::{self, Hold, Section, SectionAnswer};
-use crate::store::{Command, Outcome, Reply, answer};
+use crate::store::{Command, Failure, Outcome, Reply, answer};
 
 /// How long a node waits for the holder of an id to take frames forwarded to it
 /// before it stores them in the stream itself (they may then arrive twice).
@@ -112,9 +112,24 @@ enum Answering {
 /// A batch for several receivers forwarded here: answered once every section is.
 struct Group {
     reply: Subject,
-    receivers: Vec<u32>,
-    outcomes: Vec<Option<Vec<Outcome>>>,
+    sections: Vec<Part>,
+    /// Sections still waiting for the broker's outcomes.
     left: usize,
+}
+
+/// One section of a batch forwarded here.
+struct Part {
+    receiver: u32,
+    /// How many frames it holds: its answer has exactly as many outcomes.
+    frames: usize,
+    state: PartState,
+}
+
+enum PartState {
+    /// Not held here when it came: not taken ([`SectionAnswer::Gone`]).
+    NotTaken,
+    Waiting,
+    Done(Vec<Outcome>),
 }
 
 pub(super) struct Forwards {
@@ -278,10 +293,12 @@ impl Forwards {
     /// holder (cut at [`NODE_BATCH_BYTES`]) once its batch in flight, if any, is
     /// answered: then one round carries what every receiver on the node gathered
     /// meanwhile, where batches of a few receivers each would stay apart. What could
-    /// not be sent comes back, per receiver, to be stored.
-    pub async fn send_ready(&mut self, client: &Client) -> Vec<(u32, Vec<Command>)> {
+    /// not be sent comes back, per receiver, to be stored; so do the routes whose
+    /// holder was forgotten meanwhile, to be forwarded to their ids' subjects.
+    pub async fn send_ready(&mut self, client: &Client) -> (Vec<(u32, Vec<Command>)>, Vec<u32>) {
         let mut by_node: HashMap<String, Vec<(u32, Vec<Command>)>> = HashMap::new();
         let mut waiting = Vec::new();
+        let mut unknown = Vec::new();
         for receiver in std::mem::take(&mut self.ready) {
             let Some(route) = self.routes.get_mut(&receiver) else {
                 continue;
@@ -291,8 +308,9 @@ impl Forwards {
                 continue;
             }
             let Some(holder) = self.holders.get(&receiver).cloned() else {
+                // Forgotten since (past MAX_HOLDERS, or its node went): to its subject.
                 route.ready = false;
-                self.kicked.push(receiver);
+                unknown.push(receiver);
                 continue;
             };
             if self.to_nodes.contains_key(&holder) {
@@ -330,7 +348,7 @@ impl Forwards {
             }
         }
         self.ready.extend(waiting);
-        back
+        (back, unknown)
     }
 
     /// Sends `sections` to `holder`'s batch subject.
@@ -485,7 +503,7 @@ impl Forwards {
         }
         if msg.status == Some(StatusCode::NO_RESPONDERS) {
             // Nobody holds the id, or the node is gone: the frames go to the mailbox.
-            self.forget_holders(&sections);
+            self.forget_holders(&sections, to_node.as_deref());
             return Settled::Unclaimed(sections);
         }
         let text = String::from_utf8_lossy(&msg.payload);
@@ -501,42 +519,46 @@ impl Forwards {
             let n = sections.first().map_or(0, |(_, f)| f.len());
             let mut lines = text.lines();
             let outcomes = (0..n).map(|_| wire::decode_outcome(lines.next())).collect();
-            if let Some(&(receiver, _)) = sections.first() {
-                // Never this node's own token: a batch it heard on a subscription still
-                // draining is left to the holder, not answered.
-                match holder.filter(|h| *h != self.token) {
-                    Some(holder) => {
+            // Never this node's own token: a batch it heard on a subscription still
+            // draining is left to the holder, not answered.
+            match holder.filter(|h| *h != self.token) {
+                Some(holder) => {
+                    if let Some(&(receiver, _)) = sections.first() {
                         if self.holders.len() >= MAX_HOLDERS {
                             self.holders.clear();
                         }
                         self.holders.insert(receiver, holder);
                     }
-                    None => {
-                        self.holders.remove(&receiver);
-                    }
+                    vec![SectionAnswer::Held(outcomes)]
                 }
+                None => vec![SectionAnswer::Left(outcomes)],
             }
-            vec![SectionAnswer {
-                held: true,
-                outcomes,
-            }]
         };
         let mut replies = Vec::new();
         for ((receiver, frames), answered) in sections.into_iter().zip(answers) {
+            let route = self.routes.entry(receiver).or_default();
+            route.forwarding = None;
+            self.kicked.push(receiver);
+            let outcomes = match answered {
+                SectionAnswer::Held(outcomes) => outcomes,
+                SectionAnswer::Left(outcomes) => {
+                    self.holders.remove(&receiver);
+                    outcomes
+                }
+                SectionAnswer::Gone => {
+                    // Not taken: first in line again, for the id's own subject.
+                    route.queue.splice(0..0, frames);
+                    self.holders.remove(&receiver);
+                    continue;
+                }
+            };
+            route.behind = false;
             replies.extend(
                 frames
                     .into_iter()
-                    .zip(answered.outcomes)
+                    .zip(outcomes)
                     .filter_map(|(cmd, outcome)| answer(cmd, outcome)),
             );
-            if let Some(route) = self.routes.get_mut(&receiver) {
-                route.forwarding = None;
-                route.behind = false;
-            }
-            if !answered.held {
-                self.holders.remove(&receiver);
-            }
-            self.kicked.push(receiver);
         }
         Settled::Answered(replies)
     }
@@ -546,8 +568,8 @@ impl Forwards {
         let Some(Batch { sections, to_node }) = self.in_flight.remove(&token) else {
             return Settled::Nothing;
         };
-        if let Some(holder) = to_node {
-            self.node_answered(&holder);
+        if let Some(holder) = &to_node {
+            self.node_answered(holder);
         }
         for (receiver, frames) in &sections {
             log::warn!(
@@ -555,7 +577,7 @@ impl Forwards {
                 frames.len()
             );
         }
-        self.forget_holders(&sections);
+        self.forget_holders(&sections, to_node.as_deref());
         Settled::Unclaimed(sections)
     }
 
@@ -570,10 +592,14 @@ impl Forwards {
     }
 
     /// The node these receivers' frames went to did not take them: the next batch goes
-    /// to each receiver's subject.
-    fn forget_holders(&mut self, sections: &[(u32, Vec<Command>)]) {
+    /// to each receiver's subject; so does the next for every receiver learnt to be
+    /// held on that node (`to_node`), which is gone or hangs.
+    fn forget_holders(&mut self, sections: &[(u32, Vec<Command>)], to_node: Option<&str>) {
         for (receiver, _) in sections {
             self.holders.remove(receiver);
+        }
+        if let Some(token) = to_node {
+            self.holders.retain(|_, holder| holder != token);
         }
     }
 
@@ -587,31 +613,67 @@ impl Forwards {
         token
     }
 
-    /// Another node forwarded a batch for several `receivers` that waits on `reply`:
-    /// the token the broker answers each section by.
-    pub fn answering_sections(&mut self, reply: Subject, receivers: Vec<u32>) -> Vec<u64> {
+    /// Another node forwarded a batch of sections that waits on `reply`: per section,
+    /// its receiver, its number of frames and whether this node holds the receiver and
+    /// takes them. The tokens the broker answers the taken ones by; when none is
+    /// taken, the answer goes at once.
+    pub async fn take_sections(
+        &mut self,
+        client: &Client,
+        reply: Subject,
+        sections: &[(u32, usize, bool)],
+    ) -> Vec<Option<u64>> {
+        let (tokens, now) = self.sections_taken(reply, sections);
+        if let Some((reply, text)) = now
+            && let Err(e) = client.publish(reply, text.into()).await
+        {
+            log::debug!("answer not sent: {e}");
+        }
+        tokens
+    }
+
+    /// [`Forwards::take_sections`] without the publishing: the tokens, and the answer
+    /// to send at once when no section is taken.
+    fn sections_taken(
+        &mut self,
+        reply: Subject,
+        sections: &[(u32, usize, bool)],
+    ) -> (Vec<Option<u64>>, Option<(Subject, String)>) {
         let group = self.next_answering;
-        let tokens: Vec<u64> = (0..receivers.len())
-            .map(|index| {
+        self.next_answering += 1;
+        let mut parts = Vec::with_capacity(sections.len());
+        let mut tokens = Vec::with_capacity(sections.len());
+        for (index, &(receiver, frames, taken)) in sections.iter().enumerate() {
+            let token = taken.then(|| {
                 let token = self.next_answering;
                 self.next_answering += 1;
                 self.answering
                     .insert(token, Answering::Part { group, index });
                 token
-            })
-            .collect();
-        if !tokens.is_empty() {
-            self.groups.insert(
-                group,
-                Group {
-                    reply,
-                    outcomes: vec![None; receivers.len()],
-                    left: receivers.len(),
-                    receivers,
-                },
-            );
+            });
+            tokens.push(token);
+            let state = match taken {
+                true => PartState::Waiting,
+                false => PartState::NotTaken,
+            };
+            parts.push(Part {
+                receiver,
+                frames,
+                state,
+            });
         }
-        tokens
+        let left = tokens.iter().flatten().count();
+        if left > 0 {
+            let g = Group {
+                reply,
+                sections: parts,
+                left,
+            };
+            self.groups.insert(group, g);
+            return (tokens, None);
+        }
+        let text = SectionAnswer::encode_all(&answers_of(parts, |_| false));
+        (tokens, Some((reply, text)))
     }
 
     /// Tells the node that forwarded batch `token` what became of its frames, and
@@ -652,28 +714,39 @@ impl Forwards {
             }
             Answering::Part { group, index } => {
                 let g = self.groups.get_mut(&group)?;
-                if let Some(slot) = g.outcomes.get_mut(index)
-                    && slot.replace(outcomes.to_vec()).is_none()
-                {
+                let part = g.sections.get_mut(index)?;
+                if matches!(part.state, PartState::Waiting) {
+                    // Exactly one outcome per frame, whatever the broker gave: a
+                    // short answer must not shift the sections after it.
+                    let mut outcomes = outcomes.to_vec();
+                    outcomes.resize(part.frames, Outcome::Failed(Failure::NoAnswer));
+                    part.state = PartState::Done(outcomes);
                     g.left -= 1;
                 }
                 if g.left > 0 {
                     return None;
                 }
                 let g = self.groups.remove(&group)?;
-                let answers: Vec<SectionAnswer> = g
-                    .receivers
-                    .iter()
-                    .zip(g.outcomes)
-                    .map(|(&receiver, outcomes)| SectionAnswer {
-                        held: holds(receiver),
-                        outcomes: outcomes.unwrap_or_default(),
-                    })
-                    .collect();
-                Some((g.reply, headers, SectionAnswer::encode_all(&answers)))
+                let text = SectionAnswer::encode_all(&answers_of(g.sections, holds));
+                Some((g.reply, headers, text))
             }
         }
     }
+}
+
+/// The answers to a batch's sections once each is done.
+fn answers_of(sections: Vec<Part>, holds: impl Fn(u32) -> bool) -> Vec<SectionAnswer> {
+    sections
+        .into_iter()
+        .map(|part| match part.state {
+            PartState::NotTaken => SectionAnswer::Gone,
+            PartState::Done(outcomes) if holds(part.receiver) => SectionAnswer::Held(outcomes),
+            PartState::Done(outcomes) => SectionAnswer::Left(outcomes),
+            PartState::Waiting => {
+                SectionAnswer::Left(vec![Outcome::Failed(Failure::NoAnswer); part.frames])
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -884,28 +957,47 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_of_sections_is_answered_once_every_section_is_in_its_order() {
+    fn a_batch_of_sections_is_answered_once_every_taken_section_is_with_one_outcome_per_frame() {
         let mut f = forwards();
-        let tokens = f.answering_sections("_INBOX.b.9".into(), vec![7, 8]);
-        assert_eq!(tokens.len(), 2);
+        let (tokens, now) = f.sections_taken(
+            "_INBOX.b.9".into(),
+            &[(7, 2, true), (6, 4, false), (8, 1, true)],
+        );
+        assert!(now.is_none(), "two sections taken: their outcomes first");
+        let (Some(first), None, Some(third)) = (tokens[0], tokens[1], tokens[2]) else {
+            panic!("tokens for the taken sections only: {tokens:?}");
+        };
         assert!(
-            f.answer_of(tokens[1], &[Outcome::Stored], |_| true)
-                .is_none(),
+            f.answer_of(third, &[Outcome::Stored], |_| true).is_none(),
             "waits for the first section"
         );
+        // The broker answered the first section short (one outcome for two frames).
         let (reply, _, text) = f
-            .answer_of(tokens[0], &[Outcome::Full("at the limit".into())], |r| {
-                r == 8
-            })
-            .expect("every section answered");
+            .answer_of(first, &[Outcome::Full("at the limit".into())], |r| r == 8)
+            .expect("every taken section answered");
         assert_eq!(reply.as_str(), "_INBOX.b.9");
-        assert_eq!(text, "gone\nfull at the limit\nheld\nstored\n");
-        assert!(f.groups.is_empty() && f.answering.is_empty());
-        assert!(
-            f.answering_sections("_INBOX.b.10".into(), vec![])
-                .is_empty()
+        let missing = encode_outcomes_of(&[Outcome::Failed(Failure::NoAnswer)]);
+        assert_eq!(
+            text,
+            format!("left\nfull at the limit\n{missing}gone\nheld\nstored\n"),
+            "7 let go meanwhile; 6 not taken; 8 held"
         );
-        assert!(f.groups.is_empty(), "an empty batch waits for nothing");
+        let counts = [2, 4, 1];
+        let read = SectionAnswer::decode_all(&text, &counts);
+        assert!(matches!(read[2], SectionAnswer::Held(ref o) if o == &[Outcome::Stored]));
+        assert!(f.groups.is_empty() && f.answering.is_empty());
+        let (tokens, now) = f.sections_taken("_INBOX.b.10".into(), &[(6, 1, false)]);
+        assert_eq!(tokens, [None]);
+        assert_eq!(
+            now.map(|(r, t)| (r.to_string(), t)),
+            Some(("_INBOX.b.10".to_string(), "gone\n".to_string())),
+            "nothing taken: answered at once"
+        );
+        assert!(f.groups.is_empty());
+    }
+
+    fn encode_outcomes_of(outcomes: &[Outcome]) -> String {
+        wire::encode_outcomes(outcomes)
     }
 
     #[test]
@@ -928,8 +1020,9 @@ mod tests {
         f.answered(&own);
         assert_eq!(f.holders.get(&7), None);
 
-        // Two receivers held on b, in one batch: the first section answered gone.
-        for receiver in [7, 8] {
+        // Three receivers held on b, in one batch: 7's section not taken (gone), 8's
+        // held, 9's taken as b let 9 go (left).
+        for receiver in [7, 8, 9] {
             f.holders.insert(receiver, "b".into());
             let route = f.routes.entry(receiver).or_default();
             route.forwarding = Some(5);
@@ -938,30 +1031,49 @@ mod tests {
         f.in_flight.insert(
             5,
             Batch {
-                sections: vec![(7, vec![append(20), append(21)]), (8, vec![append(30)])],
+                sections: vec![
+                    (7, vec![append(20), append(21)]),
+                    (8, vec![append(30)]),
+                    (9, vec![append(40)]),
+                ],
                 to_node: Some("b".into()),
             },
         );
+        f.queue(7, append(22));
         f.kicked();
         let Settled::Answered(replies) = f.answered(&answer_msg(
             5,
-            b"gone\nstored\nstored\nheld\nfailed no room\n",
+            b"gone\nheld\nfailed no room\nleft\nstored\n",
             None,
         )) else {
             panic!("answered");
         };
         let got = seqs(replies);
-        assert_eq!(got.len(), 3);
-        assert_eq!((got[0].0, got[1].0, got[2].0), (20, 21, 30));
-        assert_eq!(got[0].1, Outcome::Stored);
-        assert!(matches!(got[2].1, Outcome::Failed(_)));
+        assert_eq!(got.len(), 2, "no outcome for frames not taken: {got:?}");
+        assert_eq!((got[0].0, got[1].0), (30, 40));
+        assert!(matches!(got[0].1, Outcome::Failed(_)));
+        assert_eq!(got[1].1, Outcome::Stored);
+        let queued: Vec<u64> = f.routes[&7]
+            .queue
+            .iter()
+            .filter_map(|c| match c {
+                Command::Append { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(queued, [20, 21, 22], "not taken: first in line again");
+        assert!(f.routes[&7].behind, "the mailbox still comes first for 7");
         assert_eq!(f.holders.get(&7), None, "gone: back to the id's subject");
         assert_eq!(f.holders.get(&8).map(String::as_str), Some("b"));
-        assert!(!f.busy(7) && !f.busy(8));
-        assert!(!f.routes[&7].behind && !f.routes[&8].behind);
-        assert_eq!(f.kicked(), [7, 8]);
+        assert_eq!(f.holders.get(&9), None, "left: back to the id's subject");
+        assert!(!f.busy(7) && !f.busy(8) && !f.busy(9));
+        assert!(!f.routes[&8].behind && !f.routes[&9].behind);
+        assert_eq!(f.kicked(), [7, 8, 9]);
 
-        // Nobody at b's subject any more (it restarted): stored, and forgotten.
+        // b stops answering (it restarted): what went is stored, and every receiver
+        // learnt to be held there goes to its own subject next.
+        f.holders.insert(10, "b".into());
+        f.holders.insert(11, "c".into());
         if let Some(route) = f.routes.get_mut(&8) {
             route.forwarding = Some(6);
         }
@@ -975,5 +1087,7 @@ mod tests {
         let nobody = answer_msg(6, b"", Some(StatusCode::NO_RESPONDERS));
         assert!(matches!(f.answered(&nobody), Settled::Unclaimed(s) if s.len() == 1));
         assert_eq!(f.holders.get(&8), None);
+        assert_eq!(f.holders.get(&10), None, "held on b too");
+        assert_eq!(f.holders.get(&11).map(String::as_str), Some("c"));
     }
 }

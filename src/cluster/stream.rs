@@ -569,8 +569,12 @@ impl Actor {
     /// Sends the frames waiting for a batch to their receivers' known holders; what
     /// could not be sent goes to the stream.
     async fn send_ready(&mut self) {
-        for (receiver, frames) in self.forwards.send_ready(&self.client).await {
+        let (back, unknown) = self.forwards.send_ready(&self.client).await;
+        for (receiver, frames) in back {
             self.store_batch(receiver, frames).await;
+        }
+        for receiver in unknown {
+            self.forward(receiver).await;
         }
     }
 
@@ -1046,9 +1050,19 @@ impl Actor {
                 logged,
                 reply,
             } => {
-                let receivers = sections.iter().map(|s| s.receiver).collect();
-                let tokens = self.forwards.answering_sections(reply, receivers);
+                // A section for an id not held here is not taken: its sender sends it
+                // to the id's subject instead. Taken, it would wait here for the id's
+                // next holder, and the whole batch's answer with it.
+                let parts: Vec<(u32, usize, bool)> = sections
+                    .iter()
+                    .map(|s| (s.receiver, s.frames.len(), self.holds.holds(s.receiver)))
+                    .collect();
+                let tokens = self
+                    .forwards
+                    .take_sections(&self.client, reply, &parts)
+                    .await;
                 for (section, token) in sections.into_iter().zip(tokens) {
+                    let Some(token) = token else { continue };
                     if !logged && self.log.is_some() {
                         self.unlogged.insert(token);
                     }

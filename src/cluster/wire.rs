@@ -10,7 +10,8 @@
 //!   its batch subject in [`HOLDER_HEADER`].
 //! - A node's batch subject (`chat.node.<token>.frames`) takes the frames for several
 //!   ids it holds at once, in [`Section`]s; the answer is, per section, `held` or
-//!   `gone` and then its frames' lines ([`SectionAnswer`]).
+//!   `left` and its frames' lines, or `gone` for frames it did not take
+//!   ([`SectionAnswer`]).
 //! - History (sessions): every conversation in the stream `CHAT_HISTORY`, one subject
 //!   per pair of ids (`chat.log.<lower>.<higher>`), each message a [`Block`] of frames;
 //!   an id's log is its conversations' subjects; after a block is stored,
@@ -378,33 +379,55 @@ impl Section {
 
 /// What became of one section of a batch for several receivers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SectionAnswer {
-    /// The answering node still holds the receiver: the next batch may come to it.
-    pub held: bool,
-    pub outcomes: Vec<Outcome>,
+pub enum SectionAnswer {
+    /// The node took the frames and still holds the receiver: one outcome per frame.
+    Held(Vec<Outcome>),
+    /// The node took the frames but let the receiver go meanwhile (they went on, or to
+    /// the stream): their outcomes; the next batch goes to the id's subject.
+    Left(Vec<Outcome>),
+    /// The node did not hold the receiver and did not take the frames: the sender
+    /// sends them again, to the id's subject, ahead of what it queued since.
+    Gone,
 }
 
 impl SectionAnswer {
-    /// Per section, `held` or `gone`, then one line per outcome ([`encode_outcomes`]).
+    /// Per section a line, `held`, `left` or `gone`; after `held` and `left`, one line
+    /// per frame ([`encode_outcomes`]).
     pub fn encode_all(answers: &[SectionAnswer]) -> String {
         let mut text = String::new();
         for answer in answers {
-            text.push_str(if answer.held { "held\n" } else { "gone\n" });
-            text.push_str(&encode_outcomes(&answer.outcomes));
+            match answer {
+                SectionAnswer::Held(outcomes) => {
+                    text.push_str("held\n");
+                    text.push_str(&encode_outcomes(outcomes));
+                }
+                SectionAnswer::Left(outcomes) => {
+                    text.push_str("left\n");
+                    text.push_str(&encode_outcomes(outcomes));
+                }
+                SectionAnswer::Gone => text.push_str("gone\n"),
+            }
         }
         text
     }
 
-    /// The answers to sections of `counts[i]` frames each. A section the text does not
-    /// cover is `gone`, its frames without an answer ([`decode_outcome`]).
+    /// The answers to sections of `counts[i]` frames each. A section whose outcomes
+    /// the text does not cover has them failed without an answer ([`decode_outcome`]);
+    /// one it does not reach at all, or cannot read, is `Left` so: its frames may have
+    /// been taken, and a sender must not send them again.
     pub fn decode_all(text: &str, counts: &[usize]) -> Vec<SectionAnswer> {
         let mut lines = text.lines();
         counts
             .iter()
             .map(|&n| {
-                let held = lines.next() == Some("held");
-                let outcomes = (0..n).map(|_| decode_outcome(lines.next())).collect();
-                SectionAnswer { held, outcomes }
+                let outcomes = |lines: &mut std::str::Lines| -> Vec<Outcome> {
+                    (0..n).map(|_| decode_outcome(lines.next())).collect()
+                };
+                match lines.next() {
+                    Some("held") => SectionAnswer::Held(outcomes(&mut lines)),
+                    Some("gone") => SectionAnswer::Gone,
+                    _ => SectionAnswer::Left(outcomes(&mut lines)),
+                }
             })
             .collect()
     }
@@ -622,22 +645,25 @@ mod tests {
         );
 
         let answers = [
-            SectionAnswer {
-                held: true,
-                outcomes: vec![Outcome::Stored, Outcome::Full("at the limit".into())],
-            },
-            SectionAnswer {
-                held: false,
-                outcomes: vec![Outcome::Stored],
-            },
+            SectionAnswer::Held(vec![Outcome::Stored, Outcome::Full("at the limit".into())]),
+            SectionAnswer::Gone,
+            SectionAnswer::Left(vec![Outcome::Stored]),
         ];
         let text = SectionAnswer::encode_all(&answers);
-        assert_eq!(text, "held\nstored\nfull at the limit\ngone\nstored\n");
-        assert_eq!(SectionAnswer::decode_all(&text, &[2, 1]), answers);
+        assert_eq!(
+            text,
+            "held\nstored\nfull at the limit\ngone\nleft\nstored\n"
+        );
+        assert_eq!(SectionAnswer::decode_all(&text, &[2, 3, 1]), answers);
         let short = SectionAnswer::decode_all("held\nstored\n", &[2, 1]);
-        assert!(short[0].held);
-        assert_eq!(short[0].outcomes[1], Outcome::Failed(Failure::NoAnswer));
-        assert!(!short[1].held, "not covered: gone");
+        assert_eq!(
+            short,
+            [
+                SectionAnswer::Held(vec![Outcome::Stored, Outcome::Failed(Failure::NoAnswer)]),
+                SectionAnswer::Left(vec![Outcome::Failed(Failure::NoAnswer)]),
+            ],
+            "not covered: failed without an answer, never sent again"
+        );
     }
 
     #[test]
