@@ -250,14 +250,8 @@ impl Holds {
                 if own {
                     return None;
                 }
-                let behind = msg
-                    .headers
-                    .as_ref()
-                    .is_some_and(|h| h.get(wire::BEHIND_HEADER).is_some());
-                let logged = msg
-                    .headers
-                    .as_ref()
-                    .is_some_and(|h| h.get(wire::LOGGED_HEADER).is_some());
+                let behind = has_header(msg.headers.as_ref(), wire::BEHIND_HEADER);
+                let logged = has_header(msg.headers.as_ref(), wire::LOGGED_HEADER);
                 let Some(frames) = wire::split_frames(&msg.payload) else {
                     log::warn!("id {receiver}: malformed frames from another node; ignored");
                     return None;
@@ -286,6 +280,11 @@ impl Holds {
     }
 }
 
+/// Whether a message's `headers` include `name`.
+fn has_header(headers: Option<&async_nats::HeaderMap>, name: &str) -> bool {
+    headers.is_some_and(|h| h.get(name).is_some())
+}
+
 /// What a batch on this node's batch subject says, unless it is malformed. Its
 /// sections go to the broker whether or not this node holds their receivers: it sends
 /// frames for an id held elsewhere on, or stores them, as any other node's frames, and
@@ -295,10 +294,7 @@ fn hear_batch(msg: Message) -> Option<Heard> {
         log::warn!("a batch from another node without a reply subject; ignored");
         return None;
     };
-    let logged = msg
-        .headers
-        .as_ref()
-        .is_some_and(|h| h.get(wire::LOGGED_HEADER).is_some());
+    let logged = has_header(msg.headers.as_ref(), wire::LOGGED_HEADER);
     let Some(sections) = wire::Section::decode_all(&msg.payload) else {
         log::warn!("malformed batch of frames from another node; ignored");
         return None;
@@ -393,5 +389,36 @@ mod tests {
         assert!(h.hear(7, cut).is_none(), "malformed: ignored");
         let no_reply = msg(wire::hold(7, Hold::Frames), &frame, None);
         assert!(h.hear(7, no_reply).is_none());
+    }
+
+    #[test]
+    fn a_batch_of_sections_is_heard_whole_or_not_at_all() {
+        let frame = crate::protocol::notice(crate::protocol::Code::Pong, "x");
+        let mut payload = bytes::BytesMut::new();
+        wire::Section::encode(7, true, std::slice::from_ref(&frame), &mut payload);
+        let payload = payload.freeze();
+        let mut m = msg(wire::node_batches("t"), &payload, Some("_INBOX.y.5"));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(wire::LOGGED_HEADER, "1");
+        m.headers = Some(headers);
+        let Some(Heard::Batch {
+            sections,
+            logged,
+            reply,
+        }) = hear_batch(m)
+        else {
+            panic!("a batch");
+        };
+        assert_eq!((sections.len(), sections[0].receiver), (1, 7));
+        assert!(sections[0].behind && logged);
+        assert_eq!(reply.as_str(), "_INBOX.y.5");
+        let cut = msg(
+            wire::node_batches("t"),
+            &payload[..payload.len() - 1],
+            Some("_INBOX.y.6"),
+        );
+        assert!(hear_batch(cut).is_none(), "malformed: ignored");
+        let no_reply = msg(wire::node_batches("t"), &payload, None);
+        assert!(hear_batch(no_reply).is_none());
     }
 }
