@@ -29,9 +29,8 @@ impl Budget {
     /// amount fits, so one frame larger than the budget still gets through alone.
     pub async fn acquire(&self, n: usize) {
         poll_fn(|cx| {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if s.used == 0 || s.used + n <= self.limit {
-                s.used += n;
+            let mut s = self.lock();
+            if s.take(n, self.limit) {
                 Poll::Ready(())
             } else {
                 s.waiting.push(cx.waker().clone());
@@ -41,13 +40,33 @@ impl Budget {
         .await
     }
 
+    /// Takes `n` bytes if they fit now, as [`Budget::acquire`] would.
+    pub fn try_acquire(&self, n: usize) -> bool {
+        self.lock().take(n, self.limit)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Gives back bytes taken with [`Budget::acquire`].
     pub fn release(&self, n: usize) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.lock();
         s.used = s.used.saturating_sub(n);
         for w in s.waiting.drain(..) {
             w.wake();
         }
+    }
+}
+
+impl State {
+    /// Takes `n` bytes if they fit under `limit`; when nothing is taken, anything fits.
+    fn take(&mut self, n: usize, limit: usize) -> bool {
+        let fits = self.used == 0 || self.used + n <= limit;
+        if fits {
+            self.used += n;
+        }
+        fits
     }
 }
 
@@ -70,7 +89,9 @@ mod tests {
             "alone, any size fits"
         );
         assert!(b.acquire(1).now_or_never().is_none());
+        assert!(!b.try_acquire(1), "try_acquire takes what acquire would");
         b.release(50);
+        assert!(b.try_acquire(1));
         assert!(b.acquire(1).now_or_never().is_some());
     }
 }

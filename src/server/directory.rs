@@ -7,7 +7,9 @@
 //! notes the id a connection binds, and the admin listener reads it. None of them waits
 //! on another through it; the lock is taken on connect, bind and close, never per frame.
 //! A `BTreeMap` keeps connections in the order they were accepted, so a listing pages
-//! by connection number.
+//! by connection number. It holds each connection's outbox, which carries the
+//! connection's [`Card`]: what an operator is shown, kept where the connection's other
+//! shared state is (see [`crate::server::card`] for what that saves).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,47 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::ids::ConnId;
+use crate::server::card::{Arrival, Card, Transport};
 use crate::server::outbox::Outbox;
-
-/// How a connection reached the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Tcp,
-    Tls,
-    WebSocket,
-    SecureWebSocket,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-            Transport::WebSocket => "ws",
-            Transport::SecureWebSocket => "wss",
-        }
-    }
-}
-
-/// Who a new connection is: its number, its client's address, its transport.
-#[derive(Debug, Clone, Copy)]
-pub struct Arrival {
-    pub conn: ConnId,
-    pub client: SocketAddr,
-    pub transport: Transport,
-}
-
-/// One open connection.
-#[derive(Debug)]
-struct Entry {
-    client: SocketAddr,
-    transport: Transport,
-    since: SystemTime,
-    outbox: Arc<Outbox>,
-    id: Option<u32>,
-    /// The named device, for a session.
-    device: Option<String>,
-}
 
 /// A connection as an operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,34 +35,20 @@ pub struct ConnInfo {
     pub unacked_bytes: usize,
 }
 
-/// Every open connection.
+/// Every open connection, by number: its outbox, which carries its [`Card`].
 #[derive(Debug, Default)]
 pub struct Directory {
-    conns: Mutex<BTreeMap<ConnId, Entry>>,
+    conns: Mutex<BTreeMap<ConnId, Arc<Outbox>>>,
 }
 
 impl Directory {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ConnId, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ConnId, Arc<Outbox>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Lists `conn` until the returned guard drops.
-    pub fn add(
-        self: &Arc<Directory>,
-        conn: ConnId,
-        client: SocketAddr,
-        transport: Transport,
-        outbox: Arc<Outbox>,
-    ) -> Listed {
-        let entry = Entry {
-            client,
-            transport,
-            since: SystemTime::now(),
-            outbox,
-            id: None,
-            device: None,
-        };
-        self.lock().insert(conn, entry);
+    /// Lists `conn`, whose outbox carries its card, until the returned guard drops.
+    pub fn add(self: &Arc<Directory>, conn: ConnId, outbox: Arc<Outbox>) -> Listed {
+        self.lock().insert(conn, outbox);
         Listed {
             directory: self.clone(),
             conn,
@@ -110,13 +59,8 @@ impl Directory {
     /// hands to the listener's `connection`. Boxed, so that the tasks
     /// that pass it along carry a pointer, not its bytes, for the connection's life.
     pub fn register(self: &Arc<Directory>, arrival: Arrival) -> Box<Registered> {
-        let outbox = Arc::new(Outbox::default());
-        let listed = self.add(
-            arrival.conn,
-            arrival.client,
-            arrival.transport,
-            outbox.clone(),
-        );
+        let outbox = Arc::new(Outbox::new(Card::arriving(&arrival)));
+        let listed = self.add(arrival.conn, outbox.clone());
         Box::new(Registered {
             conn: arrival.conn,
             outbox,
@@ -126,9 +70,8 @@ impl Directory {
 
     /// `conn` is bound to `id` (as the named `device`, for a session).
     pub fn bound(&self, conn: ConnId, id: u32, device: Option<&str>) {
-        if let Some(e) = self.lock().get_mut(&conn) {
-            e.id = Some(id);
-            e.device = device.map(str::to_string);
+        if let Some(outbox) = self.lock().get(&conn) {
+            outbox.card().bind(id, device);
         }
     }
 
@@ -140,17 +83,19 @@ impl Directory {
         let page = range
             .by_ref()
             .take(limit)
-            .map(|(&conn, e)| {
-                let queued = e.outbox.queued_bytes();
+            .map(|(&conn, outbox)| {
+                let card = outbox.card();
+                let binding = card.binding();
+                let queued = outbox.queued_bytes();
                 ConnInfo {
                     conn,
-                    id: e.id,
-                    device: e.device.clone(),
-                    transport: e.transport,
-                    client: e.client,
-                    since: e.since,
+                    id: binding.as_ref().map(|b| b.id),
+                    device: binding.and_then(|b| b.device).map(String::from),
+                    transport: card.transport,
+                    client: card.client,
+                    since: card.since,
                     queued_bytes: queued,
-                    unacked_bytes: e.outbox.pending_bytes().saturating_sub(queued),
+                    unacked_bytes: outbox.pending_bytes().saturating_sub(queued),
                 }
             })
             .collect();
@@ -161,7 +106,7 @@ impl Directory {
     pub fn of(&self, id: u32) -> Vec<ConnId> {
         self.lock()
             .iter()
-            .filter(|(_, e)| e.id == Some(id))
+            .filter(|(_, outbox)| outbox.card().id() == Some(id))
             .map(|(&conn, _)| conn)
             .collect()
     }
@@ -211,7 +156,14 @@ mod tests {
         let d = Arc::new(Directory::default());
         let addr: SocketAddr = "192.0.2.1:5000".parse().expect("addr");
         let listed: Vec<_> = (1..=5)
-            .map(|c| d.add(c, addr, Transport::Tcp, Arc::new(Outbox::default())))
+            .map(|conn| {
+                let arrival = Arrival {
+                    conn,
+                    client: addr,
+                    transport: Transport::Tcp,
+                };
+                d.add(conn, Arc::new(Outbox::new(Card::arriving(&arrival))))
+            })
             .collect();
         d.bound(2, 42, None);
         d.bound(4, 42, Some("phone"));
@@ -219,6 +171,10 @@ mod tests {
         assert_eq!(first.iter().map(|c| c.conn).collect::<Vec<_>>(), [1, 2, 3]);
         assert!(more);
         assert_eq!(first[1].id, Some(42));
+        assert_eq!(
+            (first[0].client, first[0].transport),
+            (addr, Transport::Tcp)
+        );
         let (rest, more) = d.page(3, 3);
         assert_eq!(rest.iter().map(|c| c.conn).collect::<Vec<_>>(), [4, 5]);
         assert!(!more);

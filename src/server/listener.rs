@@ -1,5 +1,6 @@
 //! The accept loop and the life of one connection.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -13,7 +14,8 @@ use crate::metrics::Refusal;
 use crate::protocol::{Code, SERVER_HEADER_LEN, notice};
 use crate::rt::{self, TcpListener, TcpStream};
 use crate::server::addresses::AddressSlot;
-use crate::server::directory::{Arrival, Registered, Transport};
+use crate::server::card::{Arrival, Transport};
+use crate::server::directory::Registered;
 use crate::server::event::Event;
 use crate::server::files::Spare;
 use crate::server::proxy::{self, Proxied};
@@ -271,13 +273,19 @@ impl Drop for Slot {
 }
 
 /// One connection: TLS handshake if configured, then [`connection`].
-async fn serve(stream: TcpStream, registered: Box<Registered>, shared: &Arc<Shared>) {
-    match &shared.config.tls {
-        None => connection(stream.clone(), stream.clone(), stream, registered, shared).await,
-        // Boxed: a TLS session's state is kilobytes, and inline it would make every
-        // plain connection's task that large too (it did: 3 KiB of each idle plain
-        // connection's 4 KiB).
-        Some(tls) => Box::pin(serve_tls(stream, tls.current(), registered, shared)).await,
+fn serve(
+    stream: TcpStream,
+    registered: Box<Registered>,
+    shared: &Arc<Shared>,
+) -> impl Future<Output = ()> {
+    async move {
+        match &shared.config.tls {
+            None => connection(stream.clone(), stream.clone(), stream, registered, shared).await,
+            // Boxed: a TLS session's state is kilobytes, and inline it would make every
+            // plain connection's task that large too (it did: 3 KiB of each idle plain
+            // connection's 4 KiB).
+            Some(tls) => Box::pin(serve_tls(stream, tls.current(), registered, shared)).await,
+        }
     }
 }
 
@@ -306,35 +314,41 @@ async fn serve_tls(
 
 /// Registers with the broker, writes on a task of its own, reads here. Every transport
 /// (TCP, TLS, WebSocket) ends here as a byte stream each way.
-pub(crate) async fn connection<R, W>(
+///
+/// Like every function a connection's task awaits for its whole life, a plain `fn`
+/// returning an `async move` block: an `async fn` would hold each argument twice
+/// (rust-lang/rust#62958).
+pub(crate) fn connection<R, W>(
     read: R,
     write: W,
     socket: TcpStream,
     registered: Box<Registered>,
     shared: &Arc<Shared>,
-) where
+) -> impl Future<Output = ()>
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = registered.conn;
-    let outbox = registered.outbox.clone();
-    let connected = Event::Connected {
-        conn,
-        outbox: outbox.clone(),
-    };
-    if shared.events.clone().send(connected).await.is_err() {
-        return;
+    async move {
+        let conn = registered.conn;
+        let connected = Event::Connected {
+            conn,
+            outbox: registered.outbox.clone(),
+        };
+        if shared.events.clone().send(connected).await.is_err() {
+            return;
+        }
+        let writer = rt::spawn(writer::run(
+            write,
+            socket,
+            conn,
+            registered.outbox.clone(),
+            shared.clone(),
+        ));
+        reader::run(read, conn, &registered.outbox, shared).await;
+        writer.await;
+        drop(registered);
     }
-    let writer = rt::spawn(writer::run(
-        write,
-        socket,
-        conn,
-        outbox.clone(),
-        shared.clone(),
-    ));
-    reader::run(read, conn, &outbox, shared).await;
-    writer.await;
-    drop(registered);
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod backend;
 pub mod blocklist;
 pub mod broker;
 pub(crate) mod budget;
+pub mod card;
 pub mod config;
 pub mod directory;
 pub mod drain;

@@ -15,6 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::ids::{Endpoint, Ticket};
+use crate::server::card::Card;
 
 /// Frames up to this size are copied into the batch buffer; larger ones are written
 /// straight from their own allocation.
@@ -163,10 +164,12 @@ pub struct Written {
     pub delivered: Vec<(Ticket, u64)>,
 }
 
-/// The queue between the broker and one writer task.
+/// The queue between the broker and one writer task. It also carries its
+/// connection's [`Card`] for the directory (see [`crate::server::card`] for why here).
 #[derive(Debug, Default)]
 pub struct Outbox {
     state: Mutex<State>,
+    card: Card,
 }
 
 #[derive(Debug, Default)]
@@ -174,9 +177,10 @@ struct State {
     queue: VecDeque<Outgoing>,
     /// Bytes in `queue`.
     queued: usize,
-    /// Set once the client's `AcksOn` notice has been written.
-    acks: Option<Acks>,
-    close: Option<Close>,
+    /// Set once the client's `AcksOn` notice has been written. Boxed, like `close`:
+    /// most of an idle connection's outbox would otherwise be room for these two.
+    acks: Option<Box<Acks>>,
+    close: Option<Box<Close>>,
     /// The writer, waiting for frames, or in a write or flush for a close.
     waker: Option<Waker>,
     /// The reader, waiting for room (see [`Outbox::poll_room`]).
@@ -204,6 +208,18 @@ struct Acks {
 }
 
 impl Outbox {
+    /// The outbox of the connection `card` describes.
+    pub fn new(card: Card) -> Outbox {
+        Outbox {
+            state: Mutex::default(),
+            card,
+        }
+    }
+
+    pub fn card(&self) -> &Card {
+        &self.card
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere cannot leave the queue half-updated: every critical section
         // is a few field assignments, so a poisoned lock is still consistent.
@@ -272,7 +288,7 @@ impl Outbox {
                     return Err("acks are not on; turn them on with control operation 3".into());
                 }
                 // The `AcksOn` notice is on its way: the client may have seen it already.
-                s.acks = Some(Acks::default());
+                s.acks = Some(Box::default());
             }
             count
         };
@@ -304,7 +320,7 @@ impl Outbox {
         let mut s = self.lock();
         match &s.close {
             Some(c) if !c.drain || close.drain => return,
-            _ => s.close = Some(close),
+            _ => s.close = Some(Box::new(close)),
         }
         if let Some(w) = s.waker.take() {
             w.wake();
@@ -338,7 +354,7 @@ impl Outbox {
         let mut s = self.lock();
         let abandon = s.close.as_ref().is_some_and(|c| !c.drain);
         if abandon || (s.queue.is_empty() && s.close.is_some()) {
-            return Poll::Ready(s.close.clone());
+            return Poll::Ready(s.close.as_deref().cloned());
         }
         if s.queue.is_empty() {
             // The writer is about to wait. A connection that is idle, or sees a frame
@@ -398,7 +414,7 @@ impl Outbox {
             bytes += item.wire.len();
             match item.origin {
                 Origin::Reply => {}
-                Origin::AcksOn => s.acks.get_or_insert_with(Acks::default).counting = true,
+                Origin::AcksOn => s.acks.get_or_insert_with(Box::default).counting = true,
                 Origin::Data {
                     receiver,
                     seq,
@@ -443,7 +459,7 @@ impl Outbox {
 
     /// The close the broker asked for, if any.
     pub fn close_requested(&self) -> Option<Close> {
-        self.lock().close.clone()
+        self.lock().close.as_deref().cloned()
     }
 
     /// Stops the outbox for good and returns what was never written.

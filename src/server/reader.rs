@@ -4,12 +4,13 @@
 //! frame timeout, and checking auth tokens (CPU work that would otherwise queue up in
 //! the broker). Every frame decoded from one read goes to the broker as one event.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::channel::mpsc::Sender;
 use futures::{AsyncRead, AsyncReadExt, SinkExt};
 
 use byteorder::{BigEndian, ByteOrder};
@@ -24,6 +25,7 @@ use crate::protocol::{
 };
 use crate::rt;
 use crate::server::Shared;
+use crate::server::budget::Budget;
 use crate::server::event::{ConnId, Event, Request};
 use crate::server::outbox::{Close, Outbox};
 use crate::server::rate::{Bucket, RateLimits};
@@ -32,141 +34,221 @@ use crate::server::rate::{Bucket, RateLimits};
 const IDLE_READ: usize = 128;
 
 /// Reads frames until the peer leaves or breaks the protocol, then tells the broker.
-pub async fn run<R: AsyncRead + Unpin>(
+///
+/// A plain `fn` returning an `async move` block rather than an `async fn`: an async
+/// fn moves each argument into a local of its own, so its task would hold every
+/// argument twice for the connection's life (rust-lang/rust#62958).
+pub fn run<R: AsyncRead + Unpin>(
     mut source: R,
     conn: ConnId,
     outbox: &Outbox,
     shared: &Shared,
-) {
-    let mut events = shared.events.clone();
-    let config = &shared.config;
-    let mut buf = FrameBuf::new();
-    let mut auth = if config.auth.is_none() {
-        Auth::Open
-    } else {
-        Auth::Pending
-    };
-    // When the frame now pending began to arrive.
-    let mut started = Instant::now();
-    // Boxed, and only when limits are set: most servers run without them.
-    let mut throttle = (!config.rate.is_off()).then(|| Box::new(Throttle::new(config.rate)));
-    // Frames left in `buf` undecoded because the rate limit was reached.
-    let mut held = false;
-    let notice = 'conn: loop {
-        if let Some(t) = throttle.as_deref_mut() {
-            // Boxed: inline, the wait's timer would make every reader's task larger.
-            let before = Instant::now();
-            Box::pin(t.wait(conn, outbox, shared, &mut events)).await;
-            started += before.elapsed();
-        }
-        // Replies this client has not read count against it: wait for room, but not
-        // for ever, and not on the clock of a frame in progress.
-        if outbox.queued_bytes() > config.max_pending_bytes {
-            let blocked = Instant::now();
-            let room = poll_fn(|cx| outbox.poll_room(cx, config.max_pending_bytes));
-            if Box::pin(rt::timeout(config.frame_timeout, room))
-                .await
-                .is_none()
-            {
-                let secs = config.frame_timeout.as_secs_f64();
-                let detail = format_args!("replies not read for {secs} s");
-                if let Some(m) = &shared.metrics {
-                    m.slow_consumers.inc();
-                }
-                break Some(notice(Code::SlowConsumer, detail));
-            }
-            started += blocked.elapsed();
-        }
-        if held {
-            // Decode what is already here before reading more.
-            held = false;
-        } else if buf.is_empty() {
-            // Between frames a client may idle as long as it likes.
-            buf.release();
-            match poll_fn(|cx| read_idle(&mut source, &mut buf, cx)).await {
-                Ok(0) => break None,
-                Err(e) => break refusal(e),
-                Ok(_) => {}
-            }
-            started = Instant::now();
+) -> impl Future<Output = ()> {
+    async move {
+        // This reader's sender to the broker, made when it has something to send and
+        // dropped while it waits for the client: each clone of a bounded sender is an
+        // allocation, which an idle connection should not hold. A busy reader keeps
+        // its sender, and with it the channel's back-pressure; the inbound budget
+        // bounds the bytes either way.
+        let mut events: Option<Sender<Event>> = None;
+        let config = &shared.config;
+        let mut buf = FrameBuf::new();
+        let mut auth = if config.auth.is_none() {
+            Auth::Open
         } else {
-            let left = config.frame_timeout.saturating_sub(started.elapsed());
-            // Boxed, like every wait with a timer: inline, the timer would make the
-            // task of every idle connection that much larger.
-            match Box::pin(rt::timeout(left, source.read(buf.space()))).await {
-                None => {
-                    let secs = config.frame_timeout.as_secs_f64();
-                    break Some(notice(
-                        Code::Timeout,
-                        format_args!("frame not completed within {secs} s"),
-                    ));
-                }
-                Some(Ok(0)) => break None,
-                Some(Err(e)) => break refusal(e),
-                Some(Ok(n)) => buf.filled(n),
+            Auth::Pending
+        };
+        // When the frame now pending began to arrive.
+        let mut started = Instant::now();
+        // Boxed, and only when limits are set: most servers run without them.
+        let mut throttle = (!config.rate.is_off()).then(|| Box::new(Throttle::new(config.rate)));
+        // Frames left in `buf` undecoded because the rate limit was reached.
+        let mut held = false;
+        let notice = 'conn: loop {
+            if let Some(t) = throttle.as_deref_mut() {
+                // Boxed: inline, the wait's timer would make every reader's task larger.
+                let before = Instant::now();
+                let events = events.get_or_insert_with(|| shared.events.clone());
+                Box::pin(t.wait(conn, outbox, shared, events)).await;
+                started += before.elapsed();
             }
-        }
-        let mut requests = Vec::new();
-        let mut fatal = None;
-        loop {
-            match buf.decode_client(config.max_frame_bytes) {
-                Ok(Some(frame)) => {
+            // Replies this client has not read count against it: wait for room, but not
+            // for ever, and not on the clock of a frame in progress.
+            if outbox.queued_bytes() > config.max_pending_bytes {
+                let blocked = Instant::now();
+                let room = poll_fn(|cx| outbox.poll_room(cx, config.max_pending_bytes));
+                if Box::pin(rt::timeout(config.frame_timeout, room))
+                    .await
+                    .is_none()
+                {
+                    let secs = config.frame_timeout.as_secs_f64();
+                    let detail = format_args!("replies not read for {secs} s");
                     if let Some(m) = &shared.metrics {
-                        m.frame_in(frame.kind(), frame.wire.len());
+                        m.slow_consumers.inc();
                     }
-                    match classify(frame, &mut auth, shared) {
-                        Ok(request) => {
-                            if let Some(t) = throttle.as_deref_mut() {
-                                t.bucket.charge(1, request.bytes(), Instant::now());
-                                held = t.bucket.wait(Instant::now()).is_some();
+                    break Some(notice(Code::SlowConsumer, detail));
+                }
+                started += blocked.elapsed();
+            }
+            if held {
+                // Decode what is already here before reading more.
+                held = false;
+            } else if buf.is_empty() {
+                // Between frames a client may idle as long as it likes.
+                buf.release();
+                events = None;
+                match poll_fn(|cx| read_idle(&mut source, &mut buf, cx)).await {
+                    Ok(0) => break None,
+                    Err(e) => break refusal(e),
+                    Ok(_) => {}
+                }
+                started = Instant::now();
+            } else {
+                let left = config.frame_timeout.saturating_sub(started.elapsed());
+                // Boxed, like every wait with a timer: inline, the timer would make the
+                // task of every idle connection that much larger.
+                match Box::pin(rt::timeout(left, source.read(buf.space()))).await {
+                    None => {
+                        let secs = config.frame_timeout.as_secs_f64();
+                        break Some(notice(
+                            Code::Timeout,
+                            format_args!("frame not completed within {secs} s"),
+                        ));
+                    }
+                    Some(Ok(0)) => break None,
+                    Some(Err(e)) => break refusal(e),
+                    Some(Ok(n)) => buf.filled(n),
+                }
+            }
+            let mut requests = Vec::new();
+            let mut fatal = None;
+            loop {
+                match buf.decode_client(config.max_frame_bytes) {
+                    Ok(Some(frame)) => {
+                        if let Some(m) = &shared.metrics {
+                            m.frame_in(frame.kind(), frame.wire.len());
+                        }
+                        match classify(frame, &mut auth, shared) {
+                            Ok(request) => {
+                                if let Some(t) = throttle.as_deref_mut() {
+                                    t.bucket.charge(1, request.bytes(), Instant::now());
+                                    held = t.bucket.wait(Instant::now()).is_some();
+                                }
+                                requests.push(request);
+                                if held {
+                                    break;
+                                }
                             }
-                            requests.push(request);
-                            if held {
+                            Err(refusal) => {
+                                fatal = Some(refusal);
                                 break;
                             }
                         }
-                        Err(refusal) => {
-                            fatal = Some(refusal);
-                            break;
-                        }
+                    }
+                    Ok(None) => break,
+                    Err(too_large) => {
+                        fatal = Some(notice(Code::FrameTooLarge, too_large));
+                        break;
                     }
                 }
-                Ok(None) => break,
-                Err(too_large) => {
-                    fatal = Some(notice(Code::FrameTooLarge, too_large));
-                    break;
+            }
+            if !requests.is_empty() {
+                started = Instant::now();
+                let bytes = requests.iter().map(Request::bytes).sum();
+                let batch = Event::Requests {
+                    conn,
+                    requests,
+                    bytes,
+                };
+                let events = events.get_or_insert_with(|| shared.events.clone());
+                let blocked = match hand_over_now(events, &shared.inbound, batch, bytes) {
+                    Ok(true) => None,
+                    Ok(false) => break 'conn None,
+                    Err(blocked) => Some(blocked),
+                };
+                if let Some(blocked) = blocked {
+                    // Boxed, with the notice that may follow the batch: inline, the
+                    // wait and what it keeps would make every reader's task larger.
+                    let wait = Box::pin(async move {
+                        let sent = hand_over(events, &shared.inbound, blocked, bytes).await;
+                        (sent, fatal)
+                    });
+                    let (sent, after) = wait.await;
+                    if !sent {
+                        break 'conn None;
+                    }
+                    fatal = after;
                 }
             }
-        }
-        if !requests.is_empty() {
-            started = Instant::now();
-            let bytes = requests.iter().map(Request::bytes).sum();
-            shared.inbound.acquire(bytes).await;
-            let batch = Event::Requests {
-                conn,
-                requests,
-                bytes,
-            };
-            if events.send(batch).await.is_err() {
-                shared.inbound.release(bytes);
-                break 'conn None;
+            if fatal.is_some() {
+                break fatal;
             }
+        };
+        match &notice {
+            Some(n) => log::info!(conn; "{}", String::from_utf8_lossy(&n[SERVER_HEADER_LEN..])),
+            // The peer is gone: stop writing to it now rather than when the broker gets
+            // to the event, so frames routed meanwhile go back to the mailbox instead of
+            // into a socket nobody reads.
+            None => outbox.close(Close {
+                notice: None,
+                drain: false,
+            }),
         }
-        if fatal.is_some() {
-            break fatal;
-        }
-    };
-    match &notice {
-        Some(n) => log::info!(conn; "{}", String::from_utf8_lossy(&n[SERVER_HEADER_LEN..])),
-        // The peer is gone: stop writing to it now rather than when the broker gets
-        // to the event, so frames routed meanwhile go back to the mailbox instead of
-        // into a socket nobody reads.
-        None => outbox.close(Close {
-            notice: None,
-            drain: false,
-        }),
+        let mut events = events.unwrap_or_else(|| shared.events.clone());
+        let _ = Box::pin(events.send(Event::Closed { conn, notice })).await;
     }
-    let _ = events.send(Event::Closed { conn, notice }).await;
+}
+
+/// A batch that could not go to the broker at once, and whether its bytes are
+/// already taken from the inbound budget.
+struct Blocked {
+    batch: Event,
+    taken: bool,
+}
+
+/// Takes `bytes` of the inbound budget and sends `batch` to the broker, if both have
+/// room now, as they nearly always do: `Ok(false)` when the broker is gone.
+fn hand_over_now(
+    events: &mut Sender<Event>,
+    inbound: &Budget,
+    batch: Event,
+    bytes: usize,
+) -> Result<bool, Blocked> {
+    if !inbound.try_acquire(bytes) {
+        return Err(Blocked {
+            batch,
+            taken: false,
+        });
+    }
+    match events.try_send(batch) {
+        Ok(()) => Ok(true),
+        Err(full) if full.is_full() => Err(Blocked {
+            batch: full.into_inner(),
+            taken: true,
+        }),
+        Err(_) => {
+            inbound.release(bytes);
+            Ok(false)
+        }
+    }
+}
+
+/// [`hand_over_now`] for a batch that must wait for room: false when the broker is
+/// gone.
+async fn hand_over(
+    events: &mut Sender<Event>,
+    inbound: &Budget,
+    blocked: Blocked,
+    bytes: usize,
+) -> bool {
+    if !blocked.taken {
+        inbound.acquire(bytes).await;
+    }
+    if events.send(blocked.batch).await.is_err() {
+        inbound.release(bytes);
+        return false;
+    }
+    true
 }
 
 /// A connection's rate limit as the reader keeps it: the buckets, and since when the
@@ -207,7 +289,7 @@ impl Throttle {
         conn: ConnId,
         outbox: &Outbox,
         shared: &Shared,
-        events: &mut futures::channel::mpsc::Sender<Event>,
+        events: &mut Sender<Event>,
     ) {
         let now = Instant::now();
         let Some(wait) = self.bucket.wait(now) else {

@@ -23,7 +23,7 @@ use futures::{AsyncRead, AsyncWrite, Sink, Stream};
 use crate::protocol::{CLIENT_HEADER_LEN, Code, SERVER_HEADER_LEN, notice};
 use crate::rt::TcpStream;
 use crate::server::Shared;
-use crate::server::directory::{Arrival, Transport};
+use crate::server::card::{Arrival, Transport};
 use crate::server::listener::{self, Busy, Slot};
 use crate::server::reader::Refused;
 

@@ -62,64 +62,70 @@ impl Socket for rt::TcpStream {
 
 /// Writes the outbox to `sink` until the connection closes, then hands the frames it
 /// could not write back to the broker.
-pub async fn run<W, S>(
+///
+/// A plain `fn` returning an `async move` block, like the reader's, so that its task
+/// holds each argument once (rust-lang/rust#62958).
+pub fn run<W, S>(
     mut sink: W,
     socket: S,
     conn: ConnId,
     outbox: Arc<Outbox>,
     shared: Arc<Shared>,
-) where
+) -> impl Future<Output = ()>
+where
     W: AsyncWrite + Unpin,
     S: Socket,
 {
-    let mut batch = Vec::new();
-    let mut deadline = None;
-    let mut at_boundary = true;
-    let close = loop {
-        batch.clear();
-        if let Some(close) = poll_fn(|cx| outbox.poll_work(cx, &mut batch)).await {
-            break Some(close);
-        }
-        let must_arrive = batch
-            .iter()
-            .any(|o| matches!(o.origin, Origin::Data { .. }));
-        if must_arrive && socket.peer_closed() {
-            break None;
-        }
-        if deadline.is_none() && outbox.is_closing() {
-            deadline = Some(Instant::now() + DRAIN_LIMIT);
-        }
-        let (written, stopped) = write_batch(&mut sink, &batch, &outbox, &mut deadline).await;
-        if let Some(m) = &shared.metrics {
-            count_written(m, &batch[..written.whole]);
-        }
-        let done = outbox.written(written.whole);
-        report_written(done, conn, &shared).await;
-        match stopped {
-            None => {}
-            Some(Stopped::Io) => break None,
-            Some(Stopped::Cut) => {
-                at_boundary = written.at_boundary;
-                break outbox.close_requested();
+    async move {
+        let mut batch = Vec::new();
+        let mut deadline = None;
+        let mut at_boundary = true;
+        let close = loop {
+            batch.clear();
+            if let Some(close) = poll_fn(|cx| outbox.poll_work(cx, &mut batch)).await {
+                break Some(close);
+            }
+            let must_arrive = batch
+                .iter()
+                .any(|o| matches!(o.origin, Origin::Data { .. }));
+            if must_arrive && socket.peer_closed() {
+                break None;
+            }
+            if deadline.is_none() && outbox.is_closing() {
+                deadline = Some(Instant::now() + DRAIN_LIMIT);
+            }
+            let (written, stopped) = write_batch(&mut sink, &batch, &outbox, &mut deadline).await;
+            if let Some(m) = &shared.metrics {
+                count_written(m, &batch[..written.whole]);
+            }
+            let done = outbox.written(written.whole);
+            report_written(done, conn, &shared).await;
+            match stopped {
+                None => {}
+                Some(Stopped::Io) => break None,
+                Some(Stopped::Cut) => {
+                    at_boundary = written.at_boundary;
+                    break outbox.close_requested();
+                }
+            }
+        };
+        if let Some(notice) = close.and_then(|c| c.notice).filter(|_| at_boundary) {
+            let sent = Box::pin(rt::timeout(NOTICE_LIMIT, async {
+                sink.write_all(&notice).await?;
+                sink.flush().await
+            }))
+            .await;
+            if let (Some(m), Some(Ok(()))) = (&shared.metrics, sent) {
+                count_written(m, &[Outgoing::reply(notice)]);
             }
         }
-    };
-    if let Some(notice) = close.and_then(|c| c.notice).filter(|_| at_boundary) {
-        let sent = Box::pin(rt::timeout(NOTICE_LIMIT, async {
-            sink.write_all(&notice).await?;
-            sink.flush().await
-        }))
-        .await;
-        if let (Some(m), Some(Ok(()))) = (&shared.metrics, sent) {
-            count_written(m, &[Outgoing::reply(notice)]);
+        let _ = Box::pin(rt::timeout(NOTICE_LIMIT, sink.close())).await;
+        socket.shutdown();
+        let undelivered = outbox.take_all();
+        let done = Event::WriterDone { conn, undelivered };
+        if let Some(wait) = send_soon(&shared.events, done) {
+            wait.await;
         }
-    }
-    let _ = Box::pin(rt::timeout(NOTICE_LIMIT, sink.close())).await;
-    socket.shutdown();
-    let undelivered = outbox.take_all();
-    let done = Event::WriterDone { conn, undelivered };
-    if let Some(wait) = send_soon(&shared.events, done) {
-        wait.await;
     }
 }
 
