@@ -273,6 +273,8 @@ impl Drop for Slot {
 }
 
 /// One connection: TLS handshake if configured, then [`connection`].
+// An `async fn` would hold its arguments twice (see `connection`).
+#[allow(clippy::manual_async_fn)]
 fn serve(
     stream: TcpStream,
     registered: Box<Registered>,
@@ -318,6 +320,8 @@ async fn serve_tls(
 /// Like every function a connection's task awaits for its whole life, a plain `fn`
 /// returning an `async move` block: an `async fn` would hold each argument twice
 /// (rust-lang/rust#62958).
+// An `async fn` would hold its arguments twice (see the doc above).
+#[allow(clippy::manual_async_fn)]
 pub(crate) fn connection<R, W>(
     read: R,
     write: W,

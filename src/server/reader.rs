@@ -38,6 +38,8 @@ const IDLE_READ: usize = 128;
 /// A plain `fn` returning an `async move` block rather than an `async fn`: an async
 /// fn moves each argument into a local of its own, so its task would hold every
 /// argument twice for the connection's life (rust-lang/rust#62958).
+// An `async fn` would hold its arguments twice (see the doc above).
+#[allow(clippy::manual_async_fn)]
 pub fn run<R: AsyncRead + Unpin>(
     mut source: R,
     conn: ConnId,

@@ -65,6 +65,8 @@ impl Socket for rt::TcpStream {
 ///
 /// A plain `fn` returning an `async move` block, like the reader's, so that its task
 /// holds each argument once (rust-lang/rust#62958).
+// An `async fn` would hold its arguments twice (see the doc above).
+#[allow(clippy::manual_async_fn)]
 pub fn run<W, S>(
     mut sink: W,
     socket: S,

@@ -74,9 +74,15 @@ pub(super) struct Mailbox {
     paged: Option<u64>,
     /// Frames that arrived while the mailbox was being read, in order: pushed once it
     /// has been, so they follow it. They are stored as live frames, which mailbox
-    /// reads after the first leave out.
-    backlog: VecDeque<Outgoing>,
-    backlog_bytes: usize,
+    /// reads after the first leave out. Boxed, and only while there are any: every
+    /// connection has a mailbox, and few ever hold a frame back.
+    backlog: Option<Box<Backlog>>,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    frames: VecDeque<Outgoing>,
+    bytes: usize,
 }
 
 impl Mailbox {
@@ -116,15 +122,16 @@ impl Mailbox {
             // Before its first read the mailbox may still hold this frame's
             // predecessors: the store keeps it.
             State::Waiting => Admit::Stored,
-            _ if fits(pending + self.backlog_bytes) => Admit::Behind,
+            _ if fits(pending + self.backlog.as_ref().map_or(0, |b| b.bytes)) => Admit::Behind,
             _ => Admit::Cut,
         }
     }
 
     /// Holds a frame [`Admit::Behind`] until the mailbox is read.
     pub fn hold(&mut self, item: Outgoing) {
-        self.backlog_bytes += item.wire.len();
-        self.backlog.push_back(item);
+        let backlog = self.backlog.get_or_insert_with(Box::default);
+        backlog.bytes += item.wire.len();
+        backlog.frames.push_back(item);
     }
 
     /// Takes frame `seq` out of what is held back, with every frame held before it,
@@ -132,14 +139,20 @@ impl Mailbox {
     /// nothing if it is not held (pushed already). The frames before it go too, so
     /// what is held keeps its order even when one of them never reached the store.
     pub fn take_held(&mut self, seq: u64) -> Vec<Outgoing> {
-        let Some(i) = self.backlog.iter().position(|item| {
+        let Some(backlog) = self.backlog.as_mut() else {
+            return Vec::new();
+        };
+        let Some(i) = backlog.frames.iter().position(|item| {
             matches!(item.origin, crate::server::outbox::Origin::Data { seq: s, .. } if s == seq)
         }) else {
             return Vec::new();
         };
-        let taken: Vec<Outgoing> = self.backlog.drain(..=i).collect();
+        let taken: Vec<Outgoing> = backlog.frames.drain(..=i).collect();
         let bytes: usize = taken.iter().map(|item| item.wire.len()).sum();
-        self.backlog_bytes = self.backlog_bytes.saturating_sub(bytes);
+        backlog.bytes = backlog.bytes.saturating_sub(bytes);
+        if backlog.frames.is_empty() {
+            self.backlog = None;
+        }
         taken
     }
 
@@ -157,8 +170,8 @@ impl Mailbox {
             None if stored => Page::ReadAgain { after },
             None => {
                 self.state = State::Live;
-                self.backlog_bytes = 0;
-                Page::CaughtUp(std::mem::take(&mut self.backlog))
+                let held = self.backlog.take().map(|b| b.frames);
+                Page::CaughtUp(held.unwrap_or_default())
             }
         }
     }
