@@ -404,7 +404,11 @@ mod tests {
         let registered = shared.directory.register(arrival);
         let task = async move { serve(stream, registered, &shared).await };
         let (task, writer) = (size_of_val(&task), size_of_val(&writer));
-        eprintln!("connection task {task} B, writer task {writer} B");
-        assert!(task + writer <= 900, "{task} + {writer} bytes");
+        let outbox = size_of::<crate::server::outbox::Outbox>();
+        eprintln!("connection task {task} B, writer task {writer} B, outbox {outbox} B");
+        assert!(task + writer <= 800, "{task} + {writer} bytes");
+        // The outbox also carries the connection's card for the directory; what only
+        // some connections need (acks, a close) is boxed.
+        assert!(outbox <= 208, "outbox {outbox} bytes");
     }
 }
