@@ -193,6 +193,8 @@ pub async fn run(
         next_seq: 1,
         // Each node numbers the named devices it sees; their cursors are in the bucket.
         devices: Vec::new(),
+        // Writers' deliveries come to the actor as commands.
+        deliveries: None,
         closed,
     };
     let inbox = setup.client.new_inbox();

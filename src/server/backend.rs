@@ -12,13 +12,19 @@ use futures::channel::mpsc;
 use futures::future::BoxFuture;
 use futures::{SinkExt, Stream};
 
+use std::sync::Arc;
+
 use crate::cluster::msg::{FromCluster, ToCluster};
-use crate::store::{Command, Reply, Store};
+use crate::store::{Command, Deliveries, Reply, Store};
 
 /// Where commands go; cheap to clone (a channel sender).
 #[derive(Clone, Debug)]
 pub enum Backend {
-    One(mpsc::Sender<Command>),
+    /// One node's store: its queue, and where writers leave what they delivered.
+    One {
+        commands: mpsc::Sender<Command>,
+        deliveries: Arc<Deliveries>,
+    },
     Cluster(mpsc::Sender<ToCluster>),
 }
 
@@ -27,10 +33,19 @@ pub enum Backend {
 pub struct Gone;
 
 impl Backend {
+    /// One node's store, with `commands` its queue and deliveries left for nobody:
+    /// for tests that read the queue themselves.
+    pub fn one(commands: mpsc::Sender<Command>) -> Backend {
+        Backend::One {
+            commands,
+            deliveries: Arc::default(),
+        }
+    }
+
     /// Sends a store command, waiting for room in the queue.
     pub async fn send(&mut self, command: Command) -> Result<(), Gone> {
         let sent = match self {
-            Backend::One(tx) => tx.send(command).await,
+            Backend::One { commands, .. } => commands.send(command).await,
             Backend::Cluster(tx) => tx.send(ToCluster::Store(command)).await,
         };
         sent.map_err(|_| Gone)
@@ -39,17 +54,23 @@ impl Backend {
     /// Sends what only a cluster needs; one node has nobody to tell.
     pub async fn send_cluster(&mut self, command: ToCluster) -> Result<(), Gone> {
         match self {
-            Backend::One(_) => Ok(()),
+            Backend::One { .. } => Ok(()),
             Backend::Cluster(tx) => tx.send(command).await.map_err(|_| Gone),
         }
     }
 
-    /// Sends without waiting when there is room; only a full queue makes a wait,
-    /// boxed, which keeps the send future and its command out of every writer task.
-    pub fn send_soon(&self, command: Command) -> Option<BoxFuture<'static, ()>> {
+    /// Tells the store what a writer delivered (a [`Command::Delete`]). One node's
+    /// store finds it when it next wakes, without being woken for it
+    /// ([`crate::store::Deliveries`]); a cluster's actor gets it as a command, without
+    /// waiting when there is room. Only a full queue makes a wait, boxed, which keeps
+    /// the send future and its command out of every writer task.
+    pub fn delivered(&self, delete: Command) -> Option<BoxFuture<'static, ()>> {
         match self {
-            Backend::One(tx) => send_soon(tx, command),
-            Backend::Cluster(tx) => send_soon(tx, ToCluster::Store(command)),
+            Backend::One { deliveries, .. } => {
+                deliveries.leave(delete);
+                None
+            }
+            Backend::Cluster(tx) => send_soon(tx, ToCluster::Store(delete)),
         }
     }
 }
@@ -113,7 +134,10 @@ pub struct Opened {
 impl From<Store> for Opened {
     fn from(s: Store) -> Opened {
         Opened {
-            backend: Backend::One(s.commands),
+            backend: Backend::One {
+                commands: s.commands,
+                deliveries: s.deliveries.unwrap_or_default(),
+            },
             replies: Replies::One(s.replies),
             next_seq: s.next_seq,
             devices: s.devices,
@@ -143,7 +167,7 @@ mod tests {
     fn one_node_gets_store_commands_only_and_a_cluster_gets_both_in_order() {
         crate::rt::block_on(async {
             let (tx, mut rx) = mpsc::channel(4);
-            let mut one = Backend::One(tx);
+            let mut one = Backend::one(tx);
             let delete = || Command::Delete {
                 receiver: 2,
                 device: 0,
@@ -163,7 +187,7 @@ mod tests {
             let mut cluster = Backend::Cluster(tx);
             assert!(cluster.send(delete()).await.is_ok());
             assert!(cluster.send_cluster(left()).await.is_ok());
-            assert!(cluster.send_soon(delete()).is_none(), "room: sent at once");
+            assert!(cluster.delivered(delete()).is_none(), "room: sent at once");
             drop(cluster);
             let got: Vec<ToCluster> = rx.by_ref().collect().await;
             assert!(matches!(

@@ -379,7 +379,7 @@ mod tests {
         let shared = Arc::new(Shared {
             config: Config::new("127.0.0.1:0", "unused"),
             events,
-            store: crate::server::backend::Backend::One(store),
+            store: crate::server::backend::Backend::one(store),
             inbound: Arc::new(Budget::new(1)),
             per_address: crate::server::addresses::PerAddress::new(0),
             directory: Default::default(),

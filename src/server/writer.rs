@@ -317,7 +317,7 @@ async fn report_written(done: Written, conn: ConnId, shared: &Shared) {
             device: receiver.device,
             seqs: done.delete,
         };
-        if let Some(wait) = shared.store.send_soon(delete) {
+        if let Some(wait) = shared.store.delivered(delete) {
             wait.await;
         }
     }

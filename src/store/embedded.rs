@@ -39,6 +39,7 @@ use futures::channel::{mpsc, oneshot};
 use futures::task::ArcWake;
 use redb::{Builder, Database};
 
+use super::deliveries::{self, Deliveries};
 use super::history::{Answer, Kept};
 use super::log::{Appending, Log, Tables};
 use super::tables::{Entry, PROBE};
@@ -117,6 +118,7 @@ pub fn open(
     // through the bounded queue, and the broker drains replies before new events.
     let (reply_tx, replies) = mpsc::unbounded();
     let (closed_tx, closed) = oneshot::channel();
+    let deliveries = Arc::new(Deliveries::default());
     let worker = Worker {
         faults,
         metrics,
@@ -137,6 +139,8 @@ pub fn open(
         stats: Stats::default(),
         replies: reply_tx,
         live: HashMap::new(),
+        deliveries: deliveries.clone(),
+        appended_through: next_seq.saturating_sub(1),
     };
     worker.publish();
     thread::Builder::new()
@@ -151,6 +155,7 @@ pub fn open(
         replies,
         next_seq,
         devices,
+        deliveries: Some(deliveries),
         closed,
     })
 }
@@ -305,6 +310,10 @@ struct Worker {
     /// Per device, the live frames written since its last first read: the broker
     /// delivers those itself, so later reads leave them out.
     live: HashMap<Endpoint, HashSet<u64>>,
+    /// Where writers leave the deletes of what they delivered.
+    deliveries: Arc<Deliveries>,
+    /// The newest frame whose append came in an earlier batch.
+    appended_through: u64,
 }
 
 /// What the store did since it last logged it (at debug level, once a second).
@@ -341,45 +350,41 @@ impl Stats {
 
 impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        self.deliveries.attach(thread::current());
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             let ready = rx.try_recv().ok();
-            let first = match &self.down {
-                _ if ready.is_some() => ready,
-                None if self.due().is_none() => match next_within(&mut rx, self.age_due()) {
-                    Some(cmd) => cmd,
-                    None => {
-                        self.age();
-                        continue;
+            let deliveries = &self.deliveries;
+            let next = match &self.down {
+                _ if ready.is_some() => ready.map_or(Next::Closed, Next::Command),
+                None if self.due().is_none() => {
+                    match next_within(&mut rx, self.age_due(), deliveries, false) {
+                        Next::TimedOut => {
+                            self.age();
+                            continue;
+                        }
+                        next => next,
                     }
-                },
-                None => match next_within(&mut rx, self.due()) {
-                    Some(cmd) => cmd,
-                    None => {
-                        // Nothing new: write what is due.
-                        self.apply(&mut batch, true);
-                        continue;
-                    }
-                },
+                }
+                None => next_within(&mut rx, self.due(), deliveries, true),
                 Some(down) => {
                     let wait = down.retry_at.saturating_duration_since(Instant::now());
-                    match next_within(&mut rx, Some(wait)) {
-                        Some(cmd) => cmd,
-                        None => {
+                    match next_within(&mut rx, Some(wait), deliveries, true) {
+                        Next::TimedOut => {
                             self.try_recover();
                             continue;
                         }
+                        next => next,
                     }
                 }
             };
-            let Some(first) = first else { break };
-            batch.push(first);
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(cmd) => batch.push(cmd),
-                    _ => break,
-                }
+            match next {
+                Next::Command(first) => batch.push(first),
+                Next::Closed => break,
+                // Nothing new, or only deletes: write what is due, and take them.
+                Next::TimedOut | Next::Deliveries => {}
             }
+            self.gather(&mut batch, &mut rx);
             if self.down.is_some() {
                 self.refuse(&mut batch);
             } else {
@@ -392,10 +397,40 @@ impl Worker {
         if self.down.is_some() {
             self.try_recover();
         }
-        if !self.staged.is_empty() || self.kept.has_pending() {
-            self.apply(&mut batch, false);
+        // Every writer has finished: what they left goes in the last commit.
+        let early = deliveries::place(&mut batch, self.deliveries.take(), u64::MAX);
+        debug_assert!(early.is_empty());
+        if !batch.is_empty() || !self.staged.is_empty() || self.kept.has_pending() {
+            if self.down.is_some() {
+                self.refuse(&mut batch);
+            } else {
+                self.apply(&mut batch, false);
+            }
         }
         log::debug!("store closed");
+    }
+
+    /// Adds to `batch` the commands waiting in the queue, then the deletes writers
+    /// left, each where its order allows (see [`super::deliveries`]).
+    fn gather(&mut self, batch: &mut Vec<Command>, rx: &mut mpsc::Receiver<Command>) {
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                _ => break,
+            }
+        }
+        let deletes = self.deliveries.take();
+        if !deletes.is_empty() {
+            let early = deliveries::place(batch, deletes, self.appended_through);
+            self.deliveries.keep(early);
+        }
+        let newest = batch.iter().filter_map(|c| match c {
+            Command::Append { seq, .. } => Some(*seq),
+            _ => None,
+        });
+        if let Some(newest) = newest.max() {
+            self.appended_through = self.appended_through.max(newest);
+        }
     }
 
     /// Sets the mailbox and history gauges.
@@ -1022,8 +1057,20 @@ fn answer_operator(writes: Vec<Command>, measured: Vec<Stored>) {
     }
 }
 
-/// Waits on this thread for the next command, for at most `limit`: `None` when the
-/// time ran out, `Some(None)` once every sender is gone.
+/// What woke the store thread.
+enum Next {
+    Command(Command),
+    /// Every sender is gone.
+    Closed,
+    /// The time ran out.
+    TimedOut,
+    /// Writers left deletes that must be taken now (see [`Deliveries::wait`]).
+    Deliveries,
+}
+
+/// Waits on this thread for the next command, for at most `limit`, or for deletes left
+/// by writers when they must be taken (`due`: something is due when the time runs out,
+/// and the deletes can wait for it).
 ///
 /// Parks the thread itself rather than arming a runtime timer: the store waits like
 /// this once per batch, and a timer per batch cost the runtime's reactor thread a
@@ -1031,7 +1078,9 @@ fn answer_operator(writes: Vec<Command>, measured: Vec<Stored>) {
 fn next_within(
     rx: &mut mpsc::Receiver<Command>,
     limit: Option<Duration>,
-) -> Option<Option<Command>> {
+    deliveries: &Deliveries,
+    due: bool,
+) -> Next {
     struct Unpark(thread::Thread);
     impl ArcWake for Unpark {
         fn wake_by_ref(this: &std::sync::Arc<Self>) {
@@ -1041,21 +1090,26 @@ fn next_within(
     let waker = futures::task::waker(std::sync::Arc::new(Unpark(thread::current())));
     let mut cx = std::task::Context::from_waker(&waker);
     let deadline = limit.map(|l| Instant::now() + l);
-    loop {
+    let next = loop {
         if let std::task::Poll::Ready(cmd) = rx.poll_next_unpin(&mut cx) {
-            return Some(cmd);
+            break cmd.map_or(Next::Closed, Next::Command);
+        }
+        if deliveries.wait(due) {
+            break Next::Deliveries;
         }
         match deadline {
             None => thread::park(),
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return None;
+                    break Next::TimedOut;
                 }
                 thread::park_timeout(left);
             }
         }
-    }
+    };
+    deliveries.woken();
+    next
 }
 
 /// Opens the database again, rescans it and proves it writable with a probe commit.

@@ -17,6 +17,8 @@
 //! delivery comes first; when storage fails, appends are refused at once and loads
 //! and deletes wait for recovery.
 
+mod deliveries;
+pub use deliveries::Deliveries;
 pub mod embedded;
 mod history;
 mod log;
@@ -322,6 +324,9 @@ pub struct Store<C = Command, R = Reply> {
     pub next_seq: u64,
     /// Every device the store knows (none in a cluster, for now).
     pub devices: Vec<KnownDevice>,
+    /// Where writers leave what they delivered, on one node (a cluster's actor takes
+    /// deliveries as commands).
+    pub deliveries: Option<std::sync::Arc<Deliveries>>,
     /// Completes when the store thread has committed everything and exited, which it
     /// does once every `commands` sender is dropped.
     pub closed: oneshot::Receiver<()>,

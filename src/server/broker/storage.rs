@@ -91,7 +91,7 @@ mod tests {
     fn appends_count_until_answered_and_past_the_budget_the_broker_waits() {
         crate::rt::block_on(async {
             let (tx, mut rx) = mpsc::channel(16);
-            let mut s = Storage::new(Backend::One(tx));
+            let mut s = Storage::new(Backend::one(tx));
             s.send(append(STORE_BUDGET)).await;
             assert!(!s.is_behind(), "at the budget, not past it");
             s.send(append(1)).await;
@@ -117,7 +117,7 @@ mod tests {
     #[test]
     fn health_is_what_the_store_last_said() {
         let (tx, _rx) = mpsc::channel(1);
-        let mut s = Storage::new(Backend::One(tx));
+        let mut s = Storage::new(Backend::one(tx));
         assert_eq!(s.down(), None);
         s.set_down(Some("No space left on device".into()));
         assert_eq!(s.down(), Some("No space left on device"));
