@@ -14,9 +14,11 @@
 //! hundreds of frames. The append of a frame pushed live is staged for up to
 //! `STAGE_WAIT` (5 ms): if its delete (its delivery) arrives first, it is written
 //! without an inbox row (with history) or not at all (without), so a receiver that
-//! keeps up costs the store one row per frame, or nothing. Replies are sent only
-//! after the commit, so an `Appended` reply means the frame survives `kill -9` (or was
-//! already delivered).
+//! keeps up costs the store one row per frame, or nothing. Those deletes do not come
+//! through the queue: writers leave them in [`Deliveries`], which wakes the thread only
+//! when it waits with nothing due, and the thread places them in its next batch.
+//! Replies are sent only after the commit, so an `Appended` reply means the frame
+//! survives `kill -9` (or was already delivered).
 //! Commands are applied in the order they were sent, which is what lets the broker order
 //! a mailbox against live traffic.
 //!
