@@ -49,9 +49,9 @@ pub fn run<R: AsyncRead + Unpin>(
     async move {
         // This reader's sender to the broker, made when it has something to send and
         // dropped while it waits for the client: each clone of a bounded sender is an
-        // allocation, which an idle connection should not hold. A busy reader keeps
-        // its sender, and with it the channel's back-pressure; the inbound budget
-        // bounds the bytes either way.
+        // allocation, which an idle connection should not hold. A sender the full
+        // channel parked is kept (a new clone would not be parked, and could send
+        // once more past the bound); the inbound budget bounds the bytes either way.
         let mut events: Option<Sender<Event>> = None;
         let config = &shared.config;
         let mut buf = FrameBuf::new();
@@ -98,7 +98,11 @@ pub fn run<R: AsyncRead + Unpin>(
             } else if buf.is_empty() {
                 // Between frames a client may idle as long as it likes.
                 buf.release();
-                events = None;
+                // Dropped only when it could send at once: a parked sender (the channel
+                // was full) is kept, since a new clone would not be parked.
+                if events.as_mut().is_some_and(could_send) {
+                    events = None;
+                }
                 match poll_fn(|cx| read_idle(&mut source, &mut buf, cx)).await {
                     Ok(0) => break None,
                     Err(e) => break refusal(e),
@@ -199,6 +203,12 @@ pub fn run<R: AsyncRead + Unpin>(
         let mut events = events.unwrap_or_else(|| shared.events.clone());
         let _ = Box::pin(events.send(Event::Closed { conn, notice })).await;
     }
+}
+
+/// Whether `events` could send now: not parked by a full channel (or closed).
+fn could_send(events: &mut Sender<Event>) -> bool {
+    let mut noop = Context::from_waker(futures::task::noop_waker_ref());
+    events.poll_ready(&mut noop).is_ready()
 }
 
 /// A batch that could not go to the broker at once, and whether its bytes are
@@ -465,5 +475,27 @@ fn classify(frame: Inbound, auth: &mut Auth, shared: &Shared) -> Result<Request,
         op => Ok(Request::BadControl {
             detail: format!("unknown control operation {op}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::channel::mpsc;
+
+    /// Why a reader keeps a parked sender: a new clone is never parked, so it could
+    /// send past the channel's bound once for every read.
+    #[test]
+    fn a_sender_the_full_channel_parked_cannot_send_and_a_new_clone_could() {
+        let (events, _broker) = mpsc::channel::<Event>(0);
+        let mut reader = events.clone();
+        assert!(could_send(&mut reader));
+        let closed = || Event::Closed {
+            conn: 1,
+            notice: None,
+        };
+        assert!(reader.try_send(closed()).is_ok());
+        assert!(!could_send(&mut reader), "parked: the channel is full");
+        assert!(could_send(&mut events.clone()), "a new clone is not parked");
     }
 }

@@ -15,9 +15,11 @@
 //! deletes after it has drained its queue into a batch, so every command sent after a
 //! delete it takes is in that batch or a later one, and [`place`] puts each delete
 //! right after its frame's append in the batch, or first when the append was in an
-//! earlier batch. A delete whose append the store has not received yet waits for a
-//! later batch: appends come in the order of their sequence numbers (the broker
-//! numbers frames as it sends their appends).
+//! earlier batch. A delete whose append the store has not received yet waits, with
+//! the store, for a later batch: appends come in the order of their sequence numbers
+//! (the broker numbers frames as it sends their appends). It does not wait here, where
+//! it would wake the store again and again: some frames never have an append (copies
+//! routed while the store was down), and their deletes wait for a newer append.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -83,15 +85,6 @@ impl Deliveries {
     /// Every delete left so far.
     pub(super) fn take(&self) -> Vec<Command> {
         std::mem::take(&mut *self.lock())
-    }
-
-    /// Deletes taken too early, left again for a later batch.
-    pub(super) fn keep(&self, early: Vec<Command>) {
-        if !early.is_empty() {
-            let mut deletes = self.lock();
-            let newer = std::mem::replace(&mut *deletes, early);
-            deletes.extend(newer);
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Command>> {
@@ -223,16 +216,6 @@ mod tests {
         let early = place(&mut batch, vec![delete(&[11])], 9);
         assert_eq!(shape(&batch), ["A10"]);
         assert_eq!(shape(&early), ["D11"]);
-    }
-
-    #[test]
-    fn deletes_left_again_go_before_newer_ones() {
-        let d = Deliveries::default();
-        d.leave(delete(&[2]));
-        let taken = d.take();
-        d.leave(delete(&[3]));
-        d.keep(taken);
-        assert_eq!(shape(&d.take()), ["D2", "D3"]);
     }
 
     #[test]

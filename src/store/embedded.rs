@@ -143,6 +143,7 @@ pub fn open(
         live: HashMap::new(),
         deliveries: deliveries.clone(),
         appended_through: next_seq.saturating_sub(1),
+        early: Vec::new(),
     };
     worker.publish();
     thread::Builder::new()
@@ -316,6 +317,8 @@ struct Worker {
     deliveries: Arc<Deliveries>,
     /// The newest frame whose append came in an earlier batch.
     appended_through: u64,
+    /// Deletes taken before their frames' appends came, for a later batch.
+    early: Vec<Command>,
 }
 
 /// What the store did since it last logged it (at debug level, once a second).
@@ -400,7 +403,9 @@ impl Worker {
             self.try_recover();
         }
         // Every writer has finished: what they left goes in the last commit.
-        let early = deliveries::place(&mut batch, self.deliveries.take(), u64::MAX);
+        let mut deletes = std::mem::take(&mut self.early);
+        deletes.extend(self.deliveries.take());
+        let early = deliveries::place(&mut batch, deletes, u64::MAX);
         debug_assert!(early.is_empty());
         if !batch.is_empty() || !self.staged.is_empty() || self.kept.has_pending() {
             if self.down.is_some() {
@@ -421,10 +426,10 @@ impl Worker {
                 _ => break,
             }
         }
-        let deletes = self.deliveries.take();
+        let mut deletes = std::mem::take(&mut self.early);
+        deletes.extend(self.deliveries.take());
         if !deletes.is_empty() {
-            let early = deliveries::place(batch, deletes, self.appended_through);
-            self.deliveries.keep(early);
+            self.early = deliveries::place(batch, deletes, self.appended_through);
         }
         let newest = batch.iter().filter_map(|c| match c {
             Command::Append { seq, .. } => Some(*seq),

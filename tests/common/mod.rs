@@ -14,6 +14,7 @@ use chat::protocol::{ClientFrame, Code, ServerFrame, TEXT};
 use chat::rt;
 use chat::server::Config;
 
+pub mod nats;
 pub mod sessions;
 
 /// How long any single wait in a test may take before the test fails.
