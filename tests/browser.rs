@@ -2,7 +2,9 @@
 //! (WebDriver), against the real `chat-server` binary with `--web-listen`.
 //!
 //! Two browser sessions sign in as two ids and exchange a text and a picture; one of
-//! them also talks with `chat-client` both ways. Screenshots go to
+//! them also talks with `chat-client` both ways; two sessions of one id share history
+//! and read markers, on one server and across the two nodes of a cluster (which needs
+//! nats-server too). Screenshots go to
 //! `target/tmp/browser/`. Needs `apt-get install chromium chromium-driver`; skips with
 //! one line without them, unless CHAT_REQUIRE_BROWSER=1 (CI) makes that a failure.
 
@@ -16,6 +18,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
+use common::nats::{Nats, nats_available, node};
 use common::{ServerProcess, WAIT, chat_client, skipping, start_in};
 
 /// How long the browser may take to show something (a page load, a frame's arrival).
@@ -182,6 +185,69 @@ async fn session(driver: &Driver, chromium: &Path, width: u32, height: u32) -> C
             );
         }
     }
+}
+
+/// Two sessions of one id on the two nodes of a cluster: both list what a terminal
+/// sent to the id through the first node, reading on one clears the other's unread
+/// count, what one sends shows on the other as its own, and a reload loads the
+/// conversation from JetStream. Needs nats-server as well (CHAT_REQUIRE_NATS).
+#[tokio::test(flavor = "current_thread")]
+async fn two_sessions_of_one_id_on_two_nodes_of_a_cluster_share_the_conversation() {
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    if !nats_available() {
+        return;
+    }
+    let nats = Nats::start(1, "");
+    let dir = tempfile::tempdir().unwrap();
+    let (listen_a, web_a) = web_address();
+    let (listen_b, web_b) = web_address();
+    let a = node(&nats, "a", dir.path(), &["--web-listen", &listen_a]);
+    let _b = node(&nats, "b", dir.path(), &["--web-listen", &listen_b]);
+    let driver = Driver::start(&chromedriver);
+    let one = session(&driver, &chromium, 1000, 700).await;
+    let two = session(&driver, &chromium, 1000, 700).await;
+    sign_in(&one, &web_a, 301).await;
+    sign_in(&two, &web_b, 301).await;
+
+    // Five messages from the terminal (id 302) through node a: both sessions list the
+    // conversation with 5 unread.
+    let lines: String = (0..5).map(|i| format!("c{i}\n")).collect();
+    let sent = chat_client(&["--server", &a.addr, "--id", "302", "--to", "301"], &lines);
+    assert!(sent.status.success(), "{sent:?}");
+    let badge = "return (document.querySelector(\"#conversations button[data-peer='302'] .unread\") || {}).textContent === '5'";
+    for tab in [&one, &two] {
+        wait_true(tab, badge).await;
+    }
+
+    // The session on node a reads them; the one on node b no longer counts them.
+    open_listed(&one, 302).await;
+    wait_count(&one, "#messages li.msg.in .text", 5).await;
+    let want: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+    assert_eq!(received_texts(&one).await, want, "in order, once each");
+    wait_true(
+        &two,
+        "return document.querySelector(\"#conversations button[data-peer='302'] .unread\") === null",
+    )
+    .await;
+
+    // It answers; the session on node b shows the answer as its own.
+    send_text(&one, "answer from node a").await;
+    open_listed(&two, 302).await;
+    let answered = "return [...document.querySelectorAll('#messages li.msg.out .text')].some((e) => e.textContent === 'answer from node a')";
+    wait_true(&two, answered).await;
+
+    // The session on node b reloads: the whole conversation comes from the stream.
+    two.refresh().await.unwrap();
+    find(&two, "#status.online").await;
+    open_listed(&two, 302).await;
+    wait_count(&two, "#messages li.msg .text", 6).await;
+    wait_true(&two, answered).await;
+    assert_eq!(received_texts(&two).await, want);
+    screenshot(&two, "cluster-reloaded.png").await;
+    one.close().await.unwrap();
+    two.close().await.unwrap();
 }
 
 /// A free loopback address for the web listener, and the page's URL there.
