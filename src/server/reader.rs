@@ -70,8 +70,7 @@ pub fn run<R: AsyncRead + Unpin>(
             if let Some(t) = throttle.as_deref_mut() {
                 // Boxed: inline, the wait's timer would make every reader's task larger.
                 let before = Instant::now();
-                let events = events.get_or_insert_with(|| shared.events.clone());
-                Box::pin(t.wait(conn, outbox, shared, events)).await;
+                Box::pin(t.wait(conn, outbox, shared, &mut events)).await;
                 started += before.elapsed();
             }
             // Replies this client has not read count against it: wait for room, but not
@@ -301,7 +300,7 @@ impl Throttle {
         conn: ConnId,
         outbox: &Outbox,
         shared: &Shared,
-        events: &mut Sender<Event>,
+        events: &mut Option<Sender<Event>>,
     ) {
         let now = Instant::now();
         let Some(wait) = self.bucket.wait(now) else {
@@ -330,6 +329,7 @@ impl Throttle {
                 requests: vec![Request::RateLimited { detail }],
                 bytes: 0,
             };
+            let events = events.get_or_insert_with(|| shared.events.clone());
             let _ = events.send(told).await;
         }
         // In slices, so that a connection closed meanwhile (kicked, blocked, stopping)
