@@ -37,7 +37,7 @@ rate() {
   target/release/chat-bench --server 127.0.0.1:$port --conns 50 --window "$w" --size 64 \
     --mode "$mode" --secs "$SECS" --warmup 1 --json | sed 's/.*"msgs_per_sec":\([0-9]*\).*/\1/'
 }
-for w in 32 1; do
+for w in ${WINDOWS:-32 1}; do
   for round in $(seq 1 "$ROUNDS"); do
     order=(chat js nats)
     case $((round % 3)) in 2) order=(js nats chat) ;; 0) order=(nats chat js) ;; esac

@@ -15,7 +15,7 @@ use futures::{SinkExt, Stream};
 use std::sync::Arc;
 
 use crate::cluster::msg::{FromCluster, ToCluster};
-use crate::store::{Command, Deliveries, Reply, Store};
+use crate::store::{Command, Deliveries, Reply, Store, Wake};
 
 /// Where commands go; cheap to clone (a channel sender).
 #[derive(Clone, Debug)]
@@ -42,13 +42,21 @@ impl Backend {
         }
     }
 
-    /// Sends a store command, waiting for room in the queue.
-    pub async fn send(&mut self, command: Command) -> Result<(), Gone> {
-        let sent = match self {
-            Backend::One { commands, .. } => commands.send(command).await,
-            Backend::Cluster(tx) => tx.send(ToCluster::Store(command)).await,
-        };
-        sent.map_err(|_| Gone)
+    /// Sends a store command, waiting for room in the queue. One node's store looks
+    /// at it at once, or with `Wake::WhenDue` when it next wakes anyway (see
+    /// [`crate::store::Deliveries`]); a cluster's actor takes every command as it comes.
+    pub async fn send(&mut self, command: Command, wake: Wake) -> Result<(), Gone> {
+        match self {
+            Backend::One {
+                commands,
+                deliveries,
+            } => {
+                commands.send(command).await.map_err(|_| Gone)?;
+                deliveries.sent(wake);
+                Ok(())
+            }
+            Backend::Cluster(tx) => tx.send(ToCluster::Store(command)).await.map_err(|_| Gone),
+        }
     }
 
     /// Sends what only a cluster needs; one node has nobody to tell.
@@ -173,7 +181,7 @@ mod tests {
                 device: 0,
                 seqs: vec![1],
             };
-            assert!(one.send(delete()).await.is_ok());
+            assert!(one.send(delete(), Wake::Now).await.is_ok());
             let left = || ToCluster::Left { receiver: 2 };
             assert!(one.send_cluster(left()).await.is_ok());
             drop(one);
@@ -185,7 +193,7 @@ mod tests {
 
             let (tx, mut rx) = mpsc::channel(4);
             let mut cluster = Backend::Cluster(tx);
-            assert!(cluster.send(delete()).await.is_ok());
+            assert!(cluster.send(delete(), Wake::Now).await.is_ok());
             assert!(cluster.send_cluster(left()).await.is_ok());
             assert!(cluster.delivered(delete()).is_none(), "room: sent at once");
             drop(cluster);

@@ -20,16 +20,38 @@
 //! (the broker numbers frames as it sends their appends). It does not wait here, where
 //! it would wake the store again and again: some frames never have an append (copies
 //! routed while the store was down), and their deletes wait for a newer append.
+//!
+//! **Appends that need no answer soon.** The same goes for the broker's append of a
+//! frame it pushes live to its only device with history on: the frame's echo goes when
+//! it is written, not when the store answers, and the append is staged for its delete
+//! anyway. The broker sends it through the queue as usual ([`Wake::WhenDue`]), but the
+//! store's waker (`wake_for_queue`) leaves a store that waits with something due
+//! asleep, so at window 1 the store wakes once per `STAGE_WAIT` rather than once per
+//! frame. Every other command wakes it at once ([`Wake::Now`]): the sender unparks it
+//! itself after the send, since the queue's waker may already have been spent by an
+//! append that woke nobody. Order is the queue's, as always; only when the store
+//! looks changes. [`WAKE_AT`] such appends wake it too, so the queue never fills.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
 use super::Command;
 
-/// This many deletes waiting wake the store whatever it is doing, so that the queue
-/// stays small when a store with appends staged does not wake for a while.
+/// This many deletes waiting (or appends sent with [`Wake::WhenDue`]) wake the store
+/// whatever it is doing, so that the queues stay small when a store with appends staged
+/// does not wake for a while.
 pub const WAKE_AT: usize = 1024;
+
+/// When a command sent through the store's queue needs the store to look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Now: someone waits for the answer, or order depends on it being seen.
+    Now,
+    /// When the store next wakes anyway (it is woken if it waits with nothing due):
+    /// an append staged for its delete, whose echo does not wait for the store.
+    WhenDue,
+}
 
 /// What the store thread is doing, as the writers see it.
 const RUNNING: u8 = 0;
@@ -42,6 +64,8 @@ const IDLE: u8 = 2;
 #[derive(Debug, Default)]
 pub struct Deliveries {
     deletes: Mutex<Vec<Command>>,
+    /// Commands sent with [`Wake::WhenDue`] since the store last took its queue.
+    unhurried: AtomicUsize,
     state: AtomicU8,
     store: OnceLock<Thread>,
 }
@@ -63,16 +87,59 @@ impl Deliveries {
         }
     }
 
+    /// A command was just sent through the store's queue: wakes the store if it must
+    /// look now. The queue's own waker ([`Deliveries::wake_for_queue`]) wakes a store
+    /// that waits with nothing due; this wakes one that waits with something due, for
+    /// [`Wake::Now`], or once [`WAKE_AT`] commands wait unseen.
+    pub fn sent(&self, wake: Wake) {
+        // Paired with the fence in `wait`: either the store's poll of the queue (after
+        // its state) sees this command, or this sees the state it waits in.
+        fence(Ordering::SeqCst);
+        if let Some(store) = self.store.get().filter(|_| self.must_look(wake)) {
+            store.unpark();
+        }
+    }
+
+    /// Whether a command just sent with `wake` must wake the store.
+    fn must_look(&self, wake: Wake) -> bool {
+        match wake {
+            Wake::Now => self.state.load(Ordering::SeqCst) != RUNNING,
+            Wake::WhenDue => self.unhurried.fetch_add(1, Ordering::Relaxed) + 1 >= WAKE_AT,
+        }
+    }
+
+    /// The store's queue has something new (its waker): wakes the store unless it
+    /// waits with something due, which it will see then ([`Wake::WhenDue`]; a command
+    /// sent with [`Wake::Now`] wakes it through [`Deliveries::sent`]).
+    pub(super) fn wake_for_queue(&self) {
+        if let Some(store) = self.store.get().filter(|_| self.queue_wakes()) {
+            store.unpark();
+        }
+    }
+
+    /// Whether the queue's waker wakes the store: unless it waits with something due.
+    fn queue_wakes(&self) -> bool {
+        self.state.load(Ordering::SeqCst) != WAITING_DUE
+    }
+
+    /// The store is about to take what waits in its queue.
+    pub(super) fn taking_queue(&self) {
+        self.unhurried.store(0, Ordering::Relaxed);
+    }
+
     /// The store thread calls this once, before it first waits.
     pub(super) fn attach(&self, store: Thread) {
         let _ = self.store.set(store);
     }
 
-    /// The store is about to park, with something due (`due`) or not. True when it
-    /// should not: deletes wait that must be taken now.
+    /// The store is about to look at its queue and then park, with something due
+    /// (`due`) or not. True when it should not park: deletes wait that must be taken
+    /// now. Called before the store polls its queue, so that a send after that poll
+    /// finds the state it parks in.
     pub(super) fn wait(&self, due: bool) -> bool {
         let state = if due { WAITING_DUE } else { IDLE };
         self.state.store(state, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         let waiting = self.lock().len();
         waiting >= WAKE_AT || (!due && waiting > 0)
     }
@@ -90,6 +157,13 @@ impl Deliveries {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Command>> {
         // Each critical section is a push or a swap: a poisoned lock is consistent.
         self.deletes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The store's queue's waker is the doorbell itself.
+impl futures::task::ArcWake for Deliveries {
+    fn wake_by_ref(this: &std::sync::Arc<Self>) {
+        this.wake_for_queue();
     }
 }
 
@@ -229,5 +303,24 @@ mod tests {
             d.leave(delete(&[seq]));
         }
         assert!(d.wait(true), "{WAKE_AT} deletes wait: take them now");
+    }
+
+    #[test]
+    fn an_unhurried_append_leaves_a_store_with_something_due_asleep_and_others_wake_it() {
+        let d = Deliveries::default();
+        d.woken();
+        assert!(d.queue_wakes(), "running: a wake costs nothing");
+        assert!(!d.must_look(Wake::Now), "running: it polls its queue before parking");
+        assert!(!d.wait(false));
+        assert!(d.queue_wakes(), "idle: the queue's waker wakes it");
+        assert!(d.must_look(Wake::Now));
+        assert!(!d.wait(true));
+        assert!(!d.queue_wakes(), "something due: the queue's waker leaves it");
+        assert!(d.must_look(Wake::Now), "a command sent now wakes it all the same");
+        d.taking_queue();
+        for n in 1..WAKE_AT {
+            assert!(!d.must_look(Wake::WhenDue), "unhurried append {n}");
+        }
+        assert!(d.must_look(Wake::WhenDue), "{WAKE_AT} unhurried appends wake it");
     }
 }

@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
-use futures::task::ArcWake;
 use redb::{Builder, Database};
 
 use super::deliveries::{self, Deliveries};
@@ -420,6 +419,7 @@ impl Worker {
     /// Adds to `batch` the commands waiting in the queue, then the deletes writers
     /// left, each where its order allows (see [`super::deliveries`]).
     fn gather(&mut self, batch: &mut Vec<Command>, rx: &mut mpsc::Receiver<Command>) {
+        self.deliveries.taking_queue();
         while batch.len() < BATCH {
             match rx.try_recv() {
                 Ok(cmd) => batch.push(cmd),
@@ -1085,24 +1085,19 @@ enum Next {
 fn next_within(
     rx: &mut mpsc::Receiver<Command>,
     limit: Option<Duration>,
-    deliveries: &Deliveries,
+    deliveries: &Arc<Deliveries>,
     due: bool,
 ) -> Next {
-    struct Unpark(thread::Thread);
-    impl ArcWake for Unpark {
-        fn wake_by_ref(this: &std::sync::Arc<Self>) {
-            this.0.unpark();
-        }
-    }
-    let waker = futures::task::waker(std::sync::Arc::new(Unpark(thread::current())));
+    let waker = futures::task::waker(deliveries.clone());
     let mut cx = std::task::Context::from_waker(&waker);
     let deadline = limit.map(|l| Instant::now() + l);
     let next = loop {
-        if let std::task::Poll::Ready(cmd) = rx.poll_next_unpin(&mut cx) {
-            break cmd.map_or(Next::Closed, Next::Command);
-        }
+        // The state first, then the queue: see `Deliveries::sent`.
         if deliveries.wait(due) {
             break Next::Deliveries;
+        }
+        if let std::task::Poll::Ready(cmd) = rx.poll_next_unpin(&mut cx) {
+            break cmd.map_or(Next::Closed, Next::Command);
         }
         match deadline {
             None => thread::park(),
@@ -1136,4 +1131,59 @@ fn reopen(
     }
     txn.commit()?;
     Ok((db, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::backend::Backend;
+    use crate::store::Wake;
+
+    fn delete() -> Command {
+        Command::Delete {
+            receiver: 2,
+            device: 0,
+            seqs: vec![1],
+        }
+    }
+
+    /// Runs `next_within` on a thread of its own, as the store does, with something
+    /// due in a minute (`due`) or nothing due; says what woke it.
+    fn waiting_store(due: bool) -> (Backend, std::sync::mpsc::Receiver<bool>) {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let deliveries = Arc::new(Deliveries::default());
+        let backend = Backend::One {
+            commands: tx,
+            deliveries: deliveries.clone(),
+        };
+        let (woke_tx, woke) = std::sync::mpsc::channel();
+        let (attached_tx, attached) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            deliveries.attach(thread::current());
+            let _ = attached_tx.send(());
+            let limit = due.then_some(Duration::from_secs(60));
+            let next = next_within(&mut rx, limit, &deliveries, due);
+            let _ = woke_tx.send(matches!(next, Next::Command(_)));
+        });
+        attached
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the store thread starts");
+        (backend, woke)
+    }
+
+    #[test]
+    fn a_command_sent_now_wakes_a_store_waiting_with_something_due() {
+        // Without the sender's own unpark, the store would sleep its minute: the
+        // queue's waker leaves a store with something due asleep.
+        let (mut backend, woke) = waiting_store(true);
+        crate::rt::block_on(backend.send(delete(), Wake::Now)).expect("store is there");
+        assert_eq!(woke.recv_timeout(Duration::from_secs(10)), Ok(true));
+    }
+
+    #[test]
+    fn an_unhurried_append_wakes_a_store_with_nothing_due() {
+        let (mut backend, woke) = waiting_store(false);
+        crate::rt::block_on(backend.send(delete(), Wake::WhenDue)).expect("store is there");
+        assert_eq!(woke.recv_timeout(Duration::from_secs(10)), Ok(true));
+    }
 }

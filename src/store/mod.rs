@@ -18,7 +18,7 @@
 //! and deletes wait for recovery.
 
 mod deliveries;
-pub use deliveries::Deliveries;
+pub use deliveries::{Deliveries, Wake};
 pub mod embedded;
 mod history;
 mod log;

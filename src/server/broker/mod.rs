@@ -711,18 +711,6 @@ impl Broker {
                 origin,
             })
         });
-        // Stored first, then pushed: the writer's delete for this frame must reach the
-        // store after its append.
-        self.send_store(Command::Append {
-            ticket: from,
-            receiver,
-            seq,
-            wire: frame_wire.clone(),
-            live: live.is_some() || behind.is_some(),
-            time,
-            fanout,
-        })
-        .await;
         // With history, on one node, the echo of a frame written to a receiver without
         // acks goes at that write, without waiting for the store, which writes every
         // frame and so takes longer to answer: the frame is delivered (and is being
@@ -732,6 +720,23 @@ impl Broker {
             Ticket::Conn(_) if self.echo_at_write && one_target => Some(from),
             _ => None,
         };
+        let append = Command::Append {
+            ticket: from,
+            receiver,
+            seq,
+            wire: frame_wire.clone(),
+            live: live.is_some() || behind.is_some(),
+            time,
+            fanout,
+        };
+        // Stored first, then pushed: the writer's delete for this frame must reach the
+        // store after its append. A frame pushed now that echoes at its write needs no
+        // answer from the store soon: the store takes its append when it next wakes.
+        if echo_to.is_some() && live.is_some() {
+            self.storage.send_unhurried(append).await;
+        } else {
+            self.send_store(append).await;
+        }
         let item = |wire, e| match echo_to {
             Some(to) => Outgoing::live_echoing(wire, e, seq, arrived, to),
             None => Outgoing::live(wire, e, seq, arrived),

@@ -7,7 +7,7 @@
 
 use crate::cluster::msg::ToCluster;
 use crate::server::backend::Backend;
-use crate::store::Command;
+use crate::store::{Command, Wake};
 
 /// Bytes of frames the store may have queued before the broker waits for it.
 pub(super) const STORE_BUDGET: usize = 8 * 1024 * 1024;
@@ -29,12 +29,23 @@ impl Storage {
         }
     }
 
-    /// Sends a command; an append's bytes count until its answer ([`Storage::answered`]).
+    /// Sends a command for the store to take now; an append's bytes count until its
+    /// answer ([`Storage::answered`]).
     pub async fn send(&mut self, command: Command) {
+        self.send_waking(command, Wake::Now).await;
+    }
+
+    /// Sends the append of a frame pushed live whose echo does not wait for the store:
+    /// one node's store takes it when it next wakes anyway ([`Wake::WhenDue`]).
+    pub async fn send_unhurried(&mut self, append: Command) {
+        self.send_waking(append, Wake::WhenDue).await;
+    }
+
+    async fn send_waking(&mut self, command: Command, wake: Wake) {
         if let Command::Append { wire, .. } = &command {
             self.storing += wire.len();
         }
-        if self.commands.send(command).await.is_err() {
+        if self.commands.send(command, wake).await.is_err() {
             log::error!("store is gone; frame not stored");
         }
     }
