@@ -1426,8 +1426,18 @@ mod sessions {
     /// The cursor the devices bucket holds for `id`'s device `name`, asked through
     /// the NATS server at `port`.
     pub fn cursor_in_bucket(port: u16, id: u32, name: &str) -> Option<u64> {
+        offset_in_bucket(port, &device_key(id, name))
+    }
+
+    /// The bucket's key for `id`'s device `name`.
+    fn device_key(id: u32, name: &str) -> String {
         let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
-        let ask = format!(r#"{{"last_by_subj":"$KV.CHAT_DEVICES.{id}.d{hex}"}}"#);
+        format!("{id}.d{hex}")
+    }
+
+    /// The offset the devices bucket holds under `key`.
+    fn offset_in_bucket(port: u16, key: &str) -> Option<u64> {
+        let ask = format!(r#"{{"last_by_subj":"$KV.CHAT_DEVICES.{key}"}}"#);
         let answer = nats_request(port, "$JS.API.STREAM.MSG.GET.KV_CHAT_DEVICES", &ask);
         let json: serde_json::Value = serde_json::from_str(&answer).ok()?;
         let data = json.pointer("/message/data")?.as_str()?;
@@ -1620,6 +1630,88 @@ mod sessions {
         });
     }
 
+    #[test]
+    fn a_device_s_cursor_only_moves_forward_and_no_node_watches_the_cursors() {
+        let Some((cluster, a, b)) = two_nodes() else {
+            return;
+        };
+        let port = cluster.nats.ports[0];
+        let until_in_bucket = |key: &str, want: u64| {
+            let start = Instant::now();
+            while offset_in_bucket(port, key) != Some(want) {
+                assert!(start.elapsed() < WAIT, "{key} never held {want}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        chat::rt::block_on(async {
+            let (mut laptop, _) = open_at(&a.addr, 5, "laptop").await;
+            assert!(backlog(&mut laptop).await.is_empty());
+            let mut seven = login_at(&b.addr, 7).await;
+            let mut offsets = Vec::new();
+            for i in 0..3 {
+                send_confirmed(&mut seven, &text(7, 5, &format!("live {i}"))).await;
+                offsets.push(message(&mut laptop).await.1.offset);
+            }
+            within(laptop.send(&ClientFrame::ack(5, 1)))
+                .await
+                .expect("ack");
+            until_in_bucket(&device_key(5, "laptop"), offsets[0]);
+            // Meanwhile the device went on on another node, which moved its cursor on.
+            let ahead = offsets[2] + 1000;
+            let subject = format!("$KV.CHAT_DEVICES.{}", device_key(5, "laptop"));
+            let stored = publish_bytes(port, &subject, ahead.to_string().as_bytes());
+            assert!(stored.contains("\"seq\""), "{stored}");
+            // Node a's later write must not take it back. It writes the id's newest
+            // cursor right after the device's: once that is there, so is the write.
+            within(laptop.send(&ClientFrame::ack(5, 3)))
+                .await
+                .expect("ack");
+            until_in_bucket("5.top", offsets[2]);
+            assert_eq!(cursor_in_bucket(port, 5, "laptop"), Some(ahead));
+            // And no node watches the cursors: a session's acks are not carried to
+            // every node.
+            let list = nats_request(port, "$JS.API.CONSUMER.LIST.KV_CHAT_DEVICES", "{}");
+            let json: serde_json::Value = serde_json::from_str(&list).expect("consumer list");
+            let filters: Vec<String> = json["consumers"]
+                .as_array()
+                .expect("consumers")
+                .iter()
+                .map(|c| {
+                    c["config"]["filter_subject"]
+                        .as_str()
+                        .unwrap_or(">")
+                        .to_string()
+                })
+                .collect();
+            assert!(
+                filters.len() >= 4,
+                "two nodes, two watches each: {filters:?}"
+            );
+            let cursor = format!("$KV.CHAT_DEVICES.{}", device_key(5, "laptop"));
+            for filter in &filters {
+                assert!(!subject_matches(filter, &cursor), "{filter} takes cursors");
+                assert!(
+                    !subject_matches(filter, "$KV.CHAT_DEVICES.5.top"),
+                    "{filter}"
+                );
+            }
+        });
+    }
+
+    /// NATS subject matching: `*` is one token, `>` the rest.
+    fn subject_matches(filter: &str, subject: &str) -> bool {
+        let mut s = subject.split('.');
+        for f in filter.split('.') {
+            match (f, s.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (f, Some(t)) if f == t => {}
+                _ => return false,
+            }
+        }
+        s.next().is_none()
+    }
+
     /// The rows of `id`'s conversation list, as (peer, unread, read), most recent first.
     async fn conversation_list(c: &mut Client, id: u32) -> Vec<(u32, u32, u64)> {
         let q = Query::Conversations {
@@ -1778,10 +1870,6 @@ mod sessions {
                 .iter()
                 .map(|(from, e, b)| (*from, e.what, String::from_utf8_lossy(b).into_owned()))
                 .collect();
-            eprintln!(
-                "SYNC: {sync:?} GOT {got:?} LOGS {:?}",
-                b.logs.lock().unwrap()
-            );
             // Each once; this release's in the order they were sent. The previous
             // release's frame is appended to the log as it moves, before or after
             // theirs (their blocks wait up to 10 ms for company).

@@ -37,7 +37,7 @@ const RECHECK: Duration = Duration::from_millis(500);
 /// A bounded flush: while the link is down a flush would wait for its return.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// How long after letting an id go by itself a node stores frames for it at once
-/// rather than forwarding them (see [`Holds::let_go_alone`]): longer than its
+/// rather than forwarding them (see [`Holds::just_let_go`]): longer than its
 /// subscription takes to drain.
 const LET_GO_FOR: Duration = Duration::from_secs(2);
 
@@ -85,7 +85,7 @@ pub(super) struct Holds {
     /// Claims in flight: the take request, then the subscription.
     claims: FuturesUnordered<BoxFuture<'static, (u32, Option<Subscriber>)>>,
     claiming: HashSet<u32>,
-    /// Ids this node let go of with nobody taking them over, and when.
+    /// Ids this node let go of, and when (see [`Holds::just_let_go`]).
     let_go: HashMap<u32, Instant>,
 }
 
@@ -176,13 +176,16 @@ impl Holds {
         );
     }
 
-    /// Whether this node let `receiver` go by itself a moment ago (its client left,
-    /// nobody took the id over since). Its subscription here may still be draining:
-    /// it would hear a batch this node forwards and leave it to the holder (see
-    /// [`Holds::hear`]), but there is none, and nobody would answer before the
-    /// forward's wait ran out. Such a batch goes straight to the stream instead, as
-    /// when nobody answers; a node claiming the id reads it there.
-    pub fn let_go_alone(&mut self, receiver: u32) -> bool {
+    /// Whether this node let `receiver` go a moment ago (its client left, or another
+    /// node took the id over). Its subscription here may still be draining: it would
+    /// hear a batch this node forwards and leave it to the holder (see
+    /// [`Holds::hear`]), but there may be none yet (a node taking the id over
+    /// subscribes only once this one let go, and its interest takes a moment to cross
+    /// the cluster), and nobody would answer before the forward's wait ran out: the
+    /// sender heard `store-failed` after `--answer-within`. Such a batch goes straight
+    /// to the stream instead, as when nobody answers; the new holder reads it there
+    /// when its claim is done, or at its recheck.
+    pub fn just_let_go(&mut self, receiver: u32) -> bool {
         self.let_go.retain(|_, at| at.elapsed() < LET_GO_FOR);
         self.let_go.contains_key(&receiver)
     }
@@ -191,10 +194,8 @@ impl Holds {
     pub async fn release(&mut self, client: &Client, receiver: u32) {
         self.held.remove(&receiver);
         let takers = self.takeovers.remove(&receiver).unwrap_or_default();
-        if takers.is_empty() {
-            self.let_go.retain(|_, at| at.elapsed() < LET_GO_FOR);
-            self.let_go.insert(receiver, Instant::now());
-        }
+        self.let_go.retain(|_, at| at.elapsed() < LET_GO_FOR);
+        self.let_go.insert(receiver, Instant::now());
         for reply in takers {
             if let Err(e) = client.publish(reply, Bytes::new()).await {
                 log::debug!("id {receiver}: release not sent: {e}");

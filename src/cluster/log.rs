@@ -26,8 +26,12 @@
 //!   echo). Live frames come the same way, after a note: one path, one order.
 //! - **Cursors.** Acknowledged offsets are written to `CHAT_DEVICES` at the end of the
 //!   actor's turn (`<id>.d<name in hex>`), with the id's newest (`<id>.top`), where a
-//!   new device starts. The bucket keeps an entry for `--history-max-age` after its
-//!   last write: a device unused that long is forgotten (its next session is new).
+//!   new device starts; both move forward only (compare and set), since a device
+//!   that moved to another node may have moved its cursor there first. The bucket
+//!   keeps an entry for `--history-max-age` after its last write: a device unused that
+//!   long is forgotten (its next session is new). Nodes watch only `<id>.named`
+//!   (written when a named device binds) and `<id>.default`, not the cursors: each
+//!   session's acks stay between its node and the bucket.
 //! - **Pages back in time.** `STREAM.MSG.GET` finds the first message at or after a
 //!   sequence, not the one before: a page before an offset reads forward through
 //!   windows that grow four times each round, until it has enough.
@@ -309,18 +313,23 @@ impl Log {
         let mail = mail.filter_map(|msg| async move {
             wire::mailed(&msg.subject).map(|id| Logged::Mail { id })
         });
-        let keys = self.kv.watch_all().await.map_err(|e| e.to_string())?;
-        let keys = keys.filter_map(|entry| async move {
-            let entry = entry.ok()?;
-            if entry.operation != kv::Operation::Put {
-                return None;
-            }
-            DeviceKey::parse(&entry.key).map(Logged::Key)
-        });
         self.heard = futures::stream::SelectAll::new();
         self.heard.push(reads.boxed());
         self.heard.push(mail.boxed());
-        self.heard.push(keys.boxed());
+        // Only the keys that say which ids have named devices and which use their
+        // default device: every node watching every cursor's write would carry each
+        // session's acks to every node.
+        for pattern in ["*.named", "*.default"] {
+            let keys = self.kv.watch(pattern).await.map_err(|e| e.to_string())?;
+            let keys = keys.filter_map(|entry| async move {
+                let entry = entry.ok()?;
+                if entry.operation != kv::Operation::Put {
+                    return None;
+                }
+                DeviceKey::parse(&entry.key).map(Logged::Key)
+            });
+            self.heard.push(keys.boxed());
+        }
         // The old subscriptions went with the old streams.
         let ids: Vec<u32> = self.hearing.keys().copied().collect();
         for id in ids {
@@ -378,7 +387,7 @@ impl Log {
     /// What the bucket says.
     pub fn key(&mut self, key: DeviceKey) {
         match key {
-            DeviceKey::Named { id, .. } => {
+            DeviceKey::Named { id, .. } | DeviceKey::HasNamed { id } => {
                 self.ids.entry(id).or_insert(false);
             }
             DeviceKey::Default { id } => {
@@ -436,25 +445,28 @@ impl Log {
     /// device is written down (each time it binds: the bucket forgets what is not
     /// written for `--history-max-age`), so that frames for it wait in its mailbox
     /// once its id also has named devices.
+    ///
+    /// A named one also writes `<id>.named` (each time it binds, for the same
+    /// reason), which tells the other nodes that the id has named devices.
     pub fn seen(&mut self, e: Endpoint, name: &str) {
-        if e.device != 0 {
+        let key = if e.device != 0 {
+            // This node learns it from the bucket too, as the others do.
             self.names.insert(e, name.to_string());
-            return;
-        }
-        {
+            DeviceKey::HasNamed { id: e.id }
+        } else {
             self.ids.insert(e.id, true);
-            let key = DeviceKey::Default { id: e.id }.key();
-            let kv = self.kv.clone();
-            self.work.push(
-                async move {
-                    if let Err(e) = kv.put(key, Bytes::from_static(b"1")).await {
-                        log::warn!("the default device's key was not written: {e}");
-                    }
-                    Logged::Done
+            DeviceKey::Default { id: e.id }
+        };
+        let kv = self.kv.clone();
+        self.work.push(
+            async move {
+                if let Err(err) = kv.put(key.key(), Bytes::from_static(b"1")).await {
+                    log::warn!("id {}: the key {} was not written: {err}", e.id, key.key());
                 }
-                .boxed(),
-            );
-        }
+                Logged::Done
+            }
+            .boxed(),
+        );
     }
 
     /// A named device is forgotten: its cursor goes.
@@ -616,9 +628,10 @@ impl Log {
             let kv = self.kv.clone();
             self.work.push(
                 async move {
-                    let value = Bytes::from(cursor.to_string());
+                    // Forward only: a device that moved to another node may have
+                    // moved its cursor there before this write lands.
                     let key = DeviceKey::Named { id: e.id, name }.key();
-                    if let Err(err) = kv.put(key, value).await {
+                    if let Err(err) = raise(&kv, &key, cursor).await {
                         log::warn!("id {}: a device's cursor was not written: {err}", e.id);
                     }
                     // Another node may move it at once: forward only.

@@ -915,7 +915,7 @@ impl Actor {
             Logged::Key(key) => {
                 // An id held here by its default device got a named device: frames
                 // must keep waiting in its mailbox.
-                if let wire::DeviceKey::Named { id, .. } = key
+                if let wire::DeviceKey::Named { id, .. } | wire::DeviceKey::HasNamed { id } = key
                     && self.holds.holds(id)
                 {
                     log.seen(Endpoint::default_of(id), "");
@@ -979,7 +979,7 @@ impl Actor {
     /// Sends `receiver`'s queued frames to the node that holds it, unless a batch is
     /// still on its way; a batch that could not be sent goes to the stream.
     async fn forward(&mut self, receiver: u32) {
-        let nobody_holds = self.holds.let_go_alone(receiver);
+        let nobody_holds = self.holds.just_let_go(receiver);
         let forwarding = self.forwards.forward(&self.client, receiver, nobody_holds);
         if let Some(frames) = forwarding.await {
             self.store_batch(receiver, frames).await;

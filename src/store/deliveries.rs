@@ -310,17 +310,29 @@ mod tests {
         let d = Deliveries::default();
         d.woken();
         assert!(d.queue_wakes(), "running: a wake costs nothing");
-        assert!(!d.must_look(Wake::Now), "running: it polls its queue before parking");
+        assert!(
+            !d.must_look(Wake::Now),
+            "running: it polls its queue before parking"
+        );
         assert!(!d.wait(false));
         assert!(d.queue_wakes(), "idle: the queue's waker wakes it");
         assert!(d.must_look(Wake::Now));
         assert!(!d.wait(true));
-        assert!(!d.queue_wakes(), "something due: the queue's waker leaves it");
-        assert!(d.must_look(Wake::Now), "a command sent now wakes it all the same");
+        assert!(
+            !d.queue_wakes(),
+            "something due: the queue's waker leaves it"
+        );
+        assert!(
+            d.must_look(Wake::Now),
+            "a command sent now wakes it all the same"
+        );
         d.taking_queue();
         for n in 1..WAKE_AT {
             assert!(!d.must_look(Wake::WhenDue), "unhurried append {n}");
         }
-        assert!(d.must_look(Wake::WhenDue), "{WAKE_AT} unhurried appends wake it");
+        assert!(
+            d.must_look(Wake::WhenDue),
+            "{WAKE_AT} unhurried appends wake it"
+        );
     }
 }
