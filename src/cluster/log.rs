@@ -30,8 +30,8 @@
 //!   that moved to another node may have moved its cursor there first. The bucket
 //!   keeps an entry for `--history-max-age` after its last write: a device unused that
 //!   long is forgotten (its next session is new). Nodes watch only `<id>.named`
-//!   (written when a named device binds) and `<id>.default`, not the cursors: each
-//!   session's acks stay between its node and the bucket.
+//!   (written when a named device binds) and `<id>.default`, from their last values,
+//!   not the cursors: each session's acks stay between its node and the bucket.
 //! - **Pages back in time.** `STREAM.MSG.GET` finds the first message at or after a
 //!   sequence, not the one before: a page before an offset reads forward through
 //!   windows that grow four times each round, until it has enough.
@@ -313,21 +313,28 @@ impl Log {
         let mail = mail.filter_map(|msg| async move {
             wire::mailed(&msg.subject).map(|id| Logged::Mail { id })
         });
-        self.heard = futures::stream::SelectAll::new();
-        self.heard.push(reads.boxed());
-        self.heard.push(mail.boxed());
         // Only the keys that say which ids have named devices and which use their
-        // default device: every node watching every cursor's write would carry each
-        // session's acks to every node.
+        // default device (every node watching every cursor's write would carry each
+        // session's acks to every node), from each key's last value: a node that starts
+        // learns what the bucket knows, not only what is written after.
+        let mut keys = Vec::new();
         for pattern in ["*.named", "*.default"] {
-            let keys = self.kv.watch(pattern).await.map_err(|e| e.to_string())?;
-            let keys = keys.filter_map(|entry| async move {
+            let watch = self.kv.watch_with_history(pattern).await;
+            let watch = watch.map_err(|e| e.to_string())?;
+            keys.push(watch.filter_map(|entry| async move {
                 let entry = entry.ok()?;
                 if entry.operation != kv::Operation::Put {
                     return None;
                 }
                 DeviceKey::parse(&entry.key).map(Logged::Key)
-            });
+            }));
+        }
+        // Replaced only once everything above is there: a failure leaves the old
+        // streams, and the notes' subscriptions, as they were.
+        self.heard = futures::stream::SelectAll::new();
+        self.heard.push(reads.boxed());
+        self.heard.push(mail.boxed());
+        for keys in keys {
             self.heard.push(keys.boxed());
         }
         // The old subscriptions went with the old streams.

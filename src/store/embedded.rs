@@ -373,7 +373,9 @@ impl Worker {
                 None => next_within(&mut rx, self.due(), deliveries, true),
                 Some(down) => {
                     let wait = down.retry_at.saturating_duration_since(Instant::now());
-                    match next_within(&mut rx, Some(wait), deliveries, true) {
+                    // Waiting as idle, not as with something due: any command wakes a
+                    // store that is down (to be refused or held), not only its retry.
+                    match next_within(&mut rx, Some(wait), deliveries, false) {
                         Next::TimedOut => {
                             self.try_recover();
                             continue;
