@@ -88,9 +88,9 @@ impl Deliveries {
     }
 
     /// A command was just sent through the store's queue: wakes the store if it must
-    /// look now. The queue's own waker ([`Deliveries::wake_for_queue`]) wakes a store
+    /// look now. The queue's own waker (`wake_for_queue`) wakes a store
     /// that waits with nothing due; this wakes one that waits with something due, for
-    /// [`Wake::Now`], or once [`WAKE_AT`] commands wait unseen.
+    /// [`Wake::Now`], or once `WAKE_AT` commands wait unseen.
     pub fn sent(&self, wake: Wake) {
         // Paired with the fence in `wait`: either the store's poll of the queue (after
         // its state) sees this command, or this sees the state it waits in.
