@@ -29,9 +29,7 @@
 //!   new device starts; both move forward only (compare and set), since a device
 //!   that moved to another node may have moved its cursor there first. The bucket
 //!   keeps an entry for `--history-max-age` after its last write: a device unused that
-//!   long is forgotten (its next session is new). Nodes watch only `<id>.named`
-//!   (written when a named device binds) and `<id>.default`, from their last values,
-//!   not the cursors: each session's acks stay between its node and the bucket.
+//!   long is forgotten (its next session is new).
 //! - **Pages back in time.** `STREAM.MSG.GET` finds the first message at or after a
 //!   sequence, not the one before: a page before an offset reads forward through
 //!   windows that grow four times each round, until it has enough.
@@ -313,30 +311,20 @@ impl Log {
         let mail = mail.filter_map(|msg| async move {
             wire::mailed(&msg.subject).map(|id| Logged::Mail { id })
         });
-        // Only the keys that say which ids have named devices and which use their
-        // default device (every node watching every cursor's write would carry each
-        // session's acks to every node), from each key's last value: a node that starts
-        // learns what the bucket knows, not only what is written after.
-        let mut keys = Vec::new();
-        for pattern in ["*.named", "*.default"] {
-            let watch = self.kv.watch_with_history(pattern).await;
-            let watch = watch.map_err(|e| e.to_string())?;
-            keys.push(watch.filter_map(|entry| async move {
-                let entry = entry.ok()?;
-                if entry.operation != kv::Operation::Put {
-                    return None;
-                }
-                DeviceKey::parse(&entry.key).map(Logged::Key)
-            }));
-        }
+        let keys = self.kv.watch_all().await.map_err(|e| e.to_string())?;
+        let keys = keys.filter_map(|entry| async move {
+            let entry = entry.ok()?;
+            if entry.operation != kv::Operation::Put {
+                return None;
+            }
+            DeviceKey::parse(&entry.key).map(Logged::Key)
+        });
         // Replaced only once everything above is there: a failure leaves the old
         // streams, and the notes' subscriptions, as they were.
         self.heard = futures::stream::SelectAll::new();
         self.heard.push(reads.boxed());
         self.heard.push(mail.boxed());
-        for keys in keys {
-            self.heard.push(keys.boxed());
-        }
+        self.heard.push(keys.boxed());
         // The old subscriptions went with the old streams.
         let ids: Vec<u32> = self.hearing.keys().copied().collect();
         for id in ids {
@@ -394,7 +382,7 @@ impl Log {
     /// What the bucket says.
     pub fn key(&mut self, key: DeviceKey) {
         match key {
-            DeviceKey::Named { id, .. } | DeviceKey::HasNamed { id } => {
+            DeviceKey::Named { id, .. } => {
                 self.ids.entry(id).or_insert(false);
             }
             DeviceKey::Default { id } => {
@@ -452,23 +440,18 @@ impl Log {
     /// device is written down (each time it binds: the bucket forgets what is not
     /// written for `--history-max-age`), so that frames for it wait in its mailbox
     /// once its id also has named devices.
-    ///
-    /// A named one also writes `<id>.named` (each time it binds, for the same
-    /// reason), which tells the other nodes that the id has named devices.
     pub fn seen(&mut self, e: Endpoint, name: &str) {
-        let key = if e.device != 0 {
-            // This node learns it from the bucket too, as the others do.
+        if e.device != 0 {
             self.names.insert(e, name.to_string());
-            DeviceKey::HasNamed { id: e.id }
-        } else {
-            self.ids.insert(e.id, true);
-            DeviceKey::Default { id: e.id }
-        };
+            return;
+        }
+        self.ids.insert(e.id, true);
+        let key = DeviceKey::Default { id: e.id }.key();
         let kv = self.kv.clone();
         self.work.push(
             async move {
-                if let Err(err) = kv.put(key.key(), Bytes::from_static(b"1")).await {
-                    log::warn!("id {}: the key {} was not written: {err}", e.id, key.key());
+                if let Err(e) = kv.put(key, Bytes::from_static(b"1")).await {
+                    log::warn!("the default device's key was not written: {e}");
                 }
                 Logged::Done
             }
