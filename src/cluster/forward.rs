@@ -238,13 +238,13 @@ impl Forwards {
     /// Sends `receiver`'s queued frames to the node that holds it, unless a batch is
     /// still on its way; where the holder is known, they wait for
     /// [`Forwards::send_ready`], to go with other receivers' frames. A batch that could
-    /// not be sent, or that nobody holds the receiver for (`nobody_holds`), comes back,
-    /// to be stored.
+    /// not be sent, or that should not be forwarded now (`store_instead`: this node
+    /// has just let the receiver go), comes back, to be stored.
     pub async fn forward(
         &mut self,
         client: &Client,
         receiver: u32,
-        nobody_holds: bool,
+        store_instead: bool,
     ) -> Option<Vec<Command>> {
         let route = self.routes.get_mut(&receiver)?;
         if route.busy() {
@@ -254,7 +254,7 @@ impl Forwards {
             self.routes.remove(&receiver);
             return None;
         }
-        if nobody_holds {
+        if store_instead {
             self.holders.remove(&receiver);
             return Some(std::mem::take(&mut route.queue));
         }

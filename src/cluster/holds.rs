@@ -36,9 +36,9 @@ pub(super) const CLAIM_WAIT: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_millis(500);
 /// A bounded flush: while the link is down a flush would wait for its return.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
-/// How long after letting an id go by itself a node stores frames for it at once
-/// rather than forwarding them (see [`Holds::just_let_go`]): longer than its
-/// subscription takes to drain.
+/// How long after letting an id go (by itself or to a new holder) a node stores frames
+/// for it at once rather than forwarding them (see [`Holds::just_let_go`]): longer than
+/// its subscription takes to drain.
 const LET_GO_FOR: Duration = Duration::from_secs(2);
 
 /// What a holder heard, or its own reminder.

@@ -979,8 +979,8 @@ impl Actor {
     /// Sends `receiver`'s queued frames to the node that holds it, unless a batch is
     /// still on its way; a batch that could not be sent goes to the stream.
     async fn forward(&mut self, receiver: u32) {
-        let nobody_holds = self.holds.just_let_go(receiver);
-        let forwarding = self.forwards.forward(&self.client, receiver, nobody_holds);
+        let store_instead = self.holds.just_let_go(receiver);
+        let forwarding = self.forwards.forward(&self.client, receiver, store_instead);
         if let Some(frames) = forwarding.await {
             self.store_batch(receiver, frames).await;
         }

@@ -404,8 +404,7 @@ impl Worker {
             self.try_recover();
         }
         // Every writer has finished: what they left goes in the last commit.
-        let mut deletes = std::mem::take(&mut self.early);
-        deletes.extend(self.deliveries.take());
+        let deletes = self.waiting_deletes();
         let early = deliveries::place(&mut batch, deletes, u64::MAX);
         debug_assert!(early.is_empty());
         if !batch.is_empty() || !self.staged.is_empty() || self.kept.has_pending() {
@@ -418,6 +417,14 @@ impl Worker {
         log::debug!("store closed");
     }
 
+    /// The deletes waiting to be placed: those kept back for appends not yet come,
+    /// then those the writers left since.
+    fn waiting_deletes(&mut self) -> Vec<Command> {
+        let mut deletes = std::mem::take(&mut self.early);
+        deletes.extend(self.deliveries.take());
+        deletes
+    }
+
     /// Adds to `batch` the commands waiting in the queue, then the deletes writers
     /// left, each where its order allows (see [`super::deliveries`]).
     fn gather(&mut self, batch: &mut Vec<Command>, rx: &mut mpsc::Receiver<Command>) {
@@ -428,8 +435,7 @@ impl Worker {
                 _ => break,
             }
         }
-        let mut deletes = std::mem::take(&mut self.early);
-        deletes.extend(self.deliveries.take());
+        let deletes = self.waiting_deletes();
         if !deletes.is_empty() {
             self.early = deliveries::place(batch, deletes, self.appended_through);
         }
