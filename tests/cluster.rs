@@ -1631,7 +1631,7 @@ mod sessions {
     }
 
     #[test]
-    fn a_device_s_cursor_in_the_bucket_only_moves_forward() {
+    fn a_device_s_cursor_only_moves_forward_and_no_node_watches_the_cursors() {
         let Some((cluster, a, b)) = two_nodes() else {
             return;
         };
@@ -1668,7 +1668,48 @@ mod sessions {
                 .expect("ack");
             until_in_bucket("5.top", offsets[2]);
             assert_eq!(cursor_in_bucket(port, 5, "laptop"), Some(ahead));
+            // And no node watches the cursors: a session's acks are not carried to
+            // every node.
+            let list = nats_request(port, "$JS.API.CONSUMER.LIST.KV_CHAT_DEVICES", "{}");
+            let json: serde_json::Value = serde_json::from_str(&list).expect("consumer list");
+            let filters: Vec<String> = json["consumers"]
+                .as_array()
+                .expect("consumers")
+                .iter()
+                .map(|c| {
+                    c["config"]["filter_subject"]
+                        .as_str()
+                        .unwrap_or(">")
+                        .to_string()
+                })
+                .collect();
+            assert!(
+                filters.len() >= 4,
+                "two nodes, two watches each: {filters:?}"
+            );
+            let cursor = format!("$KV.CHAT_DEVICES.{}", device_key(5, "laptop"));
+            for filter in &filters {
+                assert!(!subject_matches(filter, &cursor), "{filter} takes cursors");
+                assert!(
+                    !subject_matches(filter, "$KV.CHAT_DEVICES.5.top"),
+                    "{filter}"
+                );
+            }
         });
+    }
+
+    /// NATS subject matching: `*` is one token, `>` the rest.
+    fn subject_matches(filter: &str, subject: &str) -> bool {
+        let mut s = subject.split('.');
+        for f in filter.split('.') {
+            match (f, s.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (f, Some(t)) if f == t => {}
+                _ => return false,
+            }
+        }
+        s.next().is_none()
     }
 
     /// The rows of `id`'s conversation list, as (peer, unread, read), most recent first.

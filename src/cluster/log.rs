@@ -29,7 +29,9 @@
 //!   new device starts; both move forward only (compare and set), since a device
 //!   that moved to another node may have moved its cursor there first. The bucket
 //!   keeps an entry for `--history-max-age` after its last write: a device unused that
-//!   long is forgotten (its next session is new).
+//!   long is forgotten (its next session is new). Nodes watch only `<id>.named`
+//!   (written when a named device binds) and `<id>.default`, from their last values,
+//!   not the cursors: each session's acks stay between its node and the bucket.
 //! - **Pages back in time.** `STREAM.MSG.GET` finds the first message at or after a
 //!   sequence, not the one before: a page before an offset reads forward through
 //!   windows that grow four times each round, until it has enough.
@@ -311,20 +313,30 @@ impl Log {
         let mail = mail.filter_map(|msg| async move {
             wire::mailed(&msg.subject).map(|id| Logged::Mail { id })
         });
-        let keys = self.kv.watch_all().await.map_err(|e| e.to_string())?;
-        let keys = keys.filter_map(|entry| async move {
-            let entry = entry.ok()?;
-            if entry.operation != kv::Operation::Put {
-                return None;
-            }
-            DeviceKey::parse(&entry.key).map(Logged::Key)
-        });
+        // Only the keys that say which ids have named devices and which use their
+        // default device (every node watching every cursor's write would carry each
+        // session's acks to every node), from each key's last value: a node that starts
+        // learns what the bucket knows, not only what is written after.
+        let mut keys = Vec::new();
+        for pattern in ["*.named", "*.default"] {
+            let watch = self.kv.watch_with_history(pattern).await;
+            let watch = watch.map_err(|e| e.to_string())?;
+            keys.push(watch.filter_map(|entry| async move {
+                let entry = entry.ok()?;
+                if entry.operation != kv::Operation::Put {
+                    return None;
+                }
+                DeviceKey::parse(&entry.key).map(Logged::Key)
+            }));
+        }
         // Replaced only once everything above is there: a failure leaves the old
         // streams, and the notes' subscriptions, as they were.
         self.heard = futures::stream::SelectAll::new();
         self.heard.push(reads.boxed());
         self.heard.push(mail.boxed());
-        self.heard.push(keys.boxed());
+        for keys in keys {
+            self.heard.push(keys.boxed());
+        }
         // The old subscriptions went with the old streams.
         let ids: Vec<u32> = self.hearing.keys().copied().collect();
         for id in ids {
@@ -382,7 +394,7 @@ impl Log {
     /// What the bucket says.
     pub fn key(&mut self, key: DeviceKey) {
         match key {
-            DeviceKey::Named { id, .. } => {
+            DeviceKey::Named { id, .. } | DeviceKey::HasNamed { id } => {
                 self.ids.entry(id).or_insert(false);
             }
             DeviceKey::Default { id } => {
@@ -440,18 +452,23 @@ impl Log {
     /// device is written down (each time it binds: the bucket forgets what is not
     /// written for `--history-max-age`), so that frames for it wait in its mailbox
     /// once its id also has named devices.
+    ///
+    /// A named one also writes `<id>.named` (each time it binds, for the same
+    /// reason), which tells the other nodes that the id has named devices.
     pub fn seen(&mut self, e: Endpoint, name: &str) {
-        if e.device != 0 {
+        let key = if e.device != 0 {
+            // This node learns it from the bucket too, as the others do.
             self.names.insert(e, name.to_string());
-            return;
-        }
-        self.ids.insert(e.id, true);
-        let key = DeviceKey::Default { id: e.id }.key();
+            DeviceKey::HasNamed { id: e.id }
+        } else {
+            self.ids.insert(e.id, true);
+            DeviceKey::Default { id: e.id }
+        };
         let kv = self.kv.clone();
         self.work.push(
             async move {
-                if let Err(e) = kv.put(key, Bytes::from_static(b"1")).await {
-                    log::warn!("the default device's key was not written: {e}");
+                if let Err(err) = kv.put(key.key(), Bytes::from_static(b"1")).await {
+                    log::warn!("id {}: the key {} was not written: {err}", e.id, key.key());
                 }
                 Logged::Done
             }
@@ -687,6 +704,12 @@ impl Log {
             self.current.insert(e, ticket);
         }
         let start = self.starts.get(&e).copied().unwrap_or(0);
+        // A new device starts with what was accepted since it bound, less the clock
+        // slack: a frame accepted after the bind (this read is asked for at the bind)
+        // but stored before this read looks at the log is the device's, wherever it
+        // was sent from. Fixed here, not when the read runs: a read that fails and is
+        // tried again starts at the same place.
+        let bound = crate::store::now_ms().saturating_sub(CLOCK_SLACK_MS);
         let reads = self.reads.clone();
         let kv = self.kv.clone();
         let moving = first.then(|| (self.js.clone(), self.mailbox.clone()));
@@ -695,9 +718,9 @@ impl Log {
             async move {
                 let mut tries = 0;
                 loop {
-                    // Where a new device starts if the id has no cursor: its log's
-                    // head before anything is moved into it.
-                    let mut live_from = None;
+                    // Where a new device starts if the id has no cursor: after the
+                    // newest frame accepted before this time.
+                    let mut live_since = bound;
                     let mut to_move = false;
                     if let Some((_, mailbox)) = &moving {
                         // A first read: what waits in the id's mailbox for no default
@@ -709,26 +732,14 @@ impl Log {
                         match kv.get(default).await {
                             Ok(None) => {
                                 to_move = true;
-                                let before = head(&reads, e.id).await.ok();
-                                live_from = before;
                                 match oldest_logged(mailbox, e.id).await {
-                                    // Without the head, where the mailbox starts in the
-                                    // log is not looked for (the device starts at the
-                                    // head, as read later).
-                                    Ok(Some(oldest)) if before.is_some() => {
-                                        let upto = before.unwrap_or(0);
-                                        // Nodes' clocks and blocks' waits differ: start a
-                                        // second early (what comes twice is at least once).
+                                    // Nodes' clocks and blocks' waits differ: start a
+                                    // second early (what comes twice is at least once).
+                                    Ok(Some(oldest)) => {
                                         let oldest = oldest.saturating_sub(CLOCK_SLACK_MS);
-                                        match offset_before(&reads, e.id, upto, oldest).await {
-                                            Ok(before) => live_from = Some(before),
-                                            Err(err) => log::warn!(
-                                                "id {}: where its mailbox starts in its history is unknown: {err}",
-                                                e.id
-                                            ),
-                                        }
+                                        live_since = live_since.min(oldest);
                                     }
-                                    Ok(_) => {}
+                                    Ok(None) => {}
                                     Err(err) => {
                                         log::warn!("id {}: its mailbox was not read: {err}", e.id)
                                     }
@@ -739,7 +750,7 @@ impl Log {
                         }
                     }
                     let read = read_session(
-                        &reads, &kv, e, &name, after, start, max_bytes, live_from, first,
+                        &reads, &kv, e, &name, after, start, max_bytes, live_since, first,
                     );
                     match read.await {
                         Ok((through, frames, sync)) => {
@@ -1084,7 +1095,8 @@ async fn cursor(kv: &kv::Store, key: DeviceKey) -> Result<Option<u64>, String> {
 
 /// Reads a page of session `e`'s log: where its next read starts, the frames with
 /// their envelopes, and on its first read the `sync` record. A new device starts
-/// after the id's newest cursor, or else after `live_from` (or the log's head).
+/// after the id's newest cursor, or else after the newest frame accepted before
+/// `live_since` (ms since the epoch).
 #[allow(clippy::too_many_arguments)]
 async fn read_session(
     reads: &stream::Stream<()>,
@@ -1094,7 +1106,7 @@ async fn read_session(
     after: Option<u64>,
     start: u64,
     max_bytes: usize,
-    live_from: Option<u64>,
+    live_since: u64,
     first: bool,
 ) -> Result<(u64, Vec<(u64, Bytes)>, Option<Bytes>), String> {
     let (after, sync) = match after {
@@ -1113,8 +1125,10 @@ async fn read_session(
                 Some(cursor) => (false, cursor),
                 None => {
                     // New: after the newest cursor of the id's devices, or live.
-                    let top = cursor(kv, DeviceKey::Top { id: e.id }).await?;
-                    let resume = top.or(live_from).unwrap_or(head);
+                    let resume = match cursor(kv, DeviceKey::Top { id: e.id }).await? {
+                        Some(top) => top,
+                        None => offset_before(reads, e.id, head, live_since).await?,
+                    };
                     let value = Bytes::from(resume.to_string());
                     kv.put(named.key(), value)
                         .await

@@ -915,7 +915,7 @@ impl Actor {
             Logged::Key(key) => {
                 // An id held here by its default device got a named device: frames
                 // must keep waiting in its mailbox.
-                if let wire::DeviceKey::Named { id, .. } = key
+                if let wire::DeviceKey::Named { id, .. } | wire::DeviceKey::HasNamed { id } = key
                     && self.holds.holds(id)
                 {
                     log.seen(Endpoint::default_of(id), "");

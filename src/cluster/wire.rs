@@ -189,6 +189,9 @@ pub enum DeviceKey {
     /// The id's default device (connections without a session) has been used since
     /// the id got a named device: frames for it also wait in its mailbox.
     Default { id: u32 },
+    /// The id has named devices, written when one binds: the nodes watch this key
+    /// and `Default` only, not every cursor's write.
+    HasNamed { id: u32 },
     /// The newest cursor of any of the id's devices: where a new device starts.
     Top { id: u32 },
     /// The id's read marker in its conversation with `peer`: the offset read up to.
@@ -204,6 +207,7 @@ impl DeviceKey {
                 format!("{id}.d{hex}")
             }
             DeviceKey::Default { id } => format!("{id}.default"),
+            DeviceKey::HasNamed { id } => format!("{id}.named"),
             DeviceKey::Top { id } => format!("{id}.top"),
             DeviceKey::Read { id, peer } => format!("{id}.r{peer}"),
         }
@@ -214,6 +218,7 @@ impl DeviceKey {
         let id = id.parse().ok()?;
         match rest {
             "default" => Some(DeviceKey::Default { id }),
+            "named" => Some(DeviceKey::HasNamed { id }),
             "top" => Some(DeviceKey::Top { id }),
             _ if rest.starts_with('r') => {
                 let peer = rest.strip_prefix('r')?.parse().ok()?;
@@ -563,6 +568,7 @@ mod tests {
                 name: "laptop é".into(),
             },
             DeviceKey::Default { id: 7 },
+            DeviceKey::HasNamed { id: 7 },
             DeviceKey::Top { id: 7 },
             DeviceKey::Read { id: 7, peer: 9 },
         ] {
