@@ -5,7 +5,13 @@
 //! goes through here, so moving to smol is a change to this file alone.
 
 use std::future::Future;
+use std::io::{self, Read};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
+
+use futures::io::{AsyncRead, AsyncWrite};
 
 pub use async_std::net::{TcpListener, TcpStream};
 pub use async_std::task::JoinHandle;
@@ -58,7 +64,11 @@ pub fn with_socket<R>(stream: &TcpStream, f: impl FnOnce(socket2::SockRef<'_>) -
 /// that must not be lost.
 #[cfg(target_os = "linux")]
 pub fn peer_closed(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
+    fd_peer_closed(stream)
+}
+
+#[cfg(target_os = "linux")]
+fn fd_peer_closed(stream: &impl std::os::fd::AsRawFd) -> bool {
     let mut fd = libc::pollfd {
         fd: stream.as_raw_fd(),
         events: libc::POLLRDHUP,
@@ -72,4 +82,164 @@ pub fn peer_closed(stream: &TcpStream) -> bool {
 #[cfg(not(target_os = "linux"))]
 pub fn peer_closed(_stream: &TcpStream) -> bool {
     false
+}
+
+#[cfg(not(target_os = "linux"))]
+fn fd_peer_closed<T>(_stream: &T) -> bool {
+    false
+}
+
+/// A plain TCP connection the server accepted, on async-std's own reactor (async-io)
+/// without async-std's wrapper, which does not let a read wait for readiness first.
+/// Its writes are async-std's; its reads go through [`ConnReader`].
+#[derive(Clone)]
+pub struct Conn(Arc<async_io::Async<std::net::TcpStream>>);
+
+impl Conn {
+    /// Takes over a connection just accepted (nothing else may hold a clone of it).
+    pub fn adopt(stream: TcpStream) -> io::Result<Conn> {
+        let stream = std::net::TcpStream::try_from(stream)?;
+        Ok(Conn(Arc::new(async_io::Async::new(stream)?)))
+    }
+
+    /// The connection's read side.
+    pub fn reader(&self) -> ConnReader {
+        ConnReader {
+            io: self.0.clone(),
+            drained: false,
+        }
+    }
+
+    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        self.0.get_ref().shutdown(how)
+    }
+
+    /// See [`peer_closed`].
+    pub fn peer_closed(&self) -> bool {
+        fd_peer_closed(self.0.get_ref())
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_close(cx)
+    }
+}
+
+/// The read side of a [`Conn`]. After a read that found less than it had room for,
+/// the socket is empty: the next read waits for readiness before it asks, rather than
+/// asking first and hearing "would block". With async-std's reads, a client sending a
+/// frame at a time cost the server two such refused reads per frame (the second
+/// because the reactor's last event still counts as news); tokio clears readiness on
+/// a short read for the same reason.
+pub struct ConnReader {
+    io: Arc<async_io::Async<std::net::TcpStream>>,
+    /// The last read emptied the socket, or was refused.
+    drained: bool,
+}
+
+impl AsyncRead for ConnReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        loop {
+            if this.drained {
+                ready!(this.io.poll_readable(cx))?;
+                this.drained = false;
+            }
+            match this.io.get_ref().read(buf) {
+                Ok(n) => {
+                    this.drained = n > 0 && n < buf.len();
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.drained = true,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use futures::{AsyncReadExt, FutureExt};
+
+    use super::*;
+
+    /// A connected pair: the client's std socket, and the server's side adopted.
+    fn pair() -> (std::net::TcpStream, Conn) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        let conn = Conn::adopt(TcpStream::from(accepted)).expect("adopt");
+        (client, conn)
+    }
+
+    #[test]
+    fn a_short_read_waits_for_readiness_and_misses_nothing_sent_after_it() {
+        let (mut client, conn) = pair();
+        let mut reader = conn.reader();
+        block_on(async {
+            client.write_all(b"abc").expect("write");
+            let mut buf = [0u8; 16];
+            let n = reader.read(&mut buf).await.expect("read");
+            assert_eq!(&buf[..n], b"abc");
+            assert!(
+                reader.drained,
+                "a read shorter than its buffer emptied the socket"
+            );
+            // Sent once the reader waits for readiness: it must wake for it.
+            let mut read = reader.read(&mut buf);
+            assert!((&mut read).now_or_never().is_none(), "nothing there yet");
+            client.write_all(b"defgh").expect("write");
+            let n = timeout(Duration::from_secs(10), read)
+                .await
+                .expect("the reader woke for what came later")
+                .expect("read");
+            assert_eq!(&buf[..n], b"defgh");
+            // A read that fills its buffer does not wait: what is left comes at once.
+            client.write_all(b"0123456789").expect("write");
+            let mut all = Vec::new();
+            let mut small = [0u8; 4];
+            while all.len() < 10 {
+                let n = reader.read(&mut small).await.expect("read");
+                if n == small.len() {
+                    assert!(!reader.drained);
+                }
+                all.extend_from_slice(&small[..n]);
+            }
+            assert_eq!(all, b"0123456789");
+            drop(client);
+            assert_eq!(
+                reader.read(&mut buf).await.expect("end"),
+                0,
+                "end of stream"
+            );
+        });
+    }
 }

@@ -282,7 +282,13 @@ fn serve(
 ) -> impl Future<Output = ()> {
     async move {
         match &shared.config.tls {
-            None => connection(stream.clone(), stream.clone(), stream, registered, shared).await,
+            None => match rt::Conn::adopt(stream) {
+                Ok(conn) => connection(conn.reader(), conn.clone(), conn, registered, shared).await,
+                Err(e) => {
+                    let conn = registered.conn;
+                    log::info!(conn; "connection not taken over: {e}")
+                }
+            },
             // Boxed: a TLS session's state is kilobytes, and inline it would make every
             // plain connection's task that large too (it did: 3 KiB of each idle plain
             // connection's 4 KiB).
@@ -322,16 +328,17 @@ async fn serve_tls(
 /// (rust-lang/rust#62958).
 // An `async fn` would hold its arguments twice (see the doc above).
 #[allow(clippy::manual_async_fn)]
-pub(crate) fn connection<R, W>(
+pub(crate) fn connection<R, W, S>(
     read: R,
     write: W,
-    socket: TcpStream,
+    socket: S,
     registered: Box<Registered>,
     shared: &Arc<Shared>,
 ) -> impl Future<Output = ()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
+    S: writer::Socket + Send + 'static,
 {
     async move {
         let conn = registered.conn;

@@ -60,6 +60,15 @@ impl Socket for rt::TcpStream {
     }
 }
 
+impl Socket for rt::Conn {
+    fn peer_closed(&self) -> bool {
+        rt::Conn::peer_closed(self)
+    }
+    fn shutdown(&self) {
+        let _ = rt::Conn::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
 /// Writes the outbox to `sink` until the connection closes, then hands the frames it
 /// could not write back to the broker.
 ///
