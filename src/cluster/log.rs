@@ -101,6 +101,18 @@ pub(crate) enum Wait {
     Outcome { seq: u64 },
 }
 
+/// What a node knows of how an id with named devices is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdUse {
+    /// Its named devices are known, whether its default device is in use not yet:
+    /// its frames keep their mailbox copies meanwhile.
+    Checking,
+    /// Only from sessions: its frames skip the mailbox.
+    SessionsOnly,
+    /// Its default device is in use too: its frames also wait in its mailbox.
+    Default,
+}
+
 /// A block being filled this turn.
 struct Filling {
     /// The conversation's ids, lower first.
@@ -142,6 +154,9 @@ pub(crate) enum Logged {
     Imported { id: u32 },
     /// What the devices bucket says (or said, at start).
     Key(DeviceKey),
+    /// Whether `id`'s default device is in use, asked of the bucket when the id was
+    /// first heard of with named devices.
+    Default { id: u32, in_use: bool },
     /// Background work finished.
     Done,
 }
@@ -169,6 +184,10 @@ pub(crate) struct Log {
     /// Where each session's next read starts (after this offset), when its last read
     /// left out frames its broker never sees (its own).
     starts: HashMap<Endpoint, u64>,
+    /// When each device's current session bound (ms since the epoch, from its first
+    /// read's request): a new device starts with what was accepted since, less the
+    /// clocks' slack, in every read until its cursor is written.
+    bound: HashMap<Endpoint, u64>,
     /// The connection each device's reads are for now: a page read for an earlier one
     /// moves nothing.
     current: HashMap<Endpoint, Ticket>,
@@ -177,7 +196,7 @@ pub(crate) struct Log {
     /// The newest cursor written for each id.
     tops: HashMap<u32, u64>,
     /// Ids with named devices, and whether their default device is used too.
-    ids: HashMap<u32, bool>,
+    ids: HashMap<u32, IdUse>,
     filling: Vec<Filling>,
     index: HashMap<(u32, u32), usize>,
     /// When the oldest entry being filled came, and the bytes filled.
@@ -272,6 +291,7 @@ impl Log {
             kv,
             names: HashMap::new(),
             starts: HashMap::new(),
+            bound: HashMap::new(),
             current: HashMap::new(),
             acked: HashMap::new(),
             tops: HashMap::new(),
@@ -388,19 +408,55 @@ impl Log {
     /// Whether frames for `id` should skip its mailbox: it has named devices and its
     /// default device has not been used since.
     pub fn sessions_only(&self, id: u32) -> bool {
-        self.ids.get(&id) == Some(&false)
+        self.ids.get(&id) == Some(&IdUse::SessionsOnly)
     }
 
     /// What the bucket says.
     pub fn key(&mut self, key: DeviceKey) {
         match key {
             DeviceKey::Named { id, .. } | DeviceKey::HasNamed { id } => {
-                self.ids.entry(id).or_insert(false);
+                if self.ids.contains_key(&id) {
+                    return;
+                }
+                // The two watches deliver what the bucket holds each in its own time:
+                // `<id>.default` is asked for, and until it is known the id's frames
+                // keep their mailbox copies.
+                self.ids.insert(id, IdUse::Checking);
+                let kv = self.kv.clone();
+                let default = DeviceKey::Default { id }.key();
+                self.work.push(
+                    async move {
+                        let in_use = match kv.get(default).await {
+                            Ok(value) => value.is_some(),
+                            Err(e) => {
+                                log::warn!(
+                                    "id {id}: whether its default device is in use is unknown: {e}"
+                                );
+                                true
+                            }
+                        };
+                        Logged::Default { id, in_use }
+                    }
+                    .boxed(),
+                );
             }
             DeviceKey::Default { id } => {
-                self.ids.insert(id, true);
+                self.ids.insert(id, IdUse::Default);
             }
             DeviceKey::Top { .. } | DeviceKey::Read { .. } => {}
+        }
+    }
+
+    /// The bucket answered whether `id`'s default device is in use.
+    pub fn default_known(&mut self, id: u32, in_use: bool) {
+        if let Some(state) = self.ids.get_mut(&id)
+            && *state == IdUse::Checking
+        {
+            *state = if in_use {
+                IdUse::Default
+            } else {
+                IdUse::SessionsOnly
+            };
         }
     }
 
@@ -461,14 +517,27 @@ impl Log {
             self.names.insert(e, name.to_string());
             DeviceKey::HasNamed { id: e.id }
         } else {
-            self.ids.insert(e.id, true);
+            self.ids.insert(e.id, IdUse::Default);
             DeviceKey::Default { id: e.id }
         };
         let kv = self.kv.clone();
         self.work.push(
             async move {
-                if let Err(err) = kv.put(key.key(), Bytes::from_static(b"1")).await {
-                    log::warn!("id {}: the key {} was not written: {err}", e.id, key.key());
+                // Tried again: a node that misses `<id>.default` takes the id for one
+                // used only from sessions, and keeps nothing in its mailbox for it.
+                let mut tries = 0;
+                while let Err(err) = kv.put(key.key(), Bytes::from_static(b"1")).await {
+                    if tries == RETRIES {
+                        log::error!("id {}: the key {} was not written: {err}", e.id, key.key());
+                        break;
+                    }
+                    tries += 1;
+                    log::warn!(
+                        "id {}: the key {} was not written, trying again: {err}",
+                        e.id,
+                        key.key()
+                    );
+                    sleep(RETRY_AFTER).await;
                 }
                 Logged::Done
             }
@@ -482,6 +551,7 @@ impl Log {
             return;
         };
         self.starts.remove(&e);
+        self.bound.remove(&e);
         self.acked.remove(&e);
         let key = DeviceKey::Named { id: e.id, name }.key();
         let kv = self.kv.clone();
@@ -675,15 +745,16 @@ impl Log {
     }
 
     /// Reads a page of `e`'s log after `after` (`None`: from its cursor). A session's
-    /// first read (`first`) begins with its `sync` record.
+    /// first read (`bound`: when the session bound) begins with its `sync` record.
     pub fn load(
         &mut self,
         ticket: Ticket,
         e: Endpoint,
         after: Option<u64>,
         max_bytes: usize,
-        first: bool,
+        bound: Option<u64>,
     ) {
+        let first = bound.is_some();
         let Some(name) = self.names.get(&e).cloned() else {
             // Forgotten meanwhile (an operator): nothing to read.
             log::warn!("id {}: a session read for a device with no name", e.id);
@@ -697,19 +768,25 @@ impl Log {
             self.work.push(async move { empty }.boxed());
             return;
         };
-        if first {
+        if let Some(bound) = bound {
             // A new connection of the device: it starts after its cursor, whatever an
             // earlier one here read.
             self.starts.remove(&e);
             self.current.insert(e, ticket);
+            self.bound.insert(e, bound);
         }
         let start = self.starts.get(&e).copied().unwrap_or(0);
-        // A new device starts with what was accepted since it bound, less the clock
-        // slack: a frame accepted after the bind (this read is asked for at the bind)
-        // but stored before this read looks at the log is the device's, wherever it
-        // was sent from. Fixed here, not when the read runs: a read that fails and is
-        // tried again starts at the same place.
-        let bound = crate::store::now_ms().saturating_sub(CLOCK_SLACK_MS);
+        // A new device starts with what was accepted since it bound, less the clocks'
+        // slack: a frame accepted after the bind but stored before a read looks at the
+        // log is the device's, wherever it was sent from, however long the read waited
+        // (NATS down, a read failed and tried again, a later read asked before the
+        // cursor was written).
+        let bound = self
+            .bound
+            .get(&e)
+            .copied()
+            .unwrap_or_else(crate::store::now_ms);
+        let bound = bound.saturating_sub(CLOCK_SLACK_MS);
         let reads = self.reads.clone();
         let kv = self.kv.clone();
         let moving = first.then(|| (self.js.clone(), self.mailbox.clone()));
@@ -976,24 +1053,29 @@ async fn oldest_logged(mailbox: &Mailbox, id: u32) -> Result<Option<u64>, String
     Ok(oldest)
 }
 
-/// The offset of the newest frame in `id`'s log up to offset `upto` accepted before
-/// `time` (0: none), found by reading back through windows that grow four times each
-/// round.
-async fn offset_before(
+/// Where a device that is to have every frame of `id`'s log accepted at or after
+/// `time` (ms since the epoch) starts reading: just before the oldest such frame up to
+/// offset `upto`, or at `upto` when there is none.
+async fn start_since(
     reads: &stream::Stream<()>,
     id: u32,
     upto: u64,
     time: u64,
 ) -> Result<u64, String> {
-    let mut before = 0;
+    let mut start = upto;
     for subject in wire::logs_of(id) {
-        before = before.max(offset_before_in(reads, &subject, upto, time).await?);
+        start = start.min(start_since_in(reads, &subject, upto, time).await?);
     }
-    Ok(before)
+    Ok(start)
 }
 
-/// [`offset_before`] in one of an id's two subjects.
-async fn offset_before_in(
+/// [`start_since`] in one of an id's two subjects. Acceptance times follow the log's
+/// order only roughly (nodes' clocks differ; frames moved from a mailbox keep their
+/// times), so it reads back through windows that grow four times each round until a
+/// window begins with a frame accepted before `time`, and starts before the oldest
+/// frame at or after it in what it read. Past [`SCAN_BLOCKS`] blocks it starts at the
+/// beginning: more than was asked for, never less.
+async fn start_since_in(
     reads: &stream::Stream<()>,
     subject: &str,
     upto: u64,
@@ -1002,10 +1084,19 @@ async fn offset_before_in(
     let mut hi = wire::place(upto).0;
     let mut window = 64u64;
     let mut scanned = 0;
-    while hi > 0 && scanned < SCAN_BLOCKS {
+    let mut oldest = None;
+    while hi > 0 {
+        if scanned >= SCAN_BLOCKS {
+            log::warn!(
+                "{subject}: where a new device starts was not found within {SCAN_BLOCKS} blocks: from the beginning"
+            );
+            return Ok(0);
+        }
         let lo = hi.saturating_sub(window).max(1);
         let mut seq = lo;
-        let mut before = None;
+        // The time of the window's oldest frame, and its oldest frame at or after `time`.
+        let mut begins = None;
+        let mut since = None;
         while seq <= hi {
             let Some((at, _, payload)) = first_at(reads, subject, seq).await? else {
                 break;
@@ -1021,18 +1112,26 @@ async fn offset_before_in(
                 .iter()
                 .enumerate()
             {
-                if entry.time < time && wire::offset(at, i) <= upto {
-                    before = Some(wire::offset(at, i));
+                let offset = wire::offset(at, i);
+                if offset > upto {
+                    break;
+                }
+                begins.get_or_insert(entry.time);
+                if entry.time >= time && since.is_none() {
+                    since = Some(offset);
                 }
             }
         }
-        if let Some(before) = before {
-            return Ok(before);
+        if since.is_some() {
+            oldest = since;
+        }
+        if begins.is_some_and(|t| t < time) {
+            break;
         }
         hi = lo - 1;
         window = window.saturating_mul(4);
     }
-    Ok(0)
+    Ok(oldest.map_or(upto, |o: u64| o.saturating_sub(1)))
 }
 
 fn failed(request: u32, why: String) -> Vec<Bytes> {
@@ -1127,7 +1226,7 @@ async fn read_session(
                     // New: after the newest cursor of the id's devices, or live.
                     let resume = match cursor(kv, DeviceKey::Top { id: e.id }).await? {
                         Some(top) => top,
-                        None => offset_before(reads, e.id, head, live_since).await?,
+                        None => start_since(reads, e.id, head, live_since).await?,
                     };
                     let value = Bytes::from(resume.to_string());
                     kv.put(named.key(), value)

@@ -733,9 +733,12 @@ impl Actor {
                     id: receiver,
                     device,
                 };
-                let first = matches!(reading, crate::store::Reading::SessionStart { .. });
+                let bound = match reading {
+                    crate::store::Reading::SessionStart { bound, .. } => Some(bound),
+                    _ => None,
+                };
                 match &mut self.log {
-                    Some(log) => log.load(ticket, endpoint, after, max_bytes, first),
+                    Some(log) => log.load(ticket, endpoint, after, max_bytes, bound),
                     None => self.out.push(FromCluster::Store(Reply::Page {
                         ticket,
                         receiver,
@@ -922,6 +925,7 @@ impl Actor {
                 }
                 log.key(key);
             }
+            Logged::Default { id, in_use } => log.default_known(id, in_use),
             Logged::Done => {}
         }
     }

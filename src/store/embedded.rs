@@ -925,7 +925,7 @@ impl Worker {
                             self.log
                                 .page(&t, e, *after, *max_bytes, session, self.live.get(&e))?;
                         let sync = match reading {
-                            Reading::SessionStart { new } => {
+                            Reading::SessionStart { new, .. } => {
                                 dirty = true;
                                 self.kept.flush(&mut t, &self.history, next_append[i])?;
                                 let head = self.kept.head(&t, e.id)?;

@@ -134,8 +134,10 @@ pub enum Reading {
     /// As a session: with envelopes.
     Session,
     /// As a session starting: its `sync` record first (`new`: a device the server did
-    /// not know).
-    SessionStart { new: bool },
+    /// not know). `bound`: when it was asked for, at the session's bind (ms since the
+    /// epoch): in a cluster, an id's first device starts with what was accepted since,
+    /// however long the read waits.
+    SessionStart { new: bool, bound: u64 },
 }
 
 /// A change to an id's devices.

@@ -1106,7 +1106,10 @@ impl Broker {
         let reading = match (&c.session, after) {
             (None, _) => Reading::Plain,
             (Some(_), None) => match c.start.take() {
-                Some(new) => Reading::SessionStart { new },
+                Some(new) => Reading::SessionStart {
+                    new,
+                    bound: now_ms(),
+                },
                 None => Reading::Session,
             },
             (Some(_), Some(_)) => Reading::Session,
