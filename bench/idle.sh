@@ -23,7 +23,7 @@ cargo build --release -q --bins
 mkdir -p bench/results
 data=$(mktemp -d -p "$PWD/bench/results")
 addr=127.0.0.1:17901
-target/release/chat-server --listen $addr --data-dir "$data" --max-connections $need \
+${SERVER:-target/release/chat-server} --listen $addr --data-dir "$data" --max-connections $need \
   --log-level warn >/dev/null &
 pid=$!
 idle_log=$(mktemp)

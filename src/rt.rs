@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io::{self, Read};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -23,6 +24,36 @@ where
     F::Output: Send + 'static,
 {
     async_std::task::spawn(future)
+}
+
+/// Runs one of a connection's two tasks: on the same executor as [`spawn`]
+/// (async-global-executor, async-std's own), without the task-locals wrapper async-std
+/// puts around every task, which nothing here uses and which cost each idle
+/// connection 96 bytes. Dropping the handle cancels the task: [`ConnTask::detach`]
+/// lets it run on alone.
+pub fn spawn_conn<F>(future: F) -> ConnTask<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    ConnTask(async_global_executor::spawn(future))
+}
+
+/// A task from [`spawn_conn`]: awaited for its output, or detached.
+#[must_use = "dropping a connection's task cancels it: detach it or await it"]
+pub struct ConnTask<T>(async_global_executor::Task<T>);
+
+impl<T> ConnTask<T> {
+    pub fn detach(self) {
+        self.0.detach()
+    }
+}
+
+impl<T> Future for ConnTask<T> {
+    type Output = T;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 /// Runs blocking work (a file written and synced) on a thread where it holds up no
@@ -91,32 +122,40 @@ fn fd_peer_closed<T>(_stream: &T) -> bool {
 
 /// A plain TCP connection the server accepted, on async-std's own reactor (async-io)
 /// without async-std's wrapper, which does not let a read wait for readiness first.
-/// Its writes are async-std's; its reads go through [`ConnReader`].
+/// Its writes are as async-std's; its reads go through [`ConnReader`].
 #[derive(Clone)]
-pub struct Conn(Arc<async_io::Async<std::net::TcpStream>>);
+pub struct Conn(Arc<ConnIo>);
+
+struct ConnIo {
+    io: async_io::Async<std::net::TcpStream>,
+    /// The last read emptied the socket, or was refused (only its reader reads it:
+    /// here rather than in the reader, so that both handles are one pointer, as
+    /// async-std's are, and an idle connection's tasks no larger).
+    drained: AtomicBool,
+}
 
 impl Conn {
     /// Takes over a connection just accepted (nothing else may hold a clone of it).
     pub fn adopt(stream: TcpStream) -> io::Result<Conn> {
         let stream = std::net::TcpStream::try_from(stream)?;
-        Ok(Conn(Arc::new(async_io::Async::new(stream)?)))
+        Ok(Conn(Arc::new(ConnIo {
+            io: async_io::Async::new(stream)?,
+            drained: AtomicBool::new(false),
+        })))
     }
 
     /// The connection's read side.
     pub fn reader(&self) -> ConnReader {
-        ConnReader {
-            io: self.0.clone(),
-            drained: false,
-        }
+        ConnReader(self.0.clone())
     }
 
     pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
-        self.0.get_ref().shutdown(how)
+        self.0.io.get_ref().shutdown(how)
     }
 
     /// See [`peer_closed`].
     pub fn peer_closed(&self) -> bool {
-        fd_peer_closed(self.0.get_ref())
+        fd_peer_closed(self.0.io.get_ref())
     }
 }
 
@@ -126,7 +165,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &*self.0).poll_write(cx, buf)
+        Pin::new(&mut &self.0.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -134,15 +173,15 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &*self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut &self.0.io).poll_write_vectored(cx, bufs)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut &*self.0).poll_flush(cx)
+        Pin::new(&mut &self.0.io).poll_flush(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut &*self.0).poll_close(cx)
+        Pin::new(&mut &self.0.io).poll_close(cx)
     }
 }
 
@@ -152,30 +191,36 @@ impl AsyncWrite for Conn {
 /// frame at a time cost the server two such refused reads per frame (the second
 /// because the reactor's last event still counts as news); tokio clears readiness on
 /// a short read for the same reason.
-pub struct ConnReader {
-    io: Arc<async_io::Async<std::net::TcpStream>>,
-    /// The last read emptied the socket, or was refused.
-    drained: bool,
+pub struct ConnReader(Arc<ConnIo>);
+
+impl ConnReader {
+    #[cfg(test)]
+    fn drained(&self) -> bool {
+        self.0.drained.load(Ordering::Relaxed)
+    }
 }
 
 impl AsyncRead for ConnReader {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
+        let conn = &*self.0;
         loop {
-            if this.drained {
-                ready!(this.io.poll_readable(cx))?;
-                this.drained = false;
+            if conn.drained.load(Ordering::Relaxed) {
+                ready!(conn.io.poll_readable(cx))?;
+                conn.drained.store(false, Ordering::Relaxed);
             }
-            match this.io.get_ref().read(buf) {
+            match conn.io.get_ref().read(buf) {
                 Ok(n) => {
-                    this.drained = n > 0 && n < buf.len();
+                    let drained = n > 0 && n < buf.len();
+                    conn.drained.store(drained, Ordering::Relaxed);
                     return Poll::Ready(Ok(n));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.drained = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.drained.store(true, Ordering::Relaxed)
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -210,7 +255,7 @@ mod tests {
             let n = reader.read(&mut buf).await.expect("read");
             assert_eq!(&buf[..n], b"abc");
             assert!(
-                reader.drained,
+                reader.drained(),
                 "a read shorter than its buffer emptied the socket"
             );
             // Sent once the reader waits for readiness: it must wake for it.
@@ -229,7 +274,7 @@ mod tests {
             while all.len() < 10 {
                 let n = reader.read(&mut small).await.expect("read");
                 if n == small.len() {
-                    assert!(!reader.drained);
+                    assert!(!reader.drained());
                 }
                 all.extend_from_slice(&small[..n]);
             }

@@ -245,7 +245,7 @@ where
     let accept = websocket::accept_key(key.as_bytes());
     let upgraded = hyper::upgrade::on(&mut req);
     let (shared, socket, client) = (shared.clone(), peer.socket.clone(), peer.client);
-    rt::spawn(async move {
+    rt::spawn_conn(async move {
         let parts = match upgraded.await.map(|u| u.downcast::<FuturesIo<S>>()) {
             Ok(Ok(parts)) => parts,
             Ok(Err(_)) => return log::error!("web: an upgraded connection of an unknown type"),
@@ -253,7 +253,8 @@ where
         };
         let io = parts.io.into_inner();
         websocket::serve(io, parts.read_buf.to_vec(), socket, client, slot, shared).await;
-    });
+    })
+    .detach();
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();

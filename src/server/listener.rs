@@ -90,7 +90,7 @@ pub async fn run<T>(
         configure(&stream);
         let conn = next_conn(&shared);
         let shared = shared.clone();
-        rt::spawn(async move {
+        rt::spawn_conn(async move {
             let Some(client) = client_address(&stream, peer, conn, &shared).await else {
                 return;
             };
@@ -115,7 +115,8 @@ pub async fn run<T>(
             let registered = shared.directory.register(arrival);
             serve(stream, registered, &shared).await;
             drop(slot);
-        });
+        })
+        .detach();
     }
 }
 
@@ -282,13 +283,16 @@ fn serve(
 ) -> impl Future<Output = ()> {
     async move {
         match &shared.config.tls {
-            None => match rt::Conn::adopt(stream) {
-                Ok(conn) => connection(conn.reader(), conn.clone(), conn, registered, shared).await,
-                Err(e) => {
-                    let conn = registered.conn;
-                    log::info!(conn; "connection not taken over: {e}")
-                }
-            },
+            None => {
+                let conn = match rt::Conn::adopt(stream) {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        let conn = registered.conn;
+                        return log::info!(conn; "connection not taken over: {e}");
+                    }
+                };
+                connection(conn.reader(), conn.clone(), conn, registered, shared).await
+            }
             // Boxed: a TLS session's state is kilobytes, and inline it would make every
             // plain connection's task that large too (it did: 3 KiB of each idle plain
             // connection's 4 KiB).
@@ -349,7 +353,7 @@ where
         if shared.events.clone().send(connected).await.is_err() {
             return;
         }
-        let writer = rt::spawn(writer::run(
+        let writer = rt::spawn_conn(writer::run(
             write,
             socket,
             conn,
