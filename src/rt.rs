@@ -29,30 +29,40 @@ where
 /// Runs one of a connection's two tasks: on the same executor as [`spawn`]
 /// (async-global-executor, async-std's own), without the task-locals wrapper async-std
 /// puts around every task, which nothing here uses and which cost each idle
-/// connection 96 bytes. Dropping the handle cancels the task: [`ConnTask::detach`]
-/// lets it run on alone.
+/// connection 96 bytes. Like [`spawn`]'s handle, dropping the handle lets the task
+/// run on: a reader that panics must not take its writer down before the writer has
+/// handed the broker what it never wrote.
 pub fn spawn_conn<F>(future: F) -> ConnTask<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    ConnTask(async_global_executor::spawn(future))
+    // The executor as async-std configures it (its thread count, its threads' names),
+    // even when a connection's task is the process's first.
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| drop(async_std::task::spawn(async {})));
+    ConnTask(Some(async_global_executor::spawn(future)))
 }
 
-/// A task from [`spawn_conn`]: awaited for its output, or detached.
-#[must_use = "dropping a connection's task cancels it: detach it or await it"]
-pub struct ConnTask<T>(async_global_executor::Task<T>);
-
-impl<T> ConnTask<T> {
-    pub fn detach(self) {
-        self.0.detach()
-    }
-}
+/// A task from [`spawn_conn`]: awaited for its output, or dropped to let it run on.
+pub struct ConnTask<T>(Option<async_global_executor::Task<T>>);
 
 impl<T> Future for ConnTask<T> {
     type Output = T;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        Pin::new(&mut self.0).poll(cx)
+        match self.0.as_mut() {
+            Some(task) => Pin::new(task).poll(cx),
+            // Only a dropped handle has no task, and nothing polls it then.
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<T> Drop for ConnTask<T> {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.detach();
+        }
     }
 }
 
@@ -144,8 +154,9 @@ impl Conn {
         })))
     }
 
-    /// The connection's read side.
-    pub fn reader(&self) -> ConnReader {
+    /// The connection's read side: one per connection (two would share its flag and
+    /// its reactor's one reader's place).
+    pub(crate) fn reader(&self) -> ConnReader {
         ConnReader(self.0.clone())
     }
 

@@ -253,8 +253,7 @@ where
         };
         let io = parts.io.into_inner();
         websocket::serve(io, parts.read_buf.to_vec(), socket, client, slot, shared).await;
-    })
-    .detach();
+    });
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();

@@ -115,8 +115,7 @@ pub async fn run<T>(
             let registered = shared.directory.register(arrival);
             serve(stream, registered, &shared).await;
             drop(slot);
-        })
-        .detach();
+        });
     }
 }
 
@@ -400,9 +399,13 @@ mod tests {
             active: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
         });
+        // A writer as a plain connection's: on the adopted socket.
+        let _other = std::net::TcpStream::connect(addr).expect("connect");
+        let (other, _) = listener.accept().expect("accept");
+        let plain = rt::Conn::adopt(TcpStream::from(other)).expect("adopt");
         let writer = writer::run(
-            stream.clone(),
-            stream.clone(),
+            plain.clone(),
+            plain,
             1,
             Arc::new(crate::server::outbox::Outbox::default()),
             shared.clone(),
