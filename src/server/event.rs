@@ -24,8 +24,10 @@ pub enum Event {
     },
     /// The reader stopped: end of stream, or a protocol violation answered by `notice`.
     Closed { conn: ConnId, notice: Option<Bytes> },
-    /// The writer wrote the last frame of a mailbox page (`page_end`), or frames whose
-    /// senders' echoes waited for delivery (`delivered`: whose echo, sequence).
+    /// The writer wrote the last frame of a mailbox page (`page_end`), or frames of
+    /// batches forwarded by other nodes whose answers waited for delivery
+    /// (`delivered`: whose answer, sequence). A connection's echo that waited for a
+    /// write is settled by the writer in that connection's outbox, not here.
     Written {
         conn: ConnId,
         page_end: bool,

@@ -26,8 +26,8 @@ use crate::rt;
 use crate::server::Shared;
 use crate::server::backend::send_soon;
 use crate::server::event::{ConnId, Event};
-use crate::server::outbox::{Closing, Origin, Outbox, Outgoing, Written};
-use crate::store::Command;
+use crate::server::outbox::{Closing, EchoTo, Origin, Outbox, Outgoing, Written};
+use crate::store::{Command, Outcome};
 
 /// How long a closing connection may take to write what it still has queued.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
@@ -330,11 +330,31 @@ async fn report_written(done: Written, conn: ConnId, shared: &Shared) {
             wait.await;
         }
     }
-    if done.page_end || !done.delivered.is_empty() {
+    // An echo that waited for this write is settled here, in its sender's outbox;
+    // only a forwarded batch's goes through the broker.
+    // Each sender's writer is woken once, for everything this write settled for it.
+    let mut remote = Vec::new();
+    let mut settled: Vec<Arc<Outbox>> = Vec::new();
+    for (to, seq) in done.delivered {
+        match to {
+            EchoTo::Conn(outbox) => {
+                if outbox.settle(seq, Outcome::Stored)
+                    && !settled.iter().any(|o| Arc::ptr_eq(o, &outbox))
+                {
+                    settled.push(outbox);
+                }
+            }
+            EchoTo::Remote(ticket) => remote.push((ticket, seq)),
+        }
+    }
+    for outbox in settled {
+        outbox.wake();
+    }
+    if done.page_end || !remote.is_empty() {
         let written = Event::Written {
             conn,
             page_end: done.page_end,
-            delivered: done.delivered,
+            delivered: remote,
         };
         if let Some(wait) = send_soon(&shared.events, written) {
             wait.await;

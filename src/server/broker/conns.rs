@@ -20,7 +20,6 @@ use crate::protocol::{Code, SERVER_ID, notice};
 use crate::server::outbox::{Close, Outbox};
 
 use super::mailbox::Mailbox;
-use super::replies::Replies;
 
 /// Queries one connection may have unanswered at once: each answer can hold a page of
 /// up to 1 MiB and a frame, so this bounds what one client makes the server hold.
@@ -44,8 +43,6 @@ pub(super) struct Conn {
     pub synced: bool,
     /// Closing: its writer is finishing; it takes nothing new.
     pub closing: bool,
-    /// Replies in the order their frames arrived (see [`super::replies`]).
-    pub replies: Replies,
     /// Where it is in reading its stored frames (see [`super::mailbox`]).
     pub mailbox: Mailbox,
 }
@@ -116,7 +113,6 @@ impl Registry {
             queries: 0,
             synced: false,
             closing,
-            replies: Replies::default(),
             mailbox: Mailbox::default(),
         };
         self.conns.insert(conn, Box::new(c));

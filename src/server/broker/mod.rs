@@ -13,7 +13,6 @@ mod conns;
 mod devices;
 mod mailbox;
 mod remote;
-mod replies;
 mod storage;
 
 use std::sync::Arc;
@@ -35,7 +34,7 @@ use crate::server::budget::Budget;
 use crate::server::config::Shared;
 use crate::server::directory::Directory;
 use crate::server::event::{ConnId, Event, Request, Ticket, Who};
-use crate::server::outbox::{Close, Origin, Outbox, Outgoing};
+use crate::server::outbox::{Close, EchoTo, Origin, Outbox, Outgoing};
 use crate::store::{
     Command, DeviceChange, Failure, Fanout, KnownDevice, Outcome, Reading, Reply, now_ms,
 };
@@ -676,9 +675,18 @@ impl Broker {
                     Some((e, self.conns.get(rc)?.outbox.clone(), wrapped))
                 }))
                 .collect::<Vec<_>>();
+            // The echo waits before the frame is pushed: a writer may write it, and
+            // settle the echo, before this event ends.
+            let echo_to = match targets.is_empty() {
+                true => None,
+                false => {
+                    self.wait_for_echo(from, seq, echo);
+                    self.echo_to(from)
+                }
+            };
             for (e, outbox, wire) in targets {
                 let item = match carrier {
-                    true => Outgoing::unstored(wire, e, seq, from, arrived),
+                    true => Outgoing::unstored(wire, e, seq, echo_to.clone(), arrived),
                     false => Outgoing::live(wire, e, seq, arrived),
                 };
                 if outbox.push(item).is_ok() {
@@ -687,13 +695,22 @@ impl Broker {
                 }
                 self.pushed.push(outbox);
             }
-            match from {
-                _ if pushed => self.wait_for_echo(from, seq, echo),
-                Ticket::Remote(_) => {
-                    self.wait_for_echo(from, seq, echo);
-                    self.accepted(from, seq, Outcome::Failed(refused));
+            if !pushed {
+                match from {
+                    Ticket::Remote(_) => {
+                        if echo_to.is_none() {
+                            self.wait_for_echo(from, seq, Bytes::new());
+                        }
+                        self.accepted(from, seq, Outcome::Failed(refused));
+                    }
+                    Ticket::Conn(conn) => {
+                        let refusal = notice(Code::StoreFailed, refused);
+                        match echo_to {
+                            Some(_) => self.settle_with(conn, seq, refusal),
+                            None => self.reply(conn, refusal),
+                        }
+                    }
                 }
-                Ticket::Conn(conn) => self.reply(conn, notice(Code::StoreFailed, refused)),
             }
             return;
         }
@@ -717,7 +734,7 @@ impl Broker {
         // stored all the same). Without history the store answers within its 5 ms
         // (the frame never reaches the disk); a cluster's store settles it too.
         let echo_to = match from {
-            Ticket::Conn(_) if self.echo_at_write && one_target => Some(from),
+            Ticket::Conn(_) if self.echo_at_write && one_target => self.echo_to(from),
             _ => None,
         };
         let append = Command::Append {
@@ -737,8 +754,8 @@ impl Broker {
         } else {
             self.send_store(append).await;
         }
-        let item = |wire, e| match echo_to {
-            Some(to) => Outgoing::live_echoing(wire, e, seq, arrived, to),
+        let item = |wire, e| match &echo_to {
+            Some(to) => Outgoing::live_echoing(wire, e, seq, arrived, to.clone()),
             None => Outgoing::live(wire, e, seq, arrived),
         };
         for (e, rc, wrapped, held) in named {
@@ -769,10 +786,28 @@ impl Broker {
         match from {
             Ticket::Remote(token) => self.remote.wait(token, seq),
             Ticket::Conn(conn) => {
-                if let Some(c) = self.conns.get_mut(conn) {
-                    c.replies.wait_for_echo(seq, echo);
+                if let Some(c) = self.conns.get(conn) {
+                    c.outbox.wait_for_echo(seq, echo);
                 }
             }
+        }
+    }
+
+    /// Whose echo a frame's write settles: a connection's outbox, which the receiver's
+    /// writer settles itself, or a forwarded batch, which the broker answers.
+    fn echo_to(&self, from: Ticket) -> Option<EchoTo> {
+        match from {
+            Ticket::Remote(_) => Some(EchoTo::Remote(from)),
+            Ticket::Conn(conn) => Some(EchoTo::Conn(self.conns.get(conn)?.outbox.clone())),
+        }
+    }
+
+    /// Puts `wire` (a notice) in the place of the echo of `seq` on `conn`.
+    fn settle_with(&mut self, conn: ConnId, seq: u64, wire: Bytes) {
+        if let Some(c) = self.conns.get(conn)
+            && c.outbox.settle_with(seq, wire)
+        {
+            self.pushed.push(c.outbox.clone());
         }
     }
 
@@ -802,10 +837,9 @@ impl Broker {
     }
 
     fn reply_item(&mut self, conn: ConnId, item: Outgoing) {
-        if let Some(c) = self.conns.get_mut(conn)
-            && let Some(item) = c.replies.reply(item)
+        if let Some(c) = self.conns.get(conn)
+            && c.outbox.reply(item)
         {
-            let _ = c.outbox.push(item);
             self.pushed.push(c.outbox.clone());
         }
     }
@@ -823,11 +857,20 @@ impl Broker {
         };
         let late = || Outcome::Failed(Failure::Late(within));
         for c in self.conns.values_mut() {
-            let outbox = &c.outbox;
-            if c.replies.expire(cutoff, late, |item| {
-                let _ = outbox.push(item);
-            }) {
+            if c.outbox.expire(cutoff, late) {
                 self.pushed.push(c.outbox.clone());
+            }
+        }
+    }
+
+    /// Settles an echo that waited for a write that will not come.
+    fn settle_echo(&mut self, to: EchoTo, seq: u64, outcome: Outcome) {
+        match to {
+            EchoTo::Remote(from) => self.accepted(from, seq, outcome),
+            EchoTo::Conn(outbox) => {
+                if outbox.settle(seq, outcome) {
+                    self.pushed.push(outbox);
+                }
             }
         }
     }
@@ -842,13 +885,10 @@ impl Broker {
                 return self.answer_if_done(token);
             }
         };
-        let Some(c) = self.conns.get_mut(conn) else {
+        let Some(c) = self.conns.get(conn) else {
             return;
         };
-        let outbox = &c.outbox;
-        if c.replies.settle(seq, outcome, |item| {
-            let _ = outbox.push(item);
-        }) {
+        if c.outbox.settle(seq, outcome) {
             self.pushed.push(c.outbox.clone());
         }
     }
@@ -912,7 +952,7 @@ impl Broker {
                 offset,
             } => {
                 if let Some(c) = self.conns.get_mut(conn) {
-                    c.replies.set_offset(seq, offset);
+                    c.outbox.set_offset(seq, offset);
                 }
             }
             FromCluster::Logged { .. } => {}
@@ -1284,7 +1324,7 @@ impl Broker {
                 ..
             } = item.origin
             {
-                self.accepted(sender, seq, Outcome::Failed(Failure::ReceiverLeft));
+                self.settle_echo(sender, seq, Outcome::Failed(Failure::ReceiverLeft));
             }
         }
         match self.conns.writer_done(conn) {

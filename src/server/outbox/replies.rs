@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::{Outgoing, SMALL_QUEUE};
 use crate::protocol::{Code, notice};
-use crate::server::outbox::{Outgoing, SMALL_QUEUE};
 use crate::store::Outcome;
 
 #[derive(Debug, Default)]
@@ -107,6 +107,20 @@ impl Replies {
         if let Pending::Echo { echo, .. } = slot {
             *slot = Pending::Ready(Outgoing::reply(answer(echo, outcome)));
         }
+        self.send_ready(send)
+    }
+
+    /// Settles the echo of `seq` with `wire` in its place (a notice that says why the
+    /// frame was refused), then hands `send` every reply that no longer waits.
+    pub fn settle_with(&mut self, seq: u64, wire: Bytes, send: impl FnMut(Outgoing)) -> bool {
+        let slot = self
+            .queue
+            .iter_mut()
+            .find(|r| matches!(r, Pending::Echo { seq: s, .. } if *s == seq));
+        let Some(slot) = slot else {
+            return false;
+        };
+        *slot = Pending::Ready(Outgoing::reply(wire));
         self.send_ready(send)
     }
 

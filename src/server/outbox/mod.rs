@@ -8,7 +8,7 @@
 //! stream acks were turned on.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -16,6 +16,10 @@ use bytes::Bytes;
 
 use crate::ids::{Endpoint, Ticket};
 use crate::server::card::Card;
+use crate::store::Outcome;
+use replies::Replies;
+
+mod replies;
 
 /// Frames up to this size are copied into the batch buffer; larger ones are written
 /// straight from their own allocation.
@@ -25,8 +29,28 @@ pub(crate) const SMALL_QUEUE: usize = 4;
 /// A batch stops growing at this size.
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// Whose echo a frame's write settles.
+#[derive(Clone)]
+pub enum EchoTo {
+    /// A connection of this node: the writer settles the echo in its outbox itself,
+    /// without a trip through the broker.
+    Conn(Arc<Outbox>),
+    /// A batch forwarded by another node: the broker answers it.
+    Remote(Ticket),
+}
+
+impl std::fmt::Debug for EchoTo {
+    // The sender's outbox by its address, not its contents (which may name this one).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EchoTo::Conn(outbox) => write!(f, "Conn({:p})", Arc::as_ptr(outbox)),
+            EchoTo::Remote(ticket) => write!(f, "Remote({ticket:?})"),
+        }
+    }
+}
+
 /// Where a queued frame came from, which decides what happens once it is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Origin {
     /// An echo or a notice: meaningful only on this connection.
     Reply,
@@ -43,7 +67,7 @@ pub enum Origin {
         receiver: Endpoint,
         seq: u64,
         page_end: bool,
-        echo_to: Option<Ticket>,
+        echo_to: Option<EchoTo>,
         stored: bool,
         arrived: Option<Instant>,
     },
@@ -86,7 +110,7 @@ impl Outgoing {
         receiver: Endpoint,
         seq: u64,
         arrived: Instant,
-        echo_to: Ticket,
+        echo_to: EchoTo,
     ) -> Outgoing {
         let mut item = Outgoing::live(wire, receiver, seq, arrived);
         if let Origin::Data { echo_to: e, .. } = &mut item.origin {
@@ -101,7 +125,7 @@ impl Outgoing {
         wire: Bytes,
         receiver: Endpoint,
         seq: u64,
-        echo_to: Ticket,
+        echo_to: Option<EchoTo>,
         arrived: Instant,
     ) -> Outgoing {
         Outgoing {
@@ -110,7 +134,7 @@ impl Outgoing {
                 receiver,
                 seq,
                 page_end: false,
-                echo_to: Some(echo_to),
+                echo_to,
                 stored: false,
                 arrived: Some(arrived),
             },
@@ -160,8 +184,8 @@ pub struct Written {
     pub delete: Vec<u64>,
     /// The last frame of a mailbox page was written.
     pub page_end: bool,
-    /// Senders' connections and sequence numbers of frames this write delivered.
-    pub delivered: Vec<(Ticket, u64)>,
+    /// Whose echoes this write settles, and the sequence numbers of their frames.
+    pub delivered: Vec<(EchoTo, u64)>,
 }
 
 /// The queue between the broker and one writer task. It also carries its
@@ -187,6 +211,23 @@ struct State {
     room_waker: Option<Waker>,
     /// The writer has taken what was left and stopped: nothing more may be queued.
     finished: bool,
+    /// Replies that wait for the echo of an earlier frame (see
+    /// [`replies`]): here, so that a receiver's writer can settle an
+    /// echo that waits for its write.
+    replies: Replies,
+}
+
+impl State {
+    /// Queues a reply unless the writer has finished (the connection is gone, and so
+    /// is whoever the reply was for).
+    fn queue_reply(&mut self, item: Outgoing) -> bool {
+        if self.finished {
+            return false;
+        }
+        self.queued += item.wire.len();
+        self.queue.push_back(item);
+        true
+    }
 }
 
 /// Data frames written since acks were turned on and not yet acknowledged.
@@ -240,6 +281,64 @@ impl Outbox {
         s.queued += item.wire.len();
         s.queue.push_back(item);
         Ok(())
+    }
+
+    /// A reply: queued at once when no echo waits ahead of it, else behind that echo,
+    /// so that replies keep the order of the frames that caused them. Whether it was
+    /// queued (the writer needs waking).
+    pub fn reply(&self, item: Outgoing) -> bool {
+        let mut s = self.lock();
+        match s.replies.reply(item) {
+            Some(item) => s.queue_reply(item),
+            None => false,
+        }
+    }
+
+    /// The echo of the frame numbered `seq` takes its place among the replies, and
+    /// waits for [`Outbox::settle`].
+    pub fn wait_for_echo(&self, seq: u64, echo: Bytes) {
+        self.lock().replies.wait_for_echo(seq, echo);
+    }
+
+    /// Settles the echo of `seq` with `outcome` and queues every reply that no longer
+    /// waits; whether it queued any (the writer needs waking).
+    pub fn settle(&self, seq: u64, outcome: Outcome) -> bool {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let mut ready = Vec::new();
+        s.replies.settle(seq, outcome, |item| ready.push(item));
+        ready
+            .into_iter()
+            .fold(false, |queued, item| s.queue_reply(item) | queued)
+    }
+
+    /// Settles the echo of `seq` with `wire` in its place (a notice); as
+    /// [`Outbox::settle`] otherwise.
+    pub fn settle_with(&self, seq: u64, wire: Bytes) -> bool {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let mut ready = Vec::new();
+        s.replies.settle_with(seq, wire, |item| ready.push(item));
+        ready
+            .into_iter()
+            .fold(false, |queued, item| s.queue_reply(item) | queued)
+    }
+
+    /// Answers every echo that has waited since before `cutoff` with `outcome`, and
+    /// queues every reply that no longer waits; whether it queued any.
+    pub fn expire(&self, cutoff: Instant, outcome: impl Fn() -> Outcome) -> bool {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let mut ready = Vec::new();
+        s.replies.expire(cutoff, outcome, |item| ready.push(item));
+        ready
+            .into_iter()
+            .fold(false, |queued, item| s.queue_reply(item) | queued)
+    }
+
+    /// The echo of `seq` names its frame's offset (learnt once the frame is stored).
+    pub fn set_offset(&self, seq: u64, offset: u64) {
+        self.lock().replies.set_offset(seq, offset);
     }
 
     /// Wakes the writer if it waits for frames.
@@ -467,6 +566,9 @@ impl Outbox {
         let mut s = self.lock();
         s.finished = true;
         s.queued = 0;
+        // Other queues may hold this outbox a while (echoes to settle): nothing waits
+        // here any more.
+        s.replies = Replies::default();
         s.queue.drain(..).collect()
     }
 }
