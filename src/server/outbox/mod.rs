@@ -128,17 +128,15 @@ impl Outgoing {
         echo_to: Option<EchoTo>,
         arrived: Instant,
     ) -> Outgoing {
-        Outgoing {
-            wire,
-            origin: Origin::Data {
-                receiver,
-                seq,
-                page_end: false,
-                echo_to,
-                stored: false,
-                arrived: Some(arrived),
-            },
+        let mut item = Outgoing::live(wire, receiver, seq, arrived);
+        if let Origin::Data {
+            echo_to: e, stored, ..
+        } = &mut item.origin
+        {
+            *e = echo_to;
+            *stored = false;
         }
+        item
     }
 
     /// A frame read from the mailbox; `page_end` on the last of its page.
@@ -303,34 +301,30 @@ impl Outbox {
     /// Settles the echo of `seq` with `outcome` and queues every reply that no longer
     /// waits; whether it queued any (the writer needs waking).
     pub fn settle(&self, seq: u64, outcome: Outcome) -> bool {
-        let mut guard = self.lock();
-        let s = &mut *guard;
-        let mut ready = Vec::new();
-        s.replies.settle(seq, outcome, |item| ready.push(item));
-        ready
-            .into_iter()
-            .fold(false, |queued, item| s.queue_reply(item) | queued)
+        self.settling(|replies, ready| replies.settle(seq, outcome, ready))
     }
 
     /// Settles the echo of `seq` with `wire` in its place (a notice); as
     /// [`Outbox::settle`] otherwise.
     pub fn settle_with(&self, seq: u64, wire: Bytes) -> bool {
-        let mut guard = self.lock();
-        let s = &mut *guard;
-        let mut ready = Vec::new();
-        s.replies.settle_with(seq, wire, |item| ready.push(item));
-        ready
-            .into_iter()
-            .fold(false, |queued, item| s.queue_reply(item) | queued)
+        self.settling(|replies, ready| replies.settle_with(seq, wire, ready))
     }
 
     /// Answers every echo that has waited since before `cutoff` with `outcome`, and
     /// queues every reply that no longer waits; whether it queued any.
     pub fn expire(&self, cutoff: Instant, outcome: impl Fn() -> Outcome) -> bool {
+        self.settling(|replies, ready| replies.expire(cutoff, outcome, ready))
+    }
+
+    /// Runs `settle` on the replies, under the lock, and queues what it hands over.
+    fn settling(
+        &self,
+        settle: impl FnOnce(&mut Replies, &mut dyn FnMut(Outgoing)) -> bool,
+    ) -> bool {
         let mut guard = self.lock();
         let s = &mut *guard;
         let mut ready = Vec::new();
-        s.replies.expire(cutoff, outcome, |item| ready.push(item));
+        settle(&mut s.replies, &mut |item| ready.push(item));
         ready
             .into_iter()
             .fold(false, |queued, item| s.queue_reply(item) | queued)

@@ -97,6 +97,23 @@ impl Replies {
     /// replaces it), then hands `send` every reply that no longer waits, in order.
     /// Returns whether it sent any.
     pub fn settle(&mut self, seq: u64, outcome: Outcome, send: impl FnMut(Outgoing)) -> bool {
+        self.settle_as(seq, |echo| answer(echo, outcome), send)
+    }
+
+    /// Settles the echo of `seq` with `wire` in its place (a notice that says why the
+    /// frame was refused), then hands `send` every reply that no longer waits.
+    pub fn settle_with(&mut self, seq: u64, wire: Bytes, send: impl FnMut(Outgoing)) -> bool {
+        self.settle_as(seq, |_| wire, send)
+    }
+
+    /// Puts `answer(echo)` in the place of the echo of `seq`, if it still waits, then
+    /// hands `send` every reply that no longer waits.
+    fn settle_as(
+        &mut self,
+        seq: u64,
+        answer: impl FnOnce(&Bytes) -> Bytes,
+        send: impl FnMut(Outgoing),
+    ) -> bool {
         let slot = self
             .queue
             .iter_mut()
@@ -105,22 +122,8 @@ impl Replies {
             return false;
         };
         if let Pending::Echo { echo, .. } = slot {
-            *slot = Pending::Ready(Outgoing::reply(answer(echo, outcome)));
+            *slot = Pending::Ready(Outgoing::reply(answer(echo)));
         }
-        self.send_ready(send)
-    }
-
-    /// Settles the echo of `seq` with `wire` in its place (a notice that says why the
-    /// frame was refused), then hands `send` every reply that no longer waits.
-    pub fn settle_with(&mut self, seq: u64, wire: Bytes, send: impl FnMut(Outgoing)) -> bool {
-        let slot = self
-            .queue
-            .iter_mut()
-            .find(|r| matches!(r, Pending::Echo { seq: s, .. } if *s == seq));
-        let Some(slot) = slot else {
-            return false;
-        };
-        *slot = Pending::Ready(Outgoing::reply(wire));
         self.send_ready(send)
     }
 
